@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine with Python 3.11 + pip:
+#   make run    build the embedded default (venv, then `snakemake --cores $(CORES)`)
+#   make test   the test suite (venv, then pytest)
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+BIN := $(VENV)/bin
+
+.PHONY: run test lint dry-run
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+run: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --cores $(CORES) $(ARGS)
+
+test: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q $(ARGS)
+
+lint: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
+
+dry-run: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake -n

@@ -1,0 +1,19 @@
+# dmr: Dynamic Mixed-Precision Routing, as a Snakemake workflow.
+# Layout of results/ is documented in README.md ("Results layout").
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/agent.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,219 @@
+"""The agent loop: N episodes as concurrent shards, each step of all shards batched into one
+backend call per precision.
+
+Every step and every episode is appended to JSONL as it happens. A killed run resumes: finished
+episodes are kept, the steps of the unfinished ones are dropped, and only unfinished tasks rerun,
+so nothing is lost or repeated. The finished run is also written as parquet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dmr import envs
+from dmr.llm import Backend, Sampling
+from dmr.prompts import build_messages, format_answer, parse_action
+from dmr.routing import StepContext, make_router
+
+STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
+
+
+@dataclass
+class AgentConfig:
+    window: int = 4
+    max_new_tokens: int = 24
+    temperature: float = 0.0
+    top_p: float = 1.0
+    constrained: bool = False  # decode only admissible actions (a protocol choice; stated in results)
+    shards: int = 16
+    seed: int = 0
+
+
+@dataclass
+class _Shard:
+    env: object
+    task: object = None
+    goal: str = ""
+    obs: str = ""
+    admissible: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+    step: int = 0
+    time: float = 0.0
+    tokens: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a torn last line from a killed writer is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def resume(out: Path) -> set[str]:
+    """Keys of finished episodes; drops every trace of unfinished ones from disk."""
+    episodes = _read_jsonl(out / EPISODES)
+    done = {e["task"] for e in episodes}
+    _rewrite(out / EPISODES, episodes)
+    _rewrite(out / STEPS, [s for s in _read_jsonl(out / STEPS) if s["task"] in done])
+    return done
+
+
+def render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConfig, out: Path,
+        progress: bool = True) -> list[dict]:
+    """Run `tasks`, appending to out/steps.jsonl and out/episodes.jsonl. Returns the episode rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = resume(out)
+    pending = deque(t for t in tasks if t.key not in done)
+    shards = [_Shard(env_factory()) for _ in range(min(cfg.shards, len(pending)))]
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="episodes", disable=not progress)
+    high = next(iter(backends))
+    call = 0
+    with (out / STEPS).open("a") as steps_f, (out / EPISODES).open("a") as eps_f:
+        while True:
+            for s in shards:
+                if s.task is None and pending:
+                    s.task = pending.popleft()
+                    first = s.env.reset(s.task)
+                    s.goal, s.obs, s.admissible = first.goal, first.text, first.admissible
+                    s.history, s.step, s.time, s.tokens, s.calls = [], 0, 0.0, {}, {}
+            active = [s for s in shards if s.task is not None]
+            if not active:
+                break
+            contexts = [StepContext(s.task.key, s.step, s.goal, s.history, s.obs, s.admissible) for s in active]
+            t0 = time.perf_counter()
+            decisions = router.decide(contexts)
+            router_time = (time.perf_counter() - t0) / len(active)
+            outputs, call_time = {}, {}
+            for precision in dict.fromkeys(decisions):
+                group = [i for i, d in enumerate(decisions) if d == precision]
+                backend = backends[precision]
+                prompts = [render(backend.tokenizer, build_messages(
+                    active[i].goal, active[i].history, active[i].obs, active[i].admissible, cfg.window))
+                    for i in group]
+                allowed = [[format_answer(a) for a in active[i].admissible] for i in group] if cfg.constrained else None
+                sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed * 1_000_003 + call)
+                call += 1
+                t0 = time.perf_counter()
+                gens = backend.generate(prompts, sampling, allowed)
+                elapsed = time.perf_counter() - t0
+                for i, g in zip(group, gens):
+                    outputs[i], call_time[i] = g, elapsed
+            for i, s in enumerate(active):
+                g, precision = outputs[i], decisions[i]
+                parsed = parse_action(g.text)
+                t0 = time.perf_counter()
+                # A malformed answer is sent as-is: the environment answers "Nothing happens.".
+                tr = s.env.step(parsed if parsed is not None else g.text.strip())
+                env_time = time.perf_counter() - t0
+                step_time = call_time[i] + router_time + env_time
+                s.time += step_time
+                s.tokens[precision] = s.tokens.get(precision, 0) + g.completion_tokens
+                s.calls[precision] = s.calls.get(precision, 0) + 1
+                steps_f.write(json.dumps({
+                    "task": s.task.key, "step": s.step, "precision": precision,
+                    "prev_action": s.history[-1][0] if s.history else "", "observation": s.obs,
+                    "output": g.text, "action": parsed, "malformed": parsed is None, "valid": tr.valid,
+                    "step_type": tr.info.get("step_type", "action"),
+                    "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                    "llm_time": call_time[i], "router_time": router_time, "env_time": env_time,
+                    "step_time": step_time, "done": tr.done, "won": tr.won}) + "\n")
+                s.history.append((parsed if parsed is not None else g.text.strip(), tr.text))
+                s.obs, s.admissible, s.step = tr.text, tr.admissible, s.step + 1
+                if tr.done:
+                    steps_f.flush()
+                    eps_f.write(json.dumps({
+                        "task": s.task.key, "split": s.task.split, "index": s.task.index,
+                        "task_type": s.task.task_type, "seed": cfg.seed, "won": tr.won, "score": tr.score,
+                        "steps": s.step, "time": s.time,
+                        "high_calls": s.calls.get(high, 0), "calls": sum(s.calls.values()),
+                        "high_tokens": s.tokens.get(high, 0), "tokens": sum(s.tokens.values())}) + "\n")
+                    eps_f.flush()
+                    s.task = None
+                    bar.update(1)
+            steps_f.flush()
+    bar.close()
+    return _read_jsonl(out / EPISODES)
+
+
+def finalize(out: Path, meta: dict) -> None:
+    """Parquet copies of the finished run, plus the run's metadata."""
+    import polars as pl
+
+    pl.DataFrame(_read_jsonl(out / STEPS), infer_schema_length=None).write_parquet(out / "steps.parquet")
+    pl.DataFrame(_read_jsonl(out / EPISODES), infer_schema_length=None).write_parquet(out / "episodes.parquet")
+    (out / "run.json").write_text(json.dumps(meta, indent=1))
+
+
+def _parse_models(items: list[str]) -> dict[str, str]:
+    models = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--model expects PRECISION=PATH, got {item!r}")
+        models[name] = path
+    return models
+
+
+def main(argv=None):
+    from dmr import llm
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--env", required=True)
+    p.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments of the environment")
+    p.add_argument("--split", default="test", choices=envs.SPLITS)
+    p.add_argument("--n", type=int, required=True, help="number of tasks")
+    p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
+    p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH",
+                   help="repeatable; the first is the high-precision reference")
+    p.add_argument("--policy", default="full", help="full | quant | random:P")
+    p.add_argument("--backend", default="hf")
+    p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
+    for f in AgentConfig.__dataclass_fields__.values():
+        if f.type == "bool":
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=eval(f.type), default=f.default)
+    p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it exists)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    cfg = AgentConfig(**{k: getattr(a, k) for k in AgentConfig.__dataclass_fields__})
+    models = _parse_models(a.model)
+    router = make_router(a.policy, list(models), a.seed)
+    env_kwargs = json.loads(a.env_kwargs)
+    env = envs.make(a.env, **env_kwargs)
+    tasks = env.tasks(a.split, a.n, a.offset)
+    backend_kwargs = json.loads(a.backend_kwargs)
+    backends = {name: llm.load(a.backend, path, **backend_kwargs) for name, path in models.items()}
+    rows = run(lambda: envs.make(a.env, **env_kwargs), tasks, backends, router, cfg, a.out, not a.quiet)
+    finalize(a.out, {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,
+                     "models": models, "policy": a.policy, "backend": a.backend, "agent": asdict(cfg)})
+    won = sum(r["won"] for r in rows)
+    print(f"{won}/{len(rows)} won ({100 * won / max(1, len(rows)):.1f}%) -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

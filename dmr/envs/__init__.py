@@ -1,0 +1,17 @@
+"""Environment registry. A new benchmark is one new module here plus one line in ENVS."""
+from __future__ import annotations
+
+import importlib
+
+from dmr.envs.base import SPLITS, Env, Observation, Task, Transition, split_seed  # noqa: F401
+
+ENVS = {
+    "household": "dmr.envs.household:HouseholdEnv",
+}
+
+
+def make(name: str, **kwargs) -> Env:
+    if name not in ENVS:
+        raise ValueError(f"unknown environment {name!r}; known: {sorted(ENVS)}")
+    module, cls = ENVS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(**kwargs)

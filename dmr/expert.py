@@ -1,0 +1,77 @@
+"""Behaviour-cloning data: expert episodes on the train split, with DAgger-style noise.
+
+With probability `noise` the executed action is a random admissible one, but every recorded step
+is labelled with the expert's action from the state actually reached, so the agent sees how to
+recover from states off the expert path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from dmr import envs
+
+
+def episode(env, task, noise: float, rng: random.Random) -> dict:
+    first = env.reset(task)
+    steps, obs, admissible = [], first.text, first.admissible
+    while True:
+        label = env.expert_action()
+        action = rng.choice(admissible) if admissible and rng.random() < noise else label
+        steps.append({"obs": obs, "admissible": admissible, "label": label, "action": action})
+        tr = env.step(action)
+        obs, admissible = tr.text, tr.admissible
+        if tr.done:
+            return {"task": task.key, "task_type": task.task_type, "goal": first.goal,
+                    "won": tr.won, "steps": steps}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--env", required=True, help="environment name, e.g. household")
+    p.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments of the environment")
+    p.add_argument("--episodes", type=int, required=True, help="number of train-split tasks")
+    p.add_argument("--noise", type=float, default=0.0, help="probability of a random executed action")
+    p.add_argument("--clean-fraction", type=float, default=0.5,
+                   help="fraction of episodes run without noise (pure expert trajectories)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="output JSONL, one episode per line")
+    a = p.parse_args(argv)
+    env = envs.make(a.env, **json.loads(a.env_kwargs))
+    rng = random.Random(a.seed)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_suffix(".tmp")
+    won = 0
+    with tmp.open("w") as f:
+        for i, task in enumerate(tqdm(env.tasks("train", a.episodes), desc="expert episodes")):
+            noise = 0.0 if i < a.clean_fraction * a.episodes else a.noise
+            ep = episode(env, task, noise, rng)
+            won += ep["won"]
+            f.write(json.dumps(ep) + "\n")
+    tmp.rename(a.out)
+    print(f"{won}/{a.episodes} expert episodes won -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+def examples(ep: dict, window: int):
+    """(messages, answer) pairs of one recorded episode, exactly as the agent prompts at run time."""
+    from dmr.prompts import build_messages, format_answer
+
+    steps = ep["steps"]
+    history: list[tuple[str, str]] = []
+    for i, s in enumerate(steps):
+        yield build_messages(ep["goal"], history, s["obs"], s["admissible"], window), format_answer(s["label"])
+        if i + 1 < len(steps):
+            history.append((s["action"], steps[i + 1]["obs"]))
+
+
+def read_episodes(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]

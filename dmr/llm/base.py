@@ -1,0 +1,54 @@
+"""The LLM backend protocol (hf on CPU/GPU, vllm on GPU). A new backend is one module in dmr/llm/."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each generated token under the model's own distribution
+
+
+@dataclass
+class Scored:
+    """Teacher-forced log-probs of a given continuation.
+
+    `logprobs[t]` is the log-prob of continuation token t. `dist` is the full next-token log-prob
+    matrix [T, V] (exact backends) and `topk` is [(ids, logprobs)] per position (top-k backends);
+    one of the two is set.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    dist: object | None = None
+    topk: list[tuple[list[int], list[float]]] | None = field(default=None)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    tokenizer: object
+
+    def generate(self, prompts: list[str], sampling: Sampling,
+                 allowed: list[list[str]] | None = None) -> list[Generation]:
+        """One completion per prompt. `allowed[i]`, when given, lists the only completions that
+        prompt i may produce (constrained decoding); the model still picks among them token by token."""
+
+    def score(self, prompts: list[str], continuations: list[str]) -> list[Scored]:
+        ...
+
+    def close(self) -> None:
+        ...

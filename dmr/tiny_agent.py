@@ -1,0 +1,165 @@
+"""Train the tiny Qwen3-architecture agent from scratch by behaviour cloning of expert steps.
+
+It trains on exactly the prompt the agent sees at run time (dmr.prompts) with the loss on the
+answer only. Batches group examples of similar length so little compute goes to padding, which
+matters on a 2-core CPU where optimizer steps are the bottleneck. Saved in HF format with bf16
+weights (hidden sizes multiples of 128, so group-128 quantization applies).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dmr.expert import examples, read_episodes
+
+ARCH_DEFAULTS = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
+
+
+def build_model(vocab_size: int, arch: dict):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = {**ARCH_DEFAULTS, **arch}
+    for key in ("hidden_size", "intermediate_size"):
+        if cfg[key] % 128:
+            raise ValueError(f"arch.{key}={cfg[key]} must be a multiple of 128 for group-128 quantization")
+    config = Qwen3Config(vocab_size=vocab_size, tie_word_embeddings=True, rope_theta=10000.0,
+                         bos_token_id=None, **cfg)
+    return Qwen3ForCausalLM(config)
+
+
+def encode_examples(episodes, tokenizer, window: int, max_len: int):
+    eos = tokenizer.eos_token_id
+    out = []
+    for ep in episodes:
+        for messages, answer in examples(ep, window):
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            p = tokenizer.encode(prompt, add_special_tokens=False)
+            a = tokenizer.encode(answer, add_special_tokens=False) + [eos]
+            if len(p) + len(a) > max_len:
+                raise ValueError(f"example of {len(p) + len(a)} tokens exceeds max_len={max_len}; "
+                                 "shorten the history window or raise arch.max_position_embeddings")
+            out.append((p, a))
+    return out
+
+
+def batches(data, batch_tokens: int, rng: random.Random):
+    """Length-bucketed batches of at most `batch_tokens` padded tokens, in random order."""
+    order = sorted(range(len(data)), key=lambda i: len(data[i][0]) + len(data[i][1]) + rng.random())
+    out, cur, width = [], [], 0
+    for i in order:
+        n = len(data[i][0]) + len(data[i][1])
+        if cur and max(width, n) * (len(cur) + 1) > batch_tokens:
+            out.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width = max(width, n)
+    if cur:
+        out.append(cur)
+    rng.shuffle(out)
+    return out
+
+
+def collate(data, idx, pad_id: int):
+    seqs = [data[i][0] + data[i][1] for i in idx]
+    width = max(map(len, seqs))
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for r, i in enumerate(idx):
+        p, a = data[i]
+        ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+        mask[r, :len(p) + len(a)] = 1
+        labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
+    return ids, mask, labels
+
+
+def answer_loss(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def train(episodes, tokenizer, out: Path, *, window: int, arch: dict, steps: int, max_minutes: float,
+          batch_tokens: int, lr: float, warmup: int, seed: int, threads: int | None, val_fraction: float = 0.05):
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    episodes = list(episodes)
+    rng.shuffle(episodes)
+    n_val = max(1, int(len(episodes) * val_fraction))
+    max_len = arch.get("max_position_embeddings", ARCH_DEFAULTS["max_position_embeddings"])
+    train_data = encode_examples(episodes[n_val:], tokenizer, window, max_len)
+    val_data = encode_examples(episodes[:n_val], tokenizer, window, max_len)
+    model = build_model(len(tokenizer), arch)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    pad = tokenizer.pad_token_id
+    curve, start, step, queue = [], time.time(), 0, []
+    model.train()
+    bar = tqdm(total=steps, desc="behaviour cloning")
+    while step < steps and time.time() - start < max_minutes * 60:
+        if not queue:
+            queue = batches(train_data, batch_tokens, rng)
+        loss = answer_loss(model, *collate(train_data, queue.pop(), pad))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        if step % 25 == 0:
+            curve.append({"step": step, "minutes": (time.time() - start) / 60, "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    with torch.no_grad():
+        vb = batches(val_data, batch_tokens, random.Random(0))
+        val = sum(answer_loss(model, *collate(val_data, b, pad)).item() * len(b) for b in vb) / len(val_data)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    metrics = {"params": n_params, "steps": step, "minutes": (time.time() - start) / 60,
+               "train_examples": len(train_data), "val_examples": len(val_data), "val_answer_loss": val,
+               "window": window, "curve": curve}
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def main(argv=None):
+    from transformers import AutoTokenizer
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--episodes", required=True, type=Path, help="expert episodes JSONL (dmr.expert)")
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (dmr.tokenizer)")
+    p.add_argument("--window", type=int, required=True, help="history window of the step prompt")
+    p.add_argument("--arch", default="{}", help="JSON overrides of the Qwen3 config, e.g. hidden_size")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--max-minutes", type=float, default=30.0, help="wall-clock cap; stops early")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True, type=Path, help="output HF model directory")
+    a = p.parse_args(argv)
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    m = train(read_episodes(a.episodes), tok, a.out, window=a.window, arch=json.loads(a.arch), steps=a.steps,
+              max_minutes=a.max_minutes, batch_tokens=a.batch_tokens, lr=a.lr, warmup=a.warmup, seed=a.seed,
+              threads=a.threads)
+    print(json.dumps({k: v for k, v in m.items() if k != "curve"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Shared fixtures: a real (tiny, briefly trained) agent built once per session from the real
+household environment, tokenizer trainer and Qwen3 trainer. Nothing here is mocked."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PYTHONPATH", str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """(episodes.jsonl, tokenizer dir, model dir) of a 1-layer agent trained for a few steps."""
+    from dmr import expert, tiny_agent, tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_world")
+    eps = d / "episodes.jsonl"
+    expert.main(["--env", "household", "--episodes", "60", "--noise", "0.2", "--out", str(eps)])
+    tok_dir = d / "tokenizer"
+    tokenizer.main(["--episodes", str(eps), "--window", "2", "--vocab-size", "512", "--out", str(tok_dir)])
+    model_dir = d / "model"
+    tiny_agent.main(["--episodes", str(eps), "--tokenizer", str(tok_dir), "--window", "2", "--steps", "3",
+                     "--arch", '{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1, '
+                     '"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}',
+                     "--batch-tokens", "2048", "--threads", "2", "--out", str(model_dir)])
+    return eps, tok_dir, model_dir
+
+
+@pytest.fixture(scope="session")
+def python():
+    return sys.executable
