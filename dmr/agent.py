@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from dmr import envs
 from dmr.llm import Backend, Sampling
-from dmr.prompts import build_messages, format_answer, parse_action
+from dmr import prompts
+from dmr.prompts import Episode
 from dmr.routing import StepContext, make_router
 
 STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
@@ -27,7 +28,7 @@ STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
 
 @dataclass
 class AgentConfig:
-    window: int = 4
+    prompt: dict = field(default_factory=lambda: {"style": "react"})  # dmr.prompts.get(**prompt)
     max_new_tokens: int = 24
     temperature: float = 0.0
     top_p: float = 1.0
@@ -40,10 +41,7 @@ class AgentConfig:
 class _Shard:
     env: object
     task: object = None
-    goal: str = ""
-    obs: str = ""
-    admissible: list = field(default_factory=list)
-    history: list = field(default_factory=list)
+    ep: Episode | None = None
     step: int = 0
     time: float = 0.0
     tokens: dict = field(default_factory=dict)
@@ -78,10 +76,6 @@ def resume(out: Path) -> set[str]:
     return done
 
 
-def render(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConfig, out: Path,
         progress: bool = True) -> list[dict]:
     """Run `tasks`, appending to out/steps.jsonl and out/episodes.jsonl. Returns the episode rows."""
@@ -91,6 +85,7 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
     shards = [_Shard(env_factory()) for _ in range(min(cfg.shards, len(pending)))]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="episodes", disable=not progress)
     high = next(iter(backends))
+    style = prompts.get(**cfg.prompt)
     call = 0
     with (out / STEPS).open("a") as steps_f, (out / EPISODES).open("a") as eps_f:
         while True:
@@ -98,12 +93,13 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                 if s.task is None and pending:
                     s.task = pending.popleft()
                     first = s.env.reset(s.task)
-                    s.goal, s.obs, s.admissible = first.goal, first.text, first.admissible
-                    s.history, s.step, s.time, s.tokens, s.calls = [], 0, 0.0, {}, {}
+                    s.ep = Episode(first.goal, first.text, [], first.admissible)
+                    s.step, s.time, s.tokens, s.calls = 0, 0.0, {}, {}
             active = [s for s in shards if s.task is not None]
             if not active:
                 break
-            contexts = [StepContext(s.task.key, s.step, s.goal, s.history, s.obs, s.admissible) for s in active]
+            contexts = [StepContext(s.task.key, s.step, s.ep.goal, s.ep.history, s.ep.observation, s.ep.admissible)
+                        for s in active]
             t0 = time.perf_counter()
             decisions = router.decide(contexts)
             router_time = (time.perf_counter() - t0) / len(active)
@@ -111,20 +107,19 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
             for precision in dict.fromkeys(decisions):
                 group = [i for i, d in enumerate(decisions) if d == precision]
                 backend = backends[precision]
-                prompts = [render(backend.tokenizer, build_messages(
-                    active[i].goal, active[i].history, active[i].obs, active[i].admissible, cfg.window))
-                    for i in group]
-                allowed = [[format_answer(a) for a in active[i].admissible] for i in group] if cfg.constrained else None
-                sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed * 1_000_003 + call)
+                texts = [style.render(backend.tokenizer, active[i].ep) for i in group]
+                allowed = [[style.answer(a) for a in active[i].ep.admissible] for i in group] if cfg.constrained else None
+                sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed * 1_000_003 + call,
+                                    stop=style.stop)
                 call += 1
                 t0 = time.perf_counter()
-                gens = backend.generate(prompts, sampling, allowed)
+                gens = backend.generate(texts, sampling, allowed, sessions=[active[i].task.key for i in group])
                 elapsed = time.perf_counter() - t0
                 for i, g in zip(group, gens):
                     outputs[i], call_time[i] = g, elapsed
             for i, s in enumerate(active):
                 g, precision = outputs[i], decisions[i]
-                parsed = parse_action(g.text)
+                parsed = style.parse(g.text)
                 t0 = time.perf_counter()
                 # A malformed answer is sent as-is: the environment answers "Nothing happens.".
                 tr = s.env.step(parsed if parsed is not None else g.text.strip())
@@ -135,14 +130,14 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                 s.calls[precision] = s.calls.get(precision, 0) + 1
                 steps_f.write(json.dumps({
                     "task": s.task.key, "step": s.step, "precision": precision,
-                    "prev_action": s.history[-1][0] if s.history else "", "observation": s.obs,
+                    "prev_action": s.ep.history[-1][0] if s.ep.history else "", "observation": s.ep.observation,
                     "output": g.text, "action": parsed, "malformed": parsed is None, "valid": tr.valid,
                     "step_type": tr.info.get("step_type", "action"),
                     "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                     "llm_time": call_time[i], "router_time": router_time, "env_time": env_time,
                     "step_time": step_time, "done": tr.done, "won": tr.won}) + "\n")
-                s.history.append((parsed if parsed is not None else g.text.strip(), tr.text))
-                s.obs, s.admissible, s.step = tr.text, tr.admissible, s.step + 1
+                s.ep.history.append((parsed if parsed is not None else g.text.strip(), tr.text))
+                s.ep.admissible, s.step = tr.admissible, s.step + 1
                 if tr.done:
                     steps_f.flush()
                     eps_f.write(json.dumps({
@@ -152,6 +147,8 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                         "high_calls": s.calls.get(high, 0), "calls": sum(s.calls.values()),
                         "high_tokens": s.tokens.get(high, 0), "tokens": sum(s.tokens.values())}) + "\n")
                     eps_f.flush()
+                    for b in backends.values():
+                        b.end_session(s.task.key)
                     s.task = None
                     bar.update(1)
             steps_f.flush()
@@ -192,11 +189,14 @@ def main(argv=None):
     p.add_argument("--policy", default="full", help="full | quant | random:P")
     p.add_argument("--backend", default="hf")
     p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
-    for f in AgentConfig.__dataclass_fields__.values():
-        if f.type == "bool":
-            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true")
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=eval(f.type), default=f.default)
+    p.add_argument("--prompt", type=json.loads, default={"style": "react"},
+                   help='JSON prompt spec, e.g. \'{"style": "instruct", "window": 4}\'')
+    p.add_argument("--max-new-tokens", type=int, default=AgentConfig.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=AgentConfig.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=AgentConfig.top_p)
+    p.add_argument("--constrained", action="store_true", help="decode only admissible actions")
+    p.add_argument("--shards", type=int, default=AgentConfig.shards, help="concurrent episodes")
+    p.add_argument("--seed", type=int, default=AgentConfig.seed)
     p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it exists)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)

@@ -22,11 +22,12 @@ def episode(env, task, noise: float, rng: random.Random) -> dict:
     while True:
         label = env.expert_action()
         action = rng.choice(admissible) if admissible and rng.random() < noise else label
-        steps.append({"obs": obs, "admissible": admissible, "label": label, "action": action})
         tr = env.step(action)
+        steps.append({"obs": obs, "admissible": admissible, "label": label, "action": action,
+                      "next_obs": tr.text})
         obs, admissible = tr.text, tr.admissible
         if tr.done:
-            return {"task": task.key, "task_type": task.task_type, "goal": first.goal,
+            return {"task": task.key, "task_type": task.task_type, "goal": first.goal, "first": first.text,
                     "won": tr.won, "steps": steps}
 
 
@@ -60,16 +61,9 @@ if __name__ == "__main__":
     main()
 
 
-def examples(ep: dict, window: int):
-    """(messages, answer) pairs of one recorded episode, exactly as the agent prompts at run time."""
-    from dmr.prompts import build_messages, format_answer
-
-    steps = ep["steps"]
-    history: list[tuple[str, str]] = []
-    for i, s in enumerate(steps):
-        yield build_messages(ep["goal"], history, s["obs"], s["admissible"], window), format_answer(s["label"])
-        if i + 1 < len(steps):
-            history.append((s["action"], steps[i + 1]["obs"]))
+def sequences(ep: dict, style, tokenizer):
+    """Behaviour-cloning sequences of one recorded episode, in the prompt style the agent runs with."""
+    return style.segments(tokenizer, ep["goal"], ep["first"], ep["steps"])
 
 
 def read_episodes(path: Path) -> list[dict]:

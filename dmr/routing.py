@@ -47,13 +47,12 @@ class RandomRouter:
 
 
 def make_router(policy: str, precisions: list[str], seed: int = 0):
-    """Parse a policy name: full | quant | random:P."""
+    """Parse a policy name: full | quant | random:P. `precisions[0]` is the high precision."""
     if policy == "full":
         return Fixed(precisions[0])
     if policy == "quant":
-        if len(precisions) < 2:
-            raise ValueError("policy 'quant' needs a low-precision model (give a second --model)")
-        return Fixed(precisions[1])
+        # The lowest precision given; an always-low run need not load the bf16 model at all.
+        return Fixed(precisions[-1])
     if policy.startswith("random:"):
         if len(precisions) < 2:
             raise ValueError("policy 'random:P' needs a low-precision model (give a second --model)")

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dmr.expert import examples, read_episodes
+from dmr import prompts
+from dmr.expert import read_episodes, sequences
 
 ARCH_DEFAULTS = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=32, max_position_embeddings=1024)
+                     num_key_value_heads=2, head_dim=32, max_position_embeddings=2048)
 
 
 def build_model(vocab_size: int, arch: dict):
@@ -35,27 +36,30 @@ def build_model(vocab_size: int, arch: dict):
     return Qwen3ForCausalLM(config)
 
 
-def encode_examples(episodes, tokenizer, window: int, max_len: int):
-    eos = tokenizer.eos_token_id
+def encode_sequences(episodes, tokenizer, style, max_len: int):
+    """(token ids, supervised mask) per behaviour-cloning sequence; pieces are encoded one by one,
+    exactly as the prompt and the completion are at run time."""
     out = []
     for ep in episodes:
-        for messages, answer in examples(ep, window):
-            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            p = tokenizer.encode(prompt, add_special_tokens=False)
-            a = tokenizer.encode(answer, add_special_tokens=False) + [eos]
-            if len(p) + len(a) > max_len:
-                raise ValueError(f"example of {len(p) + len(a)} tokens exceeds max_len={max_len}; "
-                                 "shorten the history window or raise arch.max_position_embeddings")
-            out.append((p, a))
+        for seq in sequences(ep, style, tokenizer):
+            ids, sup = [], []
+            for text, supervised in seq:
+                piece = tokenizer.encode(text, add_special_tokens=False)
+                ids += piece
+                sup += [supervised] * len(piece)
+            if len(ids) > max_len:
+                raise ValueError(f"a sequence of {len(ids)} tokens exceeds max_position_embeddings={max_len}; "
+                                 "shorten the prompt window or raise arch.max_position_embeddings")
+            out.append((ids, sup))
     return out
 
 
 def batches(data, batch_tokens: int, rng: random.Random):
     """Length-bucketed batches of at most `batch_tokens` padded tokens, in random order."""
-    order = sorted(range(len(data)), key=lambda i: len(data[i][0]) + len(data[i][1]) + rng.random())
+    order = sorted(range(len(data)), key=lambda i: len(data[i][0]) + rng.random())
     out, cur, width = [], [], 0
     for i in order:
-        n = len(data[i][0]) + len(data[i][1])
+        n = len(data[i][0])
         if cur and max(width, n) * (len(cur) + 1) > batch_tokens:
             out.append(cur)
             cur, width = [], 0
@@ -68,16 +72,16 @@ def batches(data, batch_tokens: int, rng: random.Random):
 
 
 def collate(data, idx, pad_id: int):
-    seqs = [data[i][0] + data[i][1] for i in idx]
-    width = max(map(len, seqs))
+    width = max(len(data[i][0]) for i in idx)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
     labels = torch.full((len(idx), width), -100, dtype=torch.long)
     mask = torch.zeros((len(idx), width), dtype=torch.long)
     for r, i in enumerate(idx):
-        p, a = data[i]
-        ids[r, :len(p) + len(a)] = torch.tensor(p + a)
-        mask[r, :len(p) + len(a)] = 1
-        labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
+        seq, sup = data[i]
+        t = torch.tensor(seq)
+        ids[r, :len(seq)] = t
+        mask[r, :len(seq)] = 1
+        labels[r, :len(seq)] = torch.where(torch.tensor(sup), t, -100)
     return ids, mask, labels
 
 
@@ -87,7 +91,7 @@ def answer_loss(model, ids, mask, labels):
                                              labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def train(episodes, tokenizer, out: Path, *, window: int, arch: dict, steps: int, max_minutes: float,
+def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_minutes: float,
           batch_tokens: int, lr: float, warmup: int, seed: int, threads: int | None, val_fraction: float = 0.05):
     if threads:
         torch.set_num_threads(threads)
@@ -97,15 +101,22 @@ def train(episodes, tokenizer, out: Path, *, window: int, arch: dict, steps: int
     rng.shuffle(episodes)
     n_val = max(1, int(len(episodes) * val_fraction))
     max_len = arch.get("max_position_embeddings", ARCH_DEFAULTS["max_position_embeddings"])
-    train_data = encode_examples(episodes[n_val:], tokenizer, window, max_len)
-    val_data = encode_examples(episodes[:n_val], tokenizer, window, max_len)
+    train_data = encode_sequences(episodes[n_val:], tokenizer, style, max_len)
+    val_data = encode_sequences(episodes[:n_val], tokenizer, style, max_len)
     model = build_model(len(tokenizer), arch)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    start = time.time()
+
+    def lr_factor(s: int) -> float:
+        # Progress is the further of steps and wall time, so a run stopped by the time cap still
+        # finishes its cosine decay instead of ending at a high learning rate.
+        progress = min(1.0, max(s / steps, (time.time() - start) / (max_minutes * 60)))
+        return min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     pad = tokenizer.pad_token_id
-    curve, start, step, queue = [], time.time(), 0, []
+    curve, step, queue = [], 0, []
     model.train()
     bar = tqdm(total=steps, desc="behaviour cloning")
     while step < steps and time.time() - start < max_minutes * 60:
@@ -131,8 +142,9 @@ def train(episodes, tokenizer, out: Path, *, window: int, arch: dict, steps: int
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
     metrics = {"params": n_params, "steps": step, "minutes": (time.time() - start) / 60,
-               "train_examples": len(train_data), "val_examples": len(val_data), "val_answer_loss": val,
-               "window": window, "curve": curve}
+               "train_sequences": len(train_data), "val_sequences": len(val_data), "val_answer_loss": val,
+               "supervised_tokens": sum(sum(sup) for _, sup in train_data),
+               "train_tokens": sum(len(ids) for ids, _ in train_data), "prompt": style.name, "curve": curve}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
@@ -143,7 +155,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--episodes", required=True, type=Path, help="expert episodes JSONL (dmr.expert)")
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer directory (dmr.tokenizer)")
-    p.add_argument("--window", type=int, required=True, help="history window of the step prompt")
+    p.add_argument("--prompt", default='{"style": "react"}', help="JSON prompt style spec (dmr.prompts)")
     p.add_argument("--arch", default="{}", help="JSON overrides of the Qwen3 config, e.g. hidden_size")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
     p.add_argument("--max-minutes", type=float, default=30.0, help="wall-clock cap; stops early")
@@ -155,7 +167,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, type=Path, help="output HF model directory")
     a = p.parse_args(argv)
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    m = train(read_episodes(a.episodes), tok, a.out, window=a.window, arch=json.loads(a.arch), steps=a.steps,
+    m = train(read_episodes(a.episodes), tok, a.out, style=prompts.get(**json.loads(a.prompt)), arch=json.loads(a.arch), steps=a.steps,
               max_minutes=a.max_minutes, batch_tokens=a.batch_tokens, lr=a.lr, warmup=a.warmup, seed=a.seed,
               threads=a.threads)
     print(json.dumps({k: v for k, v in m.items() if k != "curve"}))

@@ -6,9 +6,11 @@ and vLLM all load it like any other model's tokenizer.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from dmr.expert import examples, read_episodes
+from dmr import prompts
+from dmr.expert import read_episodes, sequences
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -19,10 +21,20 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MARKERS = ["<think>", "</think>", "<action>", "</action>"]
 
 
-def corpus(episodes: list[dict], window: int):
+class _Plain:
+    """Stands in for the not-yet-trained tokenizer: joins chat turns without a template."""
+
+    eos_token = ""
+
+    @staticmethod
+    def apply_chat_template(messages, **_):
+        return "\n".join(m["content"] for m in messages)
+
+
+def corpus(episodes: list[dict], style):
     for ep in episodes:
-        for messages, answer in examples(ep, window):
-            yield "\n".join(m["content"] for m in messages) + "\n" + answer
+        for seq in sequences(ep, style, _Plain):
+            yield "".join(text for text, _ in seq)
 
 
 def train(texts, vocab_size: int):
@@ -45,11 +57,11 @@ def train(texts, vocab_size: int):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--episodes", required=True, type=Path, help="expert episodes JSONL (dmr.expert)")
-    p.add_argument("--window", type=int, required=True, help="history window of the step prompt")
+    p.add_argument("--prompt", default='{"style": "react"}', help="JSON prompt style spec (dmr.prompts)")
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--out", required=True, type=Path, help="output directory (HF tokenizer)")
     a = p.parse_args(argv)
-    tok = train(corpus(read_episodes(a.episodes), a.window), a.vocab_size)
+    tok = train(corpus(read_episodes(a.episodes), prompts.get(**json.loads(a.prompt))), a.vocab_size)
     tok.save_pretrained(a.out)
     print(f"tokenizer with {len(tok)} tokens -> {a.out}")
 

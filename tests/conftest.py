@@ -21,9 +21,9 @@ def tiny_world(tmp_path_factory):
     eps = d / "episodes.jsonl"
     expert.main(["--env", "household", "--episodes", "60", "--noise", "0.2", "--out", str(eps)])
     tok_dir = d / "tokenizer"
-    tokenizer.main(["--episodes", str(eps), "--window", "2", "--vocab-size", "512", "--out", str(tok_dir)])
+    tokenizer.main(["--episodes", str(eps), "--vocab-size", "512", "--out", str(tok_dir)])
     model_dir = d / "model"
-    tiny_agent.main(["--episodes", str(eps), "--tokenizer", str(tok_dir), "--window", "2", "--steps", "3",
+    tiny_agent.main(["--episodes", str(eps), "--tokenizer", str(tok_dir), "--steps", "3",
                      "--arch", '{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1, '
                      '"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}',
                      "--batch-tokens", "2048", "--threads", "2", "--out", str(model_dir)])

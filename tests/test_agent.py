@@ -14,7 +14,8 @@ import pytest
 from dmr import envs
 from dmr.agent import AgentConfig, finalize, run
 from dmr.llm import Sampling, load
-from dmr.prompts import build_messages, format_answer, parse_action
+from dmr.prompts import Episode, get
+from dmr.prompts.instruct import format_answer, parse_action
 from dmr.routing import StepContext, make_router
 
 
@@ -34,12 +35,44 @@ def test_parse_action(text, expected):
     assert parse_action(text) == expected
 
 
-def test_prompt_window_and_answer_roundtrip():
+def test_instruct_prompt_window_and_answer_roundtrip():
     hist = [(f"go to cabinet {i}", f"You arrive at cabinet {i}.") for i in range(1, 6)]
-    msg = build_messages("Your task is to: x.", hist, hist[-1][1], ["look", "inventory"], window=2)[0]["content"]
+    style = get("instruct", window=2)
+    msg = style.content(Episode("Your task is to: x.", "You are in the middle of a room.", hist, ["look", "inventory"]))
     assert "cabinet 3" not in msg and "> go to cabinet 4" in msg and msg.count("You arrive at cabinet 5.") == 1
-    assert msg.endswith("Admissible actions: look | inventory")
+    assert "middle of a room" not in msg and msg.endswith("Admissible actions: look | inventory")
     assert parse_action(format_answer("look", think="hmm")) == "look"
+    assert style.parse(style.answer("go to cabinet 2")) == "go to cabinet 2"
+
+
+@pytest.mark.parametrize("text,expected", [
+    (" go to cabinet 1\n", "go to cabinet 1"),
+    (" take  apple 1 from countertop 2\nYou pick up", "take apple 1 from countertop 2"),
+    ("\n", None),
+    ("", None),
+])
+def test_react_parse(text, expected):
+    assert get("react").parse(text) == expected
+
+
+def test_react_prompt_is_append_only_and_tokenizes_in_pieces(tiny_world):
+    from transformers import AutoTokenizer
+
+    eps, tok_dir, _ = tiny_world
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    style = get("react")
+    from dmr.expert import read_episodes, sequences
+
+    ep = read_episodes(eps)[0]
+    (seq,) = sequences(ep, style, tok)
+    whole = "".join(t for t, _ in seq)
+    # pieces and whole text tokenize identically, so training matches run-time prompts
+    assert tok.encode(whole, add_special_tokens=False) == [i for t, _ in seq for i in tok.encode(t, add_special_tokens=False)]
+    # every run-time prompt is a prefix of the episode sequence (append-only)
+    e = Episode(ep["goal"], ep["first"])
+    for s in ep["steps"]:
+        assert whole.startswith(style.render(tok, e))
+        e.history.append((s["action"], s["next_obs"]))
 
 
 def test_routers():
@@ -51,32 +84,36 @@ def test_routers():
     assert picks == r.decide(ctx) and 20 < picks.count("bf16") < 80
     # decisions do not depend on how steps are batched together
     assert r.decide(ctx[:7]) == picks[:7]
+    assert set(make_router("quant", ["w3"]).decide(ctx)) == {"w3"}
     with pytest.raises(ValueError, match="needs a low-precision"):
-        make_router("quant", ["bf16"])
+        make_router("random:0.2", ["bf16"])
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_router("sometimes", ["bf16", "w4"])
 
 
-def test_hf_backend_generate_and_score(tiny_world):
+@pytest.mark.parametrize("style", ["react", "instruct"])
+def test_hf_backend_generate_and_score(tiny_world, style):
     _, _, model = tiny_world
     b = load("hf", str(model), threads=2)
     env = envs.make("household")
     obs = env.reset(env.tasks("test", 1)[0])
-    prompt = b.tokenizer.apply_chat_template(build_messages(obs.goal, [], obs.text, obs.admissible, 2),
-                                             tokenize=False, add_generation_prompt=True)
-    allowed = [format_answer(a) for a in obs.admissible]
-    free = b.generate([prompt], Sampling(max_new_tokens=12))[0]
-    constrained = b.generate([prompt], Sampling(max_new_tokens=40), [allowed])[0]
+    st = get(style)
+    prompt = st.render(b.tokenizer, Episode(obs.goal, obs.text, [], obs.admissible))
+    allowed = [st.answer(a) for a in obs.admissible]
+    free = b.generate([prompt], Sampling(max_new_tokens=12, stop=st.stop))[0]
+    assert 1 <= free.completion_tokens <= 12
+    constrained = b.generate([prompt, prompt], Sampling(max_new_tokens=40, stop=st.stop), [allowed, allowed[:1]])
     # constrained decoding always yields an admissible action, whatever the weights
-    assert parse_action(constrained.text) in obs.admissible
-    assert constrained.completion_tokens == len(constrained.logprobs) == len(constrained.token_ids)
-    assert all(lp <= 0 for lp in constrained.logprobs)
+    assert st.parse(constrained[0].text) in obs.admissible
+    assert st.parse(constrained[1].text) == obs.admissible[0]
+    g = constrained[0]
+    assert g.completion_tokens == len(g.logprobs) == len(g.token_ids)
+    assert all(lp <= 0 for lp in g.logprobs)
     # teacher-forced scoring of the generated continuation reproduces its log-probs
-    scored = b.score([prompt], [constrained.text])[0]
+    scored = b.score([prompt], [g.text])[0]
     assert scored.dist.shape[0] == len(scored.token_ids)
     n = len(scored.logprobs)
-    assert scored.logprobs == pytest.approx(constrained.logprobs[:n], abs=1e-3)
-    assert free.completion_tokens >= 1
+    assert scored.logprobs == pytest.approx(g.logprobs[:n], abs=1e-3)
 
 
 def _episode_checks(out, tasks):
@@ -98,7 +135,7 @@ def test_run_batched_records_and_invalid_steps(tiny_world, tmp_path):
     tasks = envs.make("household", **env_kwargs).tasks("test", 5)
     # Unconstrained decoding from a barely trained model: mostly malformed or inadmissible outputs,
     # which must become invalid steps, never a crash.
-    cfg = AgentConfig(window=2, max_new_tokens=8, shards=3, constrained=False)
+    cfg = AgentConfig(prompt={"style": "instruct", "window": 2}, max_new_tokens=8, shards=3, constrained=False)
     run(lambda: envs.make("household", **env_kwargs), tasks, {"bf16": b}, make_router("full", ["bf16"]),
         cfg, tmp_path, progress=False)
     eps, steps = _episode_checks(tmp_path, tasks)
@@ -119,7 +156,7 @@ def test_random_router_mixes_backends(tiny_world, tmp_path):
     _, _, model = tiny_world
     b = load("hf", str(model), threads=2)
     tasks = envs.make("household", max_steps=5).tasks("test", 4)
-    cfg = AgentConfig(window=2, max_new_tokens=40, shards=4, constrained=True)
+    cfg = AgentConfig(max_new_tokens=40, shards=4, constrained=True)
     # Two "precisions" backed by one model: the loop must route each step to its backend.
     run(lambda: envs.make("household", max_steps=5), tasks, {"bf16": b, "low": b},
         make_router("random:0.5", ["bf16", "low"], seed=3), cfg, tmp_path, progress=False)
@@ -133,7 +170,7 @@ def test_resume_after_kill_loses_and_repeats_nothing(tiny_world, tmp_path, pytho
     _, _, model = tiny_world
     out = tmp_path / "run"
     cmd = [python, "-m", "dmr.agent", "--env", "household", "--env-kwargs", '{"max_steps": 8}', "--n", "10",
-           "--model", f"bf16={model}", "--window", "2", "--max-new-tokens", "40", "--constrained",
+           "--model", f"bf16={model}", "--max-new-tokens", "40", "--constrained",
            "--shards", "2", "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd)
     deadline = time.time() + 120
@@ -155,3 +192,31 @@ def test_resume_after_kill_loses_and_repeats_nothing(tiny_world, tmp_path, pytho
     kept = [e["task"] for e in eps][:len(first)]
     assert kept == first, "finished episodes survive the resume untouched"
     assert (out / "episodes.parquet").exists()
+
+
+def test_prefix_cache_matches_uncached_generation(tiny_world):
+    """Append-only prompts reuse each session's KV cache; results equal a cold computation."""
+    _, _, model = tiny_world
+    b = load("hf", str(model), threads=2)
+    env = envs.make("household")
+    style = get("react")
+    eps = []
+    for t in env.tasks("test", 3):
+        o = env.reset(t)
+        eps.append(Episode(o.goal, o.text, [], o.admissible))
+    sampling = Sampling(max_new_tokens=20, stop=style.stop)
+    for step in range(4):
+        prompts = [style.render(b.tokenizer, e) for e in eps]
+        allowed = [[style.answer(a) for a in e.admissible] for e in eps]
+        # sessions of different lengths batched together, one of them cold
+        warm = b.generate(prompts, sampling, allowed, sessions=["a", "b", f"c{step}"])
+        cold = b.generate(prompts, sampling, allowed)
+        assert [g.text for g in warm] == [g.text for g in cold]
+        for w, c in zip(warm, cold):
+            assert w.logprobs == pytest.approx(c.logprobs, abs=1e-4)
+        for e, g in zip(eps, warm):
+            e.history.append((style.parse(g.text), f"You arrive at nowhere {step}."))
+            e.admissible = e.admissible[1:] + e.admissible[:1]
+    assert b._sessions["a"][0] == b.encode(style.render(b.tokenizer, eps[0]))[:len(b._sessions["a"][0])]
+    b.end_session("a")
+    assert "a" not in b._sessions

@@ -11,6 +11,7 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    stop: list[str] | None = None  # stop after the first of these strings (kept in the text)
 
 
 @dataclass
@@ -42,10 +43,14 @@ class Backend(Protocol):
     name: str
     tokenizer: object
 
-    def generate(self, prompts: list[str], sampling: Sampling,
-                 allowed: list[list[str]] | None = None) -> list[Generation]:
+    def generate(self, prompts: list[str], sampling: Sampling, allowed: list[list[str]] | None = None,
+                 sessions: list[str] | None = None) -> list[Generation]:
         """One completion per prompt. `allowed[i]`, when given, lists the only completions that
-        prompt i may produce (constrained decoding); the model still picks among them token by token."""
+        prompt i may produce (constrained decoding); the model still picks among them token by token.
+        `sessions[i]` names the episode of prompt i, so a backend may reuse its prefix cache."""
+
+    def end_session(self, key: str) -> None:
+        """The episode `key` is over: drop whatever was cached for it."""
 
     def score(self, prompts: list[str], continuations: list[str]) -> list[Scored]:
         ...

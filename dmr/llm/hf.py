@@ -5,6 +5,7 @@ there; on a GPU it uses bf16. Compressed-tensors (llmcompressor) checkpoints loa
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model: str | Path, device: str = "auto", threads: int | None = None,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", max_sessions: int = 64):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -51,6 +52,8 @@ class HFBackend:
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.eos_id = self.tokenizer.eos_token_id
+        self._sessions: OrderedDict = OrderedDict()  # session -> (token ids, per-layer KV)
+        self.max_sessions = max_sessions
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
@@ -66,53 +69,130 @@ class HFBackend:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
-    def generate(self, prompts: list[str], sampling: Sampling,
-                 allowed: list[list[str]] | None = None) -> list[Generation]:
-        from transformers import LogitsProcessor, LogitsProcessorList
-
+    def generate(self, prompts: list[str], sampling: Sampling, allowed: list[list[str]] | None = None,
+                 sessions: list[str] | None = None) -> list[Generation]:
+        """Batched decoding with our own loop rather than HF `generate`, for two reasons: the
+        constraint trie and stop strings are per row, and each `sessions[i]` keeps its KV cache
+        between calls, so an append-only (ReAct) prompt only prefills its new tokens."""
         if not prompts:
             return []
+        from transformers import DynamicCache
+
         prompt_ids = [self.encode(p) for p in prompts]
-        ids, mask = self._left_pad(prompt_ids)
-        width = ids.shape[1]
-        processors = LogitsProcessorList()
-        if allowed is not None:
-            tries = [_Trie([self.encode(c) + [self.eos_id] for c in options]) for options in allowed]
-            eos = self.eos_id
-
-            class Constrain(LogitsProcessor):
-                def __call__(self, input_ids, scores):
-                    masked = torch.full_like(scores, float("-inf"))
-                    for i, trie in enumerate(tries):
-                        nxt = trie.next_tokens(input_ids[i, width:].tolist())
-                        # A finished (or unconstrained-empty) row may only emit EOS.
-                        masked[i, nxt or [eos]] = 0.0
-                    return scores + masked
-
-            processors.append(Constrain())
+        B = len(prompts)
+        past, new = [], []
+        for i, ids in enumerate(prompt_ids):
+            hit = self._sessions.get(sessions[i]) if sessions else None
+            if hit is not None and len(hit[0]) < len(ids) and ids[:len(hit[0])] == hit[0]:
+                past.append(hit[1])
+                new.append(ids[len(hit[0]):])
+            else:
+                past.append(None)
+                new.append(ids)
+        n_layers = self.model.config.num_hidden_layers
+        past_len = max((kv[0][0].shape[-2] for kv in past if kv is not None), default=0)
+        cache = DynamicCache(config=self.model.config)
+        mask = torch.zeros((B, past_len), dtype=torch.long, device=self.device)
+        if past_len:
+            ref = next(kv for kv in past if kv is not None)[0][0]
+            for layer in range(n_layers):
+                k = ref.new_zeros((B, *ref.shape[1:-2], past_len, ref.shape[-1]))
+                v = torch.zeros_like(k)
+                for i, kv in enumerate(past):
+                    if kv is not None:
+                        n = kv[layer][0].shape[-2]
+                        k[i, ..., past_len - n:, :] = kv[layer][0][0]
+                        v[i, ..., past_len - n:, :] = kv[layer][1][0]
+                cache.update(k, v, layer)
+            for i, kv in enumerate(past):
+                if kv is not None:
+                    mask[i, past_len - kv[0][0].shape[-2]:] = 1
+        # The new chunks, left-padded: pads may sit between a row's cache and its new tokens;
+        # the mask hides them and positions count only real tokens.
+        width = max(map(len, new))
+        ids = torch.full((B, width), self.pad_id, dtype=torch.long, device=self.device)
+        chunk_mask = torch.zeros((B, width), dtype=torch.long, device=self.device)
+        for i, n in enumerate(new):
+            ids[i, width - len(n):] = torch.tensor(n, device=self.device)
+            chunk_mask[i, width - len(n):] = 1
+        mask = torch.cat([mask, chunk_mask], dim=1)
+        tries = [_Trie([self.encode(c) for c in options]) for options in allowed] if allowed is not None else None
+        gen = torch.Generator(device=self.device)
         if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        greedy = sampling.temperature <= 0
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None,
-            logits_processor=processors, output_logits=True, return_dict_in_generate=True,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        new = out.sequences[:, width:]
-        logp = torch.stack(out.logits, dim=1).float().log_softmax(-1) if out.logits else None
+            gen.manual_seed(sampling.seed)
+        out_tokens, out_lps = [[] for _ in range(B)], [[] for _ in range(B)]
+        done = [False] * B
+        step_ids, step_mask = ids, chunk_mask
+        for _ in range(sampling.max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                                past_key_values=cache, use_cache=True).logits[:, -1].float()
+            logp = logits.log_softmax(-1)
+            scores = logp.clone()
+            if tries is not None:
+                allowed_mask = torch.full_like(scores, float("-inf"))
+                for i, trie in enumerate(tries):
+                    if not done[i]:
+                        # A completed option may only end: EOS (stop strings usually end it first).
+                        allowed_mask[i, trie.next_tokens(out_tokens[i]) or [self.eos_id]] = 0.0
+                scores = scores + allowed_mask
+            if sampling.temperature <= 0:
+                nxt = scores.argmax(-1)
+            else:
+                probs = (scores / sampling.temperature).softmax(-1)
+                if sampling.top_p < 1.0:
+                    sp, si = probs.sort(-1, descending=True)
+                    keep = sp.cumsum(-1) - sp < sampling.top_p
+                    probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
+                nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            for i in range(B):
+                if done[i]:
+                    continue
+                t = int(nxt[i])
+                out_tokens[i].append(t)
+                out_lps[i].append(float(logp[i, t]))
+                if t == self.eos_id:
+                    done[i] = True
+                elif sampling.stop:
+                    tail = self.tokenizer.decode(out_tokens[i][-8:], skip_special_tokens=False)
+                    done[i] = any(s in tail for s in sampling.stop)
+            if all(done):
+                break
+            # Finished rows keep stepping on a masked pad so the batch stays rectangular.
+            alive = torch.tensor([0 if d else 1 for d in done], dtype=torch.long, device=self.device)
+            step_ids = torch.where(alive.bool(), nxt, torch.full_like(nxt, self.pad_id))[:, None]
+            mask = torch.cat([mask, alive[:, None]], dim=1)
+        if sessions:
+            self._remember(sessions, prompt_ids, out_tokens, mask, cache, n_layers)
         results = []
         for i, p in enumerate(prompt_ids):
-            toks = []
-            for t in new[i].tolist():
-                toks.append(t)
-                if t == self.eos_id:
-                    break
-            lps = [logp[i, j, t].item() for j, t in enumerate(toks)] if logp is not None else []
+            toks = out_tokens[i]
             text = self.tokenizer.decode([t for t in toks if t != self.eos_id], skip_special_tokens=False)
+            if sampling.stop:
+                cut = min((text.index(s) + len(s) for s in sampling.stop if s in text), default=len(text))
+                text = text[:cut]
             results.append(Generation(text=text, prompt_tokens=len(p), completion_tokens=len(toks),
-                                      token_ids=toks, logprobs=lps))
+                                      token_ids=toks, logprobs=out_lps[i]))
         return results
+
+    def _remember(self, sessions, prompt_ids, out_tokens, mask, cache, n_layers):
+        """Keep each row's KV of prompt + generated tokens (all but the last, never fed back)."""
+        for i, key in enumerate(sessions):
+            toks = prompt_ids[i] + out_tokens[i][:-1]
+            # Cache positions fed so far: the mask minus the slot of the last sampled token, if any.
+            valid = mask[i, :cache.layers[0].keys.shape[-2]].bool()
+            kv = [(cache.layers[l].keys[i:i + 1, ..., valid, :], cache.layers[l].values[i:i + 1, ..., valid, :])
+                  for l in range(n_layers)]
+            if kv[0][0].shape[-2] != len(toks):
+                self._sessions.pop(key, None)  # should not happen; never serve a misaligned cache
+                continue
+            self._sessions[key] = (toks, kv)
+            self._sessions.move_to_end(key)
+        while len(self._sessions) > self.max_sessions:
+            self._sessions.popitem(last=False)
+
+    def end_session(self, key: str) -> None:
+        self._sessions.pop(key, None)
 
     @torch.inference_mode()
     def score(self, prompts: list[str], continuations: list[str], full: bool = True) -> list[Scored]:

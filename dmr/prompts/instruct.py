@@ -1,39 +1,11 @@
-"""Instruction-style step prompt (the paper's WebShop protocol, App. B; also used for the tiny agents).
-
-Each step's prompt is rebuilt from: the task, a window of the most recent (action, observation)
-pairs, the current observation and the admissible actions. The model answers
-`<think>...</think><action>...</action>` where the think block is optional.
-"""
+"""Instruction-style step prompt, rebuilt every step and templated as a chat."""
 from __future__ import annotations
 
 import re
 
-SYSTEM = "You are an agent acting in a text environment. Answer with <action>one admissible action</action>."
+from dmr.prompts.base import Episode
 
 _ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
-
-
-def build_messages(goal: str, history: list[tuple[str, str]], observation: str, admissible: list[str],
-                   window: int, system: bool = False) -> list[dict]:
-    """Chat messages for one step. `history` is every earlier (action, observation) of the episode."""
-    lines = [goal.strip()]
-    recent = history[-window:] if window > 0 else []
-    for action, obs in recent:
-        lines.append(f"> {action}")
-        lines.append(obs.strip())
-    # The current observation normally closes the history already; state it only when it does not.
-    if not recent or recent[-1][1].strip() != observation.strip():
-        lines.append(observation.strip())
-    lines.append("Admissible actions: " + " | ".join(admissible))
-    messages = [{"role": "user", "content": "\n".join(lines)}]
-    if system:
-        messages.insert(0, {"role": "system", "content": SYSTEM})
-    return messages
-
-
-def format_answer(action: str, think: str | None = None) -> str:
-    body = f"<action>{action}</action>"
-    return f"<think>{think}</think>{body}" if think else body
 
 
 def parse_action(text: str) -> str | None:
@@ -46,3 +18,45 @@ def parse_action(text: str) -> str | None:
         return None
     action = " ".join(found[-1].split())
     return action or None
+
+
+def format_answer(action: str, think: str | None = None) -> str:
+    body = f"<action>{action}</action>"
+    return f"<think>{think}</think>{body}" if think else body
+
+
+class Instruct:
+    name = "instruct"
+    stop = None  # the chat turn ends with the tokenizer's EOS
+
+    def __init__(self, window: int = 4):
+        self.window = window
+
+    def content(self, ep: Episode) -> str:
+        lines = [ep.goal.strip()]
+        recent = ep.history[-self.window:] if self.window > 0 else []
+        for action, obs in recent:
+            lines.append(f"> {action}")
+            lines.append(obs.strip())
+        if not recent:
+            lines.append(ep.first.strip())
+        lines.append("Admissible actions: " + " | ".join(ep.admissible))
+        return "\n".join(lines)
+
+    def render(self, tokenizer, ep: Episode) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": self.content(ep)}],
+                                             tokenize=False, add_generation_prompt=True)
+
+    def answer(self, action: str) -> str:
+        return format_answer(action)
+
+    def parse(self, text: str) -> str | None:
+        return parse_action(text)
+
+    def segments(self, tokenizer, goal, first, steps):
+        ep, out = Episode(goal, first), []
+        for s in steps:
+            ep.admissible = s["admissible"]
+            out.append([(self.render(tokenizer, ep), False), (self.answer(s["label"]) + tokenizer.eos_token, True)])
+            ep.history.append((s["action"], s["next_obs"]))
+        return out

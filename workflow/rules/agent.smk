@@ -27,12 +27,12 @@ rule tokenizer:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/tokenizer.log",
     params:
-        window=lambda w: bench(w)["prompt"]["window"],
+        prompt=lambda w: as_json(bench(w)["prompt"]),
         vocab=lambda w: model_cfg(w).get("tokenizer", {}).get("vocab_size", 1024),
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m dmr.tokenizer --episodes {input} --window {params.window} --vocab-size {params.vocab} "
+        "python -m dmr.tokenizer --episodes {input} --prompt {params.prompt} --vocab-size {params.vocab} "
         "--out {output} > {log} 2>&1"
 
 
@@ -45,7 +45,7 @@ rule train_agent:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/train_agent.log",
     params:
-        window=lambda w: bench(w)["prompt"]["window"],
+        prompt=lambda w: as_json(bench(w)["prompt"]),
         arch=lambda w: as_json(model_cfg(w).get("arch")),
         train=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in model_cfg(w).get("train", {}).items()),
     threads: THREADS
@@ -53,5 +53,5 @@ rule train_agent:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.tiny_agent --episodes {input.episodes} --tokenizer {input.tokenizer} "
-        "--window {params.window} --arch {params.arch} {params.train} --threads {threads} "
+        "--prompt {params.prompt} --arch {params.arch} {params.train} --threads {threads} "
         "--out {output} > {log} 2>&1"

@@ -21,6 +21,8 @@ def _check_cells():
         if cell["model"] not in config["models"]:
             raise ValueError(f"cells: unknown model {cell['model']!r}; defined: {sorted(config['models'])}")
         model = config["models"][cell["model"]]
+        if len(set(cell.get("quants", []))) != len(cell.get("quants", [])):
+            raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} lists a quant scheme twice")
         if model["source"] == "path" and not model.get("path"):
             raise ValueError(f"models.{cell['model']}: source 'path' needs a 'path'")
 
@@ -56,9 +58,9 @@ def model_dir(benchmark, model, quant="bf16"):
     return f"{RESULTS}/{benchmark}/{model}/{quant}/model"
 
 
-def model_input(wildcards):
-    """Rule input for a checkpoint: only results we build are Snakemake inputs."""
-    path = model_dir(wildcards.benchmark, wildcards.model, wildcards.get("quant", "bf16"))
+def bf16_input(wildcards):
+    """The bf16 checkpoint as a rule input, when it is one we build (not a local path)."""
+    path = model_dir(wildcards.benchmark, wildcards.model, "bf16")
     return [path] if path.startswith(f"{RESULTS}/") else []
 
 
@@ -71,7 +73,7 @@ def task_offset(wildcards):
 def decoding_args(wildcards):
     d = bench(wildcards)["decoding"]
     args = [f"--max-new-tokens {d.get('max_new_tokens', 32)}", f"--temperature {d.get('temperature', 0.0)}",
-            f"--top-p {d.get('top_p', 1.0)}", f"--window {bench(wildcards)['prompt']['window']}"]
+            f"--top-p {d.get('top_p', 1.0)}", f"--prompt {as_json(bench(wildcards)['prompt'])}"]
     if d.get("constrained", False):
         args.append("--constrained")
     return " ".join(args)
@@ -81,10 +83,55 @@ def run_dir(benchmark, model, quant, policy, seed):
     return f"{RESULTS}/{benchmark}/{model}/{quant}/rollouts/{policy}/seed{seed}"
 
 
-def full_runs(wildcards):
-    return [f"{run_dir(wildcards.benchmark, wildcards.model, 'bf16', 'full', s)}/episodes.parquet"
-            for s in config["evaluate"]["seeds"]]
+def cell_quants(benchmark, model):
+    for c in config["cells"]:
+        if c["benchmark"] == benchmark and c["model"] == model:
+            return c.get("quants", [])
+    return []
+
+
+def rollout_models(wildcards):
+    """--model arguments of a rollout: the precisions its policy can route to, high first."""
+    names = {"full": ["bf16"], "quant": [wildcards.quant]}.get(wildcards.policy, ["bf16", wildcards.quant])
+    return " ".join(f"--model {q}={model_dir(wildcards.benchmark, wildcards.model, q)}" for q in names)
+
+
+def rollout_inputs(wildcards):
+    names = {"full": ["bf16"], "quant": [wildcards.quant]}.get(wildcards.policy, ["bf16", wildcards.quant])
+    paths = [model_dir(wildcards.benchmark, wildcards.model, q) for q in names]
+    return [p for p in paths if p.startswith(f"{RESULTS}/")]
+
+
+def seed_runs(benchmark, model, quant, policy):
+    return [f"{run_dir(benchmark, model, quant, policy, s)}/episodes.parquet" for s in config["evaluate"]["seeds"]]
+
+
+def table_methods(wildcards):
+    """Methods of a cell's main table: Full, then the always-quantized baseline of each scheme."""
+    methods = {"Full": seed_runs(wildcards.benchmark, wildcards.model, "bf16", "full")}
+    for q in cell_quants(wildcards.benchmark, wildcards.model):
+        methods[f"{q}/Quant"] = seed_runs(wildcards.benchmark, wildcards.model, q, "quant")
+    return methods
+
+
+def table_inputs(wildcards):
+    return [p for paths in table_methods(wildcards).values() for p in paths]
+
+
+def table_args(wildcards):
+    return " ".join(f"--method {name} {' '.join(paths)}" for name, paths in table_methods(wildcards).items())
+
+
+def calibration_input(wildcards):
+    source = model_cfg(wildcards).get("quantize", {}).get("calibration", {}).get("source", "expert")
+    return rules.expert_data.output[0].format(**wildcards) if source == "expert" else source
+
+
+def calibration_arg(wildcards):
+    source = model_cfg(wildcards).get("quantize", {}).get("calibration", {}).get("source", "expert")
+    path = calibration_input(wildcards)
+    return f"expert:{path}" if source == "expert" else path
 
 
 def all_targets():
-    return [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/full.md" for c in config["cells"]]
+    return [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md" for c in config["cells"]]

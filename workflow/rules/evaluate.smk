@@ -3,7 +3,7 @@
 
 rule rollout:
     input:
-        model_input,
+        rollout_inputs,
     output:
         episodes=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/seed{{seed}}/episodes.parquet",
         steps=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/seed{{seed}}/steps.parquet",
@@ -14,7 +14,7 @@ rule rollout:
         env_kwargs=lambda w: as_json(bench(w).get("env_kwargs")),
         n=lambda w: bench(w)["tasks"]["test"],
         offset=task_offset,
-        model=lambda w: model_dir(w.benchmark, w.model, w.quant),
+        models=rollout_models,
         backend=config["backend"]["name"],
         backend_kwargs=as_json(config["backend"].get("kwargs")),
         decoding=decoding_args,
@@ -26,21 +26,23 @@ rule rollout:
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.
         "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split test "
-        "--n {params.n} --offset {params.offset} --model {wildcards.quant}={params.model} "
+        "--n {params.n} --offset {params.offset} {params.models} "
         "--policy {wildcards.policy} --backend {params.backend} --backend-kwargs {params.backend_kwargs} "
         "{params.decoding} --shards {params.shards} --seed {wildcards.seed} --out {params.out} > {log} 2>&1"
 
 
-rule evaluate_full:
+rule evaluate:
     input:
-        full_runs,
+        table_inputs,
     output:
-        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/full.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/full.md",
+        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.parquet",
+        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.md",
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate_full.log",
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate.log",
+    params:
+        methods=table_args,
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} --method Full {input} "
+        "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} > {log} 2>&1"

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class Episode:
+    """An episode so far, as a prompt sees it."""
+
+    goal: str
+    first: str                       # the initial observation
+    history: list[tuple[str, str]] = field(default_factory=list)  # (action, observation) pairs
+    admissible: list[str] = field(default_factory=list)           # for the current step
+
+    @property
+    def observation(self) -> str:
+        return self.history[-1][1] if self.history else self.first
+
+
+class PromptStyle(Protocol):
+    name: str
+    stop: list[str] | None  # generation stops after any of these strings
+
+    def render(self, tokenizer, ep: Episode) -> str:
+        """The full prompt text for the current step."""
+
+    def answer(self, action: str) -> str:
+        """The completion that carries `action` (what constrained decoding may emit)."""
+
+    def parse(self, text: str) -> str | None:
+        """The action in a completion, or None when it is malformed."""
+
+    def segments(self, tokenizer, goal: str, first: str, steps: list[dict]) -> list[list[tuple[str, bool]]]:
+        """Behaviour-cloning sequences of one recorded episode: lists of (text, supervised)."""

@@ -1,0 +1,44 @@
+"""ReAct-style append-only prompt: prefix, task, initial observation, then `> action` / observation
+lines. The model completes the text after the last `>` with one action line.
+
+The text is split only at pre-token boundaries (`>` | ` action`, `\n` | next line), so a prompt
+tokenizes the same whole or in pieces, and one sequence per episode supervises every action.
+"""
+from __future__ import annotations
+
+from dmr.prompts.base import Episode
+
+
+class React:
+    name = "react"
+    stop = ["\n"]
+
+    def __init__(self, prefix: str = "", window: int = 0):
+        # `window` > 0 keeps only the most recent steps (for long episodes and small contexts).
+        self.prefix = prefix
+        self.window = window
+
+    def _head(self, ep: Episode) -> str:
+        return f"{self.prefix}{ep.goal.strip()}\n{ep.first.strip()}\n>"
+
+    def render(self, tokenizer, ep: Episode) -> str:
+        hist = ep.history[-self.window:] if self.window > 0 else ep.history
+        return self._head(ep) + "".join(self.answer(a) + f"{o.strip()}\n>" for a, o in hist)
+
+    def answer(self, action: str) -> str:
+        return f" {action}\n"
+
+    def parse(self, text: str) -> str | None:
+        line = text.split("\n", 1)[0]
+        action = " ".join(line.split())
+        return action or None
+
+    def segments(self, tokenizer, goal, first, steps):
+        """One sequence per episode. A step whose executed action was injected noise is shown as
+        executed but not supervised; the expert labels of the steps after it teach the recovery."""
+        seq = [(self._head(Episode(goal, first)), False)]
+        for i, s in enumerate(steps):
+            seq.append((self.answer(s["action"]), s["action"] == s["label"]))
+            if i + 1 < len(steps):
+                seq.append((f"{s['next_obs'].strip()}\n>", False))
+        return [seq]

@@ -1,0 +1,112 @@
+"""Quantize a bf16 checkpoint with llmcompressor `oneshot` (paper App. E).
+
+Schemes: `gptq_w4a16`, `awq_w4a16` (the current recipe: transform.awq.AWQModifier, then a
+QuantizationModifier) and `gptq_w3a16` (3-bit, symmetric, group 128, via config_groups). All
+target Linear layers and ignore lm_head. The checkpoint is saved compressed (compressed-tensors),
+with the recipe and the library versions next to it.
+
+Calibration text: the paper uses 128 C4 documents of 2048 tokens. Nothing is downloaded here, so
+the source is a local file (`.txt`: one document per blank-line-separated block; `.jsonl`: a
+`text` field) or `expert:PATH`, the expert episodes of the embedded benchmark rendered in the
+agent's prompt style.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+SCHEMES = ("gptq_w4a16", "awq_w4a16", "gptq_w3a16")
+
+
+def recipe(scheme: str):
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    if scheme == "gptq_w4a16":
+        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
+    if scheme == "awq_w4a16":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        return [AWQModifier(duo_scaling=True),
+                QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
+    if scheme == "gptq_w3a16":
+        return [GPTQModifier(ignore=["lm_head"], config_groups={"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}})]
+    raise ValueError(f"unknown quantization scheme {scheme!r}; known: {SCHEMES}")
+
+
+def calibration_texts(source: str, n: int, prompt: dict | None = None) -> list[str]:
+    if source.startswith("expert:"):
+        from dmr import prompts
+        from dmr.expert import read_episodes, sequences
+        from dmr.tokenizer import _Plain
+
+        style = prompts.get(**(prompt or {"style": "react"}))
+        texts = ["".join(t for t, _ in seq) for ep in read_episodes(Path(source[7:]))
+                 for seq in sequences(ep, style, _Plain)]
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"calibration source {source!r} does not exist")
+        if path.suffix == ".jsonl":
+            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+        else:
+            texts = [b.strip() for b in path.read_text().split("\n\n") if b.strip()]
+    if len(texts) < n:
+        raise ValueError(f"calibration source {source!r} has {len(texts)} texts, {n} requested")
+    return texts[:n]
+
+
+def _no_pin_without_accelerator():
+    """AWQ's intermediate cache pins memory, which fails when no accelerator exists."""
+    if torch.accelerator.is_available():
+        return
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
+
+
+def quantize(model_dir: Path, scheme: str, texts: list[str], max_seq_length: int, out: Path) -> dict:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _no_pin_without_accelerator()
+    gpu = torch.cuda.is_available()
+    # fp32 on a CPU: bf16 oneshot is 5-10x slower there.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rec = recipe(scheme)
+    oneshot(model=model, tokenizer=tok, dataset=Dataset.from_dict({"text": texts}), recipe=rec,
+            max_seq_length=max_seq_length, num_calibration_samples=len(texts), text_column="text")
+    model.to(torch.bfloat16)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
+    meta = {"scheme": scheme, "source_model": str(model_dir), "calibration_samples": len(texts),
+            "max_seq_length": max_seq_length, "recipe": [repr(m) for m in rec],
+            "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")}}
+    (out / "dmr_quantization.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="bf16 HF checkpoint directory")
+    p.add_argument("--scheme", required=True, choices=SCHEMES)
+    p.add_argument("--calibration", required=True, help="expert:EPISODES.jsonl | FILE.txt | FILE.jsonl")
+    p.add_argument("--samples", type=int, default=128, help="number of calibration texts")
+    p.add_argument("--max-seq-length", type=int, default=2048)
+    p.add_argument("--prompt", type=json.loads, default=None, help="prompt spec for expert: sources")
+    p.add_argument("--out", required=True, type=Path, help="output directory (compressed checkpoint)")
+    a = p.parse_args(argv)
+    meta = quantize(a.model, a.scheme, calibration_texts(a.calibration, a.samples, a.prompt), a.max_seq_length, a.out)
+    print(json.dumps(meta, indent=1))
+
+
+if __name__ == "__main__":
+    main()

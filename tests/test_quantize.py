@@ -1,0 +1,62 @@
+"""Real llmcompressor oneshot on the tiny agent: every scheme saves a compressed-tensors
+checkpoint that the HF backend reloads and runs, and that differs from bf16."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dmr import envs, quantize
+from dmr.llm import Sampling, load
+from dmr.prompts import Episode, get
+
+
+@pytest.fixture(scope="module")
+def prompt_and_bf16(tiny_world):
+    _, _, model = tiny_world
+    b = load("hf", str(model), threads=2)
+    env = envs.make("household")
+    obs = env.reset(env.tasks("test", 1)[0])
+    style = get("react")
+    return style.render(b.tokenizer, Episode(obs.goal, obs.text, [], obs.admissible)), obs, b
+
+
+@pytest.mark.parametrize("scheme,bits", [("gptq_w4a16", 4), ("awq_w4a16", 4), ("gptq_w3a16", 3)])
+def test_scheme_roundtrip(tiny_world, prompt_and_bf16, tmp_path, scheme, bits):
+    eps, _, model = tiny_world
+    texts = quantize.calibration_texts(f"expert:{eps}", 8, {"style": "react"})
+    out = tmp_path / scheme
+    meta = quantize.quantize(model, scheme, texts, 256, out)
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and q["format"] == "pack-quantized"
+    (group,) = q["config_groups"].values()
+    assert group["weights"]["num_bits"] == bits and group["weights"]["group_size"] == 128
+    assert "lm_head" in q["ignore"]
+    assert meta["versions"]["llmcompressor"] == json.loads((out / "dmr_quantization.json").read_text())["versions"]["llmcompressor"]
+    prompt, obs, high = prompt_and_bf16
+    low = load("hf", str(out), threads=2)
+    style = get("react")
+    g = low.generate([prompt], Sampling(max_new_tokens=30, stop=style.stop), [[style.answer(a) for a in obs.admissible]])[0]
+    assert style.parse(g.text) in obs.admissible
+    a, b = high.score([prompt], [g.text])[0], low.score([prompt], [g.text])[0]
+    kl = torch.nn.functional.kl_div(b.dist, a.dist, log_target=True, reduction="none").sum(-1)
+    assert torch.isfinite(kl).all() and kl.sum() > 0, "quantization must change the distribution"
+
+
+def test_calibration_sources(tmp_path, tiny_world):
+    eps, _, _ = tiny_world
+    txt = tmp_path / "c.txt"
+    txt.write_text("doc one\n\ndoc two\n\n\ndoc three\n")
+    assert quantize.calibration_texts(str(txt), 3) == ["doc one", "doc two", "doc three"]
+    jl = tmp_path / "c.jsonl"
+    jl.write_text('{"text": "a"}\n{"text": "b"}\n')
+    assert quantize.calibration_texts(str(jl), 2) == ["a", "b"]
+    with pytest.raises(ValueError, match="has 2 texts, 5 requested"):
+        quantize.calibration_texts(str(jl), 5)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        quantize.calibration_texts(str(tmp_path / "missing.txt"), 1)
+    assert quantize.calibration_texts(f"expert:{eps}", 2)[0].startswith("Your task is to:")
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        quantize.recipe("int2")

@@ -1,0 +1,83 @@
+"""The Snakemake workflow itself: schema validation, lint, dry-run, and a micro end-to-end run."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+
+
+def snakemake(*args, cwd: Path, check=False):
+    return subprocess.run([*SNAKEMAKE, "--directory", str(cwd), *args], capture_output=True, text=True,
+                          check=check, timeout=900)
+
+
+def write_config(tmp_path: Path, edit) -> Path:
+    cfg = yaml.safe_load((ROOT / "config/micro.yaml").read_text())
+    edit(cfg)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("edit,key", [
+    (lambda c: c["models"]["tiny"].__setitem__("tokenzer", c["models"]["tiny"].pop("tokenizer")), "tokenzer"),
+    (lambda c: c.__setitem__("evalute", c.pop("evaluate")), "evalute"),
+    (lambda c: c["benchmarks"]["household"]["decoding"].__setitem__("temprature", 0.0), "temprature"),
+])
+def test_schema_rejects_misspelled_key(tmp_path, edit, key):
+    r = snakemake("-n", "--configfile", str(write_config(tmp_path, edit)), cwd=tmp_path)
+    assert r.returncode != 0
+    assert f"'{key}' was unexpected" in r.stdout + r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_schema_rejects_mistyped_value(tmp_path):
+    cfg = write_config(tmp_path, lambda c: c["models"]["tiny"]["train"].__setitem__("steps", "ten"))
+    r = snakemake("-n", "--configfile", str(cfg), cwd=tmp_path)
+    assert r.returncode != 0 and "'ten' is not of type 'integer'" in r.stdout + r.stderr
+    assert "['train']['steps']" in r.stdout + r.stderr
+
+
+def test_cells_must_name_defined_benchmarks(tmp_path):
+    cfg = write_config(tmp_path, lambda c: c["cells"].append({"benchmark": "houshold", "model": "tiny"}))
+    r = snakemake("-n", "--configfile", str(cfg), cwd=tmp_path)
+    assert r.returncode != 0 and "unknown benchmark 'houshold'" in r.stdout + r.stderr
+
+
+def test_lint_is_clean():
+    r = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Congratulations" in r.stdout + r.stderr
+
+
+def test_dry_run_default_config_lists_rules(tmp_path):
+    r = snakemake("-n", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for rule in ("expert_data", "tokenizer", "train_agent", "rollout", "evaluate_full"):
+        assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
+
+
+@pytest.mark.slow
+def test_micro_end_to_end(tmp_path):
+    """The whole DAG of the micro config, for real, then a rerun that has nothing to do."""
+    r = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cell = tmp_path / "results/household/tiny"
+    table = pl.read_parquet(cell / "tables/full.parquet")
+    assert table["method"].to_list() == ["Full"] and table["seeds"][0] == 2 and table["episodes"][0] == 8
+    assert (cell / "tables/full.md").read_text().startswith("# household/tiny")
+    for seed in (0, 1):
+        eps = pl.read_parquet(cell / f"bf16/rollouts/full/seed{seed}/episodes.parquet")
+        assert eps.height == 4 and set(eps["index"]) == set(range(4 * seed, 4 * seed + 4))
+    cfg = (cell / "bf16/model/config.json").read_text()
+    assert '"Qwen3ForCausalLM"' in cfg and '"bfloat16"' in cfg
+    again = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", "-n", cwd=tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr

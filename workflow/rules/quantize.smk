@@ -1,0 +1,26 @@
+# Low-precision copies of a cell's bf16 model (llmcompressor oneshot, paper App. E).
+
+
+rule quantize:
+    input:
+        model=bf16_input,
+        calibration=calibration_input,
+    output:
+        directory(f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/model"),
+    wildcard_constraints:
+        quant="gptq_w4a16|awq_w4a16|gptq_w3a16",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/quantize_{{quant}}.log",
+    params:
+        bf16=lambda w: model_dir(w.benchmark, w.model, "bf16"),
+        calibration=calibration_arg,
+        samples=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("samples", 128),
+        max_len=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("max_seq_length", 2048),
+        prompt=lambda w: as_json(bench(w)["prompt"]),
+    threads: THREADS
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.quantize --model {params.bf16} --scheme {wildcards.quant} "
+        "--calibration {params.calibration} --samples {params.samples} --max-seq-length {params.max_len} "
+        "--prompt {params.prompt} --out {output} > {log} 2>&1"
