@@ -22,7 +22,8 @@ def summarize(runs: dict[str, list[Path]], cell: str) -> pl.DataFrame:
     rows = []
     for method, paths in runs.items():
         per_seed = pl.DataFrame([seed_metrics(pl.read_parquet(p)) for p in paths])
-        row = {"cell": cell, "method": method, "seeds": len(paths)}
+        quant, _, name = method.rpartition("/")
+        row = {"cell": cell, "quant": quant or "bf16", "method": name, "seeds": len(paths)}
         for col in ("success", "score", "steps", "ep_time", "high_frac"):
             row[col] = per_seed[col].mean()
             row[f"{col}_std"] = per_seed[col].std() if len(paths) > 1 else 0.0
@@ -38,11 +39,12 @@ def markdown(df: pl.DataFrame, title: str) -> str:
     def fmt(v, std, digits=1):
         return "–" if v is None else f"{v:.{digits}f} ± {std:.{digits}f}"
 
-    lines = [f"# {title}", "", "| Method | Success (%) | Steps | EP Time (s) | Speedup | high-precision steps | episodes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "",
+             "| Quant | Method | Success (%) | Steps | EP Time (s) | Speedup | high-precision steps | episodes |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in df.iter_rows(named=True):
         speed = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        lines.append(f"| {r['method']} | {fmt(r['success'], r['success_std'])} | {fmt(r['steps'], r['steps_std'])} | "
+        lines.append(f"| {r['quant']} | {r['method']} | {fmt(r['success'], r['success_std'])} | {fmt(r['steps'], r['steps_std'])} | "
                      f"{fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | {100 * r['high_frac']:.0f}% | {r['episodes']} |")
     lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes."]
     return "\n".join(lines) + "\n"
@@ -52,7 +54,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cell", required=True, help="cell name for the table, e.g. household/tiny")
     p.add_argument("--method", action="append", nargs="+", required=True, metavar=("NAME", "EPISODES"),
-                   help="a method name followed by its episodes.parquet files, one per seed (repeatable)")
+                   help="[QUANT/]NAME followed by its episodes.parquet files, one per seed (repeatable); "
+                        "the method named Full is the speedup reference")
     p.add_argument("--out", required=True, type=Path, help="output parquet")
     p.add_argument("--markdown", required=True, type=Path, help="output Markdown table")
     a = p.parse_args(argv)

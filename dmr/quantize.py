@@ -1,8 +1,8 @@
 """Quantize a bf16 checkpoint with llmcompressor `oneshot` (paper App. E).
 
 Schemes: `gptq_w4a16`, `awq_w4a16` (the current recipe: transform.awq.AWQModifier, then a
-QuantizationModifier) and `gptq_w3a16` (3-bit, symmetric, group 128, via config_groups). All
-target Linear layers and ignore lm_head. The checkpoint is saved compressed (compressed-tensors),
+QuantizationModifier) and `gptq_w3a16` (3-bit, symmetric, group 128, via config_groups), plus the
+general form METHOD_wBITSa16[_gGROUP]. All target Linear layers and ignore lm_head. The checkpoint is saved compressed (compressed-tensors),
 with the recipe and the library versions next to it.
 
 Calibration text: the paper uses 128 C4 documents of 2048 tokens. Nothing is downloaded here, so
@@ -14,29 +14,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
 SCHEMES = ("gptq_w4a16", "awq_w4a16", "gptq_w3a16")
+# Beyond the paper's three: METHOD_wBITSa16[_gGROUP], e.g. rtn_w3a16 or gptq_w2a16_g64, for small
+# models that the paper's schemes barely hurt (the paper itself moved to W3 where W4 barely hurt).
+SCHEME_RE = re.compile(r"^(gptq|awq|rtn)_w([2-8])a16(?:_g(\d+))?$")
+
+
+def parse_scheme(scheme: str) -> tuple[str, int, int]:
+    m = SCHEME_RE.match(scheme)
+    if not m:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; known: {SCHEMES} or METHOD_wBITSa16[_gGROUP] "
+                         "with METHOD in gptq, awq, rtn")
+    return m.group(1), int(m.group(2)), int(m.group(3) or 128)
 
 
 def recipe(scheme: str):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    if scheme == "gptq_w4a16":
-        return [GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
-    if scheme == "awq_w4a16":
+    method, bits, group = parse_scheme(scheme)
+    if bits == 4 and group == 128:
+        quant = {"targets": "Linear", "scheme": "W4A16", "ignore": ["lm_head"]}
+    else:
+        quant = {"ignore": ["lm_head"], "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}}}}
+    if method == "gptq":
+        return [GPTQModifier(**quant)]
+    if method == "awq":
         from llmcompressor.modifiers.transform.awq import AWQModifier
 
-        return [AWQModifier(duo_scaling=True),
-                QuantizationModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])]
-    if scheme == "gptq_w3a16":
-        return [GPTQModifier(ignore=["lm_head"], config_groups={"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 3, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}})]
-    raise ValueError(f"unknown quantization scheme {scheme!r}; known: {SCHEMES}")
+        return [AWQModifier(duo_scaling=True), QuantizationModifier(**quant)]
+    return [QuantizationModifier(**quant)]  # round-to-nearest
 
 
 def calibration_texts(source: str, n: int, prompt: dict | None = None) -> list[str]:
@@ -97,7 +111,8 @@ def quantize(model_dir: Path, scheme: str, texts: list[str], max_seq_length: int
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="bf16 HF checkpoint directory")
-    p.add_argument("--scheme", required=True, choices=SCHEMES)
+    p.add_argument("--scheme", required=True, type=lambda x: parse_scheme(x) and x,
+                   help=f"{', '.join(SCHEMES)} (the paper's), or METHOD_wBITSa16[_gGROUP]")
     p.add_argument("--calibration", required=True, help="expert:EPISODES.jsonl | FILE.txt | FILE.jsonl")
     p.add_argument("--samples", type=int, default=128, help="number of calibration texts")
     p.add_argument("--max-seq-length", type=int, default=2048)

@@ -22,7 +22,7 @@ def prompt_and_bf16(tiny_world):
     return style.render(b.tokenizer, Episode(obs.goal, obs.text, [], obs.admissible)), obs, b
 
 
-@pytest.mark.parametrize("scheme,bits", [("gptq_w4a16", 4), ("awq_w4a16", 4), ("gptq_w3a16", 3)])
+@pytest.mark.parametrize("scheme,bits", [("gptq_w4a16", 4), ("awq_w4a16", 4), ("gptq_w3a16", 3), ("rtn_w2a16", 2)])
 def test_scheme_roundtrip(tiny_world, prompt_and_bf16, tmp_path, scheme, bits):
     eps, _, model = tiny_world
     texts = quantize.calibration_texts(f"expert:{eps}", 8, {"style": "react"})
@@ -60,3 +60,5 @@ def test_calibration_sources(tmp_path, tiny_world):
     assert quantize.calibration_texts(f"expert:{eps}", 2)[0].startswith("Your task is to:")
     with pytest.raises(ValueError, match="unknown quantization scheme"):
         quantize.recipe("int2")
+    assert quantize.parse_scheme("gptq_w3a16") == ("gptq", 3, 128)
+    assert quantize.parse_scheme("rtn_w2a16_g64") == ("rtn", 2, 64)

@@ -7,6 +7,7 @@ from dmr.llm.base import Backend, Generation, Sampling, Scored  # noqa: F401
 
 BACKENDS = {
     "hf": "dmr.llm.hf:HFBackend",
+    "vllm": "dmr.llm.vllm:VLLMBackend",
 }
 
 

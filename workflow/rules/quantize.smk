@@ -8,7 +8,7 @@ rule quantize:
     output:
         directory(f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/model"),
     wildcard_constraints:
-        quant="gptq_w4a16|awq_w4a16|gptq_w3a16",
+        quant="(gptq|awq|rtn)_w[2-8]a16(_g[0-9]+)?",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/quantize_{{quant}}.log",
     params:

@@ -1,0 +1,32 @@
+"""Evaluation tables: success and episode time of successful episodes over seeds, speedup vs Full."""
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from dmr.evaluate import main, summarize
+
+
+def write(path, won, time, high=None):
+    n = len(won)
+    pl.DataFrame({"task": [f"t{i}" for i in range(n)], "won": won, "score": [float(w) for w in won],
+                  "steps": [10] * n, "time": time, "high_calls": high or [10] * n, "calls": [10] * n}).write_parquet(path)
+    return path
+
+
+def test_summarize_and_markdown(tmp_path):
+    f0 = write(tmp_path / "f0.parquet", [True, True, False, False], [2.0, 4.0, 100.0, 100.0])
+    f1 = write(tmp_path / "f1.parquet", [True, False, False, False], [6.0, 100.0, 100.0, 100.0])
+    q0 = write(tmp_path / "q0.parquet", [True, False, False, False], [1.0, 9.0, 9.0, 9.0], high=[0] * 4)
+    q1 = write(tmp_path / "q1.parquet", [True, False, False, False], [2.0, 9.0, 9.0, 9.0], high=[0] * 4)
+    df = summarize({"Full": [f0, f1], "w3/Quant": [q0, q1]}, "house/tiny")
+    full, quant = df.row(0, named=True), df.row(1, named=True)
+    assert full["success"] == pytest.approx(37.5) and full["success_std"] == pytest.approx(17.677, abs=1e-3)
+    assert full["ep_time"] == pytest.approx((3.0 + 6.0) / 2)  # failures never count toward EP Time
+    assert full["speedup"] == pytest.approx(1.0)
+    assert quant["quant"] == "w3" and quant["method"] == "Quant" and quant["high_frac"] == 0
+    assert quant["speedup"] == pytest.approx(4.5 / 1.5)
+    main(["--cell", "house/tiny", "--method", "Full", str(f0), str(f1), "--method", "w3/Quant", str(q0), str(q1),
+          "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md")])
+    md = (tmp_path / "t.md").read_text()
+    assert "| bf16 | Full | 37.5 ± 17.7 |" in md and "| w3 | Quant | 25.0 ± 0.0 |" in md and "3.00x" in md
