@@ -77,14 +77,16 @@ def resume(out: Path) -> set[str]:
 
 
 def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConfig, out: Path,
-        progress: bool = True) -> list[dict]:
-    """Run `tasks`, appending to out/steps.jsonl and out/episodes.jsonl. Returns the episode rows."""
+        progress: bool = True, high: str | None = "") -> list[dict]:
+    """Run `tasks`, appending to out/steps.jsonl and out/episodes.jsonl. Returns the episode rows.
+
+    `high` names the high-precision backend (default: the first); None when there is none."""
     out.mkdir(parents=True, exist_ok=True)
     done = resume(out)
     pending = deque(t for t in tasks if t.key not in done)
     shards = [_Shard(env_factory()) for _ in range(min(cfg.shards, len(pending)))]
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="episodes", disable=not progress)
-    high = next(iter(backends))
+    high = next(iter(backends)) if high == "" else high
     style = prompts.get(**cfg.prompt)
     call = 0
     with (out / STEPS).open("a") as steps_f, (out / EPISODES).open("a") as eps_f:
@@ -142,7 +144,8 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                     steps_f.flush()
                     eps_f.write(json.dumps({
                         "task": s.task.key, "split": s.task.split, "index": s.task.index,
-                        "task_type": s.task.task_type, "seed": cfg.seed, "won": tr.won, "score": tr.score,
+                        "task_type": s.task.task_type, "goal": s.ep.goal, "seed": cfg.seed, "won": tr.won,
+                        "score": tr.score,
                         "steps": s.step, "time": s.time,
                         "high_calls": s.calls.get(high, 0), "calls": sum(s.calls.values()),
                         "high_tokens": s.tokens.get(high, 0), "tokens": sum(s.tokens.values())}) + "\n")
@@ -208,7 +211,9 @@ def main(argv=None):
     tasks = env.tasks(a.split, a.n, a.offset)
     backend_kwargs = json.loads(a.backend_kwargs)
     backends = {name: llm.load(a.backend, path, **backend_kwargs) for name, path in models.items()}
-    rows = run(lambda: envs.make(a.env, **env_kwargs), tasks, backends, router, cfg, a.out, not a.quiet)
+    # An always-low run loads only the low model: it has no high-precision steps.
+    high = None if a.policy == "quant" else next(iter(models))
+    rows = run(lambda: envs.make(a.env, **env_kwargs), tasks, backends, router, cfg, a.out, not a.quiet, high)
     finalize(a.out, {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,
                      "models": models, "policy": a.policy, "backend": a.backend, "agent": asdict(cfg)})
     won = sum(r["won"] for r in rows)

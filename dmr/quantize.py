@@ -104,8 +104,27 @@ def quantize(model_dir: Path, scheme: str, texts: list[str], max_seq_length: int
     meta = {"scheme": scheme, "source_model": str(model_dir), "calibration_samples": len(texts),
             "max_seq_length": max_seq_length, "recipe": [repr(m) for m in rec],
             "versions": {p: version(p) for p in ("llmcompressor", "compressed-tensors", "transformers", "torch")}}
+    meta["agreement"] = agreement(model_dir, out, texts[:16], max_seq_length)
     (out / "dmr_quantization.json").write_text(json.dumps(meta, indent=1))
     return meta
+
+
+@torch.inference_mode()
+def agreement(bf16_dir: Path, quant_dir: Path, texts: list[str], max_len: int) -> dict:
+    """Top-1 next-token agreement and mean KL(bf16 || quant) per position on `texts`."""
+    from dmr.llm.hf import HFBackend
+
+    high, low = HFBackend(bf16_dir), HFBackend(quant_dir)
+    same = total = 0
+    kl = 0.0
+    for text in texts:
+        ids = torch.tensor([high.encode(text)[:max_len]])
+        a = high.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        b = low.model(input_ids=ids).logits[0].float().log_softmax(-1)
+        same += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+        kl += float((a.exp() * (a - b)).sum())
+    return {"top1_agreement": same / total, "mean_kl": kl / total, "positions": total}
 
 
 def main(argv=None):

@@ -35,6 +35,10 @@ def test_scheme_roundtrip(tiny_world, prompt_and_bf16, tmp_path, scheme, bits):
     assert group["weights"]["num_bits"] == bits and group["weights"]["group_size"] == 128
     assert "lm_head" in q["ignore"]
     assert meta["versions"]["llmcompressor"] == json.loads((out / "dmr_quantization.json").read_text())["versions"]["llmcompressor"]
+    agree = json.loads((out / "dmr_quantization.json").read_text())["agreement"]
+    print(f"{scheme}: top-1 next-token agreement with bf16 {agree['top1_agreement']:.3f}, "
+          f"mean KL {agree['mean_kl']:.2e} over {agree['positions']} positions")
+    assert 0.3 < agree["top1_agreement"] <= 1.0 and agree["mean_kl"] > 0
     prompt, obs, high = prompt_and_bf16
     low = load("hf", str(out), threads=2)
     style = get("react")
@@ -62,3 +66,16 @@ def test_calibration_sources(tmp_path, tiny_world):
         quantize.recipe("int2")
     assert quantize.parse_scheme("gptq_w3a16") == ("gptq", 3, 128)
     assert quantize.parse_scheme("rtn_w2a16_g64") == ("rtn", 2, 64)
+
+
+def test_score_equals_full_forward(prompt_and_bf16):
+    """score() of a continuation is exactly the log-probs a plain full forward pass gives."""
+    prompt, obs, b = prompt_and_bf16
+    cont = " " + obs.admissible[0] + "\n"
+    p, c = b.encode(prompt), b.encode(cont)
+    with torch.no_grad():
+        logits = b.model(input_ids=torch.tensor([p + c])).logits[0].float().log_softmax(-1)
+    expected = [logits[len(p) - 1 + i, t].item() for i, t in enumerate(c)]
+    scored = b.score([prompt, "short"], [cont, cont])[0]  # batched with a shorter, padded row
+    assert scored.token_ids == c
+    assert scored.logprobs == pytest.approx(expected, abs=1e-4)

@@ -32,6 +32,20 @@ class _Trie:
         return list(node)
 
 
+def _decompressed(path: str) -> dict:
+    """Load llmcompressor (compressed-tensors) checkpoints decompressed: dense fake-quantized
+    weights run every scheme on any device, and faster on a CPU than per-call unpacking."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    q = json.loads(cfg.read_text()).get("quantization_config", {}) if cfg.exists() else {}
+    if q.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 class HFBackend:
     name = "hf"
 
@@ -49,7 +63,7 @@ class HFBackend:
         self.path = str(model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype), **_decompressed(self.path))
         self.model.to(self.device).eval()
         self.eos_id = self.tokenizer.eos_token_id
         self._sessions: OrderedDict = OrderedDict()  # session -> (token ids, per-layer KV)

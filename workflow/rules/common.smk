@@ -90,15 +90,18 @@ def cell_quants(benchmark, model):
     return []
 
 
+def rollout_precisions(wildcards):
+    """The precisions a rollout's policy can route to, high first."""
+    return {"full": ["bf16"], "quant": [wildcards.quant]}.get(wildcards.policy, ["bf16", wildcards.quant])
+
+
 def rollout_models(wildcards):
-    """--model arguments of a rollout: the precisions its policy can route to, high first."""
-    names = {"full": ["bf16"], "quant": [wildcards.quant]}.get(wildcards.policy, ["bf16", wildcards.quant])
-    return " ".join(f"--model {q}={model_dir(wildcards.benchmark, wildcards.model, q)}" for q in names)
+    return " ".join(f"--model {q}={model_dir(wildcards.benchmark, wildcards.model, q)}"
+                    for q in rollout_precisions(wildcards))
 
 
 def rollout_inputs(wildcards):
-    names = {"full": ["bf16"], "quant": [wildcards.quant]}.get(wildcards.policy, ["bf16", wildcards.quant])
-    paths = [model_dir(wildcards.benchmark, wildcards.model, q) for q in names]
+    paths = [model_dir(wildcards.benchmark, wildcards.model, q) for q in rollout_precisions(wildcards)]
     return [p for p in paths if p.startswith(f"{RESULTS}/")]
 
 
