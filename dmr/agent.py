@@ -67,6 +67,28 @@ def _rewrite(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def fingerprint(path: str) -> dict:
+    """Identity of a checkpoint directory without hashing gigabytes: every file's size and mtime."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    return {"path": str(path), "files": {str(f.relative_to(p)): [f.stat().st_size, int(f.stat().st_mtime)] for f in files}}
+
+
+def claim(out: Path, spec: dict) -> None:
+    """Resume only a run of the same spec (models, policy, tasks, decoding). A run directory left by
+    a different spec (e.g. a retrained model) is moved aside, never mixed in and never deleted."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "spec.json"
+    if path.exists() and json.loads(path.read_text()) != spec:
+        stale = out / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        stale.mkdir()
+        for name in (STEPS, EPISODES, "spec.json", "run.json", "steps.parquet", "episodes.parquet"):
+            if (out / name).exists():
+                os.replace(out / name, stale / name)
+        print(f"{out}: the previous run had another spec; moved it to {stale}")
+    path.write_text(json.dumps(spec, indent=1, sort_keys=True))
+
+
 def resume(out: Path) -> set[str]:
     """Keys of finished episodes; drops every trace of unfinished ones from disk."""
     episodes = _read_jsonl(out / EPISODES)
@@ -213,9 +235,12 @@ def main(argv=None):
     backends = {name: llm.load(a.backend, path, **backend_kwargs) for name, path in models.items()}
     # An always-low run loads only the low model: it has no high-precision steps.
     high = None if a.policy == "quant" else next(iter(models))
+    spec = {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,
+            "models": {k: fingerprint(v) for k, v in models.items()}, "policy": a.policy, "backend": a.backend,
+            "backend_kwargs": backend_kwargs, "agent": asdict(cfg)}
+    claim(a.out, spec)
     rows = run(lambda: envs.make(a.env, **env_kwargs), tasks, backends, router, cfg, a.out, not a.quiet, high)
-    finalize(a.out, {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,
-                     "models": models, "policy": a.policy, "backend": a.backend, "agent": asdict(cfg)})
+    finalize(a.out, {**spec, "models": models})
     won = sum(r["won"] for r in rows)
     print(f"{won}/{len(rows)} won ({100 * won / max(1, len(rows)):.1f}%) -> {a.out}")
 

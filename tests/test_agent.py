@@ -220,3 +220,20 @@ def test_prefix_cache_matches_uncached_generation(tiny_world):
     assert b._sessions["a"][0] == b.encode(style.render(b.tokenizer, eps[0]))[:len(b._sessions["a"][0])]
     b.end_session("a")
     assert "a" not in b._sessions
+
+
+def test_rerun_with_another_spec_never_resumes_stale_episodes(tiny_world, tmp_path, python):
+    """A run directory left by another model or decoding setup is moved aside, not resumed."""
+    _, _, model = tiny_world
+    out = tmp_path / "run"
+    base = [python, "-m", "dmr.agent", "--env", "household", "--env-kwargs", '{"max_steps": 3}', "--n", "2",
+            "--model", f"bf16={model}", "--constrained", "--shards", "2", "--out", str(out), "--quiet"]
+    subprocess.run(base + ["--max-new-tokens", "40"], check=True)
+    first = (out / "episodes.jsonl").read_text()
+    subprocess.run(base + ["--max-new-tokens", "40"], check=True)  # same spec: nothing reruns
+    assert (out / "episodes.jsonl").read_text() == first
+    subprocess.run(base + ["--max-new-tokens", "39"], check=True)  # another spec: a fresh run
+    (stale,) = out.glob("stale-*")
+    assert (stale / "episodes.jsonl").read_text() == first
+    assert len((out / "episodes.jsonl").read_text().splitlines()) == 2
+    assert json.loads((out / "spec.json").read_text())["agent"]["max_new_tokens"] == 39
