@@ -1,6 +1,7 @@
 """The Snakemake workflow itself: schema validation, lint, dry-run, and a micro end-to-end run."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -61,7 +62,7 @@ def test_lint_is_clean():
 def test_dry_run_default_config_lists_rules(tmp_path):
     r = snakemake("-n", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for rule in ("expert_data", "tokenizer", "train_agent", "rollout", "evaluate_full"):
+    for rule in ("expert_data", "tokenizer", "train_agent", "quantize", "rollout", "evaluate"):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
 
 
@@ -71,12 +72,17 @@ def test_micro_end_to_end(tmp_path):
     r = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cell = tmp_path / "results/household/tiny"
-    table = pl.read_parquet(cell / "tables/full.parquet")
-    assert table["method"].to_list() == ["Full"] and table["seeds"][0] == 2 and table["episodes"][0] == 8
-    assert (cell / "tables/full.md").read_text().startswith("# household/tiny")
-    for seed in (0, 1):
-        eps = pl.read_parquet(cell / f"bf16/rollouts/full/seed{seed}/episodes.parquet")
-        assert eps.height == 4 and set(eps["index"]) == set(range(4 * seed, 4 * seed + 4))
+    table = pl.read_parquet(cell / "tables/main.parquet")
+    assert table["method"].to_list() == ["Full", "Quant"] and table["quant"].to_list() == ["bf16", "gptq_w4a16"]
+    assert table["seeds"].to_list() == [2, 2] and table["episodes"].to_list() == [8, 8]
+    assert table["high_frac"].to_list() == [1.0, 0.0]
+    assert (cell / "tables/main.md").read_text().startswith("# household/tiny")
+    for run in ("bf16/rollouts/full", "gptq_w4a16/rollouts/quant"):
+        for seed in (0, 1):
+            eps = pl.read_parquet(cell / f"{run}/seed{seed}/episodes.parquet")
+            assert eps.height == 4 and set(eps["index"]) == set(range(4 * seed, 4 * seed + 4))
+    meta = json.loads((cell / "gptq_w4a16/model/dmr_quantization.json").read_text())
+    assert meta["scheme"] == "gptq_w4a16" and meta["versions"]["llmcompressor"] == "0.14.0.1"
     cfg = (cell / "bf16/model/config.json").read_text()
     assert '"Qwen3ForCausalLM"' in cfg and '"bfloat16"' in cfg
     again = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", "-n", cwd=tmp_path)
