@@ -67,11 +67,21 @@ class HFBackend:
         self.model.to(self.device).eval()
         self.eos_id = self.tokenizer.eos_token_id
         self._sessions: OrderedDict = OrderedDict()  # session -> (token ids, per-layer KV)
+        self._options: dict[str, list[int]] = {}
         self.max_sessions = max_sessions
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode_option(self, text: str) -> list[int]:
+        # Admissible actions repeat from step to step; encoding them dominated constrained calls.
+        ids = self._options.get(text)
+        if ids is None:
+            if len(self._options) > 100_000:
+                self._options.clear()
+            ids = self._options[text] = self.encode(text)
+        return ids
 
     def _left_pad(self, seqs: list[list[int]]):
         width = max(map(len, seqs))
@@ -130,7 +140,7 @@ class HFBackend:
             ids[i, width - len(n):] = torch.tensor(n, device=self.device)
             chunk_mask[i, width - len(n):] = 1
         mask = torch.cat([mask, chunk_mask], dim=1)
-        tries = [_Trie([self.encode(c) for c in options]) for options in allowed] if allowed is not None else None
+        tries = [_Trie([self._encode_option(c) for c in options]) for options in allowed] if allowed is not None else None
         gen = torch.Generator(device=self.device)
         if sampling.seed is not None:
             gen.manual_seed(sampling.seed)
