@@ -56,12 +56,10 @@ def recipe(scheme: str):
 def calibration_texts(source: str, n: int, prompt: dict | None = None) -> list[str]:
     if source.startswith("expert:"):
         from dmr import prompts
-        from dmr.expert import read_episodes, sequences
-        from dmr.tokenizer import _Plain
+        from dmr.expert import read_episodes
+        from dmr.tokenizer import corpus
 
-        style = prompts.get(**(prompt or {"style": "react"}))
-        texts = ["".join(t for t, _ in seq) for ep in read_episodes(Path(source[7:]))
-                 for seq in sequences(ep, style, _Plain)]
+        texts = list(corpus(read_episodes(Path(source[7:])), prompts.get(**(prompt or {"style": "react"}))))
     else:
         path = Path(source)
         if not path.exists():

@@ -14,6 +14,13 @@ class Sampling:
     stop: list[str] | None = None  # stop after the first of these strings (kept in the text)
 
 
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """`text` up to and including the first stop string (every backend keeps it in the text)."""
+    if not stop:
+        return text
+    return text[:min((text.index(s) + len(s) for s in stop if s in text), default=len(text))]
+
+
 @dataclass
 class Generation:
     text: str

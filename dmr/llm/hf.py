@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dmr.llm.base import Generation, Sampling, Scored
+from dmr.llm.base import Generation, Sampling, Scored, cut_at_stop
 
 
 class _Trie:
@@ -191,10 +191,8 @@ class HFBackend:
         results = []
         for i, p in enumerate(prompt_ids):
             toks = out_tokens[i]
-            text = self.tokenizer.decode([t for t in toks if t != self.eos_id], skip_special_tokens=False)
-            if sampling.stop:
-                cut = min((text.index(s) + len(s) for s in sampling.stop if s in text), default=len(text))
-                text = text[:cut]
+            text = cut_at_stop(self.tokenizer.decode([t for t in toks if t != self.eos_id], skip_special_tokens=False),
+                               sampling.stop)
             results.append(Generation(text=text, prompt_tokens=len(p), completion_tokens=len(toks),
                                       token_ids=toks, logprobs=out_lps[i]))
         return results

@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from dmr.llm.base import Generation, Sampling, Scored
+from dmr.llm.base import Generation, Sampling, Scored, cut_at_stop
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -154,9 +154,7 @@ class VLLMBackend:
                 end = self.tokenizer.decode(token_ids[-1:], skip_special_tokens=False)
                 if end and text.endswith(end):
                     text = text[:-len(end)]
-        if sampling.stop:
-            cut = min((text.index(s) + len(s) for s in sampling.stop if s in text), default=len(text))
-            text = text[:cut]
+        text = cut_at_stop(text, sampling.stop)
         usage = r.usage
         return Generation(text=text, prompt_tokens=usage.prompt_tokens if usage else len(ids),
                           completion_tokens=usage.completion_tokens if usage else len(token_ids),
@@ -183,9 +181,8 @@ class VLLMBackend:
                 tail = self.tokenizer.decode(toks[-8:], skip_special_tokens=False)
                 if any(s in tail for s in sampling.stop):
                     break
-        text = self.tokenizer.decode([t for t in toks if t != self.eos_id], skip_special_tokens=False)
-        if sampling.stop:
-            text = text[:min((text.index(s) + len(s) for s in sampling.stop if s in text), default=len(text))]
+        text = cut_at_stop(self.tokenizer.decode([t for t in toks if t != self.eos_id], skip_special_tokens=False),
+                           sampling.stop)
         return Generation(text=text, prompt_tokens=len(ids), completion_tokens=len(toks), token_ids=toks, logprobs=lps)
 
     def generate(self, prompts: list[str], sampling: Sampling, allowed: list[list[str]] | None = None,
