@@ -11,6 +11,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/agent.smk"
 include: "workflow/rules/quantize.smk"
+include: "workflow/rules/route.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -68,8 +68,10 @@ def _rewrite(path: Path, rows: list[dict]) -> None:
 
 
 def fingerprint(path: str) -> dict:
-    """Identity of a checkpoint directory without hashing gigabytes: every file's size and mtime."""
+    """Identity of a checkpoint directory (or file) without hashing gigabytes: sizes and mtimes."""
     p = Path(path)
+    if p.is_file():
+        return {"path": str(path), "file": [p.stat().st_size, int(p.stat().st_mtime)]}
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
     return {"path": str(path), "files": {str(f.relative_to(p)): [f.stat().st_size, int(f.stat().st_mtime)] for f in files}}
 
@@ -122,14 +124,22 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
             active = [s for s in shards if s.task is not None]
             if not active:
                 break
-            contexts = [StepContext(s.task.key, s.step, s.ep.goal, s.ep.history, s.ep.observation, s.ep.admissible)
-                        for s in active]
+            contexts = [StepContext(s.task.key, s.step, s.ep.goal, s.ep.history, s.ep.observation, s.ep.admissible,
+                                    first=s.ep.first) for s in active]
             t0 = time.perf_counter()
             decisions = router.decide(contexts)
             router_time = (time.perf_counter() - t0) / len(active)
+            scores = getattr(router, "last_scores", None)
+            # A router that already decoded a step (the KL oracle's bf16 proposal) hands it over.
+            ready = getattr(router, "generations", None) or {}
             outputs, call_time = {}, {}
+            for i, c in enumerate(contexts):
+                if (c.episode, c.step) in ready:
+                    outputs[i], call_time[i] = ready[(c.episode, c.step)], 0.0
             for precision in dict.fromkeys(decisions):
-                group = [i for i, d in enumerate(decisions) if d == precision]
+                group = [i for i, d in enumerate(decisions) if d == precision and i not in outputs]
+                if not group:
+                    continue
                 backend = backends[precision]
                 texts = [style.render(backend.tokenizer, active[i].ep) for i in group]
                 allowed = [[style.answer(a) for a in active[i].ep.admissible] for i in group] if cfg.constrained else None
@@ -155,8 +165,10 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                 steps_f.write(json.dumps({
                     "task": s.task.key, "step": s.step, "precision": precision,
                     "prev_action": s.ep.history[-1][0] if s.ep.history else "", "observation": s.ep.observation,
+                    "admissible": s.ep.admissible,
                     "output": g.text, "action": parsed, "malformed": parsed is None, "valid": tr.valid,
                     "step_type": tr.info.get("step_type", "action"),
+                    "route_score": None if scores is None else scores[i],
                     "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                     "llm_time": call_time[i], "router_time": router_time, "env_time": env_time,
                     "step_time": step_time, "done": tr.done, "won": tr.won}) + "\n")
@@ -174,6 +186,8 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                     eps_f.flush()
                     for b in backends.values():
                         b.end_session(s.task.key)
+                    if hasattr(router, "end_session"):
+                        router.end_session(s.task.key)
                     s.task = None
                     bar.update(1)
             steps_f.flush()
@@ -211,7 +225,14 @@ def main(argv=None):
     p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH",
                    help="repeatable; the first is the high-precision reference")
-    p.add_argument("--policy", default="full", help="full | quant | random:P")
+    p.add_argument("--policy", default="full", help="full | quant | random[:P] | dmr | oracle (see dmr.routing.make_router)")
+    p.add_argument("--p", type=float, default=None, help="random: probability of high precision")
+    p.add_argument("--match", default=None, help="random, oracle: match the realised high fraction of this episodes.parquet")
+    p.add_argument("--router", default=None, help="dmr: trained router directory (dmr.klst)")
+    p.add_argument("--threshold", type=float, default=None, help="dmr: fixed score threshold")
+    p.add_argument("--calibration", default=None, help="dmr: calibration.json (dmr.calibrate), with --budget")
+    p.add_argument("--budget", type=float, default=None, help="dmr: high-precision budget K")
+    p.add_argument("--kl", default=None, help="oracle: KL pool steps.parquet (dmr.kl)")
     p.add_argument("--backend", default="hf")
     p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
     p.add_argument("--prompt", type=json.loads, default={"style": "react"},
@@ -227,17 +248,24 @@ def main(argv=None):
     a = p.parse_args(argv)
     cfg = AgentConfig(**{k: getattr(a, k) for k in AgentConfig.__dataclass_fields__})
     models = _parse_models(a.model)
-    router = make_router(a.policy, list(models), a.seed)
     env_kwargs = json.loads(a.env_kwargs)
     env = envs.make(a.env, **env_kwargs)
     tasks = env.tasks(a.split, a.n, a.offset)
     backend_kwargs = json.loads(a.backend_kwargs)
     backends = {name: llm.load(a.backend, path, **backend_kwargs) for name, path in models.items()}
+    style = prompts.get(**cfg.prompt)
+    router = make_router(a.policy, list(models), a.seed, p=a.p, match=a.match, router=a.router,
+                         threshold=a.threshold, calibration=a.calibration, budget=a.budget, kl=a.kl,
+                         backends=backends, style=style,
+                         sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop))
     # An always-low run loads only the low model: it has no high-precision steps.
     high = None if a.policy == "quant" else next(iter(models))
     spec = {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,
             "models": {k: fingerprint(v) for k, v in models.items()}, "policy": a.policy, "backend": a.backend,
-            "backend_kwargs": backend_kwargs, "agent": asdict(cfg)}
+            "backend_kwargs": backend_kwargs, "agent": asdict(cfg),
+            "routing": {k: getattr(a, k) for k in ("p", "threshold", "budget")}
+            | {k: fingerprint(getattr(a, k)) if getattr(a, k) else None for k in ("match", "router", "calibration", "kl")}
+            | {"effective": {k: getattr(router, k) for k in ("p", "threshold", "tau") if hasattr(router, k)}}}
     claim(a.out, spec)
     rows = run(lambda: envs.make(a.env, **env_kwargs), tasks, backends, router, cfg, a.out, not a.quiet, high)
     finalize(a.out, {**spec, "models": models})

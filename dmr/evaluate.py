@@ -1,5 +1,9 @@
-"""Evaluation tables (paper Table 1 style): success, mean steps and episode time of successful
-episodes, averaged over seeds, with the speedup relative to the Full (bf16) baseline.
+"""Evaluation tables (paper Table 1): success, score, steps and episode time of successful episodes,
+averaged over seeds, the realised high-precision fraction, and the speedup relative to Full (bf16).
+
+Methods are named `[QUANT/]NAME[@K]`: Full, Quant, DMR@K (the KL-ST router at budget K), and the
+matched baselines Random@K and Oracle@K. Outputs: parquet, Markdown, LaTeX and a Pareto figure
+(success vs episode time) with one panel per scheme.
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ def summarize(runs: dict[str, list[Path]], cell: str) -> pl.DataFrame:
     for method, paths in runs.items():
         per_seed = pl.DataFrame([seed_metrics(pl.read_parquet(p)) for p in paths])
         quant, _, name = method.rpartition("/")
-        row = {"cell": cell, "quant": quant or "bf16", "method": name, "seeds": len(paths)}
+        name, _, k = name.partition("@")
+        row = {"cell": cell, "quant": quant or "bf16", "method": name, "budget": float(k) if k else None,
+               "seeds": len(paths)}
         for col in ("success", "score", "steps", "ep_time", "high_frac"):
             row[col] = per_seed[col].mean()
             row[f"{col}_std"] = per_seed[col].std() if len(paths) > 1 else 0.0
@@ -40,14 +46,76 @@ def markdown(df: pl.DataFrame, title: str) -> str:
         return "–" if v is None else f"{v:.{digits}f} ± {std:.{digits}f}"
 
     lines = [f"# {title}", "",
-             "| Quant | Method | Success (%) | Steps | EP Time (s) | Speedup | high-precision steps | episodes |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| Quant | Method | K | Success (%) | Steps | EP Time (s) | Speedup | high-precision steps | episodes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in df.iter_rows(named=True):
         speed = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        lines.append(f"| {r['quant']} | {r['method']} | {fmt(r['success'], r['success_std'])} | {fmt(r['steps'], r['steps_std'])} | "
+        k = "–" if r["budget"] is None else f"{r['budget']:g}"
+        lines.append(f"| {r['quant']} | {r['method']} | {k} | {fmt(r['success'], r['success_std'])} | {fmt(r['steps'], r['steps_std'])} | "
                      f"{fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | {100 * r['high_frac']:.0f}% | {r['episodes']} |")
     lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes."]
     return "\n".join(lines) + "\n"
+
+
+def latex(df: pl.DataFrame, title: str) -> str:
+    """Table 1 as a LaTeX tabular (booktabs); the best success among each scheme's routers in bold."""
+    def esc(x):
+        return str(x).replace("_", r"\_").replace("%", r"\%")
+
+    best = {}
+    for r in df.filter(pl.col("budget").is_not_null()).iter_rows(named=True):
+        best[r["quant"]] = max(best.get(r["quant"], -1.0), r["success"])
+    out = [r"\begin{tabular}{llrrrrr}", r"\toprule",
+           r"Quant & Method & $K$ & Success (\%) & EP Time (s) & Speedup & High (\%) \\", r"\midrule"]
+    prev = None
+    for r in df.iter_rows(named=True):
+        if prev is not None and r["quant"] != prev:
+            out.append(r"\midrule")
+        prev = r["quant"]
+        succ = f"{r['success']:.1f} $\\pm$ {r['success_std']:.1f}"
+        if r["budget"] is not None and r["success"] == best.get(r["quant"]):
+            succ = rf"\textbf{{{succ}}}"
+        t = "--" if r["ep_time"] is None else f"{r['ep_time']:.2f}"
+        sp = "--" if r["speedup"] is None else f"{r['speedup']:.2f}$\\times$"
+        k = "--" if r["budget"] is None else f"{r['budget']:g}"
+        out.append(f"{esc(r['quant'])} & {esc(r['method'])} & {k} & {succ} & {t} & {sp} & {100 * r['high_frac']:.0f} \\\\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    return f"% {esc(title)}: mean $\\pm$ std over {int(df['seeds'].max())} seeds\n" + "\n".join(out) + "\n"
+
+
+def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
+    """Success vs episode time per scheme: Full, Quant, the DMR budget sweep, matched baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quants = [q for q in dict.fromkeys(df["quant"].to_list()) if q != "bf16"] or ["bf16"]
+    fig, axes = plt.subplots(1, len(quants), figsize=(3.6 * len(quants), 3.2), squeeze=False)
+    full = df.filter(pl.col("method") == "Full")
+    style = {"Full": ("s", "#1f77b4"), "Quant": ("s", "#ff7f0e"), "DMR": ("o", "#2ca02c"),
+             "Random": ("x", "0.4"), "Oracle": ("^", "#9467bd")}
+    for ax, q in zip(axes[0], quants):
+        sub = pl.concat([full, df.filter((pl.col("quant") == q) & (pl.col("method") != "Full"))])
+        for r in sub.iter_rows(named=True):
+            if r["ep_time"] is None:
+                continue
+            m, c = style.get(r["method"], ("o", "k"))
+            ax.errorbar(r["ep_time"], r["success"], yerr=r["success_std"], fmt=m, color=c, ms=6, capsize=2)
+            label = r["method"] + ("" if r["budget"] is None else f" {r['budget']:g}")
+            ax.annotate(label, (r["ep_time"], r["success"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        dmr = sub.filter(pl.col("method") == "DMR").sort("budget")
+        if len(dmr):
+            ax.plot(dmr["ep_time"], dmr["success"], color="#2ca02c", lw=1, alpha=0.6)
+        ax.set_title(q, fontsize=9)
+        ax.set_xlabel("EP time of successful episodes (s)")
+        ax.set_ylabel("success (%)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path.with_suffix(".png"), dpi=150)
+    fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -58,6 +126,8 @@ def main(argv=None):
                         "the method named Full is the speedup reference")
     p.add_argument("--out", required=True, type=Path, help="output parquet")
     p.add_argument("--markdown", required=True, type=Path, help="output Markdown table")
+    p.add_argument("--latex", type=Path, default=None, help="output LaTeX table")
+    p.add_argument("--pareto", type=Path, default=None, help="output Pareto figure (.png and .pdf)")
     a = p.parse_args(argv)
     runs = {}
     for name, *paths in a.method:
@@ -68,6 +138,10 @@ def main(argv=None):
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
     a.markdown.write_text(markdown(df, a.cell))
+    if a.latex:
+        a.latex.write_text(latex(df, a.cell))
+    if a.pareto:
+        pareto(df, a.cell, a.pareto)
     print(a.markdown.read_text())
 
 

@@ -20,7 +20,16 @@ class StepContext:
     observation: str
     admissible: list[str]
     step_type: str = "action"
+    first: str = ""  # the initial observation of the episode
     info: dict = field(default_factory=dict)
+
+
+def step_text(step: int, goal: str, prev_action: str, observation: str) -> str:
+    """What the router sees of one step: the previous action and the observation it produced; the
+    first step, having no previous action, shows the task instead."""
+    if step == 0:
+        return f"{goal.strip()}\n{observation.strip()}"
+    return f"> {prev_action.strip()}\n{observation.strip()}"
 
 
 class Fixed:
@@ -46,15 +55,90 @@ class RandomRouter:
                 for c in contexts]
 
 
-def make_router(policy: str, precisions: list[str], seed: int = 0):
-    """Parse a policy name: full | quant | random:P. `precisions[0]` is the high precision."""
+class OracleRouter:
+    """KL-oracle baseline (not in the paper): at each step bf16 proposes its continuation, both
+    models score it as in dmr.kl, and the step goes to bf16 when the true step KL exceeds `tau`.
+    It needs both models every step, so it bounds what a step router could do, not what it costs.
+    bf16's proposal is handed back to the agent through `generations`, so a high step is not decoded
+    twice."""
+
+    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float):
+        self.backends, self.high, self.low = backends, high, low
+        self.style, self.sampling, self.tau = style, sampling, tau
+        self.generations: dict = {}
+        self.last_scores: list | None = None
+
+    def decide(self, contexts: list[StepContext]) -> list[str]:
+        from dmr.kl import step_kl
+        from dmr.prompts import Episode
+
+        hb, lb = self.backends[self.high], self.backends[self.low]
+        views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
+        keys = [c.episode for c in contexts]
+        texts = [self.style.render(hb.tokenizer, v) for v in views]
+        gens = hb.generate(texts, self.sampling, sessions=keys)
+        conts = [g.text for g in gens]
+        kls = [step_kl(h, l)["kl"] for h, l in zip(hb.score(texts, conts), lb.score(texts, conts, sessions=keys))]
+        self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > self.tau}
+        self.last_scores = kls
+        return [self.high if k > self.tau else self.low for k in kls]
+
+
+def realised_fraction(episodes_parquet) -> float:
+    """High-precision share of the routed steps of a finished run (what matched baselines match)."""
+    import polars as pl
+
+    eps = pl.read_parquet(episodes_parquet)
+    return float(eps["high_calls"].sum() / max(1, eps["calls"].sum()))
+
+
+def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float | None = None,
+                match: str | None = None, router: str | None = None, threshold: float | None = None,
+                calibration: str | None = None, budget: float | None = None, kl: str | None = None,
+                backends: dict | None = None, style=None, sampling=None):
+    """Build the router of a policy; `precisions[0]` is the high precision.
+
+    full | quant: fixed. random: high with probability `p`, or with the realised high fraction of
+    the run `match` (an episodes.parquet). dmr: the learned router in `router` at `threshold`, or
+    at the calibrated threshold of `budget` from `calibration`. oracle: true step KL above the
+    quantile of the KL pool `kl` that routes the fraction of `match` high. `random:P` is short for
+    random with p=P."""
     if policy == "full":
         return Fixed(precisions[0])
     if policy == "quant":
         # The lowest precision given; an always-low run need not load the bf16 model at all.
         return Fixed(precisions[-1])
     if policy.startswith("random:"):
-        if len(precisions) < 2:
-            raise ValueError("policy 'random:P' needs a low-precision model (give a second --model)")
-        return RandomRouter(precisions[0], precisions[1], float(policy.split(":", 1)[1]), seed)
-    raise ValueError(f"unknown routing policy {policy!r}; expected full, quant or random:P")
+        policy, p = "random", float(policy.split(":", 1)[1])
+    if policy not in ("random", "dmr", "oracle"):
+        raise ValueError(f"unknown routing policy {policy!r}; expected full, quant, random[:P], dmr or oracle")
+    if len(precisions) < 2:
+        raise ValueError(f"policy {policy!r} needs a low-precision model (give a second --model)")
+    if policy == "random":
+        if (p is None) == (match is None):
+            raise ValueError("policy random needs exactly one of a probability (random:P or --p) and --match")
+        return RandomRouter(precisions[0], precisions[1], realised_fraction(match) if match else p, seed)
+    if policy == "dmr":
+        from dmr.calibrate import budget_threshold
+        from dmr.router import load_router
+
+        if router is None:
+            raise ValueError("policy dmr needs --router DIR")
+        if (threshold is None) == (budget is None):
+            raise ValueError("policy dmr needs exactly one of --threshold and --budget (with --calibration)")
+        if budget is not None:
+            if calibration is None:
+                raise ValueError("--budget needs --calibration FILE (written by dmr.calibrate)")
+            threshold = budget_threshold(calibration, budget)
+        r = load_router(router, threshold=threshold)
+        if list(r.precisions) != list(precisions[:len(r.precisions)]):
+            raise ValueError(f"router {router} was trained for precisions {r.precisions}, but the run has {precisions}")
+        return r
+    import numpy as np
+    import polars as pl
+
+    if kl is None or match is None or backends is None:
+        raise ValueError("policy oracle needs --kl (the KL pool) and --match (the run whose fraction it matches)")
+    pool = pl.read_parquet(kl)["kl"].to_numpy()
+    tau = float(np.quantile(pool, 1.0 - realised_fraction(match)))
+    return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau)

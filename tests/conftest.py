@@ -33,3 +33,24 @@ def tiny_world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def python():
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def noisy_model(tiny_world, tmp_path_factory):
+    """The tiny agent with perturbed weights: a second, genuinely different precision of it."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, _, model_dir = tiny_world
+    d = tmp_path_factory.mktemp("noisy") / "model"
+    shutil.copytree(model_dir, d)
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
+    m.to(torch.bfloat16).save_pretrained(str(d))
+    return d

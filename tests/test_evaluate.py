@@ -29,4 +29,20 @@ def test_summarize_and_markdown(tmp_path):
     main(["--cell", "house/tiny", "--method", "Full", str(f0), str(f1), "--method", "w3/Quant", str(q0), str(q1),
           "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md")])
     md = (tmp_path / "t.md").read_text()
-    assert "| bf16 | Full | 37.5 ± 17.7 |" in md and "| w3 | Quant | 25.0 ± 0.0 |" in md and "3.00x" in md
+    assert "| bf16 | Full | – | 37.5 ± 17.7 |" in md and "| w3 | Quant | – | 25.0 ± 0.0 |" in md and "3.00x" in md
+
+
+def test_routed_methods_latex_and_pareto(tmp_path):
+    f = write(tmp_path / "f.parquet", [True, True], [4.0, 4.0])
+    q = write(tmp_path / "q.parquet", [True, False], [2.0, 9.0], high=[0, 0])
+    d = write(tmp_path / "d.parquet", [True, True], [3.0, 3.0], high=[4, 4])
+    main(["--cell", "house/tiny", "--method", "Full", str(f), "--method", "w3/Quant", str(q),
+          "--method", "w3/DMR@0.4", str(d), "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md"),
+          "--latex", str(tmp_path / "t.tex"), "--pareto", str(tmp_path / "p.png")])
+    df = pl.read_parquet(tmp_path / "t.parquet")
+    row = df.filter(pl.col("method") == "DMR").row(0, named=True)
+    assert row["budget"] == pytest.approx(0.4) and row["high_frac"] == pytest.approx(0.4)
+    assert row["speedup"] == pytest.approx(4.0 / 3.0)
+    tex = (tmp_path / "t.tex").read_text()
+    assert r"\textbf{100.0 $\pm$ 0.0}" in tex and r"w3 & DMR & 0.4" in tex
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.pdf").exists()

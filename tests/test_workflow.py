@@ -73,10 +73,31 @@ def test_micro_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cell = tmp_path / "results/household/tiny"
     table = pl.read_parquet(cell / "tables/main.parquet")
-    assert table["method"].to_list() == ["Full", "Quant"] and table["quant"].to_list() == ["bf16", "gptq_w4a16"]
-    assert table["seeds"].to_list() == [2, 2] and table["episodes"].to_list() == [8, 8]
-    assert table["high_frac"].to_list() == [1.0, 0.0]
+    assert table["method"].to_list() == ["Full", "Quant", "DMR", "DMR", "DMR", "Random", "Oracle"]
+    assert table["quant"].to_list() == ["bf16"] + ["gptq_w4a16"] * 6
+    assert table["budget"].to_list()[1:] == [None, 0.2, 0.4, 0.7, 0.4, 0.4]
+    assert set(table["seeds"]) == {2} and set(table["episodes"]) == {8}
+    assert table["high_frac"].to_list()[:2] == [1.0, 0.0]
     assert (cell / "tables/main.md").read_text().startswith("# household/tiny")
+    assert r"\begin{tabular}" in (cell / "tables/main.tex").read_text()
+    for fig in ("pareto", "kl_hist_gptq_w4a16", "router_scores_gptq_w4a16"):
+        assert (cell / f"figures/{fig}.png").exists() and (cell / f"figures/{fig}.pdf").exists(), fig
+    # KL-ST stage: KL pool of the configured size, one KL row per pool step, a router and budgets.
+    pool = pl.read_parquet(cell / "bf16/rollouts/full/train/episodes.parquet")
+    assert pool.height == 10 and set(pool["split"]) == {"train"}
+    kls = pl.read_parquet(cell / "gptq_w4a16/kl/steps.parquet")
+    assert kls.height == pl.read_parquet(cell / "bf16/rollouts/full/train/steps.parquet").height
+    assert (kls["kl"] >= 0).all()
+    cal = json.loads((cell / "gptq_w4a16/router/calibration.json").read_text())
+    assert set(cal["thresholds"]) == {"0.2", "0.4", "0.7"}
+    assert json.loads((cell / "gptq_w4a16/router/metrics.json").read_text())["params"]["router"] > 0
+    calib = pl.read_parquet(cell / "gptq_w4a16/rollouts/dmr-t0.5/calib/episodes.parquet")
+    assert calib.height == 8 and set(calib["split"]) == {"calib"}
+    dmr_steps = pl.read_parquet(cell / "gptq_w4a16/rollouts/dmr-k0.4/seed0/steps.parquet")
+    tau = cal["thresholds"]["0.4"]
+    assert dmr_steps["route_score"].null_count() == 0
+    for r in dmr_steps.iter_rows(named=True):
+        assert (r["precision"] == "bf16") == (r["route_score"] >= tau)
     for run in ("bf16/rollouts/full", "gptq_w4a16/rollouts/quant"):
         for seed in (0, 1):
             eps = pl.read_parquet(cell / f"{run}/seed{seed}/episodes.parquet")

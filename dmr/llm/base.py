@@ -59,8 +59,10 @@ class Backend(Protocol):
     def end_session(self, key: str) -> None:
         """The episode `key` is over: drop whatever was cached for it."""
 
-    def score(self, prompts: list[str], continuations: list[str]) -> list[Scored]:
-        ...
+    def score(self, prompts: list[str], continuations: list[str], full: bool = True,
+              sessions: list[str] | None = None) -> list[Scored]:
+        """Teacher-forced log-probs of each continuation after its prompt (see Scored). `sessions`
+        as in `generate`: a backend may reuse and extend each episode's prefix cache."""
 
     def close(self) -> None:
         ...

@@ -83,31 +83,18 @@ class HFBackend:
             ids = self._options[text] = self.encode(text)
         return ids
 
-    def _left_pad(self, seqs: list[list[int]]):
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    @torch.inference_mode()
-    def generate(self, prompts: list[str], sampling: Sampling, allowed: list[list[str]] | None = None,
-                 sessions: list[str] | None = None) -> list[Generation]:
-        """Batched decoding with our own loop rather than HF `generate`, for two reasons: the
-        constraint trie and stop strings are per row, and each `sessions[i]` keeps its KV cache
-        between calls, so an append-only (ReAct) prompt only prefills its new tokens."""
-        if not prompts:
-            return []
+    def _prefill(self, seqs: list[list[int]], sessions: list[str] | None, min_new: list[int]):
+        """A batch over `seqs` that starts from each session's cached KV where the sequence extends
+        it by at least `min_new[i]` tokens. Returns the cache, the attention mask over cache + new
+        chunk, and the left-padded new chunks with their mask: pads may sit between a row's cache
+        and its new tokens; the mask hides them and positions count only real tokens."""
         from transformers import DynamicCache
 
-        prompt_ids = [self.encode(p) for p in prompts]
-        B = len(prompts)
+        B = len(seqs)
         past, new = [], []
-        for i, ids in enumerate(prompt_ids):
+        for i, ids in enumerate(seqs):
             hit = self._sessions.get(sessions[i]) if sessions else None
-            if hit is not None and len(hit[0]) < len(ids) and ids[:len(hit[0])] == hit[0]:
+            if hit is not None and len(hit[0]) <= len(ids) - min_new[i] and ids[:len(hit[0])] == hit[0]:
                 past.append(hit[1])
                 new.append(ids[len(hit[0]):])
             else:
@@ -131,15 +118,25 @@ class HFBackend:
             for i, kv in enumerate(past):
                 if kv is not None:
                     mask[i, past_len - kv[0][0].shape[-2]:] = 1
-        # The new chunks, left-padded: pads may sit between a row's cache and its new tokens;
-        # the mask hides them and positions count only real tokens.
         width = max(map(len, new))
         ids = torch.full((B, width), self.pad_id, dtype=torch.long, device=self.device)
         chunk_mask = torch.zeros((B, width), dtype=torch.long, device=self.device)
         for i, n in enumerate(new):
             ids[i, width - len(n):] = torch.tensor(n, device=self.device)
             chunk_mask[i, width - len(n):] = 1
-        mask = torch.cat([mask, chunk_mask], dim=1)
+        return cache, torch.cat([mask, chunk_mask], dim=1), ids, chunk_mask
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], sampling: Sampling, allowed: list[list[str]] | None = None,
+                 sessions: list[str] | None = None) -> list[Generation]:
+        """Batched decoding with our own loop rather than HF `generate`, for two reasons: the
+        constraint trie and stop strings are per row, and each `sessions[i]` keeps its KV cache
+        between calls, so an append-only (ReAct) prompt only prefills its new tokens."""
+        if not prompts:
+            return []
+        prompt_ids = [self.encode(p) for p in prompts]
+        B = len(prompts)
+        cache, mask, ids, chunk_mask = self._prefill(prompt_ids, sessions, min_new=[1] * B)
         tries = [_Trie([self._encode_option(c) for c in options]) for options in allowed] if allowed is not None else None
         gen = torch.Generator(device=self.device)
         if sampling.seed is not None:
@@ -187,7 +184,8 @@ class HFBackend:
             step_ids = torch.where(alive.bool(), nxt, torch.full_like(nxt, self.pad_id))[:, None]
             mask = torch.cat([mask, alive[:, None]], dim=1)
         if sessions:
-            self._remember(sessions, prompt_ids, out_tokens, mask, cache, n_layers)
+            # All but the last generated token were fed to the model.
+            self._remember(sessions, [p + o[:-1] for p, o in zip(prompt_ids, out_tokens)], mask, cache)
         results = []
         for i, p in enumerate(prompt_ids):
             toks = out_tokens[i]
@@ -197,10 +195,11 @@ class HFBackend:
                                       token_ids=toks, logprobs=out_lps[i]))
         return results
 
-    def _remember(self, sessions, prompt_ids, out_tokens, mask, cache, n_layers):
-        """Keep each row's KV of prompt + generated tokens (all but the last, never fed back)."""
+    def _remember(self, sessions, fed, mask, cache):
+        """Keep each row's KV of the tokens `fed[i]` that went through the model."""
+        n_layers = self.model.config.num_hidden_layers
         for i, key in enumerate(sessions):
-            toks = prompt_ids[i] + out_tokens[i][:-1]
+            toks = fed[i]
             # Cache positions fed so far: the mask minus the slot of the last sampled token, if any.
             valid = mask[i, :cache.layers[0].keys.shape[-2]].bool()
             kv = [(cache.layers[l].keys[i:i + 1, ..., valid, :], cache.layers[l].values[i:i + 1, ..., valid, :])
@@ -217,20 +216,29 @@ class HFBackend:
         self._sessions.pop(key, None)
 
     @torch.inference_mode()
-    def score(self, prompts: list[str], continuations: list[str], full: bool = True) -> list[Scored]:
+    def score(self, prompts: list[str], continuations: list[str], full: bool = True,
+              sessions: list[str] | None = None) -> list[Scored]:
+        """Teacher-forced log-probs of each continuation. With `sessions`, a prompt that extends its
+        episode's cached prefix only runs its new tokens, and the scored text is cached in turn, so
+        replaying an append-only episode step by step costs one pass over it."""
+        if not prompts:
+            return []
         pairs = [(self.encode(p), self.encode(c)) for p, c in zip(prompts, continuations, strict=True)]
         seqs = [p + c for p, c in pairs]
-        ids, mask = self._left_pad(seqs)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()
+        # The logits predicting c[0] come from the last prompt token, so that one must be new too.
+        cache, mask, ids, _ = self._prefill(seqs, sessions, min_new=[len(c) + 1 for _, c in pairs])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                            use_cache=sessions is not None).logits.float()
         width = ids.shape[1]
         results = []
         for i, (p, c) in enumerate(pairs):
-            # Positions predicting the continuation tokens: the one before each of them.
             start = width - len(c) - 1
             lp = logits[i, start:width - 1].log_softmax(-1)
             chosen = lp.gather(-1, torch.tensor(c, device=lp.device)[:, None])[:, 0]
             results.append(Scored(token_ids=c, logprobs=chosen.tolist(), dist=lp.cpu() if full else None))
+        if sessions:
+            self._remember(sessions, seqs, mask, cache)
         return results
 
     def close(self) -> None:

@@ -231,9 +231,11 @@ class VLLMBackend:
             topk.append(([k for k, _ in ranked], [v for _, v in ranked]))
         return Scored(token_ids=c, logprobs=chosen, topk=topk)
 
-    def score(self, prompts: list[str], continuations: list[str]) -> list[Scored]:
+    def score(self, prompts: list[str], continuations: list[str], full: bool = True,
+              sessions: list[str] | None = None) -> list[Scored]:
         """Teacher-forced log-probs of each continuation, with the top-k (not the full) distribution
-        of each continuation position in `topk`; see the module docstring."""
+        of each continuation position in `topk`; see the module docstring. `sessions` needs nothing
+        here: the server's prefix cache finds shared prefixes by itself."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         return list(self._pool.map(self._score_one, prompts, continuations))

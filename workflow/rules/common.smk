@@ -1,4 +1,5 @@
 import json
+import re
 import shlex
 
 from snakemake.utils import validate
@@ -25,6 +26,13 @@ def _check_cells():
             raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} lists a quant scheme twice")
         if model["source"] == "path" and not model.get("path"):
             raise ValueError(f"models.{cell['model']}: source 'path' needs a 'path'")
+        extra = set(cell.get("route", [])) - set(cell.get("quants", []))
+        if extra:
+            raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} routes {sorted(extra)}, which are not in its quants")
+    route = config.get("route", {})
+    missing = set(route.get("baseline_budgets", [])) - set(route.get("budgets", []))
+    if missing:
+        raise ValueError(f"route.baseline_budgets {sorted(missing)} are not in route.budgets: baselines match a DMR run")
 
 
 _check_cells()
@@ -35,6 +43,7 @@ wildcard_constraints:
     quant="[A-Za-z0-9_]+",
     policy="[A-Za-z0-9_.:-]+",
     seed=r"\d+",
+    run=r"seed\d+|train|calib",
 
 
 def bench(wildcards):
@@ -60,14 +69,34 @@ def model_dir(benchmark, model, quant="bf16"):
 
 def bf16_input(wildcards):
     """The bf16 checkpoint as a rule input, when it is one we build (not a local path)."""
-    path = model_dir(wildcards.benchmark, wildcards.model, "bf16")
-    return [path] if path.startswith(f"{RESULTS}/") else []
+    return built_models(wildcards, ["bf16"])
 
 
-def task_offset(wildcards):
-    b = bench(wildcards)
-    n = b["tasks"]["test"]
-    return int(wildcards.seed) * n if b.get("tasks_per_seed", "distinct") == "distinct" else 0
+def route_cfg():
+    return config.get("route", {})
+
+
+# A rollout directory is {quant}/rollouts/{policy}/{run}: run `seedN` evaluates test tasks, `train`
+# is the bf16 KL pool of the training split, `calib` the router's calibration pool.
+def run_split(wildcards):
+    return {"train": "train", "calib": "calib"}.get(wildcards.run, "test")
+
+
+def run_seed(wildcards):
+    return int(wildcards.run[4:]) if wildcards.run.startswith("seed") else 0
+
+
+def run_n(wildcards):
+    if wildcards.run == "train":
+        return route_cfg().get("kl_tasks", 1000)
+    return bench(wildcards)["tasks"]["calib" if wildcards.run == "calib" else "test"]
+
+
+def run_offset(wildcards):
+    """Seed s of a generated pool evaluates its own test tasks [s*n, (s+1)*n)."""
+    if run_split(wildcards) != "test" or bench(wildcards).get("tasks_per_seed", "distinct") != "distinct":
+        return 0
+    return run_seed(wildcards) * bench(wildcards)["tasks"]["test"]
 
 
 def decoding_args(wildcards):
@@ -79,8 +108,8 @@ def decoding_args(wildcards):
     return " ".join(args)
 
 
-def run_dir(benchmark, model, quant, policy, seed):
-    return f"{RESULTS}/{benchmark}/{model}/{quant}/rollouts/{policy}/seed{seed}"
+def run_dir(benchmark, model, quant, policy, run):
+    return f"{RESULTS}/{benchmark}/{model}/{quant}/rollouts/{policy}/{run}"
 
 
 def cell_quants(benchmark, model):
@@ -100,20 +129,93 @@ def rollout_models(wildcards):
                     for q in rollout_precisions(wildcards))
 
 
-def rollout_inputs(wildcards):
-    paths = [model_dir(wildcards.benchmark, wildcards.model, q) for q in rollout_precisions(wildcards)]
+# Routed policies in paths: dmr-tT (learned router at a fixed threshold T), dmr-kK (at the threshold
+# calibrated for budget K), random-kK and oracle-kK (matched to the realised fraction of dmr-kK).
+POLICY = re.compile(r"(dmr|random|oracle)-([kt])([0-9.]+)")
+
+
+def cell_dir(w):
+    return f"{RESULTS}/{w.benchmark}/{w.model}"
+
+
+def router_dir(w):
+    return f"{cell_dir(w)}/{w.quant}/router"
+
+
+def kl_steps(w):
+    return f"{cell_dir(w)}/{w.quant}/kl/steps.parquet"
+
+
+def policy_inputs(wildcards):
+    """Files a routed policy needs besides the models."""
+    m = POLICY.fullmatch(wildcards.policy)
+    if not m:
+        return []
+    kind, mode, value = m.groups()
+    if kind == "dmr":
+        return [f"{router_dir(wildcards)}/router.json"] + (
+            [f"{router_dir(wildcards)}/calibration.json"] if mode == "k" else [])
+    match = f"{run_dir(wildcards.benchmark, wildcards.model, wildcards.quant, f'dmr-k{value}', wildcards.run)}/episodes.parquet"
+    return [match] + ([kl_steps(wildcards)] if kind == "oracle" else [])
+
+
+def policy_args(wildcards):
+    m = POLICY.fullmatch(wildcards.policy)
+    if not m:
+        return f"--policy {wildcards.policy}"
+    kind, mode, value = m.groups()
+    if kind == "dmr":
+        rd = router_dir(wildcards)
+        if mode == "t":
+            return f"--policy dmr --router {rd} --threshold {value}"
+        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}"
+    if mode != "k":
+        raise ValueError(f"policy {wildcards.policy}: baselines are matched to a budget, write {kind}-k{value}")
+    match, *rest = policy_inputs(wildcards)
+    return f"--policy {kind} --match {match}" + (f" --kl {rest[0]}" if rest else "")
+
+
+def built_models(wildcards, precisions):
+    """The checkpoints of `precisions` that this workflow builds (local paths are not rule outputs)."""
+    paths = [model_dir(wildcards.benchmark, wildcards.model, q) for q in precisions]
     return [p for p in paths if p.startswith(f"{RESULTS}/")]
 
 
+def rollout_inputs(wildcards):
+    return built_models(wildcards, rollout_precisions(wildcards)) + policy_inputs(wildcards)
+
+
+def kl_models(wildcards):
+    return built_models(wildcards, ["bf16", wildcards.quant])
+
+
 def seed_runs(benchmark, model, quant, policy):
-    return [f"{run_dir(benchmark, model, quant, policy, s)}/episodes.parquet" for s in config["evaluate"]["seeds"]]
+    return [f"{run_dir(benchmark, model, quant, policy, f'seed{s}')}/episodes.parquet" for s in config["evaluate"]["seeds"]]
+
+
+def cell_routes(benchmark, model):
+    for c in config["cells"]:
+        if c["benchmark"] == benchmark and c["model"] == model:
+            return c.get("route", c.get("quants", []))
+    return []
 
 
 def table_methods(wildcards):
-    """Methods of a cell's main table: Full, then the always-quantized baseline of each scheme."""
-    methods = {"Full": seed_runs(wildcards.benchmark, wildcards.model, "bf16", "full")}
-    for q in cell_quants(wildcards.benchmark, wildcards.model):
-        methods[f"{q}/Quant"] = seed_runs(wildcards.benchmark, wildcards.model, q, "quant")
+    """Methods of a cell's main table: Full; per scheme the always-quantized baseline, then for the
+    routed schemes DMR at each budget and the matched baselines (`NAME@K`)."""
+    b, m = wildcards.benchmark, wildcards.model
+    methods = {"Full": seed_runs(b, m, "bf16", "full")}
+    route = route_cfg()
+    routed = cell_routes(b, m)
+    for q in cell_quants(b, m):
+        methods[f"{q}/Quant"] = seed_runs(b, m, q, "quant")
+        if q not in routed:
+            continue
+        for k in route.get("budgets", []):
+            methods[f"{q}/DMR@{k:g}"] = seed_runs(b, m, q, f"dmr-k{k:g}")
+        for base in route.get("baselines", []):
+            for k in route.get("baseline_budgets", []):
+                methods[f"{q}/{base.capitalize()}@{k:g}"] = seed_runs(b, m, q, f"{base}-k{k:g}")
     return methods
 
 
@@ -136,5 +238,12 @@ def calibration_arg(wildcards):
     return f"expert:{path}" if source == "expert" else path
 
 
+def route_targets(benchmark, model):
+    """The KL-ST figures of a cell's routed schemes (the table pulls in everything else)."""
+    return [f"{RESULTS}/{benchmark}/{model}/figures/{name}_{q}.png"
+            for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores")]
+
+
 def all_targets():
-    return [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md" for c in config["cells"]]
+    return [t for c in config["cells"] for t in
+            [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"] + route_targets(c["benchmark"], c["model"])]

@@ -1,34 +1,37 @@
-# Rollouts of one precision policy, and the evaluation tables.
+# Rollouts of one precision policy (test seeds, the KL pool, the calibration pool), and the tables.
 
 
 rule rollout:
     input:
         rollout_inputs,
     output:
-        episodes=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/seed{{seed}}/episodes.parquet",
-        steps=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/seed{{seed}}/steps.parquet",
+        episodes=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/{{run}}/episodes.parquet",
+        steps=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/{{run}}/steps.parquet",
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/rollout_{{quant}}_{{policy}}_seed{{seed}}.log",
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/rollout_{{quant}}_{{policy}}_{{run}}.log",
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(bench(w).get("env_kwargs")),
-        n=lambda w: bench(w)["tasks"]["test"],
-        offset=task_offset,
+        split=run_split,
+        n=run_n,
+        offset=run_offset,
+        seed=run_seed,
         models=rollout_models,
+        policy=policy_args,
         backend=config["backend"]["name"],
         backend_kwargs=as_json(config["backend"].get("kwargs")),
         decoding=decoding_args,
         shards=config["evaluate"].get("shards", 16),
-        out=lambda w: run_dir(w.benchmark, w.model, w.quant, w.policy, w.seed),
+        out=lambda w: run_dir(w.benchmark, w.model, w.quant, w.policy, w.run),
     threads: THREADS
     conda:
         "../../envs/cpu.yaml"
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.
-        "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split test "
-        "--n {params.n} --offset {params.offset} {params.models} "
-        "--policy {wildcards.policy} --backend {params.backend} --backend-kwargs {params.backend_kwargs} "
-        "{params.decoding} --shards {params.shards} --seed {wildcards.seed} --out {params.out} > {log} 2>&1"
+        "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split {params.split} "
+        "--n {params.n} --offset {params.offset} {params.models} {params.policy} "
+        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} "
+        "{params.decoding} --shards {params.shards} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
 rule evaluate:
@@ -37,6 +40,8 @@ rule evaluate:
     output:
         table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.parquet",
         markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.md",
+        latex=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.tex",
+        pareto=f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto.png",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate.log",
     params:
@@ -45,4 +50,5 @@ rule evaluate:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
-        "--out {output.table} --markdown {output.markdown} > {log} 2>&1"
+        "--out {output.table} --markdown {output.markdown} --latex {output.latex} "
+        "--pareto {output.pareto} > {log} 2>&1"

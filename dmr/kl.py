@@ -1,0 +1,184 @@
+"""Step-wise KL between the low- and the high-precision action distributions (paper Sec. 4.2).
+
+Protocol: the high-precision (bf16) model rolls out the training pool and only its actions are
+executed (a `full` rollout, dmr.agent). This module replays every step of those episodes: the
+continuation bf16 sampled at the step is scored teacher-forced under both models, and the step's KL
+is the mean over the continuation's tokens of KL(p_high || p_low) at each position (the "action
+block"; `kl_sum` and `kl_max` are kept too).
+
+Exact vs top-k. The HF backend returns full-vocabulary distributions, so the KL is exact. The vLLM
+backend returns only the top-k log-probs of each position (`prompt_logprobs`); the KL is then taken
+between both distributions coarsened to the high model's top-k tokens plus one "other" bucket. By
+the data-processing inequality that coarsened KL never exceeds the exact one; it converges to it
+as k grows, and for the peaked action distributions of an agent k=20 leaves little mass in "other".
+A token in high's top-k that is missing from low's top-k gets low's smallest top-k log-prob (its
+true log-prob is at most that), which is flagged per step as `kl_topk_missing`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import deque
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dmr import prompts
+from dmr.agent import _read_jsonl
+from dmr.llm import Scored
+from dmr.prompts import Episode
+
+
+def token_kl(high: Scored, low: Scored) -> tuple[list[float], int]:
+    """KL(p_high || p_low) at each continuation position, and how many top-k tokens had to be
+    bounded (always 0 for exact distributions)."""
+    if high.token_ids != low.token_ids:
+        raise ValueError("high and low were scored on different continuation tokens")
+    if high.dist is not None and low.dist is not None:
+        h, l = torch.as_tensor(high.dist).float(), torch.as_tensor(low.dist).float()
+        if h.shape != l.shape:
+            raise ValueError(f"distribution shapes differ: {tuple(h.shape)} vs {tuple(l.shape)} (same tokenizer?)")
+        kl = (h.exp() * (h - l)).sum(-1).clamp(min=0.0)
+        return kl.tolist(), 0
+    if high.topk is None or low.topk is None:
+        raise ValueError("scores carry neither full distributions nor top-k log-probs")
+    out, missing = [], 0
+    for (h_ids, h_lp), (l_ids, l_lp) in zip(high.topk, low.topk, strict=True):
+        low_lp = dict(zip(l_ids, l_lp))
+        floor = min(l_lp) if l_lp else -math.inf
+        p = [math.exp(x) for x in h_lp]
+        q = []
+        for t in h_ids:
+            if t not in low_lp:
+                missing += 1
+            q.append(math.exp(low_lp.get(t, floor)))
+        kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0 and qi > 0)
+        p_rest, q_rest = max(0.0, 1.0 - sum(p)), max(1e-12, 1.0 - sum(q))
+        if p_rest > 1e-12:
+            kl += p_rest * (math.log(p_rest) - math.log(q_rest))
+        out.append(max(0.0, kl))
+    return out, missing
+
+
+def step_kl(high: Scored, low: Scored) -> dict:
+    kls, missing = token_kl(high, low)
+    n = max(1, len(kls))
+    return {"kl": sum(kls) / n, "kl_sum": sum(kls), "kl_max": max(kls, default=0.0), "tokens": len(kls),
+            "kl_topk_missing": missing}
+
+
+def episodes_of(run: Path) -> list[tuple[dict, list[dict]]]:
+    """(episode row, its step rows in order) of a finished rollout directory."""
+    import polars as pl
+
+    eps = pl.read_parquet(run / "episodes.parquet").to_dicts()
+    steps = pl.read_parquet(run / "steps.parquet").sort("task", "step").to_dicts()
+    by_task: dict[str, list[dict]] = {}
+    for s in steps:
+        by_task.setdefault(s["task"], []).append(s)
+    return [(e, by_task.get(e["task"], [])) for e in eps]
+
+
+def executed(step: dict) -> str:
+    """The action text the environment received at a step (a malformed output went as-is)."""
+    return step["action"] if step["action"] is not None else step["output"].strip()
+
+
+def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progress: bool = True) -> None:
+    """Score every step of `episodes` under `high` and `low`; one JSON row per step to `out_f`.
+
+    Episodes run concurrently, `batch` at a time, so each call scores one step of many episodes and
+    both backends keep a prefix cache per episode."""
+    pending = deque(episodes)
+    active: list[list] = []  # [episode row, steps, next step index, Episode]
+    bar = tqdm(total=len(pending), desc=f"kl {quant}", disable=not progress)
+    while pending or active:
+        while pending and len(active) < batch:
+            ep, steps = pending.popleft()
+            if not steps:
+                bar.update(1)
+                continue
+            active.append([ep, steps, 0, Episode(ep["goal"], steps[0]["observation"], [], steps[0].get("admissible") or [])])
+        if not active:
+            break
+        texts, conts, keys = [], [], []
+        for ep, steps, t, view in active:
+            texts.append(style.render(high.tokenizer, view))
+            conts.append(steps[t]["output"])
+            keys.append(ep["task"])
+        scored_h = high.score(texts, conts, sessions=keys)
+        scored_l = low.score(texts, conts, sessions=keys)
+        still = []
+        for slot, h, l in zip(active, scored_h, scored_l):
+            ep, steps, t, view = slot
+            s = steps[t]
+            out_f.write(json.dumps({
+                "task": ep["task"], "step": t, "quant": quant, "step_type": s.get("step_type", "action"),
+                **step_kl(h, l), "goal": ep["goal"], "prev_action": s["prev_action"], "observation": s["observation"],
+                "action": executed(s), "won": ep["won"], "steps": ep["steps"]}) + "\n")
+            if t + 1 < len(steps):
+                nxt = steps[t + 1]
+                view.history.append((executed(s), nxt["observation"]))
+                view.admissible = nxt.get("admissible") or []
+                slot[2] = t + 1
+                still.append(slot)
+            else:
+                out_f.flush()
+                for b in (high, low):
+                    b.end_session(ep["task"])
+                bar.update(1)
+        active = still
+    bar.close()
+
+
+def main(argv=None):
+    import polars as pl
+
+    from dmr import llm
+    from dmr.agent import _rewrite
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rollout", required=True, type=Path, help="finished high-precision rollout directory (dmr.agent)")
+    p.add_argument("--high", required=True, help="high-precision checkpoint (the one that rolled out)")
+    p.add_argument("--low", required=True, help="low-precision checkpoint")
+    p.add_argument("--quant", required=True, help="name of the low precision, stored with every row")
+    p.add_argument("--backend", default="hf")
+    p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
+    p.add_argument("--batch", type=int, default=16, help="episodes replayed concurrently")
+    p.add_argument("--out", required=True, type=Path, help="output steps.parquet (kl.jsonl beside it resumes)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    spec_path = a.rollout / "spec.json"
+    if not spec_path.exists() or not (a.rollout / "steps.parquet").exists():
+        raise SystemExit(f"{a.rollout}: not a finished rollout (needs spec.json and steps.parquet)")
+    spec = json.loads(spec_path.read_text())
+    if spec.get("policy") != "full":
+        raise SystemExit(f"{a.rollout}: KL supervision needs a high-precision (policy full) rollout, got {spec.get('policy')!r}")
+    style = prompts.get(**spec["agent"]["prompt"])
+    episodes = episodes_of(a.rollout)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl = a.out.with_suffix(".jsonl")
+    # Resume: keep the steps of fully replayed episodes, redo the rest.
+    rows = _read_jsonl(jsonl)
+    n_steps = {e["task"]: len(s) for e, s in episodes}
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["task"]] = counts.get(r["task"], 0) + 1
+    done = {t for t, c in counts.items() if c == n_steps.get(t)}
+    _rewrite(jsonl, [r for r in rows if r["task"] in done])
+    kwargs = json.loads(a.backend_kwargs)
+    high, low = llm.load(a.backend, a.high, **kwargs), llm.load(a.backend, a.low, **kwargs)
+    with jsonl.open("a") as f:
+        replay([(e, s) for e, s in episodes if e["task"] not in done], style, high, low, a.quant, f, a.batch,
+               not a.quiet)
+    df = pl.DataFrame(_read_jsonl(jsonl), infer_schema_length=None).sort("task", "step")
+    df.write_parquet(a.out)
+    q = df["kl"].quantile
+    print(f"{len(df)} steps of {df['task'].n_unique()} episodes; KL median {q(0.5):.2e}, p90 {q(0.9):.2e}, "
+          f"p99 {q(0.99):.2e}, max {df['kl'].max():.2e} -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

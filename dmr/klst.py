@@ -1,0 +1,220 @@
+"""KL-ST: train the router on KL-derived labels (paper Sec. 4.2, Eq. 6).
+
+Each router-eligible step of the bf16 training pool is one example: the frozen-encoder embeddings
+of the episode's steps up to it (the last `window` of them) and the label y = 1[KL > tau], where 1
+means "needs the high precision" (class 0, the router's first precision). The loss is cross-entropy
+with class weights inversely proportional to class frequency, w_c = N / (C * n_c), because positives
+are rare by construction. Episodes, not steps, are split into train and validation, so no episode
+leaks across; the checkpoint kept is the epoch with the best validation balanced accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dmr.routing import step_text
+
+
+def class_weights(labels, n_classes: int = 2) -> torch.Tensor:
+    """w_c = N / (C * n_c): inversely proportional to the class frequency, 1 when balanced. A class
+    absent from the data gets weight 0 (it has no examples to weigh)."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=n_classes).float()
+    n = counts.sum()
+    return torch.where(counts > 0, n / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+
+
+def balanced_accuracy(pred, target, n_classes: int = 2) -> float:
+    """Mean per-class recall over the classes present in `target`."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    recalls = [float((pred[target == c] == c).mean()) for c in range(n_classes) if (target == c).any()]
+    return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def step_texts(df) -> list[str]:
+    """The router's text of every row of a steps table (sorted by task, step)."""
+    return [step_text(r["step"], r["goal"], r["prev_action"] or "", r["observation"])
+            for r in df.select("step", "goal", "prev_action", "observation").iter_rows(named=True)]
+
+
+def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list[int]]:
+    """For each eligible row: the row indices of its episode's last `window` steps up to it."""
+    tasks, types = df["task"].to_list(), df["step_type"].to_list()
+    out, rows, start = [], [], 0
+    for r in range(len(tasks)):
+        if r and tasks[r] != tasks[r - 1]:
+            start = r
+        if types[r] in eligible:
+            out.append(list(range(max(start, r - window + 1), r + 1)))
+            rows.append(r)
+    return out, rows
+
+
+def batch(emb: torch.Tensor, wins: list[list[int]], idx) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(wins[i]) for i in idx)
+    x = torch.zeros((len(idx), width, emb.shape[1]))
+    valid = torch.zeros((len(idx), width), dtype=torch.bool)
+    for j, i in enumerate(idx):
+        w = wins[i]
+        x[j, :len(w)] = emb[w]
+        valid[j, :len(w)] = True
+    return x, valid
+
+
+@torch.inference_mode()
+def predict(net, emb, wins, bs: int = 256) -> torch.Tensor:
+    """Softmax over the precisions for every window."""
+    net.eval()
+    out = []
+    order = sorted(range(len(wins)), key=lambda i: len(wins[i]))  # similar lengths pad less
+    for k in range(0, len(order), bs):
+        idx = order[k:k + bs]
+        out.append((idx, net.probs(*batch(emb, wins, idx))))
+    probs = torch.zeros((len(wins), net.n_classes if hasattr(net, "n_classes") else out[0][1].shape[1]))
+    for idx, p in out:
+        probs[idx] = p
+    return probs
+
+
+def train(net, emb, wins, y, train_idx, val_idx, epochs: int, bs: int, lr: float, seed: int,
+          max_minutes: float | None = None, progress: bool = True) -> dict:
+    """Class-weighted CE; keeps the state of the epoch with the best validation balanced accuracy."""
+    g = random.Random(seed)
+    torch.manual_seed(seed)
+    y = torch.as_tensor(y, dtype=torch.long)
+    weights = class_weights(y[train_idx], 2)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * math.ceil(len(train_idx) / bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.1)
+    best = {"val_bacc": -1.0}
+    history = []
+    t0 = time.time()
+    bar = tqdm(range(epochs), desc="klst", disable=not progress)
+    for epoch in bar:
+        net.train()
+        order = list(train_idx)
+        g.shuffle(order)
+        total = 0.0
+        for k in range(0, len(order), bs):
+            idx = order[k:k + bs]
+            x, valid = batch(emb, wins, idx)
+            loss = loss_fn(net(x, valid), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total += float(loss) * len(idx)
+        pred_val = predict(net, emb, [wins[i] for i in val_idx]).argmax(-1) if len(val_idx) else torch.zeros(0)
+        bacc = balanced_accuracy(pred_val, y[val_idx]) if len(val_idx) else float("nan")
+        history.append({"epoch": epoch, "train_loss": total / max(1, len(order)), "val_bacc": bacc})
+        bar.set_postfix(loss=f"{total / max(1, len(order)):.3f}", val_bacc=f"{bacc:.3f}")
+        if not (bacc <= best["val_bacc"]):  # also takes the first epoch when bacc is nan
+            best = {"val_bacc": bacc, "epoch": epoch, "state": {k: v.clone() for k, v in net.state_dict().items()}}
+        if max_minutes and time.time() - t0 > 60 * max_minutes:
+            print(f"stopping after epoch {epoch}: the {max_minutes}-minute budget is spent")
+            break
+    net.load_state_dict(best.pop("state"))
+    return {**best, "class_weights": weights.tolist(), "history": history, "minutes": (time.time() - t0) / 60}
+
+
+def llm_params(model_dir: str) -> int | None:
+    """Parameter count of a (possibly compressed) HF checkpoint, from its safetensors headers."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    n = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                n += math.prod(st.get_slice(k).get_shape())
+    return n
+
+
+def main(argv=None):
+    import polars as pl
+
+    from dmr.router import Router, RouterNet, StepEncoder, param_count
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kl", required=True, type=Path, help="steps.parquet written by dmr.kl")
+    p.add_argument("--threshold", required=True, type=Path, help="threshold.json written by dmr.threshold")
+    p.add_argument("--tau", type=float, default=None, help="override the threshold file's tau (sensitivity study)")
+    p.add_argument("--precisions", nargs="+", required=True, help="high first, e.g. bf16 gptq_w4a16")
+    p.add_argument("--llm", default=None, help="the routed bf16 checkpoint, to report the router's relative size")
+    p.add_argument("--step-types", nargs="+", default=["action"], help="router-eligible step types")
+    p.add_argument("--arch", type=json.loads, default={}, help="JSON RouterNet kwargs (layers, d_model, heads, ff, window, dropout)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="router directory")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    if len(a.precisions) != 2:
+        raise SystemExit("KL-ST labels are binary (high vs one low precision): give exactly two --precisions")
+    tau = a.tau if a.tau is not None else json.loads(a.threshold.read_text())["tau"]
+    df = pl.read_parquet(a.kl).sort("task", "step")
+    encoder = StepEncoder()
+    texts = step_texts(df)
+    uniq = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(uniq)}
+    emb = encoder.encode(uniq, progress=not a.quiet)[[where[t] for t in texts]]
+    arch = {"n_classes": 2, "in_dim": encoder.dim, **a.arch}
+    net = RouterNet(**arch)
+    window = net.window
+    wins, rows = windows(df, window, a.step_types)
+    if not rows:
+        raise SystemExit(f"{a.kl}: no steps of type {a.step_types}")
+    kl = df["kl"].to_numpy()[rows]
+    y = [0 if v > tau else 1 for v in kl]  # class 0 = high precision = KL above tau
+    tasks = df["task"].to_numpy()[rows]
+    episodes = sorted(set(tasks))
+    random.Random(a.seed).shuffle(episodes)
+    val_eps = set(episodes[:int(round(a.val_fraction * len(episodes)))])
+    train_idx = [i for i, t in enumerate(tasks) if t not in val_eps]
+    val_idx = [i for i, t in enumerate(tasks) if t in val_eps]
+    fit = train(net, emb, wins, y, train_idx, val_idx, a.epochs, a.batch_size, a.lr, a.seed, a.max_minutes, not a.quiet)
+    probs = predict(net, emb, wins)
+    pred = probs.argmax(-1).numpy()
+    yy = np.asarray(y)
+    split = np.array(["val" if t in val_eps else "train" for t in tasks])
+    router = Router(net, encoder, a.precisions, threshold=0.5, eligible=tuple(a.step_types))
+    a.out.mkdir(parents=True, exist_ok=True)
+    router.save(a.out)
+    n_llm = llm_params(a.llm) if a.llm else None
+    n_router = param_count(net)
+    n_encoder = sum(p.numel() for p in encoder.model.parameters())
+    metrics = {
+        "tau": tau, "steps": len(rows), "episodes": len(episodes), "positive_fraction": float((yy == 0).mean()),
+        "train_bacc": balanced_accuracy(pred[split == "train"], yy[split == "train"]),
+        "val_bacc": balanced_accuracy(pred[split == "val"], yy[split == "val"]),
+        "best_epoch": fit["epoch"], "class_weights": fit["class_weights"], "history": fit["history"],
+        "minutes": fit["minutes"], "arch": arch,
+        "params": {"router": n_router, "encoder": n_encoder, "llm": n_llm,
+                   "router_vs_llm": n_router / n_llm if n_llm else None,
+                   "router_and_encoder_vs_llm": (n_router + n_encoder) / n_llm if n_llm else None}}
+    (a.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    pl.DataFrame({"task": df["task"].to_numpy()[rows], "step": df["step"].to_numpy()[rows], "kl": kl,
+                  "label": (yy == 0).astype(int), "score": probs[:, 0].numpy(), "split": split}
+                 ).write_parquet(a.out / "train_scores.parquet")
+    rel = f"{100 * metrics['params']['router_vs_llm']:.0f}% of the LLM" if n_llm else "LLM size unknown"
+    print(f"router: {n_router:,} parameters ({rel}; frozen encoder {n_encoder:,}); tau {tau:.3e}, "
+          f"{100 * metrics['positive_fraction']:.1f}% positive; balanced accuracy train {metrics['train_bacc']:.3f}, "
+          f"val {metrics['val_bacc']:.3f} (epoch {fit['epoch']}) -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

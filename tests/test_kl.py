@@ -1,0 +1,108 @@
+"""Step KL (dmr.kl), the threshold rule (dmr.threshold) and quantile calibration (dmr.calibrate)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from dmr import agent, calibrate, kl, threshold
+from dmr.llm import Scored, load
+
+
+def _pool(model, out, n=4, max_steps=6):
+    agent.main(["--env", "household", "--env-kwargs", json.dumps({"max_steps": max_steps}), "--split", "train",
+                "--n", str(n), "--model", f"bf16={model}", "--max-new-tokens", "12", "--shards", "3",
+                "--out", str(out), "--quiet"])
+    return out
+
+
+def test_kl_of_identical_models_is_zero(tiny_world, tmp_path):
+    _, _, model = tiny_world
+    pool = _pool(model, tmp_path / "pool")
+    kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(model), "--quant", "same",
+             "--out", str(tmp_path / "kl.parquet"), "--quiet"])
+    df = pl.read_parquet(tmp_path / "kl.parquet")
+    steps = pl.read_parquet(pool / "steps.parquet")
+    assert df.height == steps.height and set(df["quant"]) == {"same"}
+    assert df["kl"].max() < 1e-6 and (df["tokens"] > 0).all()
+    assert {"step_type", "step", "prev_action", "observation", "goal"} <= set(df.columns)
+
+
+def test_replay_kl_matches_uncached_scoring(tiny_world, noisy_model, tmp_path):
+    """The replay's per-episode prefix caches must not change the numbers."""
+    _, _, model = tiny_world
+    pool = _pool(model, tmp_path / "pool", n=3)
+    kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "noisy",
+             "--batch", "2", "--out", str(tmp_path / "kl.parquet"), "--quiet"])
+    df = pl.read_parquet(tmp_path / "kl.parquet").sort("task", "step")
+    assert df["kl"].min() >= 0 and df["kl"].max() > 1e-4, "a perturbed model must diverge somewhere"
+    from dmr import prompts
+    from dmr.prompts import Episode
+
+    hi, lo = load("hf", str(model)), load("hf", str(noisy_model))
+    style = prompts.get("react")
+    ep, steps = kl.episodes_of(pool)[0]
+    view = Episode(ep["goal"], steps[0]["observation"])
+    for t, s in enumerate(steps):
+        text = style.render(hi.tokenizer, view)
+        expect = kl.step_kl(hi.score([text], [s["output"]])[0], lo.score([text], [s["output"]])[0])["kl"]
+        got = df.filter((pl.col("task") == ep["task"]) & (pl.col("step") == t))["kl"][0]
+        assert got == pytest.approx(expect, rel=1e-3, abs=1e-6)
+        if t + 1 < len(steps):
+            view.history.append((kl.executed(s), steps[t + 1]["observation"]))
+
+
+def _scored(logp: torch.Tensor, ids, k=None) -> Scored:
+    if k is None:
+        return Scored(token_ids=ids, logprobs=[float(logp[i, t]) for i, t in enumerate(ids)], dist=logp)
+    top = logp.topk(k, -1)
+    return Scored(token_ids=ids, logprobs=[float(logp[i, t]) for i, t in enumerate(ids)],
+                  topk=[(top.indices[i].tolist(), top.values[i].tolist()) for i in range(len(ids))])
+
+
+def test_topk_kl_bounds_exact_kl():
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(5, 50, generator=g) * 3).log_softmax(-1)
+    l = (h + torch.randn(5, 50, generator=g)).log_softmax(-1)
+    ids = [0, 1, 2, 3, 4]
+    exact, _ = kl.token_kl(_scored(h, ids), _scored(l, ids))
+    full, missing = kl.token_kl(_scored(h, ids, 50), _scored(l, ids, 50))
+    assert missing == 0 and full == pytest.approx(exact, rel=1e-4, abs=1e-6)
+    coarse, _ = kl.token_kl(_scored(h, ids, 10), _scored(l, ids, 50))
+    assert all(c <= e + 1e-6 for c, e in zip(coarse, exact))  # data-processing inequality
+    assert kl.token_kl(_scored(h, ids), _scored(h, ids))[0] == pytest.approx([0.0] * 5, abs=1e-6)
+    with pytest.raises(ValueError, match="different continuation"):
+        kl.token_kl(_scored(h, ids), _scored(l, [1, 1, 1, 1, 1]))
+
+
+def test_threshold_sits_in_the_sparse_plateau(tmp_path):
+    r = np.random.default_rng(0)
+    kls = np.concatenate([10 ** r.normal(-4, 0.4, 9000), 10 ** r.normal(-1, 0.3, 1000)])
+    c = threshold.choose(kls)
+    assert 10 ** -2.9 < c["tau"] < 10 ** -1.7
+    assert c["positive_fraction"] == pytest.approx(0.1, abs=0.005)
+    rows = {x["name"]: x for x in threshold.sweep(kls, c)}
+    assert rows["dense"]["region"] == "dense" and rows["dense"]["density"] > 5 * rows["auto"]["density"]
+    assert rows["plateau-left"]["tau"] < c["tau"] < rows["plateau-right"]["tau"]
+    # A unimodal histogram has no plateau: the rule still labels min_positive of the steps.
+    c1 = threshold.choose(10 ** r.normal(-3, 1, 5000), min_positive=0.05)
+    assert 0.01 < c1["positive_fraction"] <= 0.06
+    pl.DataFrame({"task": ["t"] * len(kls), "step": range(len(kls)), "kl": kls, "quant": "w4",
+                  "step_type": ["action"] * len(kls)}).write_parquet(tmp_path / "kl.parquet")
+    threshold.main(["--kl", str(tmp_path / "kl.parquet"), "--out", str(tmp_path / "t.json"),
+                    "--sweep", str(tmp_path / "s.parquet"), "--figure", str(tmp_path / "fig" / "h.png")])
+    assert json.loads((tmp_path / "t.json").read_text())["tau"] == pytest.approx(c["tau"])
+    assert (tmp_path / "fig" / "h.png").exists() and (tmp_path / "fig" / "h.pdf").exists()
+
+
+@pytest.mark.parametrize("n", [200, 3000])
+def test_quantile_calibration_hits_the_budget(n):
+    scores = np.random.default_rng(n).beta(0.5, 2.0, n)
+    for k, tau in calibrate.thresholds(scores, [0.2, 0.4, 0.7]).items():
+        assert abs(calibrate.high_fraction(scores, tau) - float(k)) <= 0.01, k
+    with pytest.raises(ValueError, match="budget"):
+        calibrate.thresholds(scores, [1.5])

@@ -1,0 +1,91 @@
+# KL-ST (paper Sec. 4.2): step KL on bf16 rollouts of the training pool -> threshold tau -> router
+# trained on 1[KL > tau] -> deployment thresholds calibrated on the calibration pool.
+
+
+rule kl:
+    input:
+        pool=f"{RESULTS}/{{benchmark}}/{{model}}/bf16/rollouts/full/train/steps.parquet",
+        models=kl_models,
+    output:
+        f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/steps.parquet",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/kl_{{quant}}.log",
+    params:
+        pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
+        high=lambda w: model_dir(w.benchmark, w.model, "bf16"),
+        low=lambda w: model_dir(w.benchmark, w.model, w.quant),
+        backend=config["backend"]["name"],
+        backend_kwargs=as_json(config["backend"].get("kwargs")),
+        batch=config["evaluate"].get("shards", 16),
+    threads: THREADS
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.kl --rollout {params.pool} --high {params.high} --low {params.low} --quant {wildcards.quant} "
+        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} --batch {params.batch} "
+        "--out {output} > {log} 2>&1"
+
+
+rule threshold:
+    input:
+        rules.kl.output,
+    output:
+        threshold=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/threshold.json",
+        sweep=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/sweep.parquet",
+        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_hist_{{quant}}.png",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/threshold_{{quant}}.log",
+    params:
+        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
+        rule=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("threshold", {}).items()),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.threshold --kl {input} --step-types {params.steps} {params.rule} "
+        "--out {output.threshold} --sweep {output.sweep} --figure {output.figure} > {log} 2>&1"
+
+
+rule klst:
+    input:
+        kl=rules.kl.output,
+        threshold=rules.threshold.output.threshold,
+        llm=bf16_input,
+    output:
+        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.json",
+        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.pt",
+        metrics=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/metrics.json",
+        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/train_scores.parquet",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}.log",
+    params:
+        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
+        llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
+        arch=as_json(route_cfg().get("router")),
+        train=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("train", {}).items()),
+        out=router_dir,
+    threads: THREADS
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --precisions bf16 {wildcards.quant} "
+        "--llm {params.llm} --step-types {params.steps} --arch {params.arch} {params.train} "
+        "--out {params.out} > {log} 2>&1"
+
+
+rule calibrate:
+    input:
+        run=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/dmr-t0.5/calib/steps.parquet",
+        scores=rules.klst.output.scores,
+    output:
+        calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/calibration.json",
+        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}.png",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}.log",
+    params:
+        run=lambda w: run_dir(w.benchmark, w.model, w.quant, "dmr-t0.5", "calib"),
+        budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
+        "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
