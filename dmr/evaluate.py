@@ -45,14 +45,19 @@ def markdown(df: pl.DataFrame, title: str) -> str:
     def fmt(v, std, digits=1):
         return "–" if v is None else f"{v:.{digits}f} ± {std:.{digits}f}"
 
+    # A graded benchmark (WebShop) gets a Score column; where score is just success it adds nothing.
+    graded = any(r["score"] is not None and abs(100 * r["score"] - r["success"]) > 1e-9 for r in df.iter_rows(named=True))
     lines = [f"# {title}", "",
-             "| Quant | Method | K | Success (%) | Steps | EP Time (s) | Speedup | high-precision steps | episodes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| Quant | Method | K | Success (%) |" + (" Score |" if graded else "")
+             + " Steps | EP Time (s) | Speedup | high-precision steps | episodes |",
+             "|---|---|---|---|" + ("---|" if graded else "") + "---|---|---|---|---|"]
     for r in df.iter_rows(named=True):
         speed = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         k = "–" if r["budget"] is None else f"{r['budget']:g}"
-        lines.append(f"| {r['quant']} | {r['method']} | {k} | {fmt(r['success'], r['success_std'])} | {fmt(r['steps'], r['steps_std'])} | "
-                     f"{fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | {100 * r['high_frac']:.0f}% | {r['episodes']} |")
+        score = f" {fmt(r['score'], r['score_std'], 3)} |" if graded else ""
+        lines.append(f"| {r['quant']} | {r['method']} | {k} | {fmt(r['success'], r['success_std'])} |{score} "
+                     f"{fmt(r['steps'], r['steps_std'])} | {fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | "
+                     f"{100 * r['high_frac']:.0f}% | {r['episodes']} |")
     lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes."]
     return "\n".join(lines) + "\n"
 

@@ -58,14 +58,9 @@ def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list
 
 
 def batch(emb: torch.Tensor, wins: list[list[int]], idx) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(wins[i]) for i in idx)
-    x = torch.zeros((len(idx), width, emb.shape[1]))
-    valid = torch.zeros((len(idx), width), dtype=torch.bool)
-    for j, i in enumerate(idx):
-        w = wins[i]
-        x[j, :len(w)] = emb[w]
-        valid[j, :len(w)] = True
-    return x, valid
+    from dmr.router import pad_windows
+
+    return pad_windows([emb[wins[i]] for i in idx], max(len(wins[i]) for i in idx))
 
 
 @torch.inference_mode()
@@ -77,7 +72,7 @@ def predict(net, emb, wins, bs: int = 256) -> torch.Tensor:
     for k in range(0, len(order), bs):
         idx = order[k:k + bs]
         out.append((idx, net.probs(*batch(emb, wins, idx))))
-    probs = torch.zeros((len(wins), net.n_classes if hasattr(net, "n_classes") else out[0][1].shape[1]))
+    probs = torch.zeros((len(wins), net.n_classes))
     for idx, p in out:
         probs[idx] = p
     return probs
@@ -112,7 +107,7 @@ def train(net, emb, wins, y, train_idx, val_idx, epochs: int, bs: int, lr: float
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         pred_val = predict(net, emb, [wins[i] for i in val_idx]).argmax(-1) if len(val_idx) else torch.zeros(0)
         bacc = balanced_accuracy(pred_val, y[val_idx]) if len(val_idx) else float("nan")
         history.append({"epoch": epoch, "train_loss": total / max(1, len(order)), "val_bacc": bacc})

@@ -46,3 +46,13 @@ def test_routed_methods_latex_and_pareto(tmp_path):
     tex = (tmp_path / "t.tex").read_text()
     assert r"\textbf{100.0 $\pm$ 0.0}" in tex and r"w3 & DMR & 0.4" in tex
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "p.pdf").exists()
+
+
+def test_graded_benchmark_gets_a_score_column(tmp_path):
+    f = tmp_path / "f.parquet"
+    pl.DataFrame({"task": ["a", "b"], "won": [True, False], "score": [1.0, 0.5], "steps": [3, 4], "time": [1.0, 2.0],
+                  "high_calls": [3, 4], "calls": [3, 4]}).write_parquet(f)
+    main(["--cell", "shop/tiny", "--method", "Full", str(f), "--out", str(tmp_path / "t.parquet"),
+          "--markdown", str(tmp_path / "t.md")])
+    md = (tmp_path / "t.md").read_text()
+    assert "| Score |" in md and "| 0.750 ± 0.000 |" in md

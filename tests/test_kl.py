@@ -106,3 +106,48 @@ def test_quantile_calibration_hits_the_budget(n):
         assert abs(calibrate.high_fraction(scores, tau) - float(k)) <= 0.01, k
     with pytest.raises(ValueError, match="budget"):
         calibrate.thresholds(scores, [1.5])
+
+
+def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
+    from dmr import envs, prompts
+    from dmr.agent import AgentConfig, run
+    from dmr.llm import Sampling
+    from dmr.routing import OracleRouter
+
+    _, _, model = tiny_world
+    backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
+    style = prompts.get("react")
+    cfg = AgentConfig(max_new_tokens=12, shards=3)
+    tasks = envs.make("household", max_steps=5).tasks("test", 3)
+
+    def routed(tau, out):
+        router = OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau)
+        run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
+        steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        assert all(s["route_score"] is not None for s in steps)
+        for s in steps:
+            assert (s["precision"] == "bf16") == (s["route_score"] > tau)
+            if s["precision"] == "bf16":
+                assert s["llm_time"] == 0.0  # bf16's proposal was reused, not decoded again
+        return steps
+
+    first = routed(-1.0, tmp_path / "all-high")
+    assert {s["precision"] for s in first} == {"bf16"}
+    mid = float(np.median([s["route_score"] for s in first]))
+    assert {s["precision"] for s in routed(mid, tmp_path / "mid")} == {"bf16", "low"}
+
+
+def test_make_router_names_what_is_missing(tmp_path):
+    from dmr.routing import make_router
+
+    with pytest.raises(ValueError, match="--router"):
+        make_router("dmr", ["bf16", "w4"], threshold=0.5)
+    with pytest.raises(ValueError, match="exactly one of --threshold and --budget"):
+        make_router("dmr", ["bf16", "w4"], router=str(tmp_path))
+    with pytest.raises(ValueError, match="exactly one"):
+        make_router("random", ["bf16", "w4"])
+    eps = tmp_path / "e.parquet"
+    pl.DataFrame({"high_calls": [1, 3], "calls": [4, 4]}).write_parquet(eps)
+    assert make_router("random", ["bf16", "w4"], match=str(eps)).p == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="--kl"):
+        make_router("oracle", ["bf16", "w4"], match=str(eps))
