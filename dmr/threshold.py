@@ -9,8 +9,12 @@ The rule, on the log10 KL of the router-eligible steps:
 4. in that range, the sparse bins are those whose density is within `slack` (fraction of the peak)
    of the range's minimum; tau is the centre of the longest contiguous run of sparse bins.
 So tau sits in the middle of the plateau between the dense low mode and the high-divergence tail,
-where moving it a little flips few labels. Where the histogram has no plateau, the rule degrades to
-the least dense point of the range, and the figure shows it.
+where moving it a little flips few labels.
+5. No plateau: when even the sparsest bin of the range is denser than `sparse` (10% of the peak),
+   the KL distribution is not bimodal (e.g. a scheme so coarse that it diverges everywhere, where
+   the range collapses to the last percentiles) and no threshold is robust. tau then falls back to
+   the quantile that labels `fallback_positive` of the steps (default 0.2, the smallest budget),
+   `plateau_found` is false in threshold.json and the figure says so.
 
 The sensitivity sweep adds thresholds across sparse and dense regions (the paper's Fig. 5):
 the left edge and the right edge of the plateau, and the densest bin right of the low mode's
@@ -38,7 +42,7 @@ def histogram(x: np.ndarray, bins_per_decade: int = 10):
 
 
 def choose(kl, floor: float = 1e-8, bins_per_decade: int = 10, min_positive: float = 0.02,
-           slack: float = 0.02) -> dict:
+           slack: float = 0.02, sparse: float = 0.1, fallback_positive: float = 0.2) -> dict:
     """tau and the plateau it was taken from (all in KL units, plus the log10 histogram)."""
     x = log_kl(kl, floor)
     if len(x) < 10:
@@ -53,9 +57,9 @@ def choose(kl, floor: float = 1e-8, bins_per_decade: int = 10, min_positive: flo
     if len(rng) == 0:
         rng = np.array([min(peak + 1, len(smooth) - 1)])
     dens = smooth[rng] / smooth[peak]
-    sparse = dens <= dens.min() + slack
+    low = dens <= dens.min() + slack
     best, run, start = (0, 0), 0, 0
-    for i, s in enumerate(sparse):
+    for i, s in enumerate(low):
         if s:
             start = i if run == 0 else start
             run += 1
@@ -64,12 +68,14 @@ def choose(kl, floor: float = 1e-8, bins_per_decade: int = 10, min_positive: flo
         else:
             run = 0
     left, right = edges[rng[best[0]]], edges[rng[best[1] - 1] + 1]
-    tau_log = (left + right) / 2
+    found = bool(dens.min() <= sparse)
+    tau_log = (left + right) / 2 if found else float(np.quantile(x, 1.0 - fallback_positive))
     kl = np.asarray(kl, dtype=float)
-    return {"tau": float(10 ** tau_log), "log10_tau": float(tau_log),
-            "plateau": [float(10 ** left), float(10 ** right)],
+    return {"tau": float(10 ** tau_log), "log10_tau": float(tau_log), "plateau_found": found,
+            "plateau": [float(10 ** left), float(10 ** right)], "plateau_density": float(dens.min()),
             "positive_fraction": float((kl > 10 ** tau_log).mean()), "steps": int(len(kl)),
-            "rule": {"floor": floor, "bins_per_decade": bins_per_decade, "min_positive": min_positive, "slack": slack},
+            "rule": {"floor": floor, "bins_per_decade": bins_per_decade, "min_positive": min_positive, "slack": slack,
+                     "sparse": sparse, "fallback_positive": fallback_positive},
             "hist": {"edges": edges.tolist(), "counts": counts.tolist()}}
 
 
@@ -85,12 +91,14 @@ def sweep(kl, chosen: dict) -> list[dict]:
     left = [i for i in range(len(counts)) if edges[i + 1] <= lo]
     dense_i = max(right or left, key=lambda i: counts[i])
     points = [("plateau-left", lo + 0.05), ("auto", chosen["log10_tau"]), ("plateau-right", hi - 0.05),
+              ("low-mass", float(np.quantile(np.log10(np.maximum(kl, chosen["rule"]["floor"])), 0.5))),
               ("dense", (edges[dense_i] + edges[dense_i + 1]) / 2)]
     rows = []
     for name, t in points:
         b = int(np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(counts) - 1))
         rows.append({"name": name, "tau": float(10 ** t), "log10_tau": float(t),
-                     "density": float(counts[b] / peak), "region": "sparse" if name != "dense" else "dense",
+                     "density": float(counts[b] / peak),
+                     "region": "sparse" if counts[b] / peak <= chosen["rule"]["sparse"] else "dense",
                      "positive_fraction": float((kl > 10 ** t).mean())})
     return rows
 
@@ -105,7 +113,11 @@ def figure(kl, chosen: dict, rows: list[dict], title: str, path: Path) -> None:
     counts = np.asarray(chosen["hist"]["counts"])
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#7a9cc6", edgecolor="none")
-    ax.axvspan(*np.log10(chosen["plateau"]), color="#f2d184", alpha=0.35, label="sparse plateau")
+    if chosen.get("plateau_found", True):
+        ax.axvspan(*np.log10(chosen["plateau"]), color="#f2d184", alpha=0.35, label="sparse plateau")
+    else:
+        ax.text(0.02, 0.95, "no sparse plateau: τ at the fallback quantile", transform=ax.transAxes,
+                fontsize=7, va="top")
     for r in rows:
         if r["name"] != "auto":
             ax.axvline(r["log10_tau"], color="0.5", ls=":", lw=1)
@@ -137,6 +149,8 @@ def main(argv=None):
     p.add_argument("--step-types", nargs="+", default=["action"], help="router-eligible step types")
     p.add_argument("--tau", type=float, default=None, help="fixed tau instead of the automatic rule")
     p.add_argument("--min-positive", type=float, default=0.02)
+    p.add_argument("--sparse", type=float, default=0.1, help="density (fraction of the peak) a plateau must reach")
+    p.add_argument("--fallback-positive", type=float, default=0.2, help="positive fraction when there is no plateau")
     p.add_argument("--out", required=True, type=Path, help="threshold.json")
     p.add_argument("--sweep", required=True, type=Path, help="sweep.parquet for the sensitivity study")
     p.add_argument("--figure", required=True, type=Path, help="histogram figure (.png and .pdf)")
@@ -145,7 +159,7 @@ def main(argv=None):
     if df.is_empty():
         raise SystemExit(f"{a.kl}: no steps of type {a.step_types}")
     kl = df["kl"].to_numpy()
-    chosen = choose(kl, min_positive=a.min_positive)
+    chosen = choose(kl, min_positive=a.min_positive, sparse=a.sparse, fallback_positive=a.fallback_positive)
     if a.tau is not None:
         chosen.update(tau=a.tau, log10_tau=float(np.log10(a.tau)), positive_fraction=float((kl > a.tau).mean()),
                       rule={**chosen["rule"], "fixed": a.tau})
@@ -155,6 +169,9 @@ def main(argv=None):
     a.out.write_text(json.dumps({**chosen, "quant": quant, "step_types": a.step_types}, indent=1))
     pl.DataFrame(rows).write_parquet(a.sweep)
     figure(kl, chosen, rows, f"{quant}: step KL on bf16 rollouts ({len(kl)} steps)", a.figure)
+    if not chosen["plateau_found"]:
+        print(f"no sparse plateau (sparsest bin {chosen['plateau_density']:.2f} of the peak > {a.sparse}): "
+              f"tau falls back to the top {a.fallback_positive:.0%} of steps")
     print(f"tau = {chosen['tau']:.3e} (plateau {chosen['plateau'][0]:.2e}..{chosen['plateau'][1]:.2e}); "
           f"{100 * chosen['positive_fraction']:.1f}% of {len(kl)} steps positive")
     print(pl.DataFrame(rows))

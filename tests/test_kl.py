@@ -88,9 +88,10 @@ def test_threshold_sits_in_the_sparse_plateau(tmp_path):
     rows = {x["name"]: x for x in threshold.sweep(kls, c)}
     assert rows["dense"]["region"] == "dense" and rows["dense"]["density"] > 5 * rows["auto"]["density"]
     assert rows["plateau-left"]["tau"] < c["tau"] < rows["plateau-right"]["tau"]
-    # A unimodal histogram has no plateau: the rule still labels min_positive of the steps.
-    c1 = threshold.choose(10 ** r.normal(-3, 1, 5000), min_positive=0.05)
-    assert 0.01 < c1["positive_fraction"] <= 0.06
+    assert c["plateau_found"] and rows["auto"]["region"] == "sparse"
+    # A unimodal histogram has no plateau: tau falls back to labelling fallback_positive of the steps.
+    c1 = threshold.choose(10 ** r.normal(-3, 1, 5000), fallback_positive=0.25)
+    assert not c1["plateau_found"] and c1["positive_fraction"] == pytest.approx(0.25, abs=0.002)
     pl.DataFrame({"task": ["t"] * len(kls), "step": range(len(kls)), "kl": kls, "quant": "w4",
                   "step_type": ["action"] * len(kls)}).write_parquet(tmp_path / "kl.parquet")
     threshold.main(["--kl", str(tmp_path / "kl.parquet"), "--out", str(tmp_path / "t.json"),
