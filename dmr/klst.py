@@ -97,9 +97,14 @@ def train(net, emb, wins, y, train_idx, val_idx, epochs: int, bs: int, lr: float
         net.train()
         order = list(train_idx)
         g.shuffle(order)
+        # Batches of similar window lengths pad (and compute) far less; their order stays random.
+        batches = []
+        for c in range(0, len(order), 32 * bs):
+            chunk = sorted(order[c:c + 32 * bs], key=lambda i: len(wins[i]))
+            batches += [chunk[k:k + bs] for k in range(0, len(chunk), bs)]
+        g.shuffle(batches)
         total = 0.0
-        for k in range(0, len(order), bs):
-            idx = order[k:k + bs]
+        for idx in batches:
             x, valid = batch(emb, wins, idx)
             loss = loss_fn(net(x, valid), y[idx])
             opt.zero_grad()

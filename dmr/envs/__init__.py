@@ -7,6 +7,7 @@ from dmr.envs.base import SPLITS, Env, Observation, Task, Transition, split_seed
 
 ENVS = {
     "household": "dmr.envs.household:HouseholdEnv",
+    "alfworld": "dmr.envs.alfworld:AlfWorldEnv",
 }
 
 

@@ -65,6 +65,11 @@ class HFBackend:
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype), **_decompressed(self.path))
         self.model.to(self.device).eval()
+        for m in self.model.modules():
+            if hasattr(m, "quantization_scheme"):
+                # The decompressed weights already sit on the quantization grid; compressed-tensors
+                # would fake-quantize them again on every forward (idempotent, 15% of a rollout).
+                m.quantization_enabled = False
         self.eos_id = self.tokenizer.eos_token_id
         self._sessions: OrderedDict = OrderedDict()  # session -> (token ids, per-layer KV)
         self._options: dict[str, list[int]] = {}

@@ -1,0 +1,454 @@
+"""AlfWorldEnv: the real ALFWorld text games (TextWorld PDDL engine, no THOR) behind the Env protocol.
+
+One game file (`json_2.1.1/<split>/<task>/<trial>/game.tw-pddl`) is played per episode with the same
+TextWorld wrappers `AlfredTWEnv` uses (`AlfredDemangler`, `AlfredInfos`; no domain randomisation), so
+observations and admissible commands are exactly what real ALFWorld shows. The per-game path is
+direct: one TextWorld environment per `AlfWorldEnv` object, re-`load`ed on every `reset` (a fresh
+`textworld.start` would map another 33 MB copy of fast-downward per game, which cannot be unloaded).
+`close()` (or garbage collection) hands it to a per-process pool that the next `AlfWorldEnv` takes it
+from; the object is also a context manager.
+
+Data. `$ALFWORLD_DATA` (or the `data` argument) is the folder `alfworld-download` fills:
+`json_2.1.1/{train, valid_seen, valid_unseen, valid_train}`. Games are filtered as `AlfredTWEnv`
+does (both files present, no `movable`/`Sliced` trajectories, `solvable` true) and put in a fixed
+order: by a hash of their relative path (default `order="hash"`, so any prefix or slice mixes the
+six task types) or by path (`order="path"`). The protocol splits map onto ALFWorld's with `splits`
+(default train -> train, calib -> valid_seen, test -> valid_unseen, the paper's out-of-distribution
+test split of 134 games). A mapped value may be a Python slice of a split, e.g.
+`{"calib": "valid_seen[:70]", "test": "valid_seen[70:]"}`; mapped splits that share a game are
+refused. ALFWorld's own split names can also be passed to `tasks()` directly.
+
+Episodes. `reset` returns the room description (the "-= Welcome ... =-" banner and the goal line
+removed) as `text` and "Your task is to: ..." as `goal`; `admissible` is ALFWorld's list as is,
+including `help` (real ALFWorld offers it; it prints the command list). `step` sends the action to
+the game: a non-admissible one gets ALFWorld's own "Nothing happens." and `valid=False`. Following the
+paper's ReAct protocol (App. B, C.2), an action starting with "think:" does not touch the game,
+is answered "OK.", counts as a step and has `info["step_type"] = "think"`; every other step is
+"action". An episode ends when won or after `max_steps` steps; `score` is 1.0 if won, else 0.0.
+
+Expert (`expert_action`). Two experts, both of which label any reachable state (DAgger-style):
+- "handcoded" (default): ALFWorld's own handcoded TextWorld expert (`HandCodedTWAgent`, from
+  traj_data.json's `pddl_params`). It decides from what the agent has observed plus TextWorld's
+  facts about the agent's hand, searching receptacles it has not seen, like the household expert. It
+  is fed every executed admissible action. 0.4.2 ships it with a 0.3 leftover (it only notices a
+  put-down in an action containing "put"; 0.4 says "move X to Y"), which is patched here. It is
+  not guaranteed to win, so the planner takes over for the rest of the episode when it raises,
+  proposes a non-admissible action, or has used `handcoded_budget` steps without winning.
+- "planner": the game's walkthrough, then fast-downward replanning from the current state whenever
+  an executed action leaves the plan and changes the state (oracle: it knows hidden contents).
+  Off-plan actions that only add `checked` facts (look, examine, inventory, help) keep the plan;
+  an off-plan `go to` keeps it by going back first (or by dropping a `go to` it already did).
+  A replan takes 0.01 s to ~20 s depending on the game.
+Both are seeded per task (the handcoded expert breaks ties with `random`), so labels are
+reproducible. `expert_source` says which one produced the last label.
+
+Versions. ALFWorld 0.3 and 0.4 differ in the action grammar (`put X in/on Y` vs `move X to Y`) and
+text, so results are not comparable across them: the version is recorded (`alfworld_version`
+attribute and `Observation.info`), and a version other than 0.4.x gives a warning. The grammar
+itself comes with each game file (the shared data are 0.4 games).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import random
+import re
+import sys
+import types
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+from dmr.envs.base import Observation, Task, Transition
+
+ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
+DEFAULT_SPLITS = {"train": "train", "calib": "valid_seen", "test": "valid_unseen"}
+# ALFWorld's task folder prefix -> the task type names household.py uses.
+TASK_TYPES = {
+    "pick_and_place_simple": "pick_and_place",
+    "pick_two_obj_and_place": "pick_two_obj_and_place",
+    "look_at_obj_in_light": "look_at_obj_in_light",
+    "pick_heat_then_place_in_recep": "pick_heat_then_place",
+    "pick_cool_then_place_in_recep": "pick_cool_then_place",
+    "pick_clean_then_place_in_recep": "pick_clean_then_place",
+}
+EXPERTS = ("handcoded", "planner")
+THINK_PREFIX = "think:"
+THINK_REPLY = "OK."
+NOTHING_HAPPENS = "Nothing happens."
+FEWSHOT_PATH = Path(__file__).resolve().parents[1] / "prompts" / "alfworld_fewshot.txt"
+# Facts that no action's precondition or goal reads: adding them never invalidates a plan.
+_INERT = frozenset({"checked"})
+_LOCATION = frozenset({"atlocation", "not_atlocation"})
+_POOL: list = []  # TextWorld environments of closed AlfWorldEnvs, for reuse (see AlfWorldEnv.close)
+_SLICE = re.compile(r"^(\w+)\[(-?\d*):(-?\d*)(?::(-?\d*))?\]$")
+
+HOW_TO_GET_DATA = (
+    "ALFWorld's game files are needed: run `alfworld-download` (needs internet; it fills "
+    "$ALFWORLD_DATA, default ~/.cache/alfworld), or point ALFWORLD_DATA (or the env's `data` "
+    "argument) at an existing copy such as ../shared/data/alfworld (relative to the project root).")
+
+
+def alfworld_version() -> str | None:
+    try:
+        return importlib.metadata.version("alfworld")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def fewshot(path: str | Path = FEWSHOT_PATH) -> str:
+    """The ReAct few-shot prefix (two expert episodes on valid_train games), for React(prefix=...)."""
+    return Path(path).read_text()
+
+
+def task_type_of(game: str | Path) -> str:
+    """'.../pick_and_place_simple-Book-None-Sofa-229/trial_x/game.tw-pddl' -> 'pick_and_place'."""
+    folder = Path(game).parent.parent.name
+    prefix = folder.split("-", 1)[0]
+    if prefix not in TASK_TYPES:
+        raise ValueError(f"unknown ALFWorld task folder {folder!r}; expected a prefix in {sorted(TASK_TYPES)}")
+    return TASK_TYPES[prefix]
+
+
+def _resolve_root(data: str | os.PathLike | None) -> Path:
+    raw = data if data is not None else os.environ.get("ALFWORLD_DATA")
+    if not raw:
+        raise FileNotFoundError(f"No ALFWorld data folder: pass data=... or set ALFWORLD_DATA. {HOW_TO_GET_DATA}")
+    root = Path(os.path.expandvars(os.path.expanduser(str(raw))))
+    if not root.is_dir():
+        raise FileNotFoundError(f"ALFWorld data folder {str(root)!r} does not exist. {HOW_TO_GET_DATA}")
+    # Accept $ALFWORLD_DATA itself or its json_2.1.1 folder.
+    return root / "json_2.1.1" if (root / "json_2.1.1").is_dir() else root
+
+
+@lru_cache(maxsize=None)
+def _index(split_dir: str, order: str) -> tuple[str, ...]:
+    """Playable games of one split folder, filtered as AlfredTWEnv does, in a fixed order."""
+    games = []
+    for traj in Path(split_dir).glob("*/*/traj_data.json"):
+        game = traj.parent / "game.tw-pddl"
+        rel = str(game.relative_to(split_dir))
+        if "movable" in rel or "Sliced" in rel or not game.is_file():
+            continue
+        if traj.parent.parent.name.split("-", 1)[0] not in TASK_TYPES:
+            continue
+        with game.open() as f:
+            if not json.load(f).get("solvable", False):
+                continue
+        games.append(rel)
+    if order == "path":
+        games.sort()
+    else:
+        games.sort(key=lambda r: (hashlib.sha256(r.encode()).hexdigest(), r))
+    return tuple(str(Path(split_dir) / r) for r in games)
+
+
+@contextlib.contextmanager
+def _keep_argv():
+    # fast_downward's pddl2sas overwrites sys.argv on every game load; give the caller theirs back.
+    argv = list(sys.argv)
+    try:
+        yield
+    finally:
+        sys.argv[:] = argv
+
+
+@contextlib.contextmanager
+def _seeded(module, rng: random.Random):
+    """Run `module`'s calls to the global `random` functions on `rng` instead."""
+    saved = module.random
+    module.random = rng
+    try:
+        yield
+    finally:
+        module.random = saved
+
+
+def _track_move(self, game_state, last_action):
+    """BasePolicy.update_state_tracking, taught ALFWorld 0.4's `move X to Y` put-down."""
+    from alfworld.agents.expert.handcoded_expert import BasePolicy
+
+    BasePolicy.update_state_tracking(self, game_state, last_action)
+    if (last_action.startswith("move ") and "put" not in last_action and self.inventory
+            and "Nothing happens" not in game_state["feedback"]):
+        obj = self.inventory.pop()
+        self.got_inventory_from_recep = ""
+        self.blacklist_obj(obj)
+        if self.task_params["object_target"] in last_action:
+            self.object_blacklist.append(obj)
+
+
+class AlfWorldEnv:
+    """Real ALFWorld (TextWorld) games, one episode at a time (see module doc)."""
+
+    name = "alfworld"
+
+    def __init__(self, data: str | None = None, max_steps: int = 50, splits: dict | None = None,
+                 expert: str | None = "handcoded", handcoded_budget: int = 30, order: str = "hash",
+                 task_types=None):
+        if max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if expert not in EXPERTS + (None,):
+            raise ValueError(f"expert must be one of {EXPERTS} or None, got {expert!r}")
+        if order not in ("hash", "path"):
+            raise ValueError(f"order must be 'hash' or 'path', got {order!r}")
+        self.max_steps = max_steps
+        self.expert = expert
+        self.handcoded_budget = handcoded_budget
+        self.order = order
+        self.task_types = None if task_types is None else tuple(task_types)
+        if self.task_types is not None:
+            unknown = [t for t in self.task_types if t not in TASK_TYPES.values()]
+            if unknown or not self.task_types:
+                raise ValueError(f"task_types must be a non-empty subset of {sorted(TASK_TYPES.values())}, "
+                                 f"got {task_types!r}")
+        self.splits = dict(DEFAULT_SPLITS if splits is None else splits)
+        for k, v in self.splits.items():
+            self._parse_split(v)  # fail early on a malformed mapping
+        self.root = _resolve_root(data)
+        self.alfworld_version = alfworld_version()
+        if self.alfworld_version is None:
+            raise ImportError("AlfWorldEnv needs the `alfworld` package (text-only): pip install alfworld==0.4.2")
+        if not self.alfworld_version.startswith("0.4."):
+            warnings.warn(f"alfworld {self.alfworld_version} is installed; this adapter targets 0.4.x "
+                          "(0.3 uses `put X in/on Y`, 0.4 `move X to Y`), results record the version",
+                          RuntimeWarning, stacklevel=2)
+        self._check_disjoint()
+        self._tw = None          # the TextWorld environment, reused across resets
+        self._task: Task | None = None
+        self._done = True
+        self.expert_source: str | None = None
+
+    # ------------------------------------------------------------------ splits and tasks
+    @staticmethod
+    def _parse_split(spec: str) -> tuple[str, slice]:
+        m = _SLICE.match(spec.strip()) if isinstance(spec, str) else None
+        name, sl = (m.group(1), slice(*(int(g) if g else None for g in m.group(2, 3, 4)))) if m else (spec, slice(None))
+        if name not in ALFWORLD_SPLITS:
+            raise ValueError(f"unknown ALFWorld split {spec!r}; expected one of {ALFWORLD_SPLITS}, "
+                             "optionally sliced, e.g. 'valid_seen[:70]'")
+        return name, sl
+
+    def resolve(self, split: str) -> tuple[str, slice]:
+        """The ALFWorld split (and slice of it) that a protocol or ALFWorld split name refers to."""
+        if split in self.splits:
+            return self._parse_split(self.splits[split])
+        if split in ALFWORLD_SPLITS:
+            return split, slice(None)
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(self.splits)} "
+                         f"(mapped as {self.splits}) or an ALFWorld split {ALFWORLD_SPLITS}")
+
+    def games(self, split: str) -> list[str]:
+        """Game files of `split`, in task-index order."""
+        name, sl = self.resolve(split)
+        folder = self.root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ALFWorld split folder {str(folder)!r} is missing (split {split!r} -> "
+                                    f"{name!r}). {HOW_TO_GET_DATA} The shared copy has only valid_seen and "
+                                    "valid_train; map the protocol splits onto those with `splits=`.")
+        games = list(_index(str(folder), self.order))
+        if self.task_types is not None:
+            games = [g for g in games if task_type_of(g) in self.task_types]
+        return games[sl]
+
+    def _check_disjoint(self) -> None:
+        seen: dict[str, str] = {}
+        for split in self.splits:
+            name, _ = self.resolve(split)
+            if not (self.root / name).is_dir():
+                continue  # reported when the split is used
+            for g in self.games(split):
+                if g in seen and seen[g] != split:
+                    raise ValueError(f"splits {seen[g]!r} and {split!r} share games (e.g. {g}); "
+                                     f"mapping {self.splits} must give disjoint game sets")
+                seen[g] = split
+
+    def tasks(self, split: str, n: int | None = None, offset: int = 0) -> list[Task]:
+        """Tasks `offset .. offset + n - 1` of `split` (all remaining ones when n is None)."""
+        games = self.games(split)
+        n = len(games) - offset if n is None else n
+        if n < 0 or offset < 0 or offset + n > len(games):
+            raise ValueError(f"split {split!r} ({self.resolve(split)[0]}) has {len(games)} games; "
+                             f"asked for {n} from offset {offset}")
+        return [Task(benchmark=self.name, split=split, index=i, seed=i, task_type=task_type_of(games[i]))
+                for i in range(offset, offset + n)]
+
+    # ------------------------------------------------------------------ episode
+    def _start(self, game: str):
+        with _keep_argv():
+            if self._tw is None and _POOL:
+                self._tw = _POOL.pop()
+            if self._tw is None:
+                import textworld
+                from alfworld.agents.environment.alfred_tw_env import AlfredDemangler, AlfredInfos
+
+                infos = textworld.EnvInfos(won=True, admissible_commands=True, facts=True,
+                                           extras=["gamefile", "walkthrough"])
+                self._tw = textworld.start(game, request_infos=infos,
+                                           wrappers=[AlfredDemangler(shuffle=False), AlfredInfos])
+            else:
+                self._tw.load(game)
+            return self._tw.reset()
+
+    def reset(self, task: Task) -> Observation:
+        if task.benchmark != self.name:
+            raise ValueError(f"task {task.key} is not an {self.name} task")
+        games = self.games(task.split)
+        if not 0 <= task.index < len(games):
+            raise ValueError(f"task {task.key}: split {task.split!r} has {len(games)} games")
+        game = games[task.index]
+        state = self._start(game)
+        self._task, self._game, self._state = task, game, state
+        self._task_type = task_type_of(game)
+        self._admissible = list(state["admissible_commands"])
+        self._steps, self._done, self._won = 0, False, bool(state["won"])
+        self._at: str | None = None  # the receptacle the agent last went to
+        paragraphs = [p.strip() for p in state["feedback"].split("\n\n") if p.strip()]
+        goals = [p for p in paragraphs if p.startswith("Your task is to:")]
+        if len(goals) != 1:
+            raise RuntimeError(f"{game}: no single 'Your task is to:' line in {state['feedback']!r}")
+        self._goal = goals[0]
+        text = "\n\n".join(p for p in paragraphs if p != goals[0] and not p.startswith("-= Welcome"))
+        self._reset_expert(task)
+        return Observation(text=text, goal=self._goal, admissible=list(self._admissible),
+                           info={"game": game, "alfworld_version": self.alfworld_version,
+                                 "alfworld_split": self.resolve(task.split)[0], "task_type": self._task_type,
+                                 "max_steps": self.max_steps, "task_key": task.key})
+
+    def step(self, action: str) -> Transition:
+        if self._task is None:
+            raise RuntimeError("AlfWorldEnv.step called before reset()")
+        if self._done:
+            raise RuntimeError("AlfWorldEnv.step called after the episode ended; call reset() first")
+        self._steps += 1
+        command = action.strip() if isinstance(action, str) else ""
+        if command.lower().startswith(THINK_PREFIX):
+            text, valid, step_type = THINK_REPLY, True, "think"
+        else:
+            step_type = "action"
+            valid = command in self._admissible
+            before = self._state
+            self._state, _, _ = self._tw.step(command)
+            text = self._state["feedback"]
+            self._admissible = list(self._state["admissible_commands"])
+            self._won = bool(self._state["won"])
+            if valid:
+                self._observe_expert(command, before, self._state)
+                if command.startswith("go to "):
+                    self._at = command[len("go to "):]
+        self._done = self._won or self._steps >= self.max_steps
+        return Transition(text=text, admissible=list(self._admissible), done=self._done, won=self._won,
+                          score=1.0 if self._won else 0.0, valid=valid,
+                          info={"step_type": step_type, "task_type": self._task_type, "steps": self._steps})
+
+    def close(self) -> None:
+        """End the episode and hand this env's TextWorld game back to a per-process pool.
+
+        Each TextWorld PDDL environment holds its own copy of fast-downward's library, which
+        cannot be unloaded (dlclose leaves it mapped), so closed or garbage-collected envs lend
+        theirs to the next AlfWorldEnv of the process instead of leaking it; a closed env can be
+        reset again. The process holds as many copies as envs were ever alive at once."""
+        tw, self._tw = self._tw, None
+        self._task, self._done = None, True
+        if tw is not None:
+            _POOL.append(tw)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ expert
+    def _reset_expert(self, task: Task) -> None:
+        self._plan: list[str] | None = list(self._state.get("extra.walkthrough") or []) or None
+        self._plan_source = "walkthrough"
+        self._hc = None
+        self._hc_next: str | None = None
+        self._label: str | None = None
+        self.expert_source = None
+        if self.expert != "handcoded":
+            return
+        from alfworld.agents.expert import HandCodedTWAgent
+
+        self._hc_rng = random.Random(f"{task.key}/{task.seed}")
+        self._hc = HandCodedTWAgent(max_steps=10 * self.max_steps)
+        self._hc.reset(self._game)
+        self._hc.policy.update_state_tracking = types.MethodType(_track_move, self._hc.policy)
+        self._feed_handcoded("")
+
+    def _feed_handcoded(self, last_action: str) -> None:
+        from alfworld.agents.expert import handcoded_expert
+
+        if self._hc is None or self._won:
+            return
+        try:
+            with _seeded(handcoded_expert, self._hc_rng):
+                nxt = self._hc.act(self._state, 0, self._state["won"], last_action)
+        except Exception:  # HandCodedAgentFailed / Timeout, or a heuristic tripping over a state
+            nxt = None
+        if nxt not in self._admissible:
+            self._hc = None  # failed: the planner finishes the episode
+        self._hc_next = nxt
+
+    def _observe_expert(self, command: str, before, after) -> None:
+        self._label = None
+        if self.expert is None:
+            return
+        self._follow(command, before, after)
+        if self._hc is not None:
+            self._feed_handcoded(command)
+
+    def _follow(self, command: str, before, after) -> None:
+        """Keep the plan valid after `command`: advance on it, repair a harmless detour, else drop it."""
+        plan = self._plan
+        if not plan:
+            return
+        if command == plan[0]:
+            plan.pop(0)
+            return
+        gone, new = set(before["_facts"]) - set(after["_facts"]), set(after["_facts"]) - set(before["_facts"])
+        names = {f.name.lower() for f in gone | new}
+        if names <= _INERT:
+            return
+        if names <= _INERT | _LOCATION and command.startswith("go to "):
+            target = command[len("go to "):]
+            if plan[0].startswith("go to "):
+                if plan[0] == f"go to {target}":
+                    plan.pop(0)
+                return
+            if self._at is not None:
+                plan.insert(0, f"go to {self._at}")
+                return
+        self._plan = None
+
+    def _replan(self) -> list[str]:
+        pddl = self._tw.unwrapped
+        return list(pddl._pddl_state.replan(pddl._entity_infos))
+
+    def expert_action(self) -> str:
+        if self._task is None or self._done:
+            raise RuntimeError("AlfWorldEnv.expert_action needs a running episode (reset first)")
+        if self.expert is None:
+            raise RuntimeError("this AlfWorldEnv was made with expert=None")
+        if self._label is not None:
+            return self._label
+        if self._hc is not None and self._steps < self.handcoded_budget:
+            self._label, self.expert_source = self._hc_next, "handcoded"
+            return self._label
+        self._hc = None
+        if not (self._plan and self._plan[0] in self._admissible):
+            self._plan, self._plan_source = self._replan(), "planner"
+            if not self._plan or self._plan[0] not in self._admissible:
+                raise RuntimeError(f"{self._game}: the planner found no plan from the current state")
+        self._label, self.expert_source = self._plan[0], self._plan_source
+        return self._label
