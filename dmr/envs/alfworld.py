@@ -147,13 +147,18 @@ def _index(split_dir: str, order: str) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def _keep_argv():
-    # fast_downward's pddl2sas overwrites sys.argv on every game load; give the caller theirs back.
-    argv = list(sys.argv)
+def _keep_globals():
+    """Undo two process-wide side effects of the game stack: fast_downward's pddl2sas overwrites
+    sys.argv on every game load, and importing alfworld sets ALFWORLD_DATA (to ~/.cache/alfworld)."""
+    argv, data = list(sys.argv), os.environ.get("ALFWORLD_DATA")
     try:
         yield
     finally:
         sys.argv[:] = argv
+        if data is None:
+            os.environ.pop("ALFWORLD_DATA", None)
+        else:
+            os.environ["ALFWORLD_DATA"] = data
 
 
 @contextlib.contextmanager
@@ -278,7 +283,7 @@ class AlfWorldEnv:
 
     # ------------------------------------------------------------------ episode
     def _start(self, game: str):
-        with _keep_argv():
+        with _keep_globals():
             if self._tw is None and _POOL:
                 self._tw = _POOL.pop()
             if self._tw is None:
@@ -378,7 +383,8 @@ class AlfWorldEnv:
         self.expert_source = None
         if self.expert != "handcoded":
             return
-        from alfworld.agents.expert import HandCodedTWAgent
+        with _keep_globals():
+            from alfworld.agents.expert import HandCodedTWAgent
 
         self._hc_rng = random.Random(f"{task.key}/{task.seed}")
         self._hc = HandCodedTWAgent(max_steps=10 * self.max_steps)
@@ -452,3 +458,65 @@ class AlfWorldEnv:
                 raise RuntimeError(f"{self._game}: the planner found no plan from the current state")
         self._label, self.expert_source = self._plan[0], self._plan_source
         return self._label
+
+
+# ---------------------------------------------------------------------- ReAct few-shot prefix
+FEWSHOT_HEADER = "Interact with a household to solve a task. Here are two examples.\n"
+FEWSHOT_FOOTER = "\nHere is the task.\n"
+# (split, game folder relative to the split) of the two examples in alfworld_fewshot.txt
+FEWSHOT_GAMES = (
+    ("valid_train", "pick_and_place_simple-Pillow-None-ArmChair-321/trial_T20190908_104900_888704"),
+    ("valid_train", "pick_clean_then_place_in_recep-SoapBar-None-GarbageCan-429/trial_T20190909_015556_293557"),
+)
+_APPLIANCE = {"pick_heat_then_place": ("heat", "microwave"), "pick_cool_then_place": ("cool", "fridge"),
+              "pick_clean_then_place": ("clean", "sinkbasin")}
+
+
+def plan_thought(game: str | Path) -> str:
+    """A ReAct-style `think:` line stating the plan, from traj_data.json's pddl_params."""
+    with (Path(game).parent / "traj_data.json").open() as f:
+        params = json.load(f)["pddl_params"]
+    obj, recep, toggle = (params[k].lower() for k in ("object_target", "parent_target", "toggle_target"))
+    tt = task_type_of(game)
+    if tt == "look_at_obj_in_light":
+        steps = f"find and take a {obj}, then find and use a {toggle}"
+    elif tt == "pick_two_obj_and_place":
+        steps = (f"find and take the first {obj}, then put it in/on {recep}, then find and take the "
+                 f"second {obj}, then put it in/on {recep}")
+    elif tt in _APPLIANCE:
+        verb, appliance = _APPLIANCE[tt]
+        steps = f"find and take a {obj}, then {verb} it with {appliance}, then put it in/on {recep}"
+    else:
+        steps = f"find and take a {obj}, then put it in/on {recep}"
+    return f"think: To solve the task, I need to {steps}."
+
+
+def react_example(env: AlfWorldEnv, task: Task) -> str:
+    """One solved episode in the React prompt format: goal, first observation, then `> action` /
+    observation lines; a plan `think:` step first, then the expert (walkthrough) to the win."""
+    first = env.reset(task)
+    lines = [first.goal.strip(), first.text.strip()]
+    action = plan_thought(env._game)
+    while True:
+        tr = env.step(action)
+        lines += [f"> {action}", tr.text.strip()]
+        if tr.done:
+            break
+        action = env.expert_action()
+    if not tr.won:
+        raise RuntimeError(f"{task.key}: the expert did not win this example")
+    return "\n".join(lines) + "\n"
+
+
+def make_fewshot(data: str | None = None, games=FEWSHOT_GAMES) -> str:
+    """The few-shot prefix stored in dmr/prompts/alfworld_fewshot.txt, rebuilt from the games."""
+    env = AlfWorldEnv(data=data, splits={}, expert="planner", order="path")
+    try:
+        blocks = []
+        for split, folder in games:
+            paths = env.games(split)
+            index = next(i for i, g in enumerate(paths) if Path(g).parent == env.root / split / folder)
+            blocks.append(react_example(env, env.tasks(split, 1, index)[0]))
+    finally:
+        env.close()
+    return FEWSHOT_HEADER + "\n".join(blocks) + FEWSHOT_FOOTER

@@ -25,6 +25,21 @@ class React:
         hist = ep.history[-self.window:] if self.window > 0 else ep.history
         return self._head(ep) + "".join(self.answer(a) + f"{o.strip()}\n>" for a, o in hist)
 
+    def episode(self, text: str) -> Episode:
+        """The episode a rendered prompt shows (the inverse of `render` without a window): what a
+        proxy that only sees prompts needs to rebuild the trajectory. Needs one-line observations."""
+        if self.prefix and text.startswith(self.prefix):
+            text = text[len(self.prefix):]
+        chunks = text.split("\n>")
+        if len(chunks) < 2 or chunks[-1].strip():
+            raise ValueError("not a ReAct prompt: it must end with the '>' of the next action")
+        goal, _, first = chunks[0].partition("\n")
+        history = []
+        for c in chunks[1:-1]:
+            action, _, obs = c.partition("\n")
+            history.append((action.strip(), obs.strip()))
+        return Episode(goal.strip(), first.strip(), history)
+
     def answer(self, action: str) -> str:
         return f" {action}\n"
 

@@ -1,0 +1,292 @@
+"""Routing proxy: a trained DMR router behind one OpenAI-compatible endpoint.
+
+The agent talks to this server as to any OpenAI-compatible LLM. For each request the proxy rebuilds
+the episode's step context from the request itself, asks the router, and forwards the request to
+the high-precision or the low-precision backend; the chosen precision comes back in the
+`X-DMR-Precision` header (with `X-DMR-Score`, the router's high-precision score, and
+`X-DMR-Router-Ms`) and in the body's `dmr` field.
+
+What a request must look like:
+- `/v1/completions`: the agent's ReAct prompt (dmr.prompts.react: task line, initial observation,
+  then ` action` / observation lines, ending with `>`).
+- `/v1/chat/completions`: a multi-turn chat where the first user message holds the task line and
+  the initial observation, each assistant message is an action and each later user message the
+  observation it produced.
+The episode is the `X-DMR-Episode` header when sent, else derived from the task and the initial
+observation. Backends: a URL (an OpenAI-compatible server such as vLLM; the request is forwarded
+with its `model` replaced) or a local checkpoint run in-process by the HF backend.
+
+    python -m dmr.serve --router results/household/tiny/rtn_w2a16/router --budget 0.4 \\
+        --high http://localhost:8001 --low http://localhost:8002 --port 8000
+"""
+import argparse
+import hashlib
+import threading
+import time
+from collections import Counter, deque
+
+from dmr.prompts import Episode
+from dmr.prompts.react import React
+from dmr.routing import StepContext
+
+
+class BadRequest(ValueError):
+    """The request cannot be routed; the message says why (answered with 400)."""
+
+
+class LocalUpstream:
+    """A checkpoint served in-process by the HF backend (CPU or GPU)."""
+
+    def __init__(self, path: str, **kwargs):
+        from dmr import llm
+
+        self.backend = llm.load("hf", path, **kwargs)
+        self.name = path
+        self.lock = threading.Lock()
+
+    def _complete(self, prompt: str, body: dict, episode: str) -> tuple[str, int, int, str]:
+        from dmr.llm import Sampling
+
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop
+        sampling = Sampling(int(body.get("max_tokens") or 16), float(body.get("temperature", 1.0) or 0.0),
+                            float(body.get("top_p", 1.0)), seed=body.get("seed"), stop=stop)
+        with self.lock:
+            g = self.backend.generate([prompt], sampling, sessions=[episode])[0]
+        finish = "stop" if (stop and any(s in g.text for s in stop)) or g.completion_tokens < sampling.max_new_tokens else "length"
+        return g.text, g.prompt_tokens, g.completion_tokens, finish
+
+    def completions(self, body: dict, episode: str) -> dict:
+        text, n_in, n_out, finish = self._complete(body["prompt"], body, episode)
+        return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
+                "model": body.get("model", "dmr"),
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+
+    def chat(self, body: dict, episode: str) -> dict:
+        prompt = self.backend.tokenizer.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+        text, n_in, n_out, finish = self._complete(prompt, body, episode)
+        return {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "dmr"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+
+    def end(self, episode: str) -> None:
+        with self.lock:
+            self.backend.end_session(episode)
+
+    def healthy(self) -> bool:
+        return True
+
+
+class HTTPUpstream:
+    """An OpenAI-compatible server (vLLM); requests are forwarded with its model name."""
+
+    def __init__(self, url: str, model: str | None = None, timeout: float = 600.0):
+        import httpx
+
+        self.url = url.rstrip("/").removesuffix("/v1")
+        self.client = httpx.Client(timeout=timeout)
+        self.name = model or self.client.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+
+    def _post(self, path: str, body: dict) -> dict:
+        r = self.client.post(f"{self.url}{path}", json={**body, "model": self.name})
+        r.raise_for_status()
+        return r.json()
+
+    def completions(self, body: dict, episode: str) -> dict:
+        return self._post("/v1/completions", body)
+
+    def chat(self, body: dict, episode: str) -> dict:
+        return self._post("/v1/chat/completions", body)
+
+    def end(self, episode: str) -> None:
+        pass
+
+    def healthy(self) -> bool:
+        try:
+            return self.client.get(f"{self.url}/health", timeout=5).status_code == 200
+        except Exception:
+            return False
+
+
+def upstream(spec: str, **kwargs):
+    return HTTPUpstream(spec) if spec.startswith(("http://", "https://")) else LocalUpstream(spec, **kwargs)
+
+
+def episode_of_chat(messages: list[dict]) -> Episode:
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise BadRequest("a chat request needs at least one user message (the task and the first observation)")
+    goal, _, first = str(users[0].get("content", "")).strip().partition("\n")
+    turns = [m for m in messages if m.get("role") in ("user", "assistant")]
+    history, i = [], 1
+    while i + 1 < len(turns):
+        if turns[i]["role"] != "assistant" or turns[i + 1]["role"] != "user":
+            raise BadRequest("chat turns must alternate: user (task), assistant (action), user (observation), ...")
+        history.append((str(turns[i]["content"]).strip(), str(turns[i + 1]["content"]).strip()))
+        i += 2
+    if i < len(turns):
+        raise BadRequest("the last chat turn must be a user message (the observation to act on)")
+    return Episode(goal.strip(), first.strip(), history)
+
+
+class Proxy:
+    """Routing state shared by all requests: the router, its per-episode cache, the metrics."""
+
+    def __init__(self, router, high, low, style: "React | None" = None, max_episodes: int = 4096):
+        self.router, self.high, self.low = router, high, low
+        self.precisions = list(router.precisions)
+        self.style = style or React()
+        self.lock = threading.Lock()
+        self.decisions: Counter = Counter()
+        self.router_ms: deque = deque(maxlen=10_000)
+        self.requests = self.errors = 0
+        self.episodes: deque = deque()
+        self.max_episodes = max_episodes
+
+    def context(self, kind: str, body: dict, episode_header: str | None) -> StepContext:
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        if kind == "completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise BadRequest("'prompt' must be one string (one episode step per request)")
+            try:
+                ep = self.style.episode(prompt)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        else:
+            if not isinstance(body.get("messages"), list):
+                raise BadRequest("'messages' must be a list of chat messages")
+            ep = episode_of_chat(body["messages"])
+        key = episode_header or "ep-" + hashlib.sha1(f"{ep.goal}\n{ep.first}".encode()).hexdigest()[:16]
+        return StepContext(key, len(ep.history), ep.goal, ep.history, ep.observation, [], first=ep.first)
+
+    def route(self, kind: str, body: dict, episode_header: str | None = None) -> tuple[dict, dict]:
+        """(response body, headers). Raises BadRequest for requests that cannot be routed."""
+        ctx = self.context(kind, body, episode_header)
+        with self.lock:
+            t0 = time.perf_counter()
+            precision = self.router.decide([ctx])[0]
+            ms = 1000 * (time.perf_counter() - t0)
+            score = self.router.last_scores[0]
+            self.router_ms.append(ms)
+            self.decisions[precision] += 1
+            self.requests += 1
+            if ctx.step == 0:
+                self.episodes.append(ctx.episode)
+                while len(self.episodes) > self.max_episodes:  # bound the caches of abandoned episodes
+                    old = self.episodes.popleft()
+                    self.router.end_session(old)
+                    for u in (self.high, self.low):
+                        u.end(old)
+        target = self.high if precision == self.precisions[0] else self.low
+        out = target.completions(body, ctx.episode) if kind == "completions" else target.chat(body, ctx.episode)
+        out["dmr"] = {"precision": precision, "score": score, "episode": ctx.episode, "step": ctx.step,
+                      "router_ms": ms}
+        headers = {"X-DMR-Precision": precision, "X-DMR-Score": "" if score is None else f"{score:.6f}",
+                   "X-DMR-Router-Ms": f"{ms:.3f}", "X-DMR-Episode": ctx.episode}
+        return out, headers
+
+    def metrics(self) -> dict:
+        import numpy as np
+
+        ms = np.array(self.router_ms) if self.router_ms else np.zeros(1)
+        return {"requests": self.requests, "errors": self.errors, "decisions": dict(self.decisions),
+                "router_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                              "n": len(self.router_ms)}}
+
+
+def app(proxy: Proxy):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    api = FastAPI(title="dmr routing proxy")
+
+    async def handle(kind: str, request: Request):
+        import anyio
+
+        try:
+            body = await request.json()
+        except Exception:
+            proxy.errors += 1
+            return JSONResponse({"error": {"message": "the request body is not valid JSON", "type": "invalid_request_error"}},
+                                status_code=400)
+        try:
+            out, headers = await anyio.to_thread.run_sync(proxy.route, kind, body, request.headers.get("x-dmr-episode"))
+        except BadRequest as e:
+            proxy.errors += 1
+            return JSONResponse({"error": {"message": str(e), "type": "invalid_request_error"}}, status_code=400)
+        except Exception as e:  # an upstream failure must not take the proxy down
+            proxy.errors += 1
+            return JSONResponse({"error": {"message": f"upstream failed: {type(e).__name__}: {e}", "type": "upstream_error"}},
+                                status_code=502)
+        return JSONResponse(out, headers=headers)
+
+    @api.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle("completions", request)
+
+    @api.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle("chat", request)
+
+    @api.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "dmr", "object": "model", "owned_by": "dmr"}]}
+
+    @api.get("/health")
+    async def health():
+        ok = proxy.high.healthy() and proxy.low.healthy()
+        return JSONResponse({"status": "ok" if ok else "degraded"}, status_code=200 if ok else 503)
+
+    @api.get("/metrics")
+    async def metrics():
+        return proxy.metrics()
+
+    return api
+
+
+def build(router_dir: str, high: str, low: str, budget: float | None = None, calibration: str | None = None,
+          threshold: float | None = None, prefix: str = "", **backend_kwargs) -> Proxy:
+    from dmr.calibrate import budget_threshold
+    from dmr.router import load_router
+
+    if (threshold is None) == (budget is None):
+        raise SystemExit("give exactly one of --budget (with the router's calibration.json) and --threshold")
+    if budget is not None:
+        from pathlib import Path
+
+        calibration = calibration or str(Path(router_dir) / "calibration.json")
+        threshold = budget_threshold(calibration, budget)
+    router = load_router(router_dir, threshold=threshold)
+    return Proxy(router, upstream(high, **backend_kwargs), upstream(low, **backend_kwargs), React(prefix=prefix))
+
+
+def main(argv=None):
+    import json
+
+    import uvicorn
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--router", required=True, help="trained router directory (dmr.klst)")
+    p.add_argument("--high", required=True, help="high-precision backend: URL of an OpenAI-compatible server, or a checkpoint")
+    p.add_argument("--low", required=True, help="low-precision backend: URL or checkpoint")
+    p.add_argument("--budget", type=float, default=None, help="high-precision budget K (threshold from calibration.json)")
+    p.add_argument("--calibration", default=None, help="calibration.json (default: the router directory's)")
+    p.add_argument("--threshold", type=float, default=None, help="a fixed router threshold instead of --budget")
+    p.add_argument("--prefix", default="", help="few-shot prefix the agent's ReAct prompts start with")
+    p.add_argument("--backend-kwargs", default="{}", help="JSON kwargs of in-process HF backends")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    a = p.parse_args(argv)
+    proxy = build(a.router, a.high, a.low, a.budget, a.calibration, a.threshold, a.prefix, **json.loads(a.backend_kwargs))
+    print(f"routing between {proxy.precisions} at threshold {proxy.router.threshold:.4f} on http://{a.host}:{a.port}")
+    uvicorn.run(app(proxy), host=a.host, port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Routing proxy (dmr.serve): household episodes through the official openai client get the same
+decisions as the in-process router; bad requests get a 4xx and the proxy stays up."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from dmr import envs, prompts
+from dmr.router import RouterNet, load_router, save_router
+from dmr.routing import StepContext
+from dmr.prompts import Episode
+
+
+@pytest.fixture(scope="module")
+def proxy_url(tiny_world, noisy_model, tmp_path_factory):
+    import uvicorn
+
+    from dmr.serve import app, build
+
+    _, _, model = tiny_world
+    d = tmp_path_factory.mktemp("router")
+    torch.manual_seed(0)
+    save_router(RouterNet(layers=2, window=8), d, ["bf16", "low"])
+    proxy = build(str(d), str(model), str(noisy_model), threshold=0.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app(proxy), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", d, proxy
+    server.should_exit = True
+
+
+def test_episodes_through_openai_client_match_in_process_router(proxy_url):
+    from openai import OpenAI
+
+    url, router_dir, proxy = proxy_url
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    local = load_router(router_dir, threshold=0.5)
+    style = prompts.get("react")
+    env = envs.make("household", max_steps=6)
+    tasks = env.tasks("test", 3)
+    # A threshold at the median first-step score, so that both precisions get used.
+    probe = load_router(router_dir)
+    firsts = [env.reset(t) for t in tasks]
+    first_scores = probe.scores([StepContext(t.key, 0, o.goal, [], o.text, o.admissible, first=o.text)
+                                 for t, o in zip(tasks, firsts)])
+    local.threshold = proxy.router.threshold = sorted(first_scores)[1]
+    seen = set()
+    for task in tasks:
+        first = env.reset(task)
+        ep = Episode(first.goal, first.text, [], first.admissible)
+        for step in range(6):
+            raw = client.completions.with_raw_response.create(
+                model="dmr", prompt=style.render(None, ep), max_tokens=12, temperature=0, stop=["\n"],
+                extra_headers={"X-DMR-Episode": task.key})
+            out = raw.parse()
+            ctx = StepContext(task.key, step, ep.goal, list(ep.history), ep.observation, ep.admissible, first=ep.first)
+            expect = local.decide([ctx])[0]
+            assert raw.headers["x-dmr-precision"] == expect, (task.key, step)
+            assert float(raw.headers["x-dmr-score"]) == pytest.approx(local.last_scores[0], abs=1e-5)
+            seen.add(expect)
+            text = out.choices[0].text
+            assert out.usage.completion_tokens >= 1
+            tr = env.step(style.parse(text) or text.strip())
+            ep.history.append((style.parse(text) or text.strip(), tr.text))
+            if tr.done:
+                break
+    m = httpx.get(f"{url}/metrics").json()
+    assert sum(m["decisions"].values()) == m["requests"] > 0 and m["router_ms"]["p50"] > 0
+    assert seen == {"bf16", "low"}
+
+
+def test_chat_endpoint_and_derived_episode(proxy_url):
+    url, _, _ = proxy_url
+    body = {"model": "dmr", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "Your task is to: put a mug in fridge.\nYou are in the middle of a room."},
+                         {"role": "assistant", "content": "go to fridge 1"},
+                         {"role": "user", "content": "The fridge 1 is closed."}]}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    j = r.json()
+    assert j["dmr"]["step"] == 1 and j["dmr"]["episode"].startswith("ep-")
+    assert r.headers["x-dmr-precision"] in ("bf16", "low") and j["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("path,payload,needle", [
+    ("/v1/completions", b"{not json", "not valid JSON"),
+    ("/v1/completions", b'{"prompt": 3}', "'prompt' must be one string"),
+    ("/v1/completions", b'{"prompt": "no react prompt"}', "not a ReAct prompt"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "x"}]}', "at least one user message"),
+    ("/v1/chat/completions", b'{"messages": "hi"}', "'messages' must be a list"),
+])
+def test_bad_requests_get_4xx_and_the_proxy_stays_up(proxy_url, path, payload, needle):
+    url, _, _ = proxy_url
+    r = httpx.post(url + path, content=payload, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    ok = httpx.post(f"{url}/v1/completions", json={"prompt": "Your task is to: x.\nYou see y.\n>", "max_tokens": 4,
+                                                   "temperature": 0}, timeout=60)
+    assert ok.status_code == 200
