@@ -59,6 +59,7 @@ import re
 import sys
 import types
 import warnings
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,6 +84,7 @@ FEWSHOT_PATH = Path(__file__).resolve().parents[1] / "prompts" / "alfworld_fewsh
 # Facts that no action's precondition or goal reads: adding them never invalidates a plan.
 _INERT = frozenset({"checked"})
 _LOCATION = frozenset({"atlocation", "not_atlocation"})
+_SAS_CACHE: OrderedDict = OrderedDict()  # see _memo_pddl2sas
 _POOL: list = []  # TextWorld environments of closed AlfWorldEnvs, for reuse (see AlfWorldEnv.close)
 _SLICE = re.compile(r"^(\w+)\[(-?\d*):(-?\d*)(?::(-?\d*))?\]$")
 
@@ -172,6 +174,32 @@ def _seeded(module, rng: random.Random):
         module.random = saved
 
 
+@contextlib.contextmanager
+def _memo_pddl2sas():
+    """Translate each game's PDDL once, not four times: TextWorld's PddlEnv builds its state (two
+    fast-downward translations) in `load` and again in `reset`; the translation is a pure function
+    of (domain, problem, optimize), so a small cache returns the same result for the second time."""
+    import fast_downward
+
+    original = fast_downward.pddl2sas
+
+    def memo(domain, problem, verbose=False, optimize=False):
+        key = (hashlib.sha256(f"{domain}\0{problem}".encode()).hexdigest(), bool(optimize))
+        if key in _SAS_CACHE:
+            _SAS_CACHE.move_to_end(key)
+        else:
+            _SAS_CACHE[key] = original(domain, problem, verbose=verbose, optimize=optimize)
+            while len(_SAS_CACHE) > 8:
+                _SAS_CACHE.popitem(last=False)
+        return _SAS_CACHE[key]
+
+    fast_downward.pddl2sas = memo
+    try:
+        yield
+    finally:
+        fast_downward.pddl2sas = original
+
+
 def _track_move(self, game_state, last_action):
     """BasePolicy.update_state_tracking, taught ALFWorld 0.4's `move X to Y` put-down."""
     from alfworld.agents.expert.handcoded_expert import BasePolicy
@@ -193,7 +221,7 @@ class AlfWorldEnv:
 
     def __init__(self, data: str | None = None, max_steps: int = 50, splits: dict | None = None,
                  expert: str | None = "handcoded", handcoded_budget: int = 30, order: str = "hash",
-                 task_types=None):
+                 task_types=None, memo: bool = True):
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         if expert not in EXPERTS + (None,):
@@ -204,6 +232,7 @@ class AlfWorldEnv:
         self.expert = expert
         self.handcoded_budget = handcoded_budget
         self.order = order
+        self.memo = memo  # cache fast-downward translations (see _memo_pddl2sas); False = TextWorld as is
         self.task_types = None if task_types is None else tuple(task_types)
         if self.task_types is not None:
             unknown = [t for t in self.task_types if t not in TASK_TYPES.values()]
@@ -283,7 +312,7 @@ class AlfWorldEnv:
 
     # ------------------------------------------------------------------ episode
     def _start(self, game: str):
-        with _keep_globals():
+        with _keep_globals(), _memo_pddl2sas() if self.memo else contextlib.nullcontext():
             if self._tw is None and _POOL:
                 self._tw = _POOL.pop()
             if self._tw is None:

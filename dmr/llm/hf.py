@@ -88,6 +88,33 @@ class HFBackend:
             ids = self._options[text] = self.encode(text)
         return ids
 
+    def _cached(self, ids: list[int], session: str | None, min_new: int):
+        """The session's cache entry when `ids` extends it by at least `min_new` tokens, else None."""
+        hit = self._sessions.get(session) if session is not None else None
+        if hit is not None and len(hit[0]) <= len(ids) - min_new and ids[:len(hit[0])] == hit[0]:
+            return hit
+        return None
+
+    @torch.inference_mode()
+    def _catch_up(self, seqs: list[list[int]], sessions: list[str] | None, min_new: list[int], slack: int = 32):
+        """Advance, one row at a time, the sessions whose uncached part is much longer than the
+        batch's typical one (a cold episode, or a precision that sat out several steps). Batched,
+        every row would be padded to that longest gap; alone, each costs only its own tokens."""
+        if not sessions or len(seqs) < 2:
+            return
+        gaps = []
+        for ids, key, m in zip(seqs, sessions, min_new):
+            hit = self._cached(ids, key, m)
+            gaps.append(len(ids) - (len(hit[0]) if hit else 0))
+        typical = sorted(gaps)[len(gaps) // 2]
+        for i, gap in enumerate(gaps):
+            if gap > typical + slack:
+                upto = len(seqs[i]) - max(min_new[i], typical)
+                cache, mask, ids, _ = self._prefill([seqs[i][:upto]], [sessions[i]], [1])
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+                self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+                self._remember([sessions[i]], [seqs[i][:upto]], mask, cache)
+
     def _prefill(self, seqs: list[list[int]], sessions: list[str] | None, min_new: list[int]):
         """A batch over `seqs` that starts from each session's cached KV where the sequence extends
         it by at least `min_new[i]` tokens. Returns the cache, the attention mask over cache + new
@@ -98,8 +125,8 @@ class HFBackend:
         B = len(seqs)
         past, new = [], []
         for i, ids in enumerate(seqs):
-            hit = self._sessions.get(sessions[i]) if sessions else None
-            if hit is not None and len(hit[0]) <= len(ids) - min_new[i] and ids[:len(hit[0])] == hit[0]:
+            hit = self._cached(ids, sessions[i], min_new[i]) if sessions else None
+            if hit is not None:
                 past.append(hit[1])
                 new.append(ids[len(hit[0]):])
             else:
@@ -141,6 +168,7 @@ class HFBackend:
             return []
         prompt_ids = [self.encode(p) for p in prompts]
         B = len(prompts)
+        self._catch_up(prompt_ids, sessions, [1] * B)
         cache, mask, ids, chunk_mask = self._prefill(prompt_ids, sessions, min_new=[1] * B)
         tries = [_Trie([self._encode_option(c) for c in options]) for options in allowed] if allowed is not None else None
         gen = torch.Generator(device=self.device)
@@ -231,7 +259,9 @@ class HFBackend:
         pairs = [(self.encode(p), self.encode(c)) for p, c in zip(prompts, continuations, strict=True)]
         seqs = [p + c for p, c in pairs]
         # The logits predicting c[0] come from the last prompt token, so that one must be new too.
-        cache, mask, ids, _ = self._prefill(seqs, sessions, min_new=[len(c) + 1 for _, c in pairs])
+        min_new = [len(c) + 1 for _, c in pairs]
+        self._catch_up(seqs, sessions, min_new)
+        cache, mask, ids, _ = self._prefill(seqs, sessions, min_new=min_new)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                             use_cache=sessions is not None).logits.float()
