@@ -2,11 +2,16 @@
 
 One game file (`json_2.1.1/<split>/<task>/<trial>/game.tw-pddl`) is played per episode with the same
 TextWorld wrappers `AlfredTWEnv` uses (`AlfredDemangler`, `AlfredInfos`; no domain randomisation), so
-observations and admissible commands are exactly what real ALFWorld shows. The per-game path is
-direct: one TextWorld environment per `AlfWorldEnv` object, re-`load`ed on every `reset` (a fresh
-`textworld.start` would map another 33 MB copy of fast-downward per game, which cannot be unloaded).
-`close()` (or garbage collection) hands it to a per-process pool that the next `AlfWorldEnv` takes it
-from; the object is also a context manager.
+observations and admissible commands are exactly what real ALFWorld shows.
+
+Cost and memory. One TextWorld environment per `AlfWorldEnv` object, re-`load`ed on every `reset`
+(a fresh `textworld.start` per game would map another 33 MB copy of fast-downward, which cannot be
+unloaded); `close()` (or garbage collection) hands it to a per-process pool that the next
+`AlfWorldEnv` takes it from, so a process holds one copy per env alive at once (one per agent
+shard). TextWorld translates each game's PDDL four times per load+reset; the translation is cached
+(`memo=True`; same observations, half the reset time). TextWorld also interns every logic object it
+ever builds (~1 MB per distinct game); that cache is emptied past `MEMENTO_LIMIT` entries. On this
+machine a reset takes ~0.5-10 s and a step ~0.05-1.5 s (large kitchens are the slow ones).
 
 Data. `$ALFWORLD_DATA` (or the `data` argument) is the folder `alfworld-download` fills:
 `json_2.1.1/{train, valid_seen, valid_unseen, valid_train}`. Games are filtered as `AlfredTWEnv`
@@ -32,8 +37,9 @@ Expert (`expert_action`). Two experts, both of which label any reachable state (
   facts about the agent's hand, searching receptacles it has not seen, like the household expert. It
   is fed every executed admissible action. 0.4.2 ships it with a 0.3 leftover (it only notices a
   put-down in an action containing "put"; 0.4 says "move X to Y"), which is patched here. It is
-  not guaranteed to win, so the planner takes over for the rest of the episode when it raises,
-  proposes a non-admissible action, or has used `handcoded_budget` steps without winning.
+  not guaranteed to win, so the planner below takes over for the rest of the episode when it
+  raises, proposes a non-admissible action, or has used `handcoded_budget` steps without winning
+  (it continues the walkthrough when the handcoded detour left it valid, else replans).
 - "planner": the game's walkthrough, then fast-downward replanning from the current state whenever
   an executed action leaves the plan and changes the state (oracle: it knows hidden contents).
   Off-plan actions that only add `checked` facts (look, examine, inventory, help) keep the plan;
@@ -85,7 +91,11 @@ FEWSHOT_PATH = Path(__file__).resolve().parents[1] / "prompts" / "alfworld_fewsh
 _INERT = frozenset({"checked"})
 _LOCATION = frozenset({"atlocation", "not_atlocation"})
 _SAS_CACHE: OrderedDict = OrderedDict()  # see _memo_pddl2sas
-_POOL: list = []  # TextWorld environments of closed AlfWorldEnvs, for reuse (see AlfWorldEnv.close)
+_POOL: list = []
+# TextWorld interns every Variable/Signature/Proposition it ever builds in one process-wide dict
+# (mementos._memento_cache, ~1 MB per distinct game). They compare by value, so the cache only saves
+# allocations; it is emptied at a reset once it holds more than this many entries.
+MEMENTO_LIMIT = 20_000  # TextWorld environments of closed AlfWorldEnvs, for reuse (see AlfWorldEnv.close)
 _SLICE = re.compile(r"^(\w+)\[(-?\d*):(-?\d*)(?::(-?\d*))?\]$")
 
 HOW_TO_GET_DATA = (
@@ -119,7 +129,7 @@ def _resolve_root(data: str | os.PathLike | None) -> Path:
     raw = data if data is not None else os.environ.get("ALFWORLD_DATA")
     if not raw:
         raise FileNotFoundError(f"No ALFWorld data folder: pass data=... or set ALFWORLD_DATA. {HOW_TO_GET_DATA}")
-    root = Path(os.path.expandvars(os.path.expanduser(str(raw))))
+    root = Path(os.path.expandvars(os.path.expanduser(str(raw)))).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"ALFWorld data folder {str(root)!r} does not exist. {HOW_TO_GET_DATA}")
     # Accept $ALFWORLD_DATA itself or its json_2.1.1 folder.
@@ -172,6 +182,15 @@ def _seeded(module, rng: random.Random):
         yield
     finally:
         module.random = saved
+
+
+def _trim_memento_cache() -> None:
+    try:
+        from mementos.core import _memento_cache
+    except ImportError:  # another TextWorld version: nothing to trim
+        return
+    if len(_memento_cache) > MEMENTO_LIMIT:
+        _memento_cache.clear()
 
 
 @contextlib.contextmanager
@@ -312,6 +331,7 @@ class AlfWorldEnv:
 
     # ------------------------------------------------------------------ episode
     def _start(self, game: str):
+        _trim_memento_cache()
         with _keep_globals(), _memo_pddl2sas() if self.memo else contextlib.nullcontext():
             if self._tw is None and _POOL:
                 self._tw = _POOL.pop()
