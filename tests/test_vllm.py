@@ -581,3 +581,58 @@ def test_real_vllm_matches_hf(vllm_python, tiny_world, tmp_path):
     for v, h in zip(trie_v, trie_h):
         assert (v.text, v.token_ids) == (h.text, h.token_ids)  # the same greedy action as HF
         assert v.logprobs == pytest.approx(h.logprobs, abs=1e-2)
+
+
+@pytest.mark.slow
+def test_routing_proxy_forwards_to_a_real_vllm_server(vllm_python, tiny_world, tmp_path):
+    """dmr.serve with bf16 behind a real vLLM server and the low precision in-process: requests
+    routed high are forwarded over HTTP and answer what the HF backend answers."""
+    import socket
+    import threading
+    import time
+
+    import torch
+    import uvicorn
+    from openai import OpenAI
+
+    from dmr import envs
+    from dmr.llm.hf import HFBackend
+    from dmr.prompts import Episode, get
+    from dmr.router import RouterNet, save_router
+    from dmr.serve import HTTPUpstream, app, build
+
+    _, _, model = tiny_world
+    torch.manual_seed(0)
+    save_router(RouterNet(layers=1, window=8), tmp_path / "router", ["bf16", "low"])
+    spec = ServerSpec(str(model), free_port(), 0.3, max_logprobs=20, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                      extra_args=["--max-model-len", "2048"])
+    hf = HFBackend(model, device="cpu")
+    style = get("react")
+    with serve([spec], python=vllm_python, timeout=1200, log_dir=tmp_path) as (server,):
+        # threshold 0: every step goes to the high precision, i.e. through HTTP to vLLM
+        proxy = build(str(tmp_path / "router"), server.url, str(model), threshold=0.0)
+        assert isinstance(proxy.high, HTTPUpstream)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        web = uvicorn.Server(uvicorn.Config(app(proxy), host="127.0.0.1", port=port, log_level="warning"))
+        threading.Thread(target=web.run, daemon=True).start()
+        while not web.started:
+            time.sleep(0.05)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        env = envs.make("household", max_steps=4)
+        first = env.reset(env.tasks("test", 1)[0])
+        ep = Episode(first.goal, first.text, [], first.admissible)
+        for _ in range(4):
+            prompt = style.render(hf.tokenizer, ep)
+            raw = client.completions.with_raw_response.create(model="dmr", prompt=prompt, max_tokens=12,
+                                                              temperature=0, stop=["\n"])
+            out = raw.parse()
+            assert raw.headers["x-dmr-precision"] == "bf16" and out.usage.completion_tokens >= 1
+            expect = hf.generate([prompt], Sampling(max_new_tokens=12, temperature=0.0, stop=style.stop))[0].text
+            assert out.choices[0].text == expect.removesuffix("\n")  # vLLM drops the stop string
+            tr = env.step(style.parse(expect) or expect.strip())
+            ep.history.append((style.parse(expect) or expect.strip(), tr.text))
+            if tr.done:
+                break
+        web.should_exit = True
