@@ -8,8 +8,6 @@ episodes through the official openai client. Prints, per request, the router's d
         --high results/household/tiny/bf16/model --low results/household/tiny/rtn_w2a16/model
 """
 import argparse
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,22 +25,15 @@ def main():
     p.add_argument("--max-steps", type=int, default=15)
     a = p.parse_args()
 
-    import uvicorn
     from openai import OpenAI
 
     from dmr import envs, prompts
     from dmr.prompts import Episode
-    from dmr.serve import app, build
+    from dmr.serve import build, start_background
 
     proxy = build(a.router, a.high, a.low, threshold=a.threshold)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app(proxy), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    url, server = start_background(proxy)
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     style = prompts.get("react")
     env_tasks = envs.make("household", max_steps=a.max_steps).tasks("test", a.episodes)
 

@@ -40,10 +40,9 @@ def high_fraction(scores, tau: float) -> float:
 
 
 def figure(train_scores, calib_scores, cal: dict, title: str, path: Path) -> None:
-    import matplotlib
+    from dmr import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     bins = np.linspace(0, 1, 41)
@@ -60,10 +59,7 @@ def figure(train_scores, calib_scores, cal: dict, title: str, path: Path) -> Non
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=150)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def main(argv=None):

@@ -13,11 +13,16 @@ from pathlib import Path
 import polars as pl
 
 
+def high_fraction(episodes: pl.DataFrame) -> float:
+    """Share of a run's LLM calls that went to the high precision."""
+    return float(episodes["high_calls"].sum() / max(1, episodes["calls"].sum()))
+
+
 def seed_metrics(episodes: pl.DataFrame) -> dict:
     won = episodes.filter(pl.col("won"))
     return {"success": 100.0 * episodes["won"].mean(), "score": episodes["score"].mean(),
             "steps": episodes["steps"].mean(), "ep_time": won["time"].mean() if len(won) else None,
-            "high_frac": episodes["high_calls"].sum() / max(1, episodes["calls"].sum()),
+            "high_frac": high_fraction(episodes),
             "episodes": len(episodes)}
 
 
@@ -90,10 +95,9 @@ def latex(df: pl.DataFrame, title: str) -> str:
 
 def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
     """Success vs episode time per scheme: Full, Quant, the DMR budget sweep, matched baselines."""
-    import matplotlib
+    from dmr import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     quants = [q for q in dict.fromkeys(df["quant"].to_list()) if q != "bf16"] or ["bf16"]
     fig, axes = plt.subplots(1, len(quants), figsize=(3.6 * len(quants), 3.2), squeeze=False)
@@ -117,10 +121,7 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
         ax.set_ylabel("success (%)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=150)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def main(argv=None):

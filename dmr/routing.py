@@ -88,8 +88,9 @@ def realised_fraction(episodes_parquet) -> float:
     """High-precision share of the routed steps of a finished run (what matched baselines match)."""
     import polars as pl
 
-    eps = pl.read_parquet(episodes_parquet)
-    return float(eps["high_calls"].sum() / max(1, eps["calls"].sum()))
+    from dmr.evaluate import high_fraction
+
+    return high_fraction(pl.read_parquet(episodes_parquet))
 
 
 def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float | None = None,

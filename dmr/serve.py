@@ -250,6 +250,23 @@ def app(proxy: Proxy):
     return api
 
 
+def start_background(proxy: Proxy, host: str = "127.0.0.1"):
+    """Serve `proxy` from a daemon thread on a free port (tests, benchmarks, notebooks).
+    Returns (base URL, uvicorn server); set `server.should_exit = True` to stop it."""
+    import time
+
+    import uvicorn
+
+    from dmr.llm.server import free_port
+
+    port = free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app(proxy), host=host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://{host}:{port}", server
+
+
 def build(router_dir: str, high: str, low: str, budget: float | None = None, calibration: str | None = None,
           threshold: float | None = None, prefix: str = "", **backend_kwargs) -> Proxy:
     from dmr.calibrate import budget_threshold

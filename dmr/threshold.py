@@ -104,10 +104,9 @@ def sweep(kl, chosen: dict) -> list[dict]:
 
 
 def figure(kl, chosen: dict, rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
+    from dmr import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     edges = np.asarray(chosen["hist"]["edges"])
     counts = np.asarray(chosen["hist"]["counts"])
@@ -129,10 +128,7 @@ def figure(kl, chosen: dict, rows: list[dict], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path.with_suffix(".png"), dpi=150)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
+    plots.save(fig, path)
 
 
 def eligible(df, step_types: list[str]):

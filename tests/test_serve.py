@@ -2,10 +2,6 @@
 decisions as the in-process router; bad requests get a 4xx and the proxy stays up."""
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import httpx
 import pytest
 import torch
@@ -18,25 +14,15 @@ from dmr.prompts import Episode
 
 @pytest.fixture(scope="module")
 def proxy_url(tiny_world, noisy_model, tmp_path_factory):
-    import uvicorn
-
-    from dmr.serve import app, build
+    from dmr.serve import build, start_background
 
     _, _, model = tiny_world
     d = tmp_path_factory.mktemp("router")
     torch.manual_seed(0)
     save_router(RouterNet(layers=2, window=8), d, ["bf16", "low"])
     proxy = build(str(d), str(model), str(noisy_model), threshold=0.5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app(proxy), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", d, proxy
+    url, server = start_background(proxy)
+    yield url, d, proxy
     server.should_exit = True
 
 

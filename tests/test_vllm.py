@@ -587,19 +587,14 @@ def test_real_vllm_matches_hf(vllm_python, tiny_world, tmp_path):
 def test_routing_proxy_forwards_to_a_real_vllm_server(vllm_python, tiny_world, tmp_path):
     """dmr.serve with bf16 behind a real vLLM server and the low precision in-process: requests
     routed high are forwarded over HTTP and answer what the HF backend answers."""
-    import socket
-    import threading
-    import time
-
     import torch
-    import uvicorn
     from openai import OpenAI
 
     from dmr import envs
     from dmr.llm.hf import HFBackend
     from dmr.prompts import Episode, get
     from dmr.router import RouterNet, save_router
-    from dmr.serve import HTTPUpstream, app, build
+    from dmr.serve import HTTPUpstream, build, start_background
 
     _, _, model = tiny_world
     torch.manual_seed(0)
@@ -612,14 +607,8 @@ def test_routing_proxy_forwards_to_a_real_vllm_server(vllm_python, tiny_world, t
         # threshold 0: every step goes to the high precision, i.e. through HTTP to vLLM
         proxy = build(str(tmp_path / "router"), server.url, str(model), threshold=0.0)
         assert isinstance(proxy.high, HTTPUpstream)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        web = uvicorn.Server(uvicorn.Config(app(proxy), host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=web.run, daemon=True).start()
-        while not web.started:
-            time.sleep(0.05)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        url, web = start_background(proxy)
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         env = envs.make("household", max_steps=4)
         first = env.reset(env.tasks("test", 1)[0])
         ep = Episode(first.goal, first.text, [], first.admissible)
