@@ -32,13 +32,18 @@ def encoder_path() -> Path:
 class StepEncoder:
     """The frozen sentence encoder: texts -> L2-normalised 384-d embeddings."""
 
-    def __init__(self, path: str | Path | None = None, device: str = "cpu"):
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", memo: int = 50_000):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(path or encoder_path()), device=device).eval()
         self.model.requires_grad_(False)
         self.device = device
         self.dim = self.model.get_embedding_dimension()
+        # Step texts repeat a lot across episodes ("> open drawer 1 / Nothing happens.": 18% of the
+        # KL pool's texts are distinct), and the 22M-parameter encoder costs far more per step than
+        # a tiny agent, so embeddings are remembered by text.
+        self._memo: dict[str, torch.Tensor] = {}
+        self.memo = memo
 
     @torch.no_grad()  # not inference_mode: training saves these embeddings for backward
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
@@ -46,18 +51,22 @@ class StepEncoder:
 
         The model's own pipeline (tokenize, BERT, mean pooling, L2 norm) called directly:
         SentenceTransformer.encode adds ~2 ms per call on a 2-core CPU, a sixth of a batch-1 decision.
-        Texts are sorted by length so that batches pad little.
+        New distinct texts are sorted by length so that batches pad little.
         """
         from sentence_transformers.util import batch_to_device
         from tqdm import tqdm
 
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = torch.empty(len(texts), self.dim)
-        for at in tqdm(range(0, len(texts), batch_size), desc="encode", disable=not progress):
-            idx = order[at:at + batch_size]
-            features = batch_to_device(self.model.preprocess([texts[i] for i in idx]), self.device)
-            out[idx] = self.model(features)["sentence_embedding"].float().cpu()
-        return out.to(self.device)
+        todo = sorted({t for t in texts if t not in self._memo}, key=lambda t: -len(t))
+        if len(self._memo) + len(todo) > self.memo:
+            self._memo.clear()
+        for at in tqdm(range(0, len(todo), batch_size), desc="encode", disable=not progress):
+            chunk = todo[at:at + batch_size]
+            features = batch_to_device(self.model.preprocess(chunk), self.device)
+            emb = self.model(features)["sentence_embedding"].float().cpu()
+            self._memo.update(zip(chunk, emb))
+        if not texts:
+            return torch.empty(0, self.dim, device=self.device)
+        return torch.stack([self._memo[t] for t in texts]).to(self.device)
 
 
 class RouterNet(nn.Module):

@@ -241,3 +241,14 @@ def test_encoder_is_the_offline_minilm(encoder):
     assert torch.allclose(e, encoder.model.encode(texts, convert_to_tensor=True), atol=1e-5)
     assert torch.allclose(e[1], encoder.encode(["short"])[0], atol=1e-5)  # independent of batching
     assert encoder.encode([]).shape == (0, 384)
+
+
+def test_remembered_embeddings_match_fresh_ones(encoder):
+    texts = ["> open drawer 1\nNothing happens.", "> go to sinkbasin 1\nYou arrive at sinkbasin 1.",
+             "> open drawer 1\nNothing happens."]
+    first = encoder.encode(texts)
+    assert torch.equal(first[0], first[2])  # one text, one embedding, wherever it appears
+    again = encoder.encode(list(reversed(texts)))
+    assert torch.equal(again, first.flip(0))
+    fresh = StepEncoder(memo=0).encode(texts)  # memo 0: cleared before every call
+    assert torch.allclose(fresh, first, atol=1e-5)
