@@ -267,7 +267,6 @@ def test_micro_through_real_slurm(slurm, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert pl.read_parquet(work / target).height == 4
-    logs = work / ".snakemake/slurm_logs"
-    for rule in ("expert_data", "tokenizer", "train_agent", "rollout"):
-        assert list((logs / f"rule_{rule}").rglob("*.log")), f"{rule} did not run as a Slurm job"
-    assert len(re.findall(r"submitted with SLURM jobid \d+", r.stdout + r.stderr)) == 4
+    # The plugin deletes the Slurm logs of successful jobs; its submission messages remain.
+    submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/rule_(\w+)/", r.stdout + r.stderr)
+    assert sorted(submitted) == ["expert_data", "rollout", "tokenizer", "train_agent"]
