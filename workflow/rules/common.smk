@@ -84,7 +84,8 @@ def rule_resources(rule, threads=1):
 def _check_resources():
     unknown = set(config.get("resources", {})) - {"default"} - {r.name for r in workflow.rules}
     if unknown:
-        raise ValueError(f"resources: {sorted(unknown)} are not rules of this workflow; its rules are {sorted(r.name for r in workflow.rules)}")
+        raise ValueError(f"resources: {sorted(unknown)} are not rules of this workflow; "
+                         f"its rules are {sorted(r.name for r in workflow.rules)}")
 
 wildcard_constraints:
     benchmark="[A-Za-z0-9_-]+",
@@ -277,9 +278,12 @@ def table_args(wildcards):
 
 
 def calibration_input(wildcards):
-    """The expert episodes when quantization calibrates on them; a local file is an external path."""
+    """The expert episodes when quantization calibrates on them. A local file is an input once it exists
+    (a change reruns quantization); a dry-run plans without it, and a real run checks it on start."""
     source = model_cfg(wildcards).get("quantize", {}).get("calibration", {}).get("source", "expert")
-    return [rules.expert_data.output[0].format(**wildcards)] if source == "expert" else []
+    if source == "expert":
+        return [rules.expert_data.output[0].format(**wildcards)]
+    return [source] if os.path.exists(source) else []
 
 
 def calibration_arg(wildcards):
