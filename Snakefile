@@ -8,11 +8,18 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/agent.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/route.smk"
 include: "workflow/rules/evaluate.smk"
+
+
+onstart:
+    check_external_paths()
 
 
 rule all:

@@ -67,6 +67,31 @@ def markdown(df: pl.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def html(md: str) -> str:
+    """The Markdown table as an HTML page (the Snakemake report shows HTML inline, Markdown only as a file)."""
+    import html as h
+
+    out, in_table = ["<html><body>"], False
+    for line in md.splitlines():
+        if line.startswith("|"):
+            if line.startswith("|---"):
+                continue
+            tag = "td" if in_table else "th"
+            if not in_table:
+                out.append('<table border="1" cellpadding="3" style="border-collapse: collapse">')
+                in_table = True
+            out.append("<tr>" + "".join(f"<{tag}>{h.escape(c.strip())}</{tag}>" for c in line.strip("|").split("|")) + "</tr>")
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        if line.startswith("# "):
+            out.append(f"<h3>{h.escape(line[2:])}</h3>")
+        elif line.strip():
+            out.append(f"<p>{h.escape(line)}</p>")
+    return "\n".join(out + (["</table>"] if in_table else []) + ["</body></html>"]) + "\n"
+
+
 def latex(df: pl.DataFrame, title: str) -> str:
     """Table 1 as a LaTeX tabular (booktabs); the best success among each scheme's routers in bold."""
     def esc(x):
@@ -134,6 +159,7 @@ def main(argv=None):
     p.add_argument("--markdown", required=True, type=Path, help="output Markdown table")
     p.add_argument("--latex", type=Path, default=None, help="output LaTeX table")
     p.add_argument("--pareto", type=Path, default=None, help="output Pareto figure (.png and .pdf)")
+    p.add_argument("--html", type=Path, default=None, help="output HTML table (for the Snakemake report)")
     a = p.parse_args(argv)
     runs = {}
     for name, *paths in a.method:
@@ -146,6 +172,8 @@ def main(argv=None):
     a.markdown.write_text(markdown(df, a.cell))
     if a.latex:
         a.latex.write_text(latex(df, a.cell))
+    if a.html:
+        a.html.write_text(html(a.markdown.read_text()))
     if a.pareto:
         pareto(df, a.cell, a.pareto)
     print(a.markdown.read_text())

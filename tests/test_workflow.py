@@ -108,3 +108,11 @@ def test_micro_end_to_end(tmp_path):
     assert '"Qwen3ForCausalLM"' in cfg and '"bfloat16"' in cfg
     again = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", "-n", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # The Snakemake report of the finished run: Table 1 as HTML, the figures, their captions.
+    assert "<td>Full</td>" in (cell / "tables/main.html").read_text()
+    report = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--report", str(tmp_path / "report.html"),
+                       cwd=tmp_path)
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (tmp_path / "report.html").read_text()
+    for text in ("Table 1", "KL-ST", "main.html", "pareto.png", "kl_hist_gptq_w4a16.png", "Success rate against"):
+        assert text in page, text

@@ -12,6 +12,8 @@ rule expert_data:
         n=lambda w: bench(w)["tasks"]["train"],
         noise=lambda w: model_cfg(w).get("expert", {}).get("noise", 0.2),
         clean=lambda w: model_cfg(w).get("expert", {}).get("clean_fraction", 0.5),
+    resources:
+        **rule_resources("expert_data"),
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -29,6 +31,8 @@ rule tokenizer:
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         vocab=lambda w: model_cfg(w).get("tokenizer", {}).get("vocab_size", 1024),
+    resources:
+        **rule_resources("tokenizer"),
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -49,6 +53,8 @@ rule train_agent:
         arch=lambda w: as_json(model_cfg(w).get("arch")),
         train=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in model_cfg(w).get("train", {}).items()),
     threads: THREADS
+    resources:
+        **rule_resources("train_agent", THREADS),
     conda:
         "../../envs/cpu.yaml"
     shell:

@@ -1,7 +1,9 @@
 import json
+import os
 import re
 import shlex
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 
@@ -36,6 +38,54 @@ def _check_cells():
 
 
 _check_cells()
+
+
+def external_paths():
+    """Local files the config points at (checkpoints, calibration text): not rule outputs, so a dry-run
+    plans without them; a real run checks them before any job starts."""
+    paths = {}
+    for name, m in config["models"].items():
+        if m["source"] == "path":
+            paths[f"models.{name}.path"] = m["path"]
+        source = m.get("quantize", {}).get("calibration", {}).get("source", "expert")
+        if source != "expert":
+            paths[f"models.{name}.quantize.calibration.source"] = source
+    return paths
+
+
+def check_external_paths():
+    """Called on start of a real run (not -n, --lint or --touch): a missing checkpoint fails here,
+    naming its config key, instead of in a job hours later."""
+    missing = {k: p for k, p in external_paths().items() if not os.path.exists(p)}
+    if missing and not workflow.touch:
+        raise WorkflowError("missing local files named in the config: "
+                            + "; ".join(f"{k} = {p!r}" for k, p in missing.items()))
+
+
+# Job resources: Slurm requests, and local limits where `--resources` caps them (gpu). The defaults
+# fit the embedded CPU run; the config's `resources:` overrides them (`default`: every rule; a rule's
+# name: that rule), which is how the paper profile gives rollout, kl and quantize a GPU. Minutes, MB.
+RESOURCES = {
+    "default": {"gpu": 0, "mem_mb": 2000, "runtime": 30},
+    "train_agent": {"mem_mb": 4000, "runtime": 60},
+    "quantize": {"mem_mb": 8000, "runtime": 60},
+    "rollout": {"mem_mb": 8000, "runtime": 120},
+    "kl": {"mem_mb": 8000, "runtime": 60},
+    "klst": {"mem_mb": 8000, "runtime": 60},
+}
+
+
+def rule_resources(rule, threads=1):
+    cfg = config.get("resources", {})
+    return {"cpus_per_task": threads, **RESOURCES["default"], **RESOURCES.get(rule, {}),
+            **cfg.get("default", {}), **cfg.get(rule, {})}
+
+
+def _check_resources():
+    unknown = set(config.get("resources", {})) - {"default"} - {r.name for r in workflow.rules}
+    if unknown:
+        raise ValueError(f"resources: {sorted(unknown)} are not rules of this workflow; "
+                         f"its rules are {sorted(r.name for r in workflow.rules)}")
 
 wildcard_constraints:
     benchmark="[A-Za-z0-9_-]+",
@@ -228,14 +278,17 @@ def table_args(wildcards):
 
 
 def calibration_input(wildcards):
+    """The expert episodes when quantization calibrates on them. A local file is an input once it exists
+    (a change reruns quantization); a dry-run plans without it, and a real run checks it on start."""
     source = model_cfg(wildcards).get("quantize", {}).get("calibration", {}).get("source", "expert")
-    return rules.expert_data.output[0].format(**wildcards) if source == "expert" else source
+    if source == "expert":
+        return [rules.expert_data.output[0].format(**wildcards)]
+    return [source] if os.path.exists(source) else []
 
 
 def calibration_arg(wildcards):
     source = model_cfg(wildcards).get("quantize", {}).get("calibration", {}).get("source", "expert")
-    path = calibration_input(wildcards)
-    return f"expert:{path}" if source == "expert" else path
+    return f"expert:{rules.expert_data.output[0].format(**wildcards)}" if source == "expert" else source
 
 
 def route_targets(benchmark, model):
@@ -245,5 +298,6 @@ def route_targets(benchmark, model):
 
 
 def all_targets():
+    _check_resources()  # called from rule all, once every rule file is included
     return [t for c in config["cells"] for t in
             [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"] + route_targets(c["benchmark"], c["model"])]

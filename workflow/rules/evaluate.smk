@@ -24,6 +24,8 @@ rule rollout:
         shards=config["evaluate"].get("shards", 16),
         out=lambda w: run_dir(w.benchmark, w.model, w.quant, w.policy, w.run),
     threads: THREADS
+    resources:
+        **rule_resources("rollout", THREADS),
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -41,14 +43,19 @@ rule evaluate:
         table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.parquet",
         markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.md",
         latex=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.tex",
-        pareto=f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto.png",
+        html=report(f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.html", caption="../report/table.rst",
+                    category="Table 1", subcategory="{benchmark}/{model}", labels={"result": "Table 1"}),
+        pareto=report(f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto.png", caption="../report/pareto.rst",
+                      category="Table 1", subcategory="{benchmark}/{model}", labels={"result": "Pareto"}),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate.log",
     params:
         methods=table_args,
+    resources:
+        **rule_resources("evaluate"),
     conda:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
-        "--out {output.table} --markdown {output.markdown} --latex {output.latex} "
+        "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
         "--pareto {output.pareto} > {log} 2>&1"

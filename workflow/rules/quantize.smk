@@ -18,6 +18,8 @@ rule quantize:
         max_len=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("max_seq_length", 2048),
         prompt=lambda w: as_json(bench(w)["prompt"]),
     threads: THREADS
+    resources:
+        **rule_resources("quantize", THREADS),
     conda:
         "../../envs/cpu.yaml"
     shell:

@@ -18,6 +18,8 @@ rule kl:
         backend_kwargs=as_json(config["backend"].get("kwargs")),
         batch=config["evaluate"].get("shards", 16),
     threads: THREADS
+    resources:
+        **rule_resources("kl", THREADS),
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -32,12 +34,15 @@ rule threshold:
     output:
         threshold=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/threshold.json",
         sweep=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/sweep.parquet",
-        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_hist_{{quant}}.png",
+        figure=report(f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_hist_{{quant}}.png", caption="../report/kl_hist.rst",
+                      category="KL-ST", subcategory="{benchmark}/{model}", labels={"result": "KL histogram", "scheme": "{quant}"}),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/threshold_{{quant}}.log",
     params:
         steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
         rule=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("threshold", {}).items()),
+    resources:
+        **rule_resources("threshold"),
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -64,6 +69,8 @@ rule klst:
         train=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("train", {}).items()),
         out=router_dir,
     threads: THREADS
+    resources:
+        **rule_resources("klst", THREADS),
     conda:
         "../../envs/cpu.yaml"
     shell:
@@ -78,12 +85,16 @@ rule calibrate:
         scores=rules.klst.output.scores,
     output:
         calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/calibration.json",
-        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}.png",
+        figure=report(f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}.png",
+                      caption="../report/router_scores.rst", category="KL-ST", subcategory="{benchmark}/{model}",
+                      labels={"result": "router scores", "scheme": "{quant}"}),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}.log",
     params:
         run=lambda w: run_dir(w.benchmark, w.model, w.quant, "dmr-t0.5", "calib"),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+    resources:
+        **rule_resources("calibrate"),
     conda:
         "../../envs/cpu.yaml"
     shell:

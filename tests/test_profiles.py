@@ -1,0 +1,272 @@
+"""The paper profile, the Slurm and local profiles, and the report: everything about running the full
+reproduction at cluster scale that can be checked without GPUs (dry-runs over the full DAG, lint,
+rerun scope, the HTML report), plus a real single-node Slurm run of a small part of the micro config."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT / "config/paper.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
+SLURM_PROFILE = ROOT / "workflow/profiles/slurm"
+
+
+def snakemake(*args, cwd: Path, timeout=900):
+    return subprocess.run([*SNAKEMAKE, "--directory", str(cwd), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def plan(cwd: Path, *args) -> list[dict]:
+    """The jobs of a dry-run: rule, wildcards, outputs and resources of each."""
+    r = snakemake("-n", *args, cwd=cwd)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    jobs = []
+    for block in re.split(r"^(?=rule \w+:$)", r.stdout, flags=re.M)[1:]:
+        job = {"rule": block.split(":", 1)[0][5:], "wildcards": {}, "output": [], "resources": {}}
+        for line in block.splitlines()[1:]:
+            key, _, value = line.strip().partition(": ")
+            if key == "wildcards":
+                job["wildcards"] = dict(kv.split("=", 1) for kv in value.split(", "))
+            elif key == "output":
+                job["output"] = value.split(", ")
+            elif key == "resources":
+                job["resources"] = dict(kv.split("=", 1) for kv in value.split(", "))
+        jobs.append(job)
+    return jobs
+
+
+def expected_counts(cfg: dict) -> Counter:
+    """Job counts per rule of a config whose models are local paths calibrated on a local file:
+    per benchmark x model the Full seeds and, when something is routed, the bf16 KL pool; per scheme the
+    quantization and the Quant seeds; per routed scheme KL, tau, router, the calibration run, the
+    calibration, DMR at every budget and the matched baselines, every seed; a table per cell."""
+    seeds = len(cfg["evaluate"]["seeds"])
+    route = cfg.get("route", {})
+    per_routed = len(route.get("budgets", [])) + len(route.get("baselines", [])) * len(route.get("baseline_budgets", []))
+    n = Counter(all=1)
+    for cell in cfg["cells"]:
+        quants = cell.get("quants", [])
+        routed = cell.get("route", quants)
+        n["evaluate"] += 1
+        n["rollout"] += seeds + (1 if routed else 0) + len(quants) * seeds + len(routed) * (1 + per_routed * seeds)
+        n["quantize"] += len(quants)
+        for rule in ("kl", "threshold", "klst", "calibrate"):
+            n[rule] += len(routed)
+    return n
+
+
+def paper_config() -> dict:
+    return yaml.safe_load(PAPER.read_text())
+
+
+def test_paper_config_has_the_eight_cells_of_table1():
+    cfg = paper_config()
+    cells = {(c["benchmark"], c["model"], q) for c in cfg["cells"] for q in c["quants"]}
+    assert cells == {
+        ("alfworld", "qwen3-1.7b", "awq_w4a16"), ("alfworld", "qwen3-1.7b", "gptq_w4a16"),
+        ("alfworld", "qwen3-4b", "awq_w4a16"), ("alfworld", "qwen3-4b", "gptq_w3a16"),
+        ("webshop", "qwen3-1.7b-webshop-gigpo", "awq_w4a16"), ("webshop", "qwen3-1.7b-webshop-gigpo", "gptq_w4a16"),
+        ("webshop", "qwen3-4b-webshop-gigpo", "awq_w4a16"), ("webshop", "qwen3-4b-webshop-gigpo", "gptq_w4a16"),
+    }
+    assert cfg["backend"]["name"] == "vllm" and cfg["evaluate"]["seeds"] == [0, 1, 2]
+    assert cfg["route"]["budgets"] == [0.2, 0.4, 0.7] and cfg["route"]["kl_tasks"] == 1000
+    alf, shop = cfg["benchmarks"]["alfworld"], cfg["benchmarks"]["webshop"]
+    assert (alf["tasks"]["test"], alf["env_kwargs"]["max_steps"], alf["decoding"]["max_new_tokens"],
+            alf["decoding"]["temperature"]) == (134, 50, 100, 0.0)
+    assert (shop["tasks"]["test"], shop["env_kwargs"]["max_steps"], shop["decoding"]["max_new_tokens"]) == (500, 30, 512)
+    assert shop["decoding"]["temperature"] > 0 and shop["router_steps"] == ["click"]
+    assert all(m["source"] == "path" for m in cfg["models"].values())
+
+
+def test_paper_dry_run_plans_the_full_dag(tmp_path):
+    """8 cells x 3 seeds x 3 budgets, without the checkpoints, the data or WebShop being present."""
+    cfg = paper_config()
+    for m in cfg["models"].values():
+        assert not (tmp_path / m["path"]).exists()
+    jobs = plan(tmp_path, "--configfile", str(PAPER))
+    counts = Counter(j["rule"] for j in jobs)
+    assert counts == expected_counts(cfg)
+    assert counts == {"rollout": 120, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8,
+                      "evaluate": 4, "all": 1}
+    # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 1 calibration run + 3 K x 3 seeds DMR).
+    runs = Counter((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in jobs if j["rule"] == "rollout")
+    assert runs[("full", "train")] == 4 and runs[("dmr-t0.5", "calib")] == 8
+    for s in range(3):
+        assert runs[("full", f"seed{s}")] == 4 and runs[("quant", f"seed{s}")] == 8
+        for k in ("0.2", "0.4", "0.7"):
+            assert runs[(f"dmr-k{k}", f"seed{s}")] == 8
+    w3 = [j for j in jobs if j["wildcards"].get("quant") == "gptq_w3a16"]
+    assert {j["wildcards"]["model"] for j in w3} == {"qwen3-4b"} and {j["wildcards"]["benchmark"] for j in w3} == {"alfworld"}
+    # The GPU goes to the jobs that run the LLMs; the router and the tables run on CPUs.
+    for j in jobs:
+        if j["rule"] == "all":
+            continue
+        assert j["resources"]["gpu"] == ("1" if j["rule"] in ("rollout", "kl", "quantize") else "0"), j
+        assert int(j["resources"]["mem_mb"]) > 0 and int(j["resources"]["runtime"]) > 0
+        assert int(j["resources"]["cpus_per_task"]) >= 1
+
+
+def test_embedded_default_asks_for_no_gpu(tmp_path):
+    jobs = plan(tmp_path, "--configfile", str(ROOT / "config/config.yaml"))
+    assert {j["rule"] for j in jobs} >= {"train_agent", "quantize", "rollout", "kl", "klst"}
+    assert {j["resources"].get("gpu") for j in jobs if j["rule"] != "all"} == {"0"}
+    train = next(j for j in jobs if j["rule"] == "train_agent")
+    assert train["resources"]["cpus_per_task"] == "2"   # the config's threads
+
+
+def test_resources_name_existing_rules(tmp_path):
+    cfg = paper_config()
+    cfg["resources"]["rolout"] = {"gpu": 1}
+    path = tmp_path / "paper.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    assert r.returncode != 0 and "['rolout'] are not rules of this workflow" in r.stdout + r.stderr
+
+
+def test_real_run_stops_before_any_job_when_a_checkpoint_is_missing(tmp_path):
+    r = snakemake("--configfile", str(PAPER), "--cores", "1", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "missing local files named in the config" in r.stdout + r.stderr
+    assert "models.qwen3-1.7b.path = 'checkpoints/Qwen3-1.7B'" in r.stdout + r.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_slurm_profile_dry_run(tmp_path):
+    """The paper DAG through the Slurm executor: every job carries the partition, account and its resources."""
+    jobs = plan(tmp_path, "--configfile", str(PAPER), "--workflow-profile", str(SLURM_PROFILE))
+    assert Counter(j["rule"] for j in jobs) == expected_counts(paper_config())
+    for j in jobs:
+        if j["rule"] == "all":
+            continue
+        res = j["resources"]
+        assert res["slurm_partition"] == "YOUR_PARTITION" and res["slurm_account"] == "YOUR_ACCOUNT", j
+        assert {"gpu", "mem_mb", "runtime", "cpus_per_task"} <= set(res)
+    profile = yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+
+
+@pytest.mark.parametrize("config", ["config/config.yaml", "config/paper.yaml"])
+def test_lint_is_clean(config):
+    r = subprocess.run([*SNAKEMAKE, "--lint", "--configfile", str(ROOT / config)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Congratulations" in r.stdout + r.stderr
+
+
+def tiny_png() -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def paper_tree(tmp_path_factory):
+    """A finished-looking results tree of the paper config: every output of the plan exists, with
+    mtimes in DAG order (`--touch`); figures are real PNGs and tables real HTML for the report."""
+    d = tmp_path_factory.mktemp("paper")
+    png = tiny_png()
+    for job in plan(d, "--configfile", str(PAPER)):
+        for out in job["output"]:
+            p = d / out
+            if job["rule"] == "quantize":
+                p.mkdir(parents=True, exist_ok=True)
+                continue
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(png if out.endswith(".png") else b"<table><tr><td>Full</td></tr></table>\n"
+                          if out.endswith(".html") else b"")
+    r = snakemake("--touch", "--configfile", str(PAPER), "--cores", "1", cwd=d)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Nothing to be done" in (again := snakemake("-n", "--configfile", str(PAPER), cwd=d)).stdout + again.stderr
+    return d
+
+
+def test_touching_one_router_reruns_only_that_cells_downstream(paper_tree):
+    router = paper_tree / "results/alfworld/qwen3-4b/gptq_w3a16/router/router.json"
+    time.sleep(0.01)
+    router.touch()
+    try:
+        jobs = plan(paper_tree, "--configfile", str(PAPER))
+    finally:
+        os.utime(router, (0, 0))  # older than everything downstream again, for the other tests
+    cell = {"benchmark": "alfworld", "model": "qwen3-4b"}
+    rollouts = [j for j in jobs if j["rule"] == "rollout"]
+    assert all({k: j["wildcards"][k] for k in ("benchmark", "model", "quant")} == {**cell, "quant": "gptq_w3a16"}
+               for j in rollouts)
+    # The calibration run, then the 3 budgets x 3 seeds of DMR; the table of that benchmark/model; nothing else.
+    assert sorted((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in rollouts) == sorted(
+        [("dmr-t0.5", "calib")] + [(f"dmr-k{k}", f"seed{s}") for k in ("0.2", "0.4", "0.7") for s in range(3)])
+    assert Counter(j["rule"] for j in jobs) == {"rollout": 10, "calibrate": 1, "evaluate": 1, "all": 1}
+    assert [j["wildcards"] for j in jobs if j["rule"] == "evaluate"] == [cell]
+    assert [j["wildcards"] for j in jobs if j["rule"] == "calibrate"] == [{**cell, "quant": "gptq_w3a16"}]
+
+
+def test_report_has_tables_figures_and_captions(paper_tree):
+    out = paper_tree / "report.html"
+    r = snakemake("--report", str(out), "--configfile", str(PAPER), cwd=paper_tree)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    page = out.read_text()
+    for text in ("Table 1", "KL-ST", "alfworld/qwen3-4b", "webshop/qwen3-1.7b-webshop-gigpo",
+                 "main.html", "pareto.png", "kl_hist_gptq_w3a16.png", "router_scores_awq_w4a16.png",
+                 "Success rate against episode time",           # caption of the Pareto figure
+                 "Step KL(bf16",                                 # caption of the KL histogram
+                 "reproduces"):                                  # the workflow description
+        assert text in page, text
+
+
+# --- a real single-node Slurm ------------------------------------------------------------------------
+
+def slurm_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to run slurmctld/slurmd"
+    if Path("/etc/slurm/slurm.conf").exists() and not Path("/etc/slurm/slurm.conf").is_symlink():
+        return "a Slurm is configured on this machine; not replacing it"
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        return "no Slurm and no apt-get to install Debian's"
+    return None
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    if reason := slurm_unavailable():
+        pytest.skip(reason)
+    state = tmp_path / "slurm"
+    up = subprocess.run([str(ROOT / ".ci/slurm.sh"), "up", str(state)], capture_output=True, text=True, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        yield state
+    finally:
+        subprocess.run([str(ROOT / ".ci/slurm.sh"), "down", str(state)], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_micro_through_real_slurm(slurm, tmp_path):
+    """The micro config's chain expert data -> tokenizer -> agent -> Full rollout, each job submitted by
+    snakemake-executor-plugin-slurm with the Slurm profile to a real slurmctld (about 14 s per job)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    target = "results/household/tiny/bf16/rollouts/full/seed0/episodes.parquet"
+    cmd = ["timeout", "-k", "30", "900", *SNAKEMAKE, "--directory", str(work),
+           "--configfile", str(ROOT / "config/micro.yaml"), "--workflow-profile", str(SLURM_PROFILE),
+           "--jobs", "2", "--default-resources", "slurm_account=none", "slurm_partition=debug",
+           # accounting is off on the test Slurm: squeue instead of sacct for job status
+           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", target]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert pl.read_parquet(work / target).height == 4
+    # The plugin deletes the Slurm logs of successful jobs; its submission messages remain.
+    submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/rule_(\w+)/", r.stdout + r.stderr)
+    assert sorted(submitted) == ["expert_data", "rollout", "tokenizer", "train_agent"]
