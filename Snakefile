@@ -15,6 +15,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/agent.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/route.smk"
+include: "workflow/rules/ablation.smk"
 include: "workflow/rules/evaluate.smk"
 
 

@@ -150,9 +150,12 @@ def main(argv=None):
     p.add_argument("--kl", required=True, type=Path, help="steps.parquet written by dmr.kl")
     p.add_argument("--threshold", required=True, type=Path, help="threshold.json written by dmr.threshold")
     p.add_argument("--tau", type=float, default=None, help="override the threshold file's tau (sensitivity study)")
+    p.add_argument("--sweep", type=Path, default=None, help="sweep.parquet written by dmr.threshold")
+    p.add_argument("--tau-point", default=None, help="label with the tau of this named point of --sweep (e.g. dense)")
     p.add_argument("--precisions", nargs="+", required=True, help="high first, e.g. bf16 gptq_w4a16")
     p.add_argument("--llm", default=None, help="the routed bf16 checkpoint, to report the router's relative size")
-    p.add_argument("--step-types", nargs="+", default=["action"], help="router-eligible step types")
+    p.add_argument("--step-types", nargs="+", default=["action"],
+                   help="router-eligible step types; 'all' = every type in the KL table (the all-step ablation)")
     p.add_argument("--arch", type=json.loads, default={}, help="JSON RouterNet kwargs (layers, d_model, heads, ff, window, dropout)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
@@ -166,7 +169,16 @@ def main(argv=None):
     if len(a.precisions) != 2:
         raise SystemExit("KL-ST labels are binary (high vs one low precision): give exactly two --precisions")
     tau = a.tau if a.tau is not None else json.loads(a.threshold.read_text())["tau"]
+    if a.tau_point:
+        if a.sweep is None:
+            raise SystemExit("--tau-point needs --sweep (the sweep.parquet of dmr.threshold)")
+        points = dict(pl.read_parquet(a.sweep).select("name", "tau").iter_rows())
+        if a.tau_point not in points:
+            raise SystemExit(f"--tau-point {a.tau_point!r}: {a.sweep} has the points {sorted(points)}")
+        tau = points[a.tau_point]
     df = pl.read_parquet(a.kl).sort("task", "step")
+    if a.step_types == ["all"]:
+        a.step_types = sorted(df["step_type"].unique().to_list())
     encoder = StepEncoder()
     texts = step_texts(df)
     uniq = list(dict.fromkeys(texts))

@@ -72,6 +72,7 @@ RESOURCES = {
     "rollout": {"mem_mb": 8000, "runtime": 120},
     "kl": {"mem_mb": 8000, "runtime": 60},
     "klst": {"mem_mb": 8000, "runtime": 60},
+    "klst_variant": {"mem_mb": 8000, "runtime": 60},
 }
 
 
@@ -94,6 +95,7 @@ wildcard_constraints:
     policy="[A-Za-z0-9_.:-]+",
     seed=r"\d+",
     run=r"seed\d+|train|calib",
+    variant=r"depth\d+|tau-[a-z-]+|steps-(ao|as)",
 
 
 def bench(wildcards):
@@ -297,7 +299,61 @@ def route_targets(benchmark, model):
             for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores")]
 
 
+# Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under
+# {quant}/ablation/{variant}/router; the variant equal to the cell's own router reuses it.
+def ablation_cfg():
+    return route_cfg().get("ablation", {})
+
+
+def ablation_variants():
+    cfg = ablation_cfg()
+    return ([f"depth{L}" for L in cfg.get("depths", [])] + [f"tau-{t}" for t in cfg.get("taus", [])]
+            + (["steps-ao", "steps-as"] if cfg.get("all_steps") else []))
+
+
+def is_cell_router(variant):
+    return variant in (f"depth{route_cfg().get('router', {}).get('layers', 8)}", "tau-auto", "steps-ao")
+
+
+def ablation_router(w, variant):
+    if is_cell_router(variant):
+        return router_dir(w)
+    return f"{cell_dir(w)}/{w.quant}/ablation/{variant}/router"
+
+
+def ablation_inputs(w):
+    return [f"{ablation_router(w, v)}/metrics.json" for v in ablation_variants()]
+
+
+def ablation_args(w):
+    return " ".join(f"--router {v} {ablation_router(w, v)}" for v in ablation_variants())
+
+
+def variant_klst_args(w):
+    """dmr.klst options of a variant: the cell's, with the variant's one change."""
+    v = w.variant
+    arch = dict(route_cfg().get("router", {}))
+    steps = " ".join(bench(w).get("router_steps", ["action"]))
+    extra = ""
+    if v.startswith("depth"):
+        arch["layers"] = int(v[len("depth"):])
+    elif v.startswith("tau-"):
+        extra = f"--tau-point {v[len('tau-'):]}"
+    elif v == "steps-as":
+        steps = "all"
+    train = {**route_cfg().get("train", {}), **ablation_cfg().get("train", {})}
+    return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra]
+                    + [f"--{k.replace('_', '-')} {val}" for k, val in train.items()])
+
+
+def ablation_targets(benchmark, model):
+    if not ablation_variants():
+        return []
+    return [f"{RESULTS}/{benchmark}/{model}/tables/ablation_{q}.md" for q in cell_routes(benchmark, model)]
+
+
 def all_targets():
     _check_resources()  # called from rule all, once every rule file is included
     return [t for c in config["cells"] for t in
-            [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"] + route_targets(c["benchmark"], c["model"])]
+            [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"] + route_targets(c["benchmark"], c["model"])
+            + ablation_targets(c["benchmark"], c["model"])]

@@ -1,0 +1,52 @@
+# Router ablations (paper Sec. 5.4 depth, 5.5 threshold, Table 5 action-only vs all-step): one
+# KL-ST router per variant, compared offline on the KL pool's held-out episodes (dmr.ablation).
+
+
+rule klst_variant:
+    input:
+        kl=rules.kl.output,
+        threshold=rules.threshold.output.threshold,
+        sweep=rules.threshold.output.sweep,
+        llm=bf16_input,
+    output:
+        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/router.json",
+        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/router.pt",
+        metrics=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/metrics.json",
+        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/train_scores.parquet",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}_{{variant}}.log",
+    params:
+        llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
+        args=variant_klst_args,
+        out=lambda w: f"{cell_dir(w)}/{w.quant}/ablation/{w.variant}/router",
+    threads: THREADS
+    resources:
+        **rule_resources("klst_variant", THREADS),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --sweep {input.sweep} "
+        "--precisions bf16 {wildcards.quant} --llm {params.llm} {params.args} --quiet --out {params.out} > {log} 2>&1"
+
+
+rule ablation:
+    input:
+        routers=ablation_inputs,
+        threshold=rules.threshold.output.threshold,
+    output:
+        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/ablation_{{quant}}.parquet",
+        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/ablation_{{quant}}.md",
+        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/ablation_{{quant}}.png",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/ablation_{{quant}}.log",
+    params:
+        routers=ablation_args,
+        budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+    resources:
+        **rule_resources("ablation"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} "
+        "--title 'Router ablations: {wildcards.benchmark}/{wildcards.model}, {wildcards.quant}' "
+        "--out {output.table} --figure {output.figure} > {log} 2>&1"
