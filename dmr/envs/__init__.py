@@ -9,6 +9,7 @@ ENVS = {
     "household": "dmr.envs.household:HouseholdEnv",
     "alfworld": "dmr.envs.alfworld:AlfWorldEnv",
     "shop": "dmr.envs.shop:ShopEnv",
+    "webshop": "dmr.envs.webshop:WebShopEnv",
 }
 
 

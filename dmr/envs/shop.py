@@ -206,6 +206,21 @@ def write_webshop_files(products: list[dict], goals: list[dict], out: str | Path
     return paths
 
 
+def search_document(p: dict) -> str:
+    """WebShop's search-document text of a product: title, description, first bullet, options."""
+    opts = ", and ".join(f"{k}: {', '.join(v)}" for k, v in p["options"].items())
+    return " ".join([p["Title"], p["Description"], (p["BulletPoints"] or [""])[0], opts]).lower()
+
+
+def write_search_documents(products: list[dict], out: str | Path) -> Path:
+    """documents.jsonl in the form WebShop's pyserini indexing script reads (id, contents, product)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"id": p["asin"], "contents": search_document(p), "product": p}) + "\n"
+                           for p in products))
+    return out
+
+
 def _find(data_dir: Path, stem: str) -> Path:
     hits = sorted(data_dir.glob(f"{stem}*.json"))
     if not hits:
@@ -332,10 +347,7 @@ class Search:
         import bm25s
 
         self.asins = [p["asin"] for p in products]
-        docs = []
-        for p in products:
-            opts = ", and ".join(f"{k}: {', '.join(v)}" for k, v in p["options"].items())
-            docs.append(" ".join([p["Title"], p["Description"], (p["BulletPoints"] or [""])[0], opts]).lower())
+        docs = [search_document(p) for p in products]
         self.tokenizer = bm25s.tokenization.Tokenizer(stopwords="en")
         self.bm25 = bm25s.BM25()
         self.bm25.index(self.tokenizer.tokenize(docs, show_progress=False), show_progress=False)
