@@ -176,12 +176,13 @@ def policy_args(wildcards):
     if kind == "dmr":
         rd = router_dir(wildcards)
         if mode == "t":
-            return f"--policy dmr --router {rd} --threshold {value}" + steps
-        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}" + steps
+            return f"--policy dmr --router {rd} --threshold {value}{steps}"
+        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{steps}"
     if mode != "k":
         raise ValueError(f"policy {wildcards.policy}: baselines are matched to a budget, write {kind}-k{value}")
     match, *rest = policy_inputs(wildcards)
-    return f"--policy {kind} --match {match}" + (f" --kl {rest[0]}" if rest else "") + steps
+    kl_arg = f" --kl {rest[0]}" if rest else ""
+    return f"--policy {kind} --match {match}{kl_arg}{steps}"
 
 
 def built_models(wildcards, precisions):
