@@ -46,6 +46,7 @@ class _Shard:
     time: float = 0.0
     tokens: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
+    step_type: str = "action"  # the upcoming step's type, as the environment announced it
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -120,12 +121,15 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                     s.task = pending.popleft()
                     first = s.env.reset(s.task)
                     s.ep = Episode(first.goal, first.text, [], first.admissible)
+                    s.step_type = first.info.get("next_step_type", "action")
                     s.step, s.time, s.tokens, s.calls = 0, 0.0, {}, {}
             active = [s for s in shards if s.task is not None]
             if not active:
                 break
+            # The step type is known before generation (WebShop: a search page asks for a query), so
+            # routing can force types it does not decide (App. C.1) to the high precision.
             contexts = [StepContext(s.task.key, s.step, s.ep.goal, s.ep.history, s.ep.observation, s.ep.admissible,
-                                    first=s.ep.first) for s in active]
+                                    step_type=s.step_type, first=s.ep.first) for s in active]
             t0 = time.perf_counter()
             decisions = router.decide(contexts)
             router_time = (time.perf_counter() - t0) / len(active)
@@ -167,13 +171,14 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                     "prev_action": s.ep.history[-1][0] if s.ep.history else "", "observation": s.ep.observation,
                     "admissible": s.ep.admissible,
                     "output": g.text, "action": parsed, "malformed": parsed is None, "valid": tr.valid,
-                    "step_type": tr.info.get("step_type", "action"),
+                    "step_type": tr.info.get("step_type", s.step_type),
                     "route_score": None if scores is None else scores[i],
                     "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                     "llm_time": call_time[i], "router_time": router_time, "env_time": env_time,
                     "step_time": step_time, "done": tr.done, "won": tr.won}) + "\n")
                 s.ep.history.append((parsed if parsed is not None else g.text.strip(), tr.text))
                 s.ep.admissible, s.step = tr.admissible, s.step + 1
+                s.step_type = tr.info.get("next_step_type", "action")
                 if tr.done:
                     steps_f.flush()
                     eps_f.write(json.dumps({
@@ -233,6 +238,9 @@ def main(argv=None):
     p.add_argument("--calibration", default=None, help="dmr: calibration.json (dmr.calibrate), with --budget")
     p.add_argument("--budget", type=float, default=None, help="dmr: high-precision budget K")
     p.add_argument("--kl", default=None, help="oracle: KL pool steps.parquet (dmr.kl)")
+    p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
+                   help="step types routed policies decide (e.g. click); other steps are forced to the first "
+                        "--model (paper App. C.1: WebShop search steps run bf16). Default: every step")
     p.add_argument("--backend", default="hf")
     p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
     p.add_argument("--prompt", type=json.loads, default={"style": "react"},
@@ -256,7 +264,7 @@ def main(argv=None):
     style = prompts.get(**cfg.prompt)
     router = make_router(a.policy, list(models), a.seed, p=a.p, match=a.match, router=a.router,
                          threshold=a.threshold, calibration=a.calibration, budget=a.budget, kl=a.kl,
-                         backends=backends, style=style,
+                         router_steps=a.router_steps, backends=backends, style=style,
                          sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop))
     # An always-low run loads only the low model: it has no high-precision steps.
     high = None if a.policy == "quant" else next(iter(models))
@@ -264,6 +272,7 @@ def main(argv=None):
             "models": {k: fingerprint(v) for k, v in models.items()}, "policy": a.policy, "backend": a.backend,
             "backend_kwargs": backend_kwargs, "agent": asdict(cfg),
             "routing": {k: getattr(a, k) for k in ("p", "threshold", "budget")}
+            | ({"router_steps": a.router_steps} if a.router_steps else {})
             | {k: fingerprint(getattr(a, k)) if getattr(a, k) else None for k in ("match", "router", "calibration", "kl")}
             | {"effective": {k: getattr(router, k) for k in ("p", "threshold", "tau") if hasattr(router, k)}}}
     claim(a.out, spec)

@@ -84,26 +84,70 @@ class OracleRouter:
         return [self.high if k > self.tau else self.low for k in kls]
 
 
-def realised_fraction(episodes_parquet) -> float:
-    """High-precision share of the routed steps of a finished run (what matched baselines match)."""
+class StepTypeGate:
+    """The step-type protocol of App. C.1, for every routed policy: the wrapped router decides only
+    steps whose type is in `steps` (WebShop: click); any other step (WebShop: search) runs at the
+    high precision. The wrapped router still sees every step, so stateful routers (the KL-ST
+    router's per-episode window) follow the whole episode."""
+
+    def __init__(self, router, steps, high: str):
+        self.router, self.steps, self.high = router, frozenset(steps), high
+        self.last_scores: list | None = None
+
+    def decide(self, contexts: list[StepContext]) -> list[str]:
+        choice = self.router.decide(contexts)
+        forced = [c.step_type not in self.steps for c in contexts]
+        scores = getattr(self.router, "last_scores", None)
+        self.last_scores = None if scores is None else [None if f else x for f, x in zip(forced, scores)]
+        return [self.high if f else d for f, d in zip(forced, choice)]
+
+    def __getattr__(self, name):
+        # generations, end_session, p / threshold / tau: whatever the wrapped router has.
+        return getattr(self.router, name)
+
+
+def realised_fraction(episodes_parquet, step_types=None, high: str = "bf16") -> float:
+    """High-precision share of the routed steps of a finished run (what matched baselines match).
+    With `step_types`, the share of `high` among steps of those types only (from the run's
+    steps.parquet), so a baseline gated to the same types matches what the router decided."""
+    from pathlib import Path
+
     import polars as pl
 
     from dmr.evaluate import high_fraction
 
-    return high_fraction(pl.read_parquet(episodes_parquet))
+    if not step_types:
+        return high_fraction(pl.read_parquet(episodes_parquet))
+    steps = pl.read_parquet(Path(episodes_parquet).parent / "steps.parquet")
+    steps = steps.filter(pl.col("step_type").is_in(list(step_types)))
+    if steps.height == 0:
+        raise ValueError(f"{episodes_parquet}: the run has no steps of type {list(step_types)} to match")
+    return float((steps["precision"] == high).mean())
 
 
 def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float | None = None,
                 match: str | None = None, router: str | None = None, threshold: float | None = None,
                 calibration: str | None = None, budget: float | None = None, kl: str | None = None,
-                backends: dict | None = None, style=None, sampling=None):
+                router_steps=None, backends: dict | None = None, style=None, sampling=None):
     """Build the router of a policy; `precisions[0]` is the high precision.
 
     full | quant: fixed. random: high with probability `p`, or with the realised high fraction of
     the run `match` (an episodes.parquet). dmr: the learned router in `router` at `threshold`, or
     at the calibrated threshold of `budget` from `calibration`. oracle: true step KL above the
     quantile of the KL pool `kl` that routes the fraction of `match` high. `random:P` is short for
-    random with p=P."""
+    random with p=P. `router_steps`: the step types routed policies decide; the others are forced
+    to the high precision (StepTypeGate), and matched fractions and KL quantiles are taken over
+    those types only."""
+    router = _make_router(policy, precisions, seed, p=p, match=match, router=router, threshold=threshold,
+                          calibration=calibration, budget=budget, kl=kl, router_steps=router_steps,
+                          backends=backends, style=style, sampling=sampling)
+    if router_steps and not isinstance(router, Fixed):
+        return StepTypeGate(router, router_steps, precisions[0])
+    return router
+
+
+def _make_router(policy, precisions, seed, *, p, match, router, threshold, calibration, budget, kl,
+                 router_steps, backends, style, sampling):
     if policy == "full":
         return Fixed(precisions[0])
     if policy == "quant":
@@ -118,7 +162,8 @@ def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float |
     if policy == "random":
         if (p is None) == (match is None):
             raise ValueError("policy random needs exactly one of a probability (random:P or --p) and --match")
-        return RandomRouter(precisions[0], precisions[1], realised_fraction(match) if match else p, seed)
+        p = realised_fraction(match, router_steps, precisions[0]) if match else p
+        return RandomRouter(precisions[0], precisions[1], p, seed)
     if policy == "dmr":
         from dmr.calibrate import budget_threshold
         from dmr.router import load_router
@@ -140,6 +185,8 @@ def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float |
 
     if kl is None or match is None or backends is None:
         raise ValueError("policy oracle needs --kl (the KL pool) and --match (the run whose fraction it matches)")
-    pool = pl.read_parquet(kl)["kl"].to_numpy()
-    tau = float(np.quantile(pool, 1.0 - realised_fraction(match)))
+    pool = pl.read_parquet(kl)
+    if router_steps:
+        pool = pool.filter(pl.col("step_type").is_in(list(router_steps)))
+    tau = float(np.quantile(pool["kl"].to_numpy(), 1.0 - realised_fraction(match, router_steps, precisions[0])))
     return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau)

@@ -51,6 +51,12 @@ def env():
 
 
 # ---------------------------------------------------------------------- data, splits, tasks
+def test_contract():
+    from tests.env_contract import check_contract
+
+    check_contract(make, split="calib", n=1)
+
+
 def test_missing_data_says_how_to_get_it(monkeypatch, tmp_path):
     from dmr.envs.alfworld import AlfWorldEnv
 

@@ -15,6 +15,8 @@ from dmr.envs.household import (
     natural_key,
 )
 
+from tests.env_contract import check_contract
+
 NEEDED_STATE = {"pick_heat_then_place": "hot", "pick_cool_then_place": "cold",
                 "pick_clean_then_place": "clean"}
 
@@ -93,6 +95,11 @@ def test_protocol_and_tasks():
         env.tasks("dev", 1)
     with pytest.raises(ValueError):
         HouseholdEnv(task_types=["pick_and_fly"])
+
+
+def test_contract():
+    check_contract(HouseholdEnv, n=5)
+    check_contract(HouseholdEnv, split="calib", n=2)
 
 
 def test_task_types_filter_and_override():

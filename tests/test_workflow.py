@@ -62,7 +62,7 @@ def test_lint_is_clean():
 def test_dry_run_default_config_lists_rules(tmp_path):
     r = snakemake("-n", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for rule in ("expert_data", "tokenizer", "train_agent", "quantize", "rollout", "evaluate"):
+    for rule in ("expert_data", "tokenizer", "train_agent", "quantize", "rollout", "evaluate", "step_types"):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
 
 
@@ -106,6 +106,18 @@ def test_micro_end_to_end(tmp_path):
     assert meta["scheme"] == "gptq_w4a16" and meta["versions"]["llmcompressor"] == "0.14.0.1"
     cfg = (cell / "bf16/model/config.json").read_text()
     assert '"Qwen3ForCausalLM"' in cfg and '"bfloat16"' in cfg
+    steps_by_type = pl.read_parquet(cell / "gptq_w4a16/kl/step_types.parquet")
+    assert steps_by_type["step_type"].to_list() == ["action", "all"]
+    # The shop cell: the embedded WebShop through expert data, training, quantization and rollouts.
+    shop = tmp_path / "results/shop/tiny"
+    st = pl.read_parquet(shop / "tables/main.parquet")
+    assert st["method"].to_list() == ["Full", "Quant"] and set(st["episodes"]) == {4}
+    for run in ("bf16/rollouts/full", "gptq_w4a16/rollouts/quant"):
+        steps = pl.read_parquet(shop / f"{run}/seed0/steps.parquet")
+        assert set(steps["step_type"]) <= {"search", "click"}
+        assert (steps.filter(pl.col("step") == 0)["step_type"] == "search").all()
+        eps = pl.read_parquet(shop / f"{run}/seed0/episodes.parquet")
+        assert eps["score"].is_between(0.0, 1.0).all() and (eps["steps"] <= 5).all()
     again = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", "-n", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
     # The Snakemake report of the finished run: Table 1 as HTML, the figures, their captions.

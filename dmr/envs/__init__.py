@@ -8,6 +8,8 @@ from dmr.envs.base import SPLITS, Env, Observation, Task, Transition, split_seed
 ENVS = {
     "household": "dmr.envs.household:HouseholdEnv",
     "alfworld": "dmr.envs.alfworld:AlfWorldEnv",
+    "shop": "dmr.envs.shop:ShopEnv",
+    "webshop": "dmr.envs.webshop:WebShopEnv",
 }
 
 

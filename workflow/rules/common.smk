@@ -151,6 +151,14 @@ def run_offset(wildcards):
     return run_seed(wildcards) * bench(wildcards)["tasks"]["test"]
 
 
+def router_steps_arg(wildcards):
+    """Step types routed policies decide; the others run at bf16 (paper App. C.1). Omitted for the
+    default [action], where the learned router already decides every action step, so existing runs
+    keep their commands."""
+    steps = bench(wildcards).get("router_steps", ["action"])
+    return "" if steps == ["action"] else " --router-steps " + " ".join(steps)
+
+
 def decoding_args(wildcards):
     d = bench(wildcards)["decoding"]
     args = [f"--max-new-tokens {d.get('max_new_tokens', 32)}", f"--temperature {d.get('temperature', 0.0)}",
@@ -216,15 +224,17 @@ def policy_args(wildcards):
     if not m:
         return f"--policy {wildcards.policy}"
     kind, mode, value = m.groups()
+    steps = router_steps_arg(wildcards)
     if kind == "dmr":
         rd = router_dir(wildcards)
         if mode == "t":
-            return f"--policy dmr --router {rd} --threshold {value}"
-        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}"
+            return f"--policy dmr --router {rd} --threshold {value}{steps}"
+        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{steps}"
     if mode != "k":
         raise ValueError(f"policy {wildcards.policy}: baselines are matched to a budget, write {kind}-k{value}")
     match, *rest = policy_inputs(wildcards)
-    return f"--policy {kind} --match {match}" + (f" --kl {rest[0]}" if rest else "")
+    kl_arg = f" --kl {rest[0]}" if rest else ""
+    return f"--policy {kind} --match {match}{kl_arg}{steps}"
 
 
 def built_models(wildcards, precisions):
@@ -296,7 +306,7 @@ def calibration_arg(wildcards):
 def route_targets(benchmark, model):
     """The KL-ST figures of a cell's routed schemes (the table pulls in everything else)."""
     return [f"{RESULTS}/{benchmark}/{model}/figures/{name}_{q}.png"
-            for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores")]
+            for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores", "kl_step_types")]
 
 
 # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under

@@ -100,3 +100,22 @@ rule calibrate:
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
         "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
+
+
+rule step_types:
+    input:
+        kl=rules.kl.output,
+        threshold=rules.threshold.output.threshold,
+    output:
+        table=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/step_types.parquet",
+        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/step_types.md",
+        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_step_types_{{quant}}.png",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/step_types_{{quant}}.log",
+    params:
+        title=lambda w: shlex.quote(f"{w.benchmark}/{w.model} {w.quant}"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.step_types --kl {input.kl} --threshold {input.threshold} --title {params.title} "
+        "--out {output.table} --markdown {output.markdown} --figure {output.figure} > {log} 2>&1"
