@@ -13,6 +13,7 @@ include: "workflow/rules/agent.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/route.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/grpo.smk"
 
 
 rule all:
