@@ -270,8 +270,7 @@ def latency_args(wildcards):
         args.append(f"--coefficients {as_json(cfg['coefficients'])}")
     if not cfg.get("w3_projection", True):
         args.append("--no-w3-projection")
-    if cfg.get("replay_episodes"):
-        args.append(f"--replay {cfg['replay_episodes']}")
+    args.append(f"--replay {cfg.get('replay_episodes', 16)}")
     return " ".join(args + [f"--arch {as_json(route_cfg().get('router'))}", f"--shards {config['evaluate'].get('shards', 16)}"])
 
 
