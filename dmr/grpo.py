@@ -192,6 +192,7 @@ def curve_figure(curve: pl.DataFrame, title: str, path: Path) -> None:
                                        ("high_frac", "high-precision share of decisions")]):
         ax.plot(curve["iteration"], curve[col], marker="o", color="#d62728")
         ax.set_xlabel("GRPO iteration")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel(label)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -299,7 +300,8 @@ def main(argv=None):
     curve = pl.DataFrame(rows).with_columns(lam=pl.lit(a.lam), quant=pl.lit(a.quant))
     curve.write_parquet(a.out / "curve.parquet")
     pl.concat(returns).write_parquet(a.out / "trajectories.parquet")
-    curve_figure(curve, f"GRPO on {a.quant}, lambda={a.lam:g} ({describe(coef).split(';')[0]})", a.figure)
+    curve_figure(curve, f"GRPO on {a.quant}, lambda={a.lam:g}, G={a.group_size} (latency coefficients: {coef['source']})",
+                 a.figure)
     print(curve)
     shutil.rmtree(work, ignore_errors=True)  # trajectories.parquet keeps what the update used
 
