@@ -109,7 +109,8 @@ def figure(ranked: pl.DataFrame, summary: pl.DataFrame, title: str, path: Path) 
                 continue
             ax.plot(pts[time], pts["success"], marker=m, color=c, ls="-" if len(pts) > 1 else "none", lw=1,
                     mfc="none" if method == "GRPO" else c, label={"DMR": "KL-ST", "Full": "bf16"}.get(method, method))
-        best = r.filter((pl.col("method") == "GRPO") & (pl.col("budget") == s["best_grpo_budget"]))
+        best = r.filter((pl.col("method") == "GRPO") & (pl.col("budget") == s["best_grpo_budget"])) \
+            if s["best_grpo_budget"] is not None else r.clear()
         if len(best):
             ax.plot(best[time], best["success"], marker="^", ms=11, color="#d62728", ls="none", label="best GRPO")
         ax.set_title(f"{q}: best router {s['winner']}", fontsize=9)

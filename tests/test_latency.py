@@ -101,5 +101,5 @@ def test_table3_names_its_coefficients(tmp_path):
     df = latency.table(coef)
     assert df["c_low_ms"].to_list() == pytest.approx([15.0]) and df["source"].to_list() == ["config"]
     md = latency.markdown(df, coef)
-    assert "given in the config" in md and "| q | 25.00 | 15.00 | 20.00 | 0.60 |" in md
+    assert "given in the config" in md and "| q | 25.00 | 15.00 | 20.00 | 0.60 | 30.00 | – |" in md
     json.dumps(coef)
