@@ -29,6 +29,9 @@ def _check_cells():
         extra = set(cell.get("route", [])) - set(cell.get("quants", []))
         if extra:
             raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} routes {sorted(extra)}, which are not in its quants")
+    grpo = config.get("grpo")
+    if grpo and grpo["lambda"] not in grpo["lambdas"]:
+        raise ValueError(f"grpo.lambda {grpo['lambda']} is not in grpo.lambdas {grpo['lambdas']}")
     route = config.get("route", {})
     missing = set(route.get("baseline_budgets", [])) - set(route.get("budgets", []))
     if missing:
