@@ -17,7 +17,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 
 def snakemake(*args, cwd: Path, check=False):
     return subprocess.run([*SNAKEMAKE, "--directory", str(cwd), *args], capture_output=True, text=True,
-                          check=check, timeout=900)
+                          check=check, timeout=1800)
 
 
 def write_config(tmp_path: Path, edit) -> Path:
