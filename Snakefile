@@ -17,6 +17,7 @@ include: "workflow/rules/quantize.smk"
 include: "workflow/rules/route.smk"
 include: "workflow/rules/ablation.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/grpo.smk"
 
 
 onstart:

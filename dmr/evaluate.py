@@ -1,13 +1,14 @@
 """Evaluation tables (paper Table 1): success, score, steps and episode time of successful episodes,
 averaged over seeds, the realised high-precision fraction, and the speedup relative to Full (bf16).
 
-Methods are named `[QUANT/]NAME[@K]`: Full, Quant, DMR@K (the KL-ST router at budget K), and the
-matched baselines Random@K and Oracle@K. Outputs: parquet, Markdown, LaTeX and a Pareto figure
+Methods are named `[QUANT/]NAME[@K]`: Full, Quant, DMR@K (the KL-ST router at budget K), GRPO@K
+(the GRPO-refined router at budget K), and the matched baselines Random@K and Oracle@K. Outputs: parquet, Markdown, LaTeX and a Pareto figure
 (success vs episode time) with one panel per scheme.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import polars as pl
@@ -18,24 +19,34 @@ def high_fraction(episodes: pl.DataFrame) -> float:
     return float(episodes["high_calls"].sum() / max(1, episodes["calls"].sum()))
 
 
-def seed_metrics(episodes: pl.DataFrame) -> dict:
+def seed_metrics(episodes: pl.DataFrame, cost: pl.Series | None = None) -> dict:
+    """`cost`: the modelled time (Eq. 9) of each episode, when latency coefficients are given."""
     won = episodes.filter(pl.col("won"))
-    return {"success": 100.0 * episodes["won"].mean(), "score": episodes["score"].mean(),
-            "steps": episodes["steps"].mean(), "ep_time": won["time"].mean() if len(won) else None,
-            "high_frac": high_fraction(episodes),
-            "episodes": len(episodes)}
+    out = {"success": 100.0 * episodes["won"].mean(), "score": episodes["score"].mean(),
+           "steps": episodes["steps"].mean(), "ep_time": won["time"].mean() if len(won) else None,
+           "high_frac": high_fraction(episodes),
+           "episodes": len(episodes)}
+    if cost is not None:
+        out["cost"] = cost.filter(episodes["won"]).mean() if len(won) else None
+    return out
 
 
-def summarize(runs: dict[str, list[Path]], cell: str) -> pl.DataFrame:
-    """One row per method: mean and std over its seed runs."""
+def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) -> pl.DataFrame:
+    """One row per method: mean and std over its seed runs. With latency coefficients (dmr.latency)
+    also `cost`, the modelled EP time of successful episodes (Eq. 9)."""
+    from dmr.latency import episodes_cost
+
     rows = []
     for method, paths in runs.items():
-        per_seed = pl.DataFrame([seed_metrics(pl.read_parquet(p)) for p in paths])
         quant, _, name = method.rpartition("/")
         name, _, k = name.partition("@")
+        eps = [pl.read_parquet(p) for p in paths]
+        routed = name not in ("Full", "Quant")
+        per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, coef, quant or "bf16", routed) if coef else None)
+                                 for e in eps])
         row = {"cell": cell, "quant": quant or "bf16", "method": name, "budget": float(k) if k else None,
                "seeds": len(paths)}
-        for col in ("success", "score", "steps", "ep_time", "high_frac"):
+        for col in ("success", "score", "steps", "ep_time", "high_frac") + (("cost",) if coef else ()):
             row[col] = per_seed[col].mean()
             row[f"{col}_std"] = per_seed[col].std() if len(paths) > 1 else 0.0
         row["episodes"] = int(per_seed["episodes"].sum())
@@ -46,24 +57,29 @@ def summarize(runs: dict[str, list[Path]], cell: str) -> pl.DataFrame:
     return df.with_columns(speedup=(pl.lit(base) / pl.col("ep_time")) if base else pl.lit(None, pl.Float64))
 
 
-def markdown(df: pl.DataFrame, title: str) -> str:
+def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
     def fmt(v, std, digits=1):
         return "–" if v is None else f"{v:.{digits}f} ± {std:.{digits}f}"
 
     # A graded benchmark (WebShop) gets a Score column; where score is just success it adds nothing.
+    modelled = "cost" in df.columns
     graded = any(r["score"] is not None and abs(100 * r["score"] - r["success"]) > 1e-9 for r in df.iter_rows(named=True))
     lines = [f"# {title}", "",
              "| Quant | Method | K | Success (%) |" + (" Score |" if graded else "")
-             + " Steps | EP Time (s) | Speedup | high-precision steps | episodes |",
-             "|---|---|---|---|" + ("---|" if graded else "") + "---|---|---|---|---|"]
+             + " Steps | EP Time (s) | Speedup |" + (" Modelled time (s) |" if modelled else "")
+             + " high-precision steps | episodes |",
+             "|---|---|---|---|" + ("---|" if graded else "") + ("---|" if modelled else "") + "---|---|---|---|---|"]
     for r in df.iter_rows(named=True):
         speed = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         k = "–" if r["budget"] is None else f"{r['budget']:g}"
         score = f" {fmt(r['score'], r['score_std'], 3)} |" if graded else ""
         lines.append(f"| {r['quant']} | {r['method']} | {k} | {fmt(r['success'], r['success_std'])} |{score} "
                      f"{fmt(r['steps'], r['steps_std'])} | {fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | "
-                     f"{100 * r['high_frac']:.0f}% | {r['episodes']} |")
+                     + (f"{fmt(r['cost'], r['cost_std'], 2)} | " if modelled else "")
+                     + f"{100 * r['high_frac']:.0f}% | {r['episodes']} |")
     lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes."]
+    if modelled:
+        lines.append(f"Modelled time: Eq. 9 over the same successful episodes. {latency or ''}".rstrip())
     return "\n".join(lines) + "\n"
 
 
@@ -128,7 +144,7 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(quants), figsize=(3.6 * len(quants), 3.2), squeeze=False)
     full = df.filter(pl.col("method") == "Full")
     style = {"Full": ("s", "#1f77b4"), "Quant": ("s", "#ff7f0e"), "DMR": ("o", "#2ca02c"),
-             "Random": ("x", "0.4"), "Oracle": ("^", "#9467bd")}
+             "Random": ("x", "0.4"), "Oracle": ("^", "#9467bd"), "GRPO": ("^", "#d62728")}
     for ax, q in zip(axes[0], quants):
         sub = pl.concat([full, df.filter((pl.col("quant") == q) & (pl.col("method") != "Full"))])
         for r in sub.iter_rows(named=True):
@@ -138,9 +154,10 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
             ax.errorbar(r["ep_time"], r["success"], yerr=r["success_std"], fmt=m, color=c, ms=6, capsize=2)
             label = r["method"] + ("" if r["budget"] is None else f" {r['budget']:g}")
             ax.annotate(label, (r["ep_time"], r["success"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        dmr = sub.filter(pl.col("method") == "DMR").sort("budget")
-        if len(dmr):
-            ax.plot(dmr["ep_time"], dmr["success"], color="#2ca02c", lw=1, alpha=0.6)
+        for method, color in (("DMR", "#2ca02c"), ("GRPO", "#d62728")):
+            sweep = sub.filter((pl.col("method") == method) & pl.col("ep_time").is_not_null()).sort("budget")
+            if len(sweep):
+                ax.plot(sweep["ep_time"], sweep["success"], color=color, lw=1, alpha=0.6)
         ax.set_title(q, fontsize=9)
         ax.set_xlabel("EP time of successful episodes (s)")
         ax.set_ylabel("success (%)")
@@ -150,6 +167,8 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
 
 
 def main(argv=None):
+    from dmr.latency import describe
+
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cell", required=True, help="cell name for the table, e.g. household/tiny")
     p.add_argument("--method", action="append", nargs="+", required=True, metavar=("NAME", "EPISODES"),
@@ -160,16 +179,19 @@ def main(argv=None):
     p.add_argument("--latex", type=Path, default=None, help="output LaTeX table")
     p.add_argument("--pareto", type=Path, default=None, help="output Pareto figure (.png and .pdf)")
     p.add_argument("--html", type=Path, default=None, help="output HTML table (for the Snakemake report)")
+    p.add_argument("--latency", type=Path, default=None,
+                   help="coefficients.json (dmr.latency): adds the modelled time of Eq. 9 and names the coefficients")
     a = p.parse_args(argv)
     runs = {}
     for name, *paths in a.method:
         if not paths:
             raise SystemExit(f"--method {name}: give at least one episodes.parquet")
         runs[name] = [Path(x) for x in paths]
-    df = summarize(runs, a.cell)
+    coef = json.loads(a.latency.read_text()) if a.latency else None
+    df = summarize(runs, a.cell, coef)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
-    a.markdown.write_text(markdown(df, a.cell))
+    a.markdown.write_text(markdown(df, a.cell, describe(coef) if coef else None))
     if a.latex:
         a.latex.write_text(latex(df, a.cell))
     if a.html:

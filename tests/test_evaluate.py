@@ -56,3 +56,28 @@ def test_graded_benchmark_gets_a_score_column(tmp_path):
           "--markdown", str(tmp_path / "t.md")])
     md = (tmp_path / "t.md").read_text()
     assert "| Score |" in md and "| 0.750 ± 0.000 |" in md
+
+
+def test_modelled_time_uses_the_cost_model_and_names_the_coefficients(tmp_path):
+    import json
+
+    def eps(path, won, calls, high_tokens, tokens):
+        pl.DataFrame({"task": [f"t{i}" for i in range(len(won))], "won": won, "score": [float(w) for w in won],
+                      "steps": calls, "time": [1.0] * len(won), "high_calls": [0] * len(won), "calls": calls,
+                      "high_tokens": high_tokens, "tokens": tokens}).write_parquet(path)
+        return path
+
+    coef = {"cell": "house/tiny", "source": "config", "high": "bf16", "quants": ["w3"], "projected": {},
+            "per_token": {"bf16": 0.02, "w3": 0.01}, "router": 0.005, "t_ref": 1.0}
+    (tmp_path / "c.json").write_text(json.dumps(coef))
+    f = eps(tmp_path / "f.parquet", [True, False], [10, 10], [50, 50], [50, 50])
+    d = eps(tmp_path / "d.parquet", [True, True], [10, 4], [20, 0], [50, 20])
+    main(["--cell", "house/tiny", "--method", "Full", str(f), "--method", "w3/GRPO@0.4", str(d),
+          "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md"), "--latency", str(tmp_path / "c.json"),
+          "--pareto", str(tmp_path / "p.png")])
+    t = pl.read_parquet(tmp_path / "t.parquet")
+    # Full: no router, 50 bf16 tokens = 1.0 s. GRPO: (10*0.005 + 20*0.02 + 30*0.01 + 4*0.005 + 20*0.01) / 2
+    assert t["cost"].to_list() == pytest.approx([1.0, (0.75 + 0.22) / 2])
+    assert t["method"].to_list() == ["Full", "GRPO"] and (tmp_path / "p.png").exists()
+    md = (tmp_path / "t.md").read_text()
+    assert "Modelled time" in md and "given in the config" in md

@@ -48,24 +48,44 @@ def plan(cwd: Path, *args) -> list[dict]:
     return jobs
 
 
+def ablation_variants(route: dict) -> int:
+    """Routers an ablation trains per routed scheme: the cell's own setting reuses its router."""
+    ab = route.get("ablation", {})
+    own = route.get("router", {}).get("layers", 8)
+    return (len([d for d in ab.get("depths", []) if d != own]) + len([t for t in ab.get("taus", []) if t != "auto"])
+            + (1 if ab.get("all_steps") else 0))
+
+
 def expected_counts(cfg: dict) -> Counter:
     """Job counts per rule of a config whose models are local paths calibrated on a local file:
-    per benchmark x model the Full seeds and, when something is routed, the bf16 KL pool; per scheme the
-    quantization and the Quant seeds; per routed scheme KL, tau, router, the calibration run, the
-    calibration, DMR at every budget and the matched baselines, every seed; a table per cell."""
+    per benchmark x model the Full seeds and, when something is routed, the bf16 KL pool, the latency
+    coefficients and (with GRPO) the rank table; per scheme the quantization and the Quant seeds; per
+    routed scheme KL, tau, Table 4, router, the calibration run, the calibration, DMR at every budget
+    and the matched baselines, every seed, the ablation routers and their table, and with GRPO its
+    training, calibration run, calibration and evaluation at every budget; a table per cell."""
     seeds = len(cfg["evaluate"]["seeds"])
     route = cfg.get("route", {})
+    grpo = "grpo" in cfg
     per_routed = len(route.get("budgets", [])) + len(route.get("baselines", [])) * len(route.get("baseline_budgets", []))
+    per_routed += len(route.get("budgets", [])) if grpo else 0
+    variants = ablation_variants(route)
     n = Counter(all=1)
     for cell in cfg["cells"]:
         quants = cell.get("quants", [])
         routed = cell.get("route", quants)
         n["evaluate"] += 1
-        n["rollout"] += seeds + (1 if routed else 0) + len(quants) * seeds + len(routed) * (1 + per_routed * seeds)
+        n["latency"] += 1
+        n["rank"] += 1 if grpo else 0
+        n["rollout"] += (seeds + (1 if routed else 0) + len(quants) * seeds
+                         + len(routed) * (1 + (1 if grpo else 0) + per_routed * seeds))
         n["quantize"] += len(quants)
-        for rule in ("kl", "threshold", "klst", "calibrate"):
+        for rule in ("kl", "threshold", "klst", "calibrate", "step_types"):
             n[rule] += len(routed)
-    return n
+        for rule in ("grpo", "calibrate_grpo"):
+            n[rule] += len(routed) if grpo else 0
+        n["klst_variant"] += len(routed) * variants
+        n["ablation"] += len(routed) if variants else 0
+    return +n
 
 
 def paper_config() -> dict:
@@ -99,9 +119,10 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     jobs = plan(tmp_path, "--configfile", str(PAPER))
     counts = Counter(j["rule"] for j in jobs)
     assert counts == expected_counts(cfg)
-    assert counts == {"rollout": 120, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8,
-                      "evaluate": 4, "all": 1}
-    # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 1 calibration run + 3 K x 3 seeds DMR).
+    assert counts == {"rollout": 200, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8,
+                      "step_types": 8, "klst_variant": 64, "ablation": 8, "grpo": 8, "calibrate_grpo": 8,
+                      "latency": 4, "rank": 4, "evaluate": 4, "all": 1}
+    # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)).
     runs = Counter((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in jobs if j["rule"] == "rollout")
     assert runs[("full", "train")] == 4 and runs[("dmr-t0.5", "calib")] == 8
     for s in range(3):
@@ -206,10 +227,13 @@ def test_touching_one_router_reruns_only_that_cells_downstream(paper_tree):
     rollouts = [j for j in jobs if j["rule"] == "rollout"]
     assert all({k: j["wildcards"][k] for k in ("benchmark", "model", "quant")} == {**cell, "quant": "gptq_w3a16"}
                for j in rollouts)
-    # The calibration run, then the 3 budgets x 3 seeds of DMR; the table of that benchmark/model; nothing else.
+    # The calibration run, then the 3 budgets x 3 seeds of DMR; GRPO, which starts from that router, with
+    # its calibration run and evaluations; the table and rank table of that benchmark/model; nothing else.
     assert sorted((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in rollouts) == sorted(
-        [("dmr-t0.5", "calib")] + [(f"dmr-k{k}", f"seed{s}") for k in ("0.2", "0.4", "0.7") for s in range(3)])
-    assert Counter(j["rule"] for j in jobs) == {"rollout": 10, "calibrate": 1, "evaluate": 1, "all": 1}
+        [(f"{r}-t0.5", "calib") for r in ("dmr", "grpo")]
+        + [(f"{r}-k{k}", f"seed{s}") for r in ("dmr", "grpo") for k in ("0.2", "0.4", "0.7") for s in range(3)])
+    assert Counter(j["rule"] for j in jobs) == {"rollout": 20, "calibrate": 1, "grpo": 1, "calibrate_grpo": 1,
+                                                "evaluate": 1, "rank": 1, "all": 1}
     assert [j["wildcards"] for j in jobs if j["rule"] == "evaluate"] == [cell]
     assert [j["wildcards"] for j in jobs if j["rule"] == "calibrate"] == [{**cell, "quant": "gptq_w3a16"}]
 

@@ -17,7 +17,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile")]
 
 def snakemake(*args, cwd: Path, check=False):
     return subprocess.run([*SNAKEMAKE, "--directory", str(cwd), *args], capture_output=True, text=True,
-                          check=check, timeout=900)
+                          check=check, timeout=1800)
 
 
 def write_config(tmp_path: Path, edit) -> Path:
@@ -62,7 +62,8 @@ def test_lint_is_clean():
 def test_dry_run_default_config_lists_rules(tmp_path):
     r = snakemake("-n", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for rule in ("expert_data", "tokenizer", "train_agent", "quantize", "rollout", "evaluate", "step_types"):
+    for rule in ("expert_data", "tokenizer", "train_agent", "quantize", "rollout", "evaluate", "step_types", "latency",
+                 "grpo", "calibrate_grpo", "rank", "klst_variant", "ablation"):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
 
 
@@ -73,14 +74,40 @@ def test_micro_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cell = tmp_path / "results/household/tiny"
     table = pl.read_parquet(cell / "tables/main.parquet")
-    assert table["method"].to_list() == ["Full", "Quant", "DMR", "DMR", "DMR", "Random", "Oracle"]
-    assert table["quant"].to_list() == ["bf16"] + ["gptq_w4a16"] * 6
-    assert table["budget"].to_list()[1:] == [None, 0.2, 0.4, 0.7, 0.4, 0.4]
+    assert table["method"].to_list() == ["Full", "Quant", "DMR", "DMR", "DMR", "GRPO", "GRPO", "GRPO", "Random", "Oracle"]
+    assert table["quant"].to_list() == ["bf16"] + ["gptq_w4a16"] * 9
+    assert table["budget"].to_list()[1:] == [None, 0.2, 0.4, 0.7, 0.2, 0.4, 0.7, 0.4, 0.4]
+    # Latency (App. A): measured coefficients, Table 3, and the modelled time in Table 1.
+    coef = json.loads((cell / "latency/coefficients.json").read_text())
+    assert coef["source"] == "measured" and coef["router"] > 0 and coef["router_replay"]["decided"] > 0
+    assert set(coef["per_token"]) == {"bf16", "gptq_w4a16"} and coef["t_ref"] > 0
+    assert pl.read_parquet(cell / "tables/latency.parquet")["quant"].to_list() == ["gptq_w4a16"]
+    assert "cost" in table.columns  # null here: the micro agent wins no episode, and time counts wins only
+    assert "Latency: coefficients measured here" in (cell / "tables/main.md").read_text()
+    # GRPO (Sec. 4.3): started from the KL-ST router, moved it, calibrated and evaluated like it.
+    grpo = cell / "gptq_w4a16/grpo/lam0.1"
+    curve = pl.read_parquet(grpo / "curve.parquet")
+    assert curve.height == 1 and curve["episodes"].to_list() == [4]
+    traj = pl.read_parquet(grpo / "trajectories.parquet")
+    assert traj.group_by("group").agg(pl.col("advantage").sum().abs())["advantage"].max() < 1e-4
+    import torch
+    a = torch.load(cell / "gptq_w4a16/router/router.pt", weights_only=True)
+    b = torch.load(grpo / "router/router.pt", weights_only=True)
+    assert a.keys() == b.keys() and (curve["decisions"][0] == 0 or any(not torch.equal(a[k], b[k]) for k in a))
+    assert set(json.loads((grpo / "router/calibration.json").read_text())["thresholds"]) == {"0.2", "0.4", "0.7"}
+    grpo_steps = pl.read_parquet(cell / "gptq_w4a16/rollouts/grpo-k0.4/seed0/steps.parquet")
+    assert grpo_steps["route_score"].null_count() == 0
+    # Average rank (Sec. 5.3): the eight-point pool and its attribution.
+    ranks = pl.read_parquet(cell / "tables/rank.parquet")
+    assert ranks.height == 8 and sorted(set(ranks["method"])) == ["DMR", "Full", "GRPO", "Quant"]
+    summary = pl.read_parquet(cell / "tables/rank_summary.parquet")
+    assert summary["winner"][0] in ("KL-ST", "GRPO", "tie") and summary["time_axis"][0] == "cost"
     assert set(table["seeds"]) == {2} and set(table["episodes"]) == {8}
     assert table["high_frac"].to_list()[:2] == [1.0, 0.0]
     assert (cell / "tables/main.md").read_text().startswith("# household/tiny")
     assert r"\begin{tabular}" in (cell / "tables/main.tex").read_text()
-    for fig in ("pareto", "kl_hist_gptq_w4a16", "router_scores_gptq_w4a16"):
+    for fig in ("pareto", "kl_hist_gptq_w4a16", "router_scores_gptq_w4a16", "grpo_curve_gptq_w4a16_lam0.1",
+                "router_scores_gptq_w4a16_grpo_lam0.1", "pareto_rank"):
         assert (cell / f"figures/{fig}.png").exists() and (cell / f"figures/{fig}.pdf").exists(), fig
     # KL-ST stage: KL pool of the configured size, one KL row per pool step, a router and budgets.
     pool = pl.read_parquet(cell / "bf16/rollouts/full/train/episodes.parquet")

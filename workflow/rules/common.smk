@@ -31,6 +31,9 @@ def _check_cells():
         extra = set(cell.get("route", [])) - set(cell.get("quants", []))
         if extra:
             raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} routes {sorted(extra)}, which are not in its quants")
+    grpo = config.get("grpo")
+    if grpo and grpo["lambda"] not in grpo["lambdas"]:
+        raise ValueError(f"grpo.lambda {grpo['lambda']} is not in grpo.lambdas {grpo['lambdas']}")
     route = config.get("route", {})
     missing = set(route.get("baseline_budgets", [])) - set(route.get("budgets", []))
     if missing:
@@ -73,6 +76,8 @@ RESOURCES = {
     "kl": {"mem_mb": 8000, "runtime": 60},
     "klst": {"mem_mb": 8000, "runtime": 60},
     "klst_variant": {"mem_mb": 8000, "runtime": 60},
+    "grpo": {"mem_mb": 8000, "runtime": 240},
+    "latency": {"mem_mb": 4000, "runtime": 30},
 }
 
 
@@ -96,6 +101,7 @@ wildcard_constraints:
     seed=r"\d+",
     run=r"seed\d+|train|calib",
     variant=r"depth\d+|tau-[a-z-]+|steps-(ao|as)",
+    lam=r"[0-9.]+",
 
 
 def bench(wildcards):
@@ -190,16 +196,17 @@ def rollout_models(wildcards):
 
 
 # Routed policies in paths: dmr-tT (learned router at a fixed threshold T), dmr-kK (at the threshold
-# calibrated for budget K), random-kK and oracle-kK (matched to the realised fraction of dmr-kK).
-POLICY = re.compile(r"(dmr|random|oracle)-([kt])([0-9.]+)")
+# calibrated for budget K), random-kK and oracle-kK (matched to the realised fraction of dmr-kK);
+# grpo-tT and grpo-kK are the same with the GRPO-refined router of `grpo.lambda`.
+POLICY = re.compile(r"(dmr|grpo|random|oracle)-([kt])([0-9.]+)")
 
 
 def cell_dir(w):
     return f"{RESULTS}/{w.benchmark}/{w.model}"
 
 
-def router_dir(w):
-    return f"{cell_dir(w)}/{w.quant}/router"
+def router_dir(w, kind="dmr"):
+    return grpo_router_dir(w) if kind == "grpo" else f"{cell_dir(w)}/{w.quant}/router"
 
 
 def kl_steps(w):
@@ -212,9 +219,9 @@ def policy_inputs(wildcards):
     if not m:
         return []
     kind, mode, value = m.groups()
-    if kind == "dmr":
-        return [f"{router_dir(wildcards)}/router.json"] + (
-            [f"{router_dir(wildcards)}/calibration.json"] if mode == "k" else [])
+    if kind in ("dmr", "grpo"):
+        rd = router_dir(wildcards, kind)
+        return [f"{rd}/router.json"] + ([f"{rd}/calibration.json"] if mode == "k" else [])
     match = f"{run_dir(wildcards.benchmark, wildcards.model, wildcards.quant, f'dmr-k{value}', wildcards.run)}/episodes.parquet"
     return [match] + ([kl_steps(wildcards)] if kind == "oracle" else [])
 
@@ -225,8 +232,8 @@ def policy_args(wildcards):
         return f"--policy {wildcards.policy}"
     kind, mode, value = m.groups()
     steps = router_steps_arg(wildcards)
-    if kind == "dmr":
-        rd = router_dir(wildcards)
+    if kind in ("dmr", "grpo"):
+        rd = router_dir(wildcards, kind)
         if mode == "t":
             return f"--policy dmr --router {rd} --threshold {value}{steps}"
         return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{steps}"
@@ -275,6 +282,8 @@ def table_methods(wildcards):
             continue
         for k in route.get("budgets", []):
             methods[f"{q}/DMR@{k:g}"] = seed_runs(b, m, q, f"dmr-k{k:g}")
+        for k in route.get("budgets", []) if "grpo" in config else []:
+            methods[f"{q}/GRPO@{k:g}"] = seed_runs(b, m, q, f"grpo-k{k:g}")
         for base in route.get("baselines", []):
             for k in route.get("baseline_budgets", []):
                 methods[f"{q}/{base.capitalize()}@{k:g}"] = seed_runs(b, m, q, f"{base}-k{k:g}")
@@ -287,6 +296,81 @@ def table_inputs(wildcards):
 
 def table_args(wildcards):
     return " ".join(f"--method {name} {' '.join(paths)}" for name, paths in table_methods(wildcards).items())
+
+
+# Latency (App. A) and GRPO (Sec. 4.3).
+def latency_cfg():
+    return config.get("latency", {})
+
+
+def grpo_cfg():
+    return config.get("grpo", {})
+
+
+GRPO_LAMBDA = f"{config['grpo']['lambda']:g}" if "grpo" in config else "none"
+
+
+def grpo_router_dir(w):
+    """The GRPO router of `grpo.lambda`; one directory per lambda keeps a lambda sweep possible."""
+    return f"{cell_dir(w)}/{w.quant}/grpo/lam{GRPO_LAMBDA}/router"
+
+
+def latency_runs(wildcards):
+    """The single-precision baseline runs the coefficients pool: bf16 Full and each scheme's Quant."""
+    b, m = wildcards.benchmark, wildcards.model
+    runs = {"bf16": [run_dir(b, m, "bf16", "full", f"seed{s}") for s in config["evaluate"]["seeds"]]}
+    for q in cell_quants(b, m):
+        runs[q] = [run_dir(b, m, q, "quant", f"seed{s}") for s in config["evaluate"]["seeds"]]
+    return runs
+
+
+def latency_inputs(wildcards):
+    return [f"{d}/{f}.parquet" for runs in latency_runs(wildcards).values() for d in runs for f in ("steps", "episodes")]
+
+
+def latency_args(wildcards):
+    runs = latency_runs(wildcards)
+    cfg = latency_cfg()
+    args = [f"--high {' '.join(runs.pop('bf16'))}"] + [f"--low {q} {' '.join(r)}" for q, r in runs.items()]
+    args.append(f"--source {cfg.get('source', 'measured')}")
+    if cfg.get("coefficients"):
+        args.append(f"--coefficients {as_json(cell_coefficients(wildcards))}")
+    if not cfg.get("w3_projection", True):
+        args.append("--no-w3-projection")
+    args.append(f"--replay {cfg.get('replay_episodes', 16)}")
+    return " ".join(args + [f"--arch {as_json(route_cfg().get('router'))}", f"--shards {config['evaluate'].get('shards', 16)}"])
+
+
+def cell_coefficients(wildcards):
+    """latency.coefficients: one set for every cell, or one per cell keyed "benchmark/model"
+    (the paper's Table 3 has a row per model and benchmark)."""
+    coeffs = latency_cfg()["coefficients"]
+    if not any(isinstance(v, dict) for v in coeffs.values()):
+        return coeffs
+    key = f"{wildcards.benchmark}/{wildcards.model}"
+    if key not in coeffs:
+        raise ValueError(f"latency.coefficients has per-cell entries but none for {key!r}: {sorted(coeffs)}")
+    return coeffs[key]
+
+
+def coefficients(wildcards):
+    return f"{cell_dir(wildcards)}/latency/coefficients.json"
+
+
+def grpo_args(wildcards):
+    """GRPO options; lambda from the path, so any lambda of a sweep can be trained."""
+    g = grpo_cfg()
+    keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
+    return " ".join([f"--lam {wildcards.lam}"] + [f"--{k.replace('_', '-')} {g[k]}" for k in keys if k in g])
+
+
+def grpo_targets(benchmark, model):
+    """Per routed scheme the GRPO training curve; per cell the average-rank table."""
+    if "grpo" not in config:
+        return []
+    return [f"{RESULTS}/{benchmark}/{model}/figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png"
+            for q in cell_routes(benchmark, model)] + [
+        f"{RESULTS}/{benchmark}/{model}/tables/rank.md", f"{RESULTS}/{benchmark}/{model}/tables/latency.md"]
 
 
 def calibration_input(wildcards):
@@ -366,4 +450,4 @@ def all_targets():
     _check_resources()  # called from rule all, once every rule file is included
     return [t for c in config["cells"] for t in
             [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"] + route_targets(c["benchmark"], c["model"])
-            + ablation_targets(c["benchmark"], c["model"])]
+            + ablation_targets(c["benchmark"], c["model"]) + grpo_targets(c["benchmark"], c["model"])]

@@ -38,7 +38,8 @@ rule rollout:
 
 rule evaluate:
     input:
-        table_inputs,
+        runs=table_inputs,
+        latency=coefficients,
     output:
         table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.parquet",
         markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.md",
@@ -58,4 +59,4 @@ rule evaluate:
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
-        "--pareto {output.pareto} > {log} 2>&1"
+        "--pareto {output.pareto} --latency {input.latency} > {log} 2>&1"

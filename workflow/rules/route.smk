@@ -114,6 +114,8 @@ rule step_types:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/step_types_{{quant}}.log",
     params:
         title=lambda w: shlex.quote(f"{w.benchmark}/{w.model} {w.quant}"),
+    resources:
+        **rule_resources("step_types"),
     conda:
         "../../envs/cpu.yaml"
     shell:

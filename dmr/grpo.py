@@ -1,0 +1,310 @@
+"""GRPO refinement of the router (paper Sec. 4.3).
+
+Starting from the KL-ST router, each iteration draws `tasks` training tasks and runs a group of G
+episodes per task with the router *sampling* the precision of every router-eligible step from its
+softmax (forced steps stay high). Episodes of a group share the task and the decoding seed, so
+they differ only by routing. Each trajectory gets the return (Eq. 8)
+
+    R = success - lambda * T / T_ref,    T = n * c_router + c_hi * N_hi + c_lo * N_lo  (Eq. 9, dmr.latency)
+
+with T_ref the modelled time of a bf16 episode. Advantages are group-relative, A = (R - mean_g) /
+(std_g + eps), and the router takes clipped policy-gradient steps on
+
+    J = mean_i 1/|o_i| sum_t min(r_t A_i, clip(r_t, 1 - eps, 1 + eps) A_i) - beta * KL(pi || pi_KL-ST),
+
+r_t = pi(a_t | s_t) / pi_old(a_t | s_t), with the exact KL over the precisions to the frozen KL-ST
+router. Checkpoints have the KL-ST router's format, so the `dmr` policy, dmr.calibrate and the
+evaluation reuse them (policy names `grpo-kK`, `grpo-tT`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from dmr.envs.base import Task
+
+
+# --- the objective -------------------------------------------------------------------------------
+
+def group_advantages(rewards, groups, eps: float = 1e-6) -> torch.Tensor:
+    """(R - mean of its group) / (std of its group + eps); a group with one member gets 0."""
+    r = torch.as_tensor(rewards, dtype=torch.float64)
+    out = torch.zeros_like(r)
+    for g in dict.fromkeys(groups):
+        idx = torch.tensor([i for i, x in enumerate(groups) if x == g])
+        v = r[idx]
+        std = v.std(unbiased=False) if len(v) > 1 else torch.tensor(0.0, dtype=r.dtype)
+        out[idx] = (v - v.mean()) / (std + eps)
+    return out.float()
+
+
+def clipped_surrogate(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, clip: float) -> torch.Tensor:
+    """Per-decision PPO-clip surrogate min(r A, clip(r, 1-eps, 1+eps) A) (to be maximised)."""
+    ratio = torch.exp(logp - logp_old)
+    return torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi || pi_ref) per row over the precisions."""
+    lp, lq = F.log_softmax(logits, -1), F.log_softmax(ref_logits, -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def trajectory_weights(traj: list) -> torch.Tensor:
+    """1 / (|o_i| * trajectories) per decision: the mean over trajectories of per-trajectory means."""
+    counts = {t: traj.count(t) for t in set(traj)}
+    return torch.tensor([1.0 / (counts[t] * len(counts)) for t in traj])
+
+
+def objective(net, ref, x, valid, actions, logp_old, adv, weights, clip: float, kl_coef: float):
+    """(-J to minimise, stats) for one batch of decisions."""
+    logits = net(x, valid)
+    logp = F.log_softmax(logits, -1).gather(1, actions[:, None])[:, 0]
+    surr = clipped_surrogate(logp, logp_old, adv, clip)
+    loss = -(weights * surr).sum()
+    kl = torch.zeros(())
+    if kl_coef > 0 and ref is not None:
+        with torch.no_grad():
+            ref_logits = ref(x, valid)
+        kl = (weights * exact_kl(logits, ref_logits)).sum()
+        loss = loss + kl_coef * kl
+    ratio = torch.exp(logp - logp_old).detach()
+    clipped = ((ratio - 1).abs() > clip).float()
+    return loss, {"kl": kl.item(), "clip_frac": float((weights * clipped).sum())}
+
+
+# --- sampling trajectories -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Member(Task):
+    """One episode of a task's group: the same task and seed, its own episode key."""
+
+    member: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{super().key}#{self.member}"
+
+
+def group_of(key: str) -> str:
+    return key.rpartition("#")[0] or key
+
+
+class SamplingRouter:
+    """The learned router as a stochastic policy: each eligible step's precision is drawn from the
+    router's softmax, seeded per (seed, iteration, episode, step) so batching does not change it.
+    Keeps each decision's window of step embeddings, action and log-probability for the update."""
+
+    def __init__(self, router, seed: int):
+        self.router, self.seed = router, seed
+        self.eligible, self.precisions = router.eligible, router.precisions
+        self.decisions: dict = {}
+        self.last_scores = None
+
+    def end_session(self, key):
+        self.router.end_session(key)
+
+    @torch.inference_mode()
+    def decide(self, contexts):
+        embs = self.router._embeddings(contexts)
+        routed = [i for i, c in enumerate(contexts) if c.step_type in self.eligible]
+        choice, scores = [self.precisions[0]] * len(contexts), [None] * len(contexts)
+        if routed:
+            probs = self.router._probs([embs[i] for i in routed])
+            for i, p in zip(routed, probs):
+                c = contexts[i]
+                u = random.Random(f"{self.seed}/{c.episode}/{c.step}").random()
+                a = next((k for k, cum in enumerate(torch.tensor(p).cumsum(0).tolist()) if u < cum), len(p) - 1)
+                choice[i], scores[i] = self.precisions[a], p[0]
+                self.decisions[(c.episode, c.step)] = (embs[i].clone(), a, float(torch.tensor(p[a]).log()))
+        self.last_scores = scores
+        return choice
+
+
+def trajectory_returns(episodes: list[dict], steps: list[dict], c: dict, high: str, lam: float,
+                       t_ref: float) -> pl.DataFrame:
+    """Per episode: success, modelled time T (Eq. 9; n = router-decided steps, c = dmr.latency.pair)
+    and the return R (Eq. 8)."""
+    by = {}
+    for s in steps:
+        d = by.setdefault(s["task"], {"n": 0, "hi": 0, "lo": 0})
+        d["n"] += s["route_score"] is not None
+        d["hi" if s["precision"] == high else "lo"] += s["completion_tokens"]
+    rows = []
+    for e in episodes:
+        d = by.get(e["task"], {"n": 0, "hi": 0, "lo": 0})
+        t = c["router"] * d["n"] + c["high"] * d["hi"] + c["low"] * d["lo"]
+        rows.append({"task": e["task"], "group": group_of(e["task"]), "won": bool(e["won"]), "cost": t,
+                     "decided": d["n"], "high_tokens": d["hi"], "low_tokens": d["lo"], "steps": e["steps"],
+                     "reward": float(e["won"]) - lam * t / t_ref})
+    return pl.DataFrame(rows)
+
+
+def batches(decisions: list, size: int):
+    from dmr.router import pad_windows
+
+    order = sorted(range(len(decisions)), key=lambda i: len(decisions[i][0]))  # similar lengths pad less
+    for k in range(0, len(order), size):
+        idx = order[k:k + size]
+        x, valid = pad_windows([decisions[i][0] for i in idx], max(len(decisions[i][0]) for i in idx))
+        yield idx, x, valid
+
+
+def update(net, ref, decisions: list, adv_of: dict, clip: float, kl_coef: float, opt, epochs: int,
+           batch_size: int = 256) -> dict:
+    """`epochs` full-batch clipped policy-gradient steps on one iteration's decisions.
+    decisions: (window [T, D], action, logp_old, episode key)."""
+    traj = [d[3] for d in decisions]
+    w = trajectory_weights(traj)
+    actions = torch.tensor([d[1] for d in decisions])
+    logp_old = torch.tensor([d[2] for d in decisions])
+    adv = torch.tensor([adv_of[t] for t in traj])
+    net.eval()  # no dropout: the ratio compares the same function before and after the step
+    stats = {}
+    for _ in range(epochs):
+        opt.zero_grad()
+        total, kl, cf = 0.0, 0.0, 0.0
+        for idx, x, valid in batches(decisions, batch_size):
+            i = torch.tensor(idx)
+            loss, s = objective(net, ref, x, valid, actions[i], logp_old[i], adv[i], w[i], clip, kl_coef)
+            loss.backward()
+            total, kl, cf = total + loss.item(), kl + s["kl"], cf + s["clip_frac"]
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        stats = {"loss": total, "kl": kl, "clip_frac": cf}
+    return stats
+
+
+def curve_figure(curve: pl.DataFrame, title: str, path: Path) -> None:
+    from dmr import plots
+
+    plt = plots.pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(9.5, 2.8))
+    for ax, (col, label) in zip(axes, [("reward", "mean return R"), ("success", "success (%)"),
+                                       ("high_frac", "high-precision share of decisions")]):
+        ax.plot(curve["iteration"], curve[col], marker="o", color="#d62728")
+        ax.set_xlabel("GRPO iteration")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel(label)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    plots.save(fig, path)
+
+
+def main(argv=None):
+    from dmr import envs, llm, prompts
+    from dmr.agent import AgentConfig, _parse_models, _read_jsonl, run
+    from dmr.latency import describe, pair
+    from dmr.router import StepEncoder, load_net, load_router, pad_windows, save_router
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--router", required=True, type=Path, help="KL-ST router directory (the start and the KL reference)")
+    p.add_argument("--latency", required=True, type=Path, help="coefficients.json written by dmr.latency")
+    p.add_argument("--quant", required=True, help="the low-precision scheme routed")
+    p.add_argument("--env", required=True)
+    p.add_argument("--env-kwargs", default="{}")
+    p.add_argument("--offset", type=int, default=0, help="first training task (after the KL pool's)")
+    p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH", help="high first")
+    p.add_argument("--backend", default="hf")
+    p.add_argument("--backend-kwargs", default="{}")
+    p.add_argument("--prompt", type=json.loads, default={"style": "react"})
+    p.add_argument("--max-new-tokens", type=int, default=AgentConfig.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--constrained", action="store_true")
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--lam", type=float, required=True, help="lambda of Eq. 8")
+    p.add_argument("--tasks", type=int, required=True, help="tasks per iteration")
+    p.add_argument("--group-size", type=int, required=True, help="G trajectories per task")
+    p.add_argument("--iterations", type=int, required=True)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--clip", type=float, default=0.2)
+    p.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL term to the KL-ST router")
+    p.add_argument("--epochs", type=int, default=2, help="policy-gradient steps per iteration")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path,
+                   help="GRPO directory: router/, checkpoints/, curve.parquet, trajectories.parquet")
+    p.add_argument("--figure", required=True, type=Path, help="training-curve figure (.png and .pdf)")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    if a.group_size < 2:
+        raise SystemExit("--group-size must be at least 2: advantages are relative to the group")
+    coef = json.loads(a.latency.read_text())
+    c = pair(coef, a.quant)
+    models = _parse_models(a.model)
+    if list(models) != ["bf16", a.quant]:
+        raise SystemExit(f"--model: give bf16=PATH then {a.quant}=PATH, got {list(models)}")
+    torch.manual_seed(a.seed)
+    env_kwargs = json.loads(a.env_kwargs)
+    env = envs.make(a.env, **env_kwargs)
+    backends = {name: llm.load(a.backend, path, **json.loads(a.backend_kwargs)) for name, path in models.items()}
+    cfg = AgentConfig(prompt=a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                      constrained=a.constrained, shards=a.shards, seed=a.seed)
+    encoder = StepEncoder()
+    router = load_router(a.router, encoder=encoder)
+    if router.precisions != list(models):
+        raise SystemExit(f"{a.router} routes {router.precisions}, the run has {list(models)}")
+    ref, _ = load_net(a.router)
+    ref.requires_grad_(False)
+    net = router.net
+    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
+    t_ref = coef["t_ref"]
+    grpo_cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    rows, seen, returns = [], [], []
+    work = a.out / "rollouts"
+    for it in range(a.iterations):
+        tasks = env.tasks("train", a.tasks, a.offset + it * a.tasks)
+        members = [Member(**{k: getattr(t, k) for k in ("benchmark", "split", "index", "seed", "task_type")}, member=g)
+                   for t in tasks for g in range(a.group_size)]
+        policy = SamplingRouter(router, seed=a.seed * 1_000_003 + it)
+        out = work / f"iter{it}"
+        shutil.rmtree(out, ignore_errors=True)  # the router has moved on since a killed iteration
+        router.cache.clear()
+        episodes = run(lambda: envs.make(a.env, **env_kwargs), members, backends, policy, cfg, out, not a.quiet)
+        steps = _read_jsonl(out / "steps.jsonl")
+        ret = trajectory_returns(episodes, steps, c, coef["high"], a.lam, t_ref)
+        adv = group_advantages(ret["reward"].to_list(), ret["group"].to_list())
+        returns.append(ret.with_columns(iteration=pl.lit(it), advantage=adv.numpy()))
+        adv_of = dict(zip(ret["task"].to_list(), adv.tolist()))
+        decisions = [(e, act, lp, key) for (key, _), (e, act, lp) in policy.decisions.items()]
+        stats = update(net, ref, decisions, adv_of, a.clip, a.kl_coef, opt, a.epochs) if decisions else {}
+        seen += [(key, step, e) for (key, step), (e, _, _) in policy.decisions.items()]
+        row = {"iteration": it, "episodes": ret.height, "reward": ret["reward"].mean(),
+               "success": 100 * ret["won"].mean(), "cost": ret["cost"].mean(), "cost_rel": ret["cost"].mean() / t_ref,
+               "high_frac": sum(d[1] == 0 for d in decisions) / max(1, len(decisions)), "decisions": len(decisions),
+               "adv_abs": float(adv.abs().mean()), **stats}
+        rows.append(row)
+        save_router(net, a.out / "checkpoints" / f"iter{it}", router.precisions,
+                    {"grpo": grpo_cfg | {"iteration": it}}, router.eligible)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+    save_router(net, a.out / "router", router.precisions,
+                {"grpo": grpo_cfg, "start": str(a.router), "latency": describe(coef)}, router.eligible)
+    # Scores of the final router on the states GRPO visited: dmr.calibrate contrasts them with the
+    # calibration pool, as it does with the KL-ST training pool for a KL-ST router.
+    with torch.inference_mode():
+        scores = []
+        for k in range(0, len(seen), 256):
+            chunk = seen[k:k + 256]
+            scores += net.probs(*pad_windows([e for _, _, e in chunk], net.window))[:, 0].tolist()
+    pl.DataFrame({"task": [s[0] for s in seen], "step": [s[1] for s in seen], "score": scores,
+                  "split": ["grpo"] * len(seen)}, schema_overrides={"score": pl.Float64}
+                 ).write_parquet(a.out / "router" / "train_scores.parquet")
+    curve = pl.DataFrame(rows).with_columns(lam=pl.lit(a.lam), quant=pl.lit(a.quant))
+    curve.write_parquet(a.out / "curve.parquet")
+    pl.concat(returns).write_parquet(a.out / "trajectories.parquet")
+    curve_figure(curve, f"GRPO on {a.quant}, lambda={a.lam:g}, G={a.group_size} (latency coefficients: {coef['source']})",
+                 a.figure)
+    print(curve)
+    shutil.rmtree(work, ignore_errors=True)  # trajectories.parquet keeps what the update used
+
+
+if __name__ == "__main__":
+    main()
