@@ -425,3 +425,22 @@ def test_micro_alfworld_end_to_end(tmp_path):
     table = pl.read_parquet(cell / "tables/main.parquet")
     assert table["method"].to_list() == ["Full", "Quant", "DMR", "Random"]
     assert set(table["episodes"]) == {3}
+    assert f"Game versions: alfworld {manifest['versions']['alfworld']}" in (cell / "tables/main.md").read_text()
+
+
+def test_tables_never_mix_game_versions(tmp_path):
+    from dmr.evaluate import env_versions
+
+    def run(name, versions):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({"env": "alfworld"} | ({"env_versions": versions} if versions else {})))
+        return d / "episodes.parquet"
+
+    v4 = {"alfworld": "0.4.2", "textworld": "1.7.0"}
+    a, b, household = run("a", v4), run("b", dict(v4)), run("h", None)
+    assert env_versions({"Full": [a], "Quant": [b, household]}) == v4
+    assert env_versions({"Full": [household]}) == {}
+    c = run("c", {"alfworld": "0.3.5", "textworld": "1.6.1"})
+    with pytest.raises(SystemExit, match="different game versions in one table.*0.3.5"):
+        env_versions({"Full": [a], "Quant": [c]})
