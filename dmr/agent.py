@@ -275,6 +275,9 @@ def main(argv=None):
             | ({"router_steps": a.router_steps} if a.router_steps else {})
             | {k: fingerprint(getattr(a, k)) if getattr(a, k) else None for k in ("match", "router", "calibration", "kl")}
             | {"effective": {k: getattr(router, k) for k in ("p", "threshold", "tau") if hasattr(router, k)}}}
+    if getattr(env, "versions", None):
+        # The game package's version is part of what a result is (ALFWorld 0.3 and 0.4 differ in grammar).
+        spec["env_versions"] = env.versions
     claim(a.out, spec)
     rows = run(lambda: envs.make(a.env, **env_kwargs), tasks, backends, router, cfg, a.out, not a.quiet, high)
     finalize(a.out, {**spec, "models": models})

@@ -166,6 +166,22 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
     plots.save(fig, path)
 
 
+def env_versions(runs: dict[str, list[Path]]) -> dict:
+    """The game package versions the runs were played with (`env_versions` of the run.json beside
+    each episodes.parquet). One table never mixes versions: ALFWorld 0.3 and 0.4 differ in grammar."""
+    seen: dict[str, list[str]] = {}
+    for paths in runs.values():
+        for path in paths:
+            meta = Path(path).parent / "run.json"
+            versions = json.loads(meta.read_text()).get("env_versions") if meta.exists() else None
+            if versions:
+                seen.setdefault(json.dumps(versions, sort_keys=True), []).append(str(path))
+    if len(seen) > 1:
+        raise SystemExit("runs of different game versions in one table: "
+                         + "; ".join(f"{v} ({paths[0]} ...)" for v, paths in seen.items()))
+    return json.loads(next(iter(seen))) if seen else {}
+
+
 def main(argv=None):
     from dmr.latency import describe
 
@@ -189,9 +205,13 @@ def main(argv=None):
         runs[name] = [Path(x) for x in paths]
     coef = json.loads(a.latency.read_text()) if a.latency else None
     df = summarize(runs, a.cell, coef)
+    versions = env_versions(runs)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
-    a.markdown.write_text(markdown(df, a.cell, describe(coef) if coef else None))
+    text = markdown(df, a.cell, describe(coef) if coef else None)
+    if versions:
+        text += "Game versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n"
+    a.markdown.write_text(text)
     if a.latex:
         a.latex.write_text(latex(df, a.cell))
     if a.html:

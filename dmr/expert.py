@@ -3,6 +3,9 @@
 With probability `noise` the executed action is a random admissible one, but every recorded step
 is labelled with the expert's action from the state actually reached, so the agent sees how to
 recover from states off the expert path.
+
+A fixed benchmark split smaller than `--episodes` (ALFWorld's 200 valid_train games) is played
+in passes: episode i plays game i mod the split size, each pass with fresh noise.
 """
 from __future__ import annotations
 
@@ -47,8 +50,11 @@ def main(argv=None):
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".tmp")
     won = 0
+    size = env.split_size("train") if hasattr(env, "split_size") else None
+    pool = env.tasks("train", a.episodes if size is None else min(a.episodes, size))
     with tmp.open("w") as f:
-        for i, task in enumerate(tqdm(env.tasks("train", a.episodes), desc="expert episodes")):
+        for i in tqdm(range(a.episodes), desc="expert episodes"):
+            task = pool[i % len(pool)]
             noise = 0.0 if i < a.clean_fraction * a.episodes else a.noise
             ep = episode(env, task, noise, rng)
             won += ep["won"]

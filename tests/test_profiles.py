@@ -79,12 +79,13 @@ def expected_counts(cfg: dict) -> Counter:
         n["rollout"] += (seeds + (1 if routed else 0) + len(quants) * seeds
                          + len(routed) * (1 + (1 if grpo else 0) + per_routed * seeds))
         n["quantize"] += len(quants)
-        for rule in ("kl", "threshold", "klst", "calibrate", "step_types"):
+        for rule in ("kl", "threshold", "klst", "calibrate", "step_types", "labels"):
             n[rule] += len(routed)
         for rule in ("grpo", "calibrate_grpo"):
             n[rule] += len(routed) if grpo else 0
         n["klst_variant"] += len(routed) * variants
         n["ablation"] += len(routed) if variants else 0
+    n["data"] += len({c["benchmark"] for c in cfg["cells"] if cfg["benchmarks"][c["benchmark"]]["env"] == "alfworld"})
     return +n
 
 
@@ -119,7 +120,7 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     jobs = plan(tmp_path, "--configfile", str(PAPER))
     counts = Counter(j["rule"] for j in jobs)
     assert counts == expected_counts(cfg)
-    assert counts == {"rollout": 200, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8,
+    assert counts == {"rollout": 200, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8, "labels": 8, "data": 1,
                       "step_types": 8, "klst_variant": 64, "ablation": 8, "grpo": 8, "calibrate_grpo": 8,
                       "latency": 4, "rank": 4, "evaluate": 4, "all": 1}
     # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)).

@@ -48,6 +48,15 @@ Expert (`expert_action`). Two experts, both of which label any reachable state (
 Both are seeded per task (the handcoded expert breaks ties with `random`), so labels are
 reproducible. `expert_source` says which one produced the last label.
 
+Thinking expert. With `expert_thinks=True` the expert's first label is the plan `think:` line of the
+few-shot examples (`plan_thought`), then it acts as above: behaviour-cloned agents then think
+first, as the paper's ReAct agents do, and their KL pools hold think steps for the action-only vs
+all-step calibration.
+
+Data. `ensure_data` checks the game folders of the mapped splits and, where they are missing,
+fetches them with `alfworld-download` if github.com is reachable, else fails saying how to
+provide them (`python -m dmr.data`, the workflow's `data` rule).
+
 Versions. ALFWorld 0.3 and 0.4 differ in the action grammar (`put X in/on Y` vs `move X to Y`) and
 text, so results are not comparable across them: the version is recorded (`alfworld_version`
 attribute and `Observation.info`), and a version other than 0.4.x gives a warning. The grammar
@@ -109,6 +118,65 @@ def alfworld_version() -> str | None:
         return importlib.metadata.version("alfworld")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def versions() -> dict:
+    """The game stack's versions, recorded with every result (0.3 and 0.4 games differ in grammar)."""
+    out = {}
+    for name in ("alfworld", "textworld"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def data_root(data: str | os.PathLike | None = None) -> Path:
+    """The folder `alfworld-download` fills: `data`, else $ALFWORLD_DATA, else alfworld's default
+    (~/.cache/alfworld). It need not exist yet."""
+    raw = data if data is not None else os.environ.get("ALFWORLD_DATA") or "~/.cache/alfworld"
+    return Path(os.path.expandvars(os.path.expanduser(str(raw)))).resolve()
+
+
+def _online(host: str = "github.com", timeout: float = 5.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def ensure_data(data: str | os.PathLike | None = None, splits: dict | None = None, fetch: bool = True) -> Path:
+    """Make sure the game folders of the mapped `splits` exist under the data root: present ones are
+    only checked; missing ones are fetched with `alfworld-download` where github.com is reachable,
+    and otherwise this fails with how to provide them. Returns the root."""
+    import subprocess
+
+    root = data_root(data)
+    # The root may also be given as its json_2.1.1 folder (as AlfWorldEnv accepts).
+    games = root if root.name == "json_2.1.1" else root / "json_2.1.1"
+    needed = sorted({AlfWorldEnv._parse_split(v)[0] for v in (DEFAULT_SPLITS if splits is None else splits).values()})
+    missing = [s for s in needed if not (games / s).is_dir()]
+    if not missing:
+        return root
+    where = f"{root}/json_2.1.1/{{{','.join(missing)}}}"
+    if not fetch or not _online():
+        raise SystemExit(
+            f"ALFWorld game files are missing: {where} (splits {missing}), and "
+            f"{'fetching is off' if not fetch else 'github.com is not reachable, so alfworld-download cannot fetch them'}. "
+            "Provide them: run `alfworld-download --data-dir DIR` on a machine with internet and copy DIR here, "
+            "then point ALFWORLD_DATA at it or set `benchmarks.<name>.env_kwargs.data` in the config "
+            "(relative paths are relative to the repository; the shared copy is ../shared/data/alfworld, "
+            "which has valid_seen and valid_train only: map the splits onto those with env_kwargs.splits).")
+    print(f"fetching ALFWorld game files into {root} (alfworld-download)", flush=True)
+    subprocess.run(["alfworld-download", "--data-dir", str(root.parent if root.name == "json_2.1.1" else root)],
+                   check=True)
+    still = [s for s in needed if not (games / s).is_dir()]
+    if still:
+        raise SystemExit(f"alfworld-download finished but {games} lacks {still}")
+    return root
 
 
 def fewshot(path: str | Path = FEWSHOT_PATH) -> str:
@@ -240,7 +308,7 @@ class AlfWorldEnv:
 
     def __init__(self, data: str | None = None, max_steps: int = 50, splits: dict | None = None,
                  expert: str | None = "handcoded", handcoded_budget: int = 30, order: str = "hash",
-                 task_types=None, memo: bool = True):
+                 task_types=None, memo: bool = True, expert_thinks: bool = False):
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         if expert not in EXPERTS + (None,):
@@ -250,6 +318,9 @@ class AlfWorldEnv:
         self.max_steps = max_steps
         self.expert = expert
         self.handcoded_budget = handcoded_budget
+        # The expert's first label is the plan `think:` step of the few-shot examples, so agents
+        # cloned from it think too (and their KL pools hold think steps for the AO/AS ablation).
+        self.expert_thinks = expert_thinks
         self.order = order
         self.memo = memo  # cache fast-downward translations (see _memo_pddl2sas); False = TextWorld as is
         self.task_types = None if task_types is None else tuple(task_types)
@@ -263,6 +334,7 @@ class AlfWorldEnv:
             self._parse_split(v)  # fail early on a malformed mapping
         self.root = _resolve_root(data)
         self.alfworld_version = alfworld_version()
+        self.versions = versions()
         if self.alfworld_version is None:
             raise ImportError("AlfWorldEnv needs the `alfworld` package (text-only): pip install alfworld==0.4.2")
         if not self.alfworld_version.startswith("0.4."):
@@ -318,6 +390,10 @@ class AlfWorldEnv:
                     raise ValueError(f"splits {seen[g]!r} and {split!r} share games (e.g. {g}); "
                                      f"mapping {self.splits} must give disjoint game sets")
                 seen[g] = split
+
+    def split_size(self, split: str) -> int:
+        """Number of games of `split`: a fixed split, unlike the generated household pools."""
+        return len(self.games(split))
 
     def tasks(self, split: str, n: int | None = None, offset: int = 0) -> list[Task]:
         """Tasks `offset .. offset + n - 1` of `split` (all remaining ones when n is None)."""
@@ -497,6 +573,9 @@ class AlfWorldEnv:
             raise RuntimeError("this AlfWorldEnv was made with expert=None")
         if self._label is not None:
             return self._label
+        if self.expert_thinks and self._steps == 0:
+            self.expert_source = "plan"
+            return plan_thought(self._game)
         if self._hc is not None and self._steps < self.handcoded_budget:
             self._label, self.expert_source = self._hc_next, "handcoded"
             return self._label

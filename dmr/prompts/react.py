@@ -6,16 +6,33 @@ tokenizes the same whole or in pieces, and one sequence per episode supervises e
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from dmr.prompts.base import Episode
+
+PROMPTS = Path(__file__).resolve().parent
+
+
+def fewshot_prefix(name: str) -> str:
+    """A named few-shot prefix: dmr/prompts/{name}_fewshot.txt (e.g. `alfworld`, written from expert
+    runs by dmr.envs.alfworld.make_fewshot), or a path to a .txt file."""
+    path = Path(name) if name.endswith(".txt") else PROMPTS / f"{name}_fewshot.txt"
+    if not path.is_file():
+        known = sorted(f.name[:-len("_fewshot.txt")] for f in PROMPTS.glob("*_fewshot.txt"))
+        raise ValueError(f"few-shot prefix {name!r}: no file {path}; known names: {known} (or a .txt path)")
+    return path.read_text()
 
 
 class React:
     name = "react"
     stop = ["\n"]
 
-    def __init__(self, prefix: str = "", window: int = 0):
+    def __init__(self, prefix: str = "", window: int = 0, fewshot: str | None = None):
         # `window` > 0 keeps only the most recent steps (for long episodes and small contexts).
-        self.prefix = prefix
+        # `fewshot` names a stored prefix, so configs need not carry the examples as a string.
+        if fewshot and prefix:
+            raise ValueError("give the react prompt a `prefix` or a `fewshot` name, not both")
+        self.prefix = fewshot_prefix(fewshot) if fewshot else prefix
         self.window = window
 
     def _head(self, ep: Episode) -> str:

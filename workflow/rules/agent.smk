@@ -2,13 +2,15 @@
 
 
 rule expert_data:
+    input:
+        data_input,
     output:
         f"{RESULTS}/{{benchmark}}/{{model}}/bc/episodes.jsonl",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/expert_data.log",
     params:
         env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(bench(w).get("env_kwargs")),
+        env_kwargs=lambda w: as_json(env_kwargs(w)),
         n=lambda w: bench(w)["tasks"]["train"],
         noise=lambda w: model_cfg(w).get("expert", {}).get("noise", 0.2),
         clean=lambda w: model_cfg(w).get("expert", {}).get("clean_fraction", 0.5),

@@ -108,6 +108,36 @@ def bench(wildcards):
     return config["benchmarks"][wildcards.benchmark]
 
 
+# Environments whose game files come from a download: their jobs depend on the `data` rule.
+DATA_ENVS = {"alfworld"}
+
+
+def env_kwargs(wildcards):
+    """The benchmark's env_kwargs; a relative data path is relative to the repository, so a run in
+    another working directory (snakemake --directory) finds the same files."""
+    kwargs = dict(bench(wildcards).get("env_kwargs") or {})
+    data = kwargs.get("data")
+    if data and not os.path.isabs(os.path.expanduser(data)):
+        kwargs["data"] = os.path.normpath(os.path.join(workflow.basedir, data))
+    return kwargs
+
+
+def data_input(wildcards):
+    """The benchmark's data manifest, for environments that read downloaded game files."""
+    return [f"{RESULTS}/{wildcards.benchmark}/data.json"] if bench(wildcards)["env"] in DATA_ENVS else []
+
+
+def data_need(wildcards):
+    """--need of the data check: the tasks of each protocol split this config plays."""
+    b = bench(wildcards)
+    need = {"calib": b["tasks"]["calib"], "test": b["tasks"]["test"]}
+    if any(cell_routes(wildcards.benchmark, c["model"]) for c in config["cells"] if c["benchmark"] == wildcards.benchmark):
+        need["train"] = route_cfg().get("kl_tasks", 1000)
+    if b.get("tasks_per_seed", "distinct") == "distinct":
+        need["test"] *= max(config["evaluate"]["seeds"]) + 1
+    return " ".join(f"{k}={v}" for k, v in need.items())
+
+
 def model_cfg(wildcards):
     return config["models"][wildcards.model]
 
@@ -251,7 +281,7 @@ def built_models(wildcards, precisions):
 
 
 def rollout_inputs(wildcards):
-    return built_models(wildcards, rollout_precisions(wildcards)) + policy_inputs(wildcards)
+    return built_models(wildcards, rollout_precisions(wildcards)) + policy_inputs(wildcards) + data_input(wildcards)
 
 
 def kl_models(wildcards):
@@ -388,9 +418,11 @@ def calibration_arg(wildcards):
 
 
 def route_targets(benchmark, model):
-    """The KL-ST figures of a cell's routed schemes (the table pulls in everything else)."""
+    """The KL-ST figures and the AO/AS label tables of a cell's routed schemes (the table pulls in
+    everything else)."""
     return [f"{RESULTS}/{benchmark}/{model}/figures/{name}_{q}.png"
-            for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores", "kl_step_types")]
+            for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores", "kl_step_types")] + [
+            f"{RESULTS}/{benchmark}/{model}/{q}/kl/labels.parquet" for q in cell_routes(benchmark, model)]
 
 
 # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under

@@ -11,7 +11,7 @@ rule rollout:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/rollout_{{quant}}_{{policy}}_{{run}}.log",
     params:
         env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(bench(w).get("env_kwargs")),
+        env_kwargs=lambda w: as_json(env_kwargs(w)),
         split=run_split,
         n=run_n,
         offset=run_offset,

@@ -50,6 +50,24 @@ rule threshold:
         "--out {output.threshold} --sweep {output.sweep} --figure {output.figure} > {log} 2>&1"
 
 
+rule labels:
+    input:
+        rules.kl.output,
+    output:
+        labels=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/labels.parquet",
+        summary=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/labels.json",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/labels_{{quant}}.log",
+    params:
+        rule=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("threshold", {}).items()),
+    resources:
+        **rule_resources("labels"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.labels --kl {input} {params.rule} --out {output.labels} --summary {output.summary} > {log} 2>&1"
+
+
 rule klst:
     input:
         kl=rules.kl.output,

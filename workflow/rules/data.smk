@@ -1,0 +1,21 @@
+# Benchmark data (ALFWorld game files): checked where present, fetched with alfworld-download where
+# the internet is reachable, else a clear error that says how to provide them. data.json records
+# the data root, the games per split and the package versions the results are computed with.
+
+
+rule data:
+    output:
+        f"{RESULTS}/{{benchmark}}/data.json",
+    log:
+        f"{RESULTS}/{{benchmark}}/logs/data.log",
+    params:
+        env=lambda w: bench(w)["env"],
+        env_kwargs=lambda w: as_json(env_kwargs(w)),
+        need=data_need,
+    resources:
+        **rule_resources("data"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.data --env {params.env} --env-kwargs {params.env_kwargs} --need {params.need} "
+        "--out {output} > {log} 2>&1"
