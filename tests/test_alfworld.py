@@ -193,7 +193,7 @@ def test_expert_wins_sample(expert, split, stride):
     _sweep(expert, split, stride)
 
 
-@pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("expert", ["planner", "handcoded"])
 @pytest.mark.parametrize("split", ["valid_seen", "valid_train"])
 def test_expert_wins_every_game(expert, split):
