@@ -8,6 +8,9 @@ the validation episodes of the KL pool that no variant trained on (the split is 
 seeded, so it is the same for every variant with the same eligible steps):
 
 - `val_bacc`: balanced accuracy against the variant's own labels (what KL-ST optimised);
+Every variant is scored on the held-out steps of the cell's router step types (an all-step router
+is judged on the steps the action-only one decides):
+
 - `recall@K`: route the top K of the validation steps by score to high precision, and count the
   share of the *reference* positives (KL above the cell's chosen tau) that land there. Random
   routing gets K, the KL oracle min(1, K / positive share). Labels differ between tau variants,
@@ -61,7 +64,9 @@ def offline(scores, kl, tau_ref: float, budgets) -> dict:
     return out
 
 
-def summarise(routers: dict[str, Path], tau_ref: float, budgets) -> "pl.DataFrame":
+def summarise(routers: dict[str, Path], tau_ref: float, budgets, step_types: list[str] | None = None) -> "pl.DataFrame":
+    """Every variant scored on the same held-out steps: those of `step_types` (the cell's router
+    steps), so an all-step router is judged where the action-only one is."""
     import polars as pl
 
     rows = []
@@ -69,6 +74,8 @@ def summarise(routers: dict[str, Path], tau_ref: float, budgets) -> "pl.DataFram
         kind, value = parse(variant)
         metrics = json.loads((d / "metrics.json").read_text())
         scores = pl.read_parquet(d / "train_scores.parquet").filter(pl.col("split") == "val")
+        if step_types and "step_type" in scores.columns:
+            scores = scores.filter(pl.col("step_type").is_in(step_types))
         if scores.height == 0:
             raise ValueError(f"{d}: no validation steps; the ablation compares routers on held-out episodes")
         rows.append({"variant": variant, "kind": kind, "value": value, "layers": metrics["arch"].get("layers"),
@@ -135,6 +142,8 @@ def main(argv=None):
                    help="a variant's name and its KL-ST router directory (repeat)")
     p.add_argument("--threshold", required=True, type=Path, help="the cell's threshold.json (the reference tau)")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.4, 0.7])
+    p.add_argument("--step-types", nargs="+", default=None,
+                   help="score every variant on these held-out step types (the cell's router steps)")
     p.add_argument("--title", default="Router ablations")
     p.add_argument("--out", required=True, type=Path, help="table .parquet (a .md is written beside it)")
     p.add_argument("--figure", type=Path, help="figure path (.png; a .pdf is written beside it)")
@@ -145,7 +154,7 @@ def main(argv=None):
         if not (d / "metrics.json").exists():
             raise SystemExit(f"variant {v}: {d} holds no KL-ST router (metrics.json missing)")
     tau_ref = json.loads(a.threshold.read_text())["tau"]
-    df = summarise(routers, tau_ref, a.budgets)
+    df = summarise(routers, tau_ref, a.budgets, a.step_types)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
     a.out.with_suffix(".md").write_text(markdown(df, a.budgets, a.title))

@@ -2,8 +2,9 @@
 
 Starting from the KL-ST router, each iteration draws `tasks` training tasks and runs a group of G
 episodes per task with the router *sampling* the precision of every router-eligible step from its
-softmax (forced steps stay high). Episodes of a group share the task and the decoding seed, so
-they differ only by routing. Each trajectory gets the return (Eq. 8)
+softmax (forced steps stay high). Episodes of a group share the task; under greedy decoding
+(ALFWorld's protocol) they differ only by routing, under sampled decoding (WebShop's) also by the
+sampling noise of each batched call. Each trajectory gets the return (Eq. 8)
 
     R = success - lambda * T / T_ref,    T = n * c_router + c_hi * N_hi + c_lo * N_lo  (Eq. 9, dmr.latency)
 
@@ -15,6 +16,9 @@ with T_ref the modelled time of a bf16 episode. Advantages are group-relative, A
 r_t = pi(a_t | s_t) / pi_old(a_t | s_t), with the exact KL over the precisions to the frozen KL-ST
 router. Checkpoints have the KL-ST router's format, so the `dmr` policy, dmr.calibrate and the
 evaluation reuse them (policy names `grpo-kK`, `grpo-tT`).
+
+Deviation to know: the GRPO router decides the KL-ST router's eligible step types (WebShop: click
+steps), while the paper lets GRPO route search steps too (App. C.1).
 """
 from __future__ import annotations
 
@@ -199,6 +203,22 @@ def curve_figure(curve: pl.DataFrame, title: str, path: Path) -> None:
     plots.save(fig, path)
 
 
+def iteration_tasks(env, n: int, start: int, pool: int | None) -> list:
+    """n training tasks from `start`, wrapping around a training split of `pool` tasks: iterations
+    after the KL pool may ask for more tasks than the split has left."""
+    if hasattr(env, "split_size"):  # a fixed benchmark split (ALFWorld games) is what it is
+        pool = min(pool or env.split_size("train"), env.split_size("train"))
+    if not pool:
+        return env.tasks("train", n, start)
+    out = []
+    while len(out) < n:
+        at = start % pool
+        k = min(n - len(out), pool - at)
+        out += env.tasks("train", k, at)
+        start += k
+    return out
+
+
 def main(argv=None):
     from dmr import envs, llm, prompts
     from dmr.agent import AgentConfig, _parse_models, _read_jsonl, run
@@ -212,6 +232,7 @@ def main(argv=None):
     p.add_argument("--env", required=True)
     p.add_argument("--env-kwargs", default="{}")
     p.add_argument("--offset", type=int, default=0, help="first training task (after the KL pool's)")
+    p.add_argument("--pool", type=int, default=None, help="tasks in the training split: later tasks wrap around")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH", help="high first")
     p.add_argument("--backend", default="hf")
     p.add_argument("--backend-kwargs", default="{}")
@@ -261,7 +282,7 @@ def main(argv=None):
     rows, seen, returns = [], [], []
     work = a.out / "rollouts"
     for it in range(a.iterations):
-        tasks = env.tasks("train", a.tasks, a.offset + it * a.tasks)
+        tasks = iteration_tasks(env, a.tasks, a.offset + it * a.tasks, a.pool)
         members = [Member(**{k: getattr(t, k) for k in ("benchmark", "split", "index", "seed", "task_type")}, member=g)
                    for t in tasks for g in range(a.group_size)]
         policy = SamplingRouter(router, seed=a.seed * 1_000_003 + it)

@@ -152,6 +152,10 @@ def main(argv=None):
     p.add_argument("--tau", type=float, default=None, help="override the threshold file's tau (sensitivity study)")
     p.add_argument("--sweep", type=Path, default=None, help="sweep.parquet written by dmr.threshold")
     p.add_argument("--tau-point", default=None, help="label with the tau of this named point of --sweep (e.g. dense)")
+    p.add_argument("--labels-summary", type=Path, default=None,
+                   help="labels.json written by dmr.labels: with --label-set, label with that set's tau")
+    p.add_argument("--label-set", choices=("ao", "as"), default=None,
+                   help="ao: tau placed on the action steps; as: on all steps (the Table 5 ablation)")
     p.add_argument("--precisions", nargs="+", required=True, help="high first, e.g. bf16 gptq_w4a16")
     p.add_argument("--llm", default=None, help="the routed bf16 checkpoint, to report the router's relative size")
     p.add_argument("--step-types", nargs="+", default=["action"],
@@ -176,6 +180,10 @@ def main(argv=None):
         if a.tau_point not in points:
             raise SystemExit(f"--tau-point {a.tau_point!r}: {a.sweep} has the points {sorted(points)}")
         tau = points[a.tau_point]
+    if a.label_set:
+        if a.labels_summary is None:
+            raise SystemExit("--label-set needs --labels-summary (the labels.json of dmr.labels)")
+        tau = json.loads(a.labels_summary.read_text())[a.label_set]["tau"]
     df = pl.read_parquet(a.kl).sort("task", "step")
     if a.step_types == ["all"]:
         a.step_types = sorted(df["step_type"].unique().to_list())
@@ -219,7 +227,8 @@ def main(argv=None):
                    "router_vs_llm": n_router / n_llm if n_llm else None,
                    "router_and_encoder_vs_llm": (n_router + n_encoder) / n_llm if n_llm else None}}
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    pl.DataFrame({"task": df["task"].to_numpy()[rows], "step": df["step"].to_numpy()[rows], "kl": kl,
+    pl.DataFrame({"task": df["task"].to_numpy()[rows], "step": df["step"].to_numpy()[rows],
+                  "step_type": df["step_type"].to_numpy()[rows], "kl": kl,
                   "label": (yy == 0).astype(int), "score": probs[:, 0].numpy(), "split": split}
                  ).write_parquet(a.out / "train_scores.parquet")
     rel = f"{100 * metrics['params']['router_vs_llm']:.0f}% of the LLM" if n_llm else "LLM size unknown"

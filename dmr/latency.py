@@ -195,6 +195,8 @@ def main(argv=None):
     p.add_argument("--arch", type=json.loads, default={}, help="JSON RouterNet kwargs of the timed random router")
     p.add_argument("--shards", type=int, default=16, help="concurrent episodes of the router replay")
     p.add_argument("--replay", type=int, default=None, help="replay at most this many episodes")
+    p.add_argument("--router-steps", nargs="+", default=["action"],
+                   help="step types the router decides (the benchmark's router_steps); others are forced")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="coefficients.json")
     p.add_argument("--table", required=True, type=Path, help="Table 3 parquet (a .md is written beside it)")
@@ -225,8 +227,18 @@ def main(argv=None):
                 coef["projected"][q] = src
         torch.manual_seed(a.seed)
         encoder = StepEncoder()
-        router = Router(RouterNet(n_classes=2, in_dim=encoder.dim, **a.arch), encoder, ["bf16", quants[0]])
         ctx = replay_contexts(read(a.high[0]), pl.read_parquet(a.high[0] / "episodes.parquet"))
+        eligible = tuple(a.router_steps)
+        seen = {c.step_type for ep in ctx for c in ep}
+        if not seen & set(eligible):
+            # An agent that never reaches a router step (a shop agent that never gets past search):
+            # time the router on every step rather than on none, and say so.
+            print(f"no {list(eligible)} steps in the replayed episodes (types {sorted(seen)}): "
+                  "the router is timed on every step")
+            eligible = tuple(sorted(seen))
+            coef["router_steps_fallback"] = list(eligible)
+        router = Router(RouterNet(n_classes=2, in_dim=encoder.dim, **a.arch), encoder, ["bf16", quants[0]],
+                        eligible=eligible)
         replay = router_coefficient(router, ctx, a.shards, a.replay)
         coef.update(per_token=per, router=replay["coef"], router_replay=replay)
     # T_ref: the modelled time of a bf16 episode, so that lambda weighs cost relative to Full.

@@ -56,9 +56,11 @@ class StepEncoder:
         from sentence_transformers.util import batch_to_device
         from tqdm import tqdm
 
-        todo = sorted({t for t in texts if t not in self._memo}, key=lambda t: -len(t))
+        todo = {t for t in texts if t not in self._memo}
         if len(self._memo) + len(todo) > self.memo:
             self._memo.clear()
+            todo = set(texts)  # what this call needs must survive the clearing
+        todo = sorted(todo, key=lambda t: -len(t))
         for at in tqdm(range(0, len(todo), batch_size), desc="encode", disable=not progress):
             chunk = todo[at:at + batch_size]
             features = batch_to_device(self.model.preprocess(chunk), self.device)

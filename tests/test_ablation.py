@@ -64,17 +64,20 @@ def test_variants_train_and_compare(kl_pool, tmp_path):
               "--lr", "0.003", "--quiet", "--arch", json.dumps({"layers": 1, "d_model": 32, "heads": 2, "ff": 32})]
     klst.main(common + ["--out", str(tmp_path / "depth1")])
     klst.main(common + ["--tau-point", "dense", "--out", str(tmp_path / "tau-dense")])
-    klst.main(common + ["--step-types", "all", "--out", str(tmp_path / "steps-as")])
+    (kl_pool / "labels.json").write_text(json.dumps({"ao": {"tau": 0.2}, "as": {"tau": 0.15}}))
+    klst.main(common + ["--step-types", "all", "--labels-summary", str(kl_pool / "labels.json"), "--label-set", "as",
+                        "--out", str(tmp_path / "steps-as")])
     m = {v: json.loads((tmp_path / v / "metrics.json").read_text()) for v in ("depth1", "tau-dense", "steps-as")}
-    assert m["depth1"]["tau"] == 0.2 and m["tau-dense"]["tau"] == 0.9
+    assert m["depth1"]["tau"] == 0.2 and m["tau-dense"]["tau"] == 0.9 and m["steps-as"]["tau"] == 0.15
     assert m["steps-as"]["steps"] == 24 * 8 and m["depth1"]["steps"] < 24 * 8  # think steps join in AS only
     out = tmp_path / "tables" / "ablation.parquet"
     ablation.main([a for v in m for a in ("--router", v, str(tmp_path / v))]
-                  + ["--threshold", str(kl_pool / "threshold.json"), "--budgets", "0.4",
+                  + ["--threshold", str(kl_pool / "threshold.json"), "--budgets", "0.4", "--step-types", "action",
                      "--out", str(out), "--figure", str(tmp_path / "fig.png")])
     df = pl.read_parquet(out)
     assert df["variant"].to_list() == ["depth1", "tau-dense", "steps-as"]
     assert all(0.0 <= r <= 1.0 for r in df["recall@0.4"])
+    assert len(set(df["val_steps"])) == 1  # the AS router is judged on the action steps, like the others
     assert (tmp_path / "fig.png").exists() and (tmp_path / "fig.pdf").exists()
     assert "recall@0.4" in out.with_suffix(".md").read_text()
 

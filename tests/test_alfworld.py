@@ -433,7 +433,7 @@ def test_micro_alfworld_end_to_end(tmp_path):
     assert json.loads((cell / "gptq_w4a16/router/metrics.json").read_text())["params"]["router"] > 0
     assert "0.4" in json.loads((cell / "gptq_w4a16/router/calibration.json").read_text())["thresholds"]
     table = pl.read_parquet(cell / "tables/main.parquet")
-    assert table["method"].to_list() == ["Full", "Quant", "DMR", "Random"]
+    assert table["method"].to_list() == ["Full", "Quant", "DMR", "GRPO", "Random"]
     assert set(table["episodes"]) == {3}
     assert f"Game versions: alfworld {manifest['versions']['alfworld']}" in (cell / "tables/main.md").read_text()
 

@@ -136,3 +136,13 @@ def test_average_rank_pool_and_attribution():
     s = summary.row(0, named=True)
     assert s["best_method"] == "GRPO" and s["best_budget"] == 0.2 and s["winner"] == "GRPO"
     assert s["time_axis"] == "cost"
+
+
+def test_iteration_tasks_wrap_around_the_training_split():
+    from dmr import envs
+    from dmr.grpo import iteration_tasks
+
+    env = envs.make("household", max_steps=5)
+    tasks = iteration_tasks(env, 4, 10, pool=12)  # 10, 11, then 0, 1
+    assert [t.index for t in tasks] == [t.index for t in env.tasks("train", 2, 10) + env.tasks("train", 2, 0)]
+    assert [t.index for t in iteration_tasks(env, 3, 25, pool=12)] == [t.index for t in env.tasks("train", 3, 1)]

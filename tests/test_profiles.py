@@ -136,7 +136,7 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     for j in jobs:
         if j["rule"] == "all":
             continue
-        assert j["resources"]["gpu"] == ("1" if j["rule"] in ("rollout", "kl", "quantize") else "0"), j
+        assert j["resources"]["gpu"] == ("1" if j["rule"] in ("rollout", "kl", "quantize", "grpo") else "0"), j
         assert int(j["resources"]["mem_mb"]) > 0 and int(j["resources"]["runtime"]) > 0
         assert int(j["resources"]["cpus_per_task"]) >= 1
 

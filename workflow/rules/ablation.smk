@@ -7,6 +7,7 @@ rule klst_variant:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
         sweep=rules.threshold.output.sweep,
+        labels=variant_labels,
         llm=bf16_input,
     output:
         router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/router.json",
@@ -42,11 +43,12 @@ rule ablation:
     params:
         routers=ablation_args,
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
     resources:
         **rule_resources("ablation"),
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} "
+        "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} --step-types {params.steps} "
         "--title 'Router ablations: {wildcards.benchmark}/{wildcards.model}, {wildcards.quant}' "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"

@@ -100,7 +100,7 @@ wildcard_constraints:
     policy="[A-Za-z0-9_.:-]+",
     seed=r"\d+",
     run=r"seed\d+|train|calib",
-    variant=r"depth\d+|tau-[a-z-]+|steps-(ao|as)",
+    variant=r"base|depth\d+|tau-[a-z-]+|steps-(ao|as)",
     lam=r"[0-9.]+",
 
 
@@ -368,6 +368,7 @@ def latency_args(wildcards):
     if not cfg.get("w3_projection", True):
         args.append("--no-w3-projection")
     args.append(f"--replay {cfg.get('replay_episodes', 16)}")
+    args.append(f"--router-steps {' '.join(bench(wildcards).get('router_steps', ['action']))}")
     return " ".join(args + [f"--arch {as_json(route_cfg().get('router'))}", f"--shards {config['evaluate'].get('shards', 16)}"])
 
 
@@ -398,9 +399,11 @@ def grpo_targets(benchmark, model):
     """Per routed scheme the GRPO training curve; per cell the average-rank table."""
     if "grpo" not in config:
         return []
-    return [f"{RESULTS}/{benchmark}/{model}/figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png"
-            for q in cell_routes(benchmark, model)] + [
-        f"{RESULTS}/{benchmark}/{model}/tables/rank.md", f"{RESULTS}/{benchmark}/{model}/tables/latency.md"]
+    routed = cell_routes(benchmark, model)
+    # The rank analysis compares router points: a cell without a routed scheme has none.
+    return [f"{RESULTS}/{benchmark}/{model}/figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png" for q in routed] + (
+        [f"{RESULTS}/{benchmark}/{model}/tables/rank.md"] if routed else []) + [
+        f"{RESULTS}/{benchmark}/{model}/tables/latency.md"]
 
 
 def calibration_input(wildcards):
@@ -442,8 +445,14 @@ def is_cell_router(variant):
 
 
 def ablation_router(w, variant):
+    """A variant's router directory. The cell's own setting is the cell's router, unless
+    `ablation.train` trains the variants on another budget: then it is trained once more on that
+    budget (variant `base`), so every point of a curve had the same training."""
     if is_cell_router(variant):
-        return router_dir(w)
+        if ablation_cfg().get("train"):
+            variant = "base"
+        else:
+            return router_dir(w)
     return f"{cell_dir(w)}/{w.quant}/ablation/{variant}/router"
 
 
@@ -453,6 +462,11 @@ def ablation_inputs(w):
 
 def ablation_args(w):
     return " ".join(f"--router {v} {ablation_router(w, v)}" for v in ablation_variants())
+
+
+def variant_labels(w):
+    """The all-step variant is labelled with the all-step tau of dmr.labels; the others need nothing."""
+    return [f"{cell_dir(w)}/{w.quant}/kl/labels.json"] if w.variant == "steps-as" else []
 
 
 def variant_klst_args(w):
@@ -466,7 +480,7 @@ def variant_klst_args(w):
     elif v.startswith("tau-"):
         extra = f"--tau-point {v[len('tau-'):]}"
     elif v == "steps-as":
-        steps = "all"
+        steps = f"all --labels-summary {cell_dir(w)}/{w.quant}/kl/labels.json --label-set as"
     train = {**route_cfg().get("train", {}), **ablation_cfg().get("train", {})}
     return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra]
                     + [f"--{k.replace('_', '-')} {val}" for k, val in train.items()])

@@ -40,9 +40,10 @@ rule grpo:
     params:
         start=router_dir,
         env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(bench(w).get("env_kwargs")),
+        env_kwargs=lambda w: as_json(env_kwargs(w)),
         # Training tasks after the KL pool's, so GRPO sees episodes KL-ST did not.
         offset=route_cfg().get("kl_tasks", 1000),
+        pool=lambda w: bench(w)["tasks"]["train"],
         models=lambda w: " ".join(f"--model {q}={model_dir(w.benchmark, w.model, q)}" for q in ("bf16", w.quant)),
         backend=config["backend"]["name"],
         backend_kwargs=as_json(config["backend"].get("kwargs")),
@@ -57,7 +58,7 @@ rule grpo:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.grpo --router {params.start} --latency {input.latency} --quant {wildcards.quant} "
-        "--env {params.env} --env-kwargs {params.env_kwargs} --offset {params.offset} {params.models} "
+        "--env {params.env} --env-kwargs {params.env_kwargs} --offset {params.offset} --pool {params.pool} {params.models} "
         "--backend {params.backend} --backend-kwargs {params.backend_kwargs} {params.decoding} "
         "--shards {params.shards} {params.grpo} --out {params.out} --figure {output.figure} --quiet > {log} 2>&1"
 

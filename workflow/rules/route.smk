@@ -60,12 +60,13 @@ rule labels:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/labels_{{quant}}.log",
     params:
         rule=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("threshold", {}).items()),
+        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
     resources:
         **rule_resources("labels"),
     conda:
         "../../envs/cpu.yaml"
     shell:
-        "python -m dmr.labels --kl {input} {params.rule} --out {output.labels} --summary {output.summary} > {log} 2>&1"
+        "python -m dmr.labels --kl {input} --action-types {params.steps} {params.rule} --out {output.labels} --summary {output.summary} > {log} 2>&1"
 
 
 rule klst:
