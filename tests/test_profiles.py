@@ -49,11 +49,13 @@ def plan(cwd: Path, *args) -> list[dict]:
 
 
 def ablation_variants(route: dict) -> int:
-    """Routers an ablation trains per routed scheme: the cell's own setting reuses its router."""
+    """Routers an ablation trains per routed scheme: the cell's own setting reuses its router, or is
+    trained once more (`base`) when the ablation's training budget differs from the cell's."""
     ab = route.get("ablation", {})
     own = route.get("router", {}).get("layers", 8)
+    base = {**route.get("train", {}), **ab.get("train", {})} != route.get("train", {})
     return (len([d for d in ab.get("depths", []) if d != own]) + len([t for t in ab.get("taus", []) if t != "auto"])
-            + (1 if ab.get("all_steps") else 0))
+            + (1 if ab.get("all_steps") else 0) + (1 if base and ab else 0))
 
 
 def expected_counts(cfg: dict) -> Counter:

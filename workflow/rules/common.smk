@@ -449,7 +449,7 @@ def ablation_router(w, variant):
     `ablation.train` trains the variants on another budget: then it is trained once more on that
     budget (variant `base`), so every point of a curve had the same training."""
     if is_cell_router(variant):
-        if ablation_cfg().get("train"):
+        if ablation_train() != route_cfg().get("train", {}):
             variant = "base"
         else:
             return router_dir(w)
@@ -462,6 +462,10 @@ def ablation_inputs(w):
 
 def ablation_args(w):
     return " ".join(f"--router {v} {ablation_router(w, v)}" for v in ablation_variants())
+
+
+def ablation_train():
+    return {**route_cfg().get("train", {}), **ablation_cfg().get("train", {})}
 
 
 def variant_labels(w):
@@ -481,7 +485,7 @@ def variant_klst_args(w):
         extra = f"--tau-point {v[len('tau-'):]}"
     elif v == "steps-as":
         steps = f"all --labels-summary {cell_dir(w)}/{w.quant}/kl/labels.json --label-set as"
-    train = {**route_cfg().get("train", {}), **ablation_cfg().get("train", {})}
+    train = ablation_train()
     return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra]
                     + [f"--{k.replace('_', '-')} {val}" for k, val in train.items()])
 
