@@ -53,7 +53,7 @@ rule train_agent:
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         arch=lambda w: as_json(model_cfg(w).get("arch")),
-        train=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in model_cfg(w).get("train", {}).items()),
+        train=lambda w: cli_flags(model_cfg(w).get("train")),
     threads: THREADS
     resources:
         **rule_resources("train_agent", THREADS),

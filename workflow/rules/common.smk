@@ -142,6 +142,11 @@ def model_cfg(wildcards):
     return config["models"][wildcards.model]
 
 
+def cli_flags(mapping):
+    """Config keys as entry-point flags: {"max_minutes": 4} -> "--max-minutes 4"."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (mapping or {}).items())
+
+
 def as_json(obj):
     """A config mapping as one shell-quoted JSON argument."""
     return shlex.quote(json.dumps(obj or {}))
@@ -392,7 +397,7 @@ def grpo_args(wildcards):
     """GRPO options; lambda from the path, so any lambda of a sweep can be trained."""
     g = grpo_cfg()
     keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
-    return " ".join([f"--lam {wildcards.lam}"] + [f"--{k.replace('_', '-')} {g[k]}" for k in keys if k in g])
+    return f"--lam {wildcards.lam} " + cli_flags({k: g[k] for k in keys if k in g})
 
 
 def grpo_targets(benchmark, model):
@@ -486,8 +491,7 @@ def variant_klst_args(w):
     elif v == "steps-as":
         steps = f"all --labels-summary {cell_dir(w)}/{w.quant}/kl/labels.json --label-set as"
     train = ablation_train()
-    return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra]
-                    + [f"--{k.replace('_', '-')} {val}" for k, val in train.items()])
+    return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra, cli_flags(train)])
 
 
 def ablation_targets(benchmark, model):

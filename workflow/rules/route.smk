@@ -40,7 +40,7 @@ rule threshold:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/threshold_{{quant}}.log",
     params:
         steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
-        rule=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("threshold", {}).items()),
+        rule=lambda w: cli_flags(route_cfg().get("threshold")),
     resources:
         **rule_resources("threshold"),
     conda:
@@ -59,7 +59,7 @@ rule labels:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/labels_{{quant}}.log",
     params:
-        rule=lambda w: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("threshold", {}).items()),
+        rule=lambda w: cli_flags(route_cfg().get("threshold")),
         steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
     resources:
         **rule_resources("labels"),
@@ -85,7 +85,7 @@ rule klst:
         steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
         arch=as_json(route_cfg().get("router")),
-        train=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in route_cfg().get("train", {}).items()),
+        train=cli_flags(route_cfg().get("train")),
         out=router_dir,
     threads: THREADS
     resources:
