@@ -397,7 +397,7 @@ def grpo_args(wildcards):
     """GRPO options; lambda from the path, so any lambda of a sweep can be trained."""
     g = grpo_cfg()
     keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
-    return f"--lam {wildcards.lam} " + cli_flags({k: g[k] for k in keys if k in g})
+    return " ".join([f"--lam {wildcards.lam}", cli_flags({k: g[k] for k in keys if k in g})])
 
 
 def grpo_targets(benchmark, model):
