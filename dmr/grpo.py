@@ -17,8 +17,11 @@ r_t = pi(a_t | s_t) / pi_old(a_t | s_t), with the exact KL over the precisions t
 router. Checkpoints have the KL-ST router's format, so the `dmr` policy, dmr.calibrate and the
 evaluation reuse them (policy names `grpo-kK`, `grpo-tT`).
 
-Deviation to know: the GRPO router decides the KL-ST router's eligible step types (WebShop: click
-steps), while the paper lets GRPO route search steps too (App. C.1).
+Step types: by default the GRPO router decides the KL-ST router's eligible step types;
+`--router-steps` widens them, as App. C.1 does on WebShop (KL-ST routes click steps only, since a
+search step's KL label is not meaningful there, while GRPO, which learns from returns and needs no
+label, routes search and click steps). The saved router records its own eligible types, so its
+evaluation routes the same ones.
 """
 from __future__ import annotations
 
@@ -251,6 +254,8 @@ def main(argv=None):
     p.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL term to the KL-ST router")
     p.add_argument("--epochs", type=int, default=2, help="policy-gradient steps per iteration")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
+                   help="step types the GRPO router decides (default: the KL-ST router's); others stay high")
     p.add_argument("--out", required=True, type=Path,
                    help="GRPO directory: router/, checkpoints/, curve.parquet, trajectories.parquet")
     p.add_argument("--figure", required=True, type=Path, help="training-curve figure (.png and .pdf)")
@@ -270,7 +275,7 @@ def main(argv=None):
     cfg = AgentConfig(prompt=a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                       constrained=a.constrained, shards=a.shards, seed=a.seed)
     encoder = StepEncoder()
-    router = load_router(a.router, encoder=encoder)
+    router = load_router(a.router, encoder=encoder, eligible=tuple(a.router_steps) if a.router_steps else None)
     if router.precisions != list(models):
         raise SystemExit(f"{a.router} routes {router.precisions}, the run has {list(models)}")
     ref, _ = load_net(a.router)

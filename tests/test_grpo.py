@@ -146,3 +146,24 @@ def test_iteration_tasks_wrap_around_the_training_split():
     tasks = iteration_tasks(env, 4, 10, pool=12)  # 10, 11, then 0, 1
     assert [t.index for t in tasks] == [t.index for t in env.tasks("train", 2, 10) + env.tasks("train", 2, 0)]
     assert [t.index for t in iteration_tasks(env, 3, 25, pool=12)] == [t.index for t in env.tasks("train", 3, 1)]
+
+
+def test_grpo_router_decides_the_step_types_it_is_given(tmp_path):
+    """App. C.1: KL-ST routes WebShop's click steps only; GRPO, given search and click, samples a
+    precision for both, and its saved router keeps those types for evaluation."""
+    from dmr.router import Router, StepEncoder, load_router, save_router
+    from dmr.routing import StepContext
+
+    enc = StepEncoder()
+    net = RouterNet(n_classes=2, in_dim=enc.dim, d_model=32, layers=1, heads=2, ff=32, window=8, dropout=0.0)
+    save_router(net, tmp_path / "klst", ["bf16", "q"], {}, ("click",))
+    ctx = [StepContext(f"t#{m}", 0, "find me red sneakers", [], "WebShop [SEP] Search", [], step_type=t)
+           for m, t in enumerate(["search", "click", "click", "search"])]
+    for eligible, decided in ((None, {1, 2}), (("search", "click"), {0, 1, 2, 3})):
+        router = load_router(tmp_path / "klst", encoder=enc, eligible=eligible)
+        policy = grpo.SamplingRouter(router, seed=0)
+        choice = policy.decide(ctx)
+        assert {int(k.split("#")[1]) for k, _ in policy.decisions} == decided
+        assert all(choice[i] == "bf16" for i in range(4) if i not in decided)  # forced steps stay high
+    save_router(router.net, tmp_path / "grpo", router.precisions, {}, router.eligible)
+    assert load_router(tmp_path / "grpo", encoder=enc).eligible == ("search", "click")

@@ -297,3 +297,24 @@ def test_micro_through_real_slurm(slurm, tmp_path):
     # The plugin deletes the Slurm logs of successful jobs; its submission messages remain.
     submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/rule_(\w+)/", r.stdout + r.stderr)
     assert sorted(submitted) == ["expert_data", "rollout", "tokenizer", "train_agent"]
+
+
+def test_paper_grpo_routes_webshop_search_steps_and_klst_does_not(tmp_path):
+    """App. C.1 in the planned commands: on WebShop the KL-ST router and its baselines decide click
+    steps, the GRPO training and the GRPO router's evaluations search and click steps; ALFWorld's
+    commands carry no step types (every action step is routed)."""
+    r = snakemake("-n", "-p", "--configfile", str(PAPER), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [line for line in r.stdout.splitlines() if line.startswith("Shell command: python -m dmr.")]
+    grpo_train = [c for c in cmds if "python -m dmr.grpo " in c]
+    routed = [c for c in cmds if "python -m dmr.agent " in c and "--policy " in c
+              and not re.search(r"--policy (full|quant)\b", c)]
+    assert len(grpo_train) == 8 and routed
+    for c in grpo_train + routed:
+        steps = re.search(r"--router-steps ((?:\w+ ?)+?)(?= --|$)", c)
+        if "--env alfworld" in c:
+            assert steps is None, c
+        elif "python -m dmr.grpo " in c or "/grpo/lam" in c:
+            assert steps.group(1).split() == ["search", "click"], c
+        else:
+            assert steps.group(1).split() == ["click"], c

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 
@@ -55,13 +56,50 @@ def test_contract_on_files_written_in_webshop_format(tmp_path):
 @pytest.mark.parametrize("split,n", [("test", 1500), ("calib", 300), ("train", 300)])
 def test_expert_scores_one_on_generated_tasks(split, n):
     env = ShopEnv()
-    steps = []
+    won, steps = 0, []
     for task in env.tasks(split, n):
         tr = play(env, task)
-        assert tr.won and tr.score == 1.0, task.key
+        won += tr.won
+        assert tr.won or tr.info["steps"] == env.max_steps, task.key  # it never buys the wrong thing
         steps.append(tr.info["steps"])
-    # search, click the item, one click per option, buy: at most a few pages of detour.
-    assert min(steps) >= 3 and max(steps) <= 12
+    # It only opens products whose title and price fit, so a loss is a run of decoys that lack the
+    # goal's options until the 30-step limit; measured 994/1000 on train.
+    assert won >= 0.99 * n
+    assert min(steps) >= 3 and sum(steps) / n <= 10
+
+
+def _shown(text: str) -> list[tuple[str, str, float]]:
+    """(asin, title, price) of the products a results page shows, read from its text only."""
+    parts = text.split(" [SEP] ")
+    return [(parts[i].lower(), parts[i + 1].lower(), float(parts[i + 2].lstrip("$")))
+            for i in range(len(parts) - 2) if re.fullmatch(r"B0[0-9A-Z]{8}", parts[i])]
+
+
+def test_expert_chooses_from_what_the_page_shows():
+    """On a results page the expert opens the first product whose title has the instruction's
+    attributes and type and whose price is under the instruction's bound, skipping only products
+    it opened before: a choice an agent can make from its prompt (no hidden target)."""
+    env = ShopEnv(**SMALL)
+    checked = 0
+    for task in env.tasks("train", 150):
+        obs = env.reset(task)
+        goal, text, opened = obs.goal, obs.text, []
+        bound = float(re.search(r"lower than ([0-9.]+) dollars", goal).group(1))
+        attrs = re.match(r"(?:i am looking for|i need|i want to buy|find me) (.*?) " + re.escape(task.task_type) + r"\b",
+                         goal).group(1).split(" and ")
+        while True:
+            action = env.expert_action()
+            if action.startswith("click[b0"):
+                fit = [a for a, title, price in _shown(text)
+                       if all(x in title for x in attrs) and task.task_type in title and price <= bound and a not in opened]
+                assert fit and action == f"click[{fit[0]}]", (task.key, action, fit)
+                opened.append(fit[0])
+                checked += 1
+            tr = env.step(action)
+            text = tr.text
+            if tr.done:
+                break
+    assert checked >= 150
 
 
 def test_expert_relabels_states_off_its_path():

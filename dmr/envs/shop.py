@@ -481,6 +481,7 @@ class ShopEnv:
         self._page, self._hits, self._results_page = "search", [], 1
         self._asin, self._options, self._query = None, {}, ""
         self._steps, self._done, self._won, self._score, self._searches = 0, False, False, 0.0, 0
+        self._rejected: set[str] = set()  # products the expert has seen lack the goal's options
         self._refresh()
         return Observation(text=self._text, goal=self._goal["instruction_text"], admissible=list(self._admissible),
                            info={"task_type": self._goal["query"], "target": self._goal["asin"],
@@ -534,6 +535,8 @@ class ShopEnv:
             self._page = next(s for s in SUB_PAGES if s.lower() == c)
         elif self._page == "results":
             self._asin, self._options, self._page = c.upper(), {}, "item"
+            if not self.fits(self._asin):
+                self._rejected.add(self._asin)
         else:  # an option value on the item page
             p = self.by_asin[self._asin]
             opt = next(k for k, vals in p["options"].items() if c in vals)
@@ -551,7 +554,21 @@ class ShopEnv:
             return False
         return reward(p, self._goal, p["pricing"][0], chosen, self.lexicon)["score"] >= 1.0 - 1e-9
 
+    def shows_fit(self, asin: str) -> bool:
+        """What a results page shows of a product fits the goal: every goal attribute and the
+        product type in its title, its price within the bound. The options are not shown there."""
+        p, g = self.by_asin[asin], self._goal
+        title = p["Title"].lower()
+        return (all(a.lower() in title for a in g["attributes"]) and tokens(g["query"]) <= tokens(title)
+                and p["pricing"][0] <= g["price_upper"])
+
     def expert_action(self) -> str:
+        """An expert that acts on what the pages show, so a cloned agent can learn its choices:
+        search the goal's attributes and type; on a results page open the first product whose title
+        and price fit and that it has not rejected, else the next page; on an item page buy with the
+        goal's option values if they are offered (`fits`, all visible there), else go back and
+        remember the product as rejected. Only a second search, after the results ran out, uses the
+        target's title (privileged, rare)."""
         if self._task is None or self._done:
             raise RuntimeError("ShopEnv.expert_action needs a running episode (reset first)")
         page = self._page
@@ -563,14 +580,11 @@ class ShopEnv:
         if page == "results":
             at = (self._results_page - 1) * self.page_size
             shown = self._hits[at:at + self.page_size]
-            hit = next((a for a in shown if self.fits(a)), None)
+            hit = next((a for a in shown if a not in self._rejected and self.shows_fit(a)), None)
             if hit is not None:
                 return f"click[{hit.lower()}]"
-            later = self._hits[at + self.page_size:]
-            if any(self.fits(a) for a in later):
+            if at + self.page_size < len(self._hits):
                 return f"click[{NEXT_PAGE.lower()}]"
-            if any(self.fits(a) for a in self._hits[:at]):
-                return f"click[{PREV_PAGE.lower()}]"
             return f"click[{BACK_TO_SEARCH.lower()}]"
         # item page
         if not self.fits(self._asin):

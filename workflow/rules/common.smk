@@ -192,11 +192,17 @@ def run_offset(wildcards):
     return run_seed(wildcards) * bench(wildcards)["tasks"]["test"]
 
 
-def router_steps_arg(wildcards):
-    """Step types routed policies decide; the others run at bf16 (paper App. C.1). Omitted for the
-    default [action], where the learned router already decides every action step, so existing runs
-    keep their commands."""
+def routed_steps(wildcards, kind="dmr"):
+    """Step types a router decides; the others run at bf16 (paper App. C.1). The GRPO router's
+    (`grpo_router_steps`) default to the KL-ST router's (`router_steps`)."""
     steps = bench(wildcards).get("router_steps", ["action"])
+    return bench(wildcards).get("grpo_router_steps", steps) if kind == "grpo" else steps
+
+
+def router_steps_arg(wildcards, kind="dmr"):
+    """--router-steps of a routed policy. Omitted for the default [action], where the learned
+    router already decides every action step, so existing runs keep their commands."""
+    steps = routed_steps(wildcards, kind)
     return "" if steps == ["action"] else " --router-steps " + " ".join(steps)
 
 
@@ -266,7 +272,7 @@ def policy_args(wildcards):
     if not m:
         return f"--policy {wildcards.policy}"
     kind, mode, value = m.groups()
-    steps = router_steps_arg(wildcards)
+    steps = router_steps_arg(wildcards, "grpo" if kind == "grpo" else "dmr")
     if kind in ("dmr", "grpo"):
         rd = router_dir(wildcards, kind)
         if mode == "t":
@@ -397,7 +403,10 @@ def grpo_args(wildcards):
     """GRPO options; lambda from the path, so any lambda of a sweep can be trained."""
     g = grpo_cfg()
     keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
-    return " ".join([f"--lam {wildcards.lam}", cli_flags({k: g[k] for k in keys if k in g})])
+    steps = routed_steps(wildcards, "grpo")
+    # Only where GRPO decides other step types than KL-ST, so other cells keep their commands.
+    extra = [] if steps == routed_steps(wildcards) else [f"--router-steps {' '.join(steps)}"]
+    return " ".join([f"--lam {wildcards.lam}", cli_flags({k: g[k] for k in keys if k in g})] + extra)
 
 
 def grpo_targets(benchmark, model):
