@@ -2,7 +2,10 @@
 
 With probability `noise` the executed action is a random admissible one, but every recorded step
 is labelled with the expert's action from the state actually reached, so the agent sees how to
-recover from states off the expert path.
+recover from states off the expert path. A share `repeat` of the noise instead repeats the previous
+action, the mistake a cloned agent makes most (in ALFWorld's grammar mostly "go to X" on arriving at
+X, which the environment answers "Nothing happens."): admissible noise alone never shows the agent
+an invalid step, so it never learns to leave one and loops on it until the step limit.
 
 A fixed benchmark split smaller than `--episodes` (ALFWorld's 200 valid_train games) is played
 in passes: episode i plays game i mod the split size, each pass with fresh noise.
@@ -19,12 +22,17 @@ from tqdm import tqdm
 from dmr import envs
 
 
-def episode(env, task, noise: float, rng: random.Random) -> dict:
+def episode(env, task, noise: float, rng: random.Random, repeat: float = 0.0) -> dict:
     first = env.reset(task)
     steps, obs, admissible = [], first.text, first.admissible
     while True:
         label = env.expert_action()
-        action = rng.choice(admissible) if admissible and rng.random() < noise else label
+        action = label
+        if rng.random() < noise:
+            if repeat and steps and rng.random() < repeat:
+                action = steps[-1]["action"]
+            elif admissible:
+                action = rng.choice(admissible)
         tr = env.step(action)
         steps.append({"obs": obs, "admissible": admissible, "label": label, "action": action,
                       "next_obs": tr.text})
@@ -40,6 +48,8 @@ def main(argv=None):
     p.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments of the environment")
     p.add_argument("--episodes", type=int, required=True, help="number of train-split tasks")
     p.add_argument("--noise", type=float, default=0.0, help="probability of a random executed action")
+    p.add_argument("--repeat", type=float, default=0.0,
+                   help="share of the noisy actions that repeat the previous action instead (invalid steps)")
     p.add_argument("--clean-fraction", type=float, default=0.5,
                    help="fraction of episodes run without noise (pure expert trajectories)")
     p.add_argument("--seed", type=int, default=0)
@@ -56,7 +66,7 @@ def main(argv=None):
         for i in tqdm(range(a.episodes), desc="expert episodes"):
             task = pool[i % len(pool)]
             noise = 0.0 if i < a.clean_fraction * a.episodes else a.noise
-            ep = episode(env, task, noise, rng)
+            ep = episode(env, task, noise, rng, a.repeat)
             won += ep["won"]
             f.write(json.dumps(ep) + "\n")
     tmp.rename(a.out)

@@ -222,6 +222,40 @@ def test_prefix_cache_matches_uncached_generation(tiny_world):
     assert "a" not in b._sessions
 
 
+def test_prompt_ids_of_a_session_equal_a_full_encoding_at_every_cut(tiny_world):
+    """A session's next prompt is encoded as its previous ids plus the new text only where the cut
+    is clean; at any cut, clean or inside a word, the ids equal a full encoding."""
+    _, _, model = tiny_world
+    b = load("hf", str(model), threads=2)
+    env, style = envs.make("household"), get("react")
+    o = env.reset(env.tasks("test", 1)[0])
+    ep = Episode(o.goal, o.text, [], o.admissible)
+    for a in o.admissible[:4]:
+        ep.history.append((a, env.step(a).text))
+    text = style.render(b.tokenizer, ep)
+    full = b.encode(text)
+    calls = []
+    encode = b.encode
+    b.encode = lambda t: calls.append(len(t)) or encode(t)
+    reused = 0
+    for k, cut in enumerate(range(len(text) // 2, len(text), 7)):
+        b._encode_prompt(text[:cut], f"s{k}")
+        calls.clear()
+        assert b._encode_prompt(text, f"s{k}") == full, (cut, text[cut - 10:cut + 10])
+        reused += max(calls) < len(text)
+    # Step boundaries of the ReAct prompt (after "\n>") are clean cuts: every step reuses.
+    for k, (a, obs) in enumerate(ep.history):
+        prefix = style.render(b.tokenizer, Episode(ep.goal, ep.first, ep.history[:k]))
+        b._encode_prompt(prefix, "steps")
+        calls.clear()
+        assert b._encode_prompt(style.render(b.tokenizer, Episode(ep.goal, ep.first, ep.history[:k + 1])), "steps") \
+            == encode(style.render(b.tokenizer, Episode(ep.goal, ep.first, ep.history[:k + 1])))
+        assert max(calls) < len(text)
+    assert reused > 0
+    b.end_session("steps")
+    assert "steps" not in b._prompts
+
+
 def test_rerun_with_another_spec_never_resumes_stale_episodes(tiny_world, tmp_path, python):
     """A run directory left by another model or decoding setup is moved aside, not resumed."""
     _, _, model = tiny_world

@@ -379,3 +379,25 @@ def test_place_goal_wording():
         else:
             assert obs.goal in (f"Your task is to: put two {g} in {target}.",
                                 f"Your task is to: find two {g} and put them in {target}.")
+
+
+def test_expert_data_shows_recovery_from_repeated_actions():
+    """dmr.expert's `repeat` noise re-executes the previous action: in the household grammar a
+    repeated "go to X" or "take X" is answered "Nothing happens.", and the step after it is labelled
+    with the expert's way on, so a cloned agent sees how to leave the loop it otherwise falls into."""
+    from dmr.expert import episode
+
+    env, rng = HouseholdEnv(), random.Random(0)
+    repeats = nothing = recovered = 0
+    for task in env.tasks("train", 40):
+        ep = episode(env, task, noise=0.5, rng=rng, repeat=1.0)
+        steps = ep["steps"]
+        for prev, s, nxt in zip(steps, steps[1:], steps[2:]):
+            if s["action"] == prev["action"] != s["label"]:
+                repeats += 1
+                nothing += s["next_obs"] == "Nothing happens."
+                recovered += nxt["label"] != s["action"]
+    assert repeats > 100 and nothing > 0.5 * repeats and recovered == repeats
+    # Without `repeat` the noise is admissible only: an invalid step never appears in the data.
+    ep = [episode(env, t, noise=0.5, rng=random.Random(1)) for t in env.tasks("train", 20)]
+    assert not any(s["next_obs"] == "Nothing happens." for e in ep for s in e["steps"])

@@ -129,12 +129,34 @@ class HFBackend:
                 m.quantization_enabled = False
         self.eos_id = self.tokenizer.eos_token_id
         self._sessions: OrderedDict = OrderedDict()  # session -> (token ids, per-layer KV)
+        self._prompts: OrderedDict = OrderedDict()   # session -> (last prompt text, its token ids)
         self._options: dict[str, list[int]] = {}
         self.max_sessions = max_sessions
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _encode_prompt(self, text: str, session: str | None) -> list[int]:
+        """Token ids of a prompt; an append-only prompt reuses its session's previous ids and
+        encodes only the new text (re-encoding whole ReAct trajectories was 13% of a batched
+        rollout). Only where the cut is clean: the text around it encodes the same whole as in two
+        pieces (BPE merges and pre-token splits are local, so a window decides)."""
+        hit = self._prompts.get(session) if session is not None else None
+        ids = None
+        if hit is not None and text.startswith(hit[0]):
+            at, w = len(hit[0]), 64
+            left, right = text[max(0, at - w):at], text[at:at + w]
+            if self.encode(left + right) == self.encode(left) + self.encode(right):
+                ids = hit[1] + self.encode(text[at:])
+        if ids is None:
+            ids = self.encode(text)
+        if session is not None:
+            self._prompts[session] = (text, ids)
+            self._prompts.move_to_end(session)
+            while len(self._prompts) > self.max_sessions:
+                self._prompts.popitem(last=False)
+        return ids
 
     def _encode_option(self, text: str) -> list[int]:
         # Admissible actions repeat from step to step; encoding them dominated constrained calls.
@@ -225,7 +247,7 @@ class HFBackend:
         between calls, so an append-only (ReAct) prompt only prefills its new tokens."""
         if not prompts:
             return []
-        prompt_ids = [self.encode(p) for p in prompts]
+        prompt_ids = [self._encode_prompt(p, sessions[i] if sessions else None) for i, p in enumerate(prompts)]
         B = len(prompts)
         self._catch_up(prompt_ids, sessions, [1] * B)
         cache, mask, ids, chunk_mask = self._prefill(prompt_ids, sessions, min_new=[1] * B,
@@ -307,6 +329,7 @@ class HFBackend:
 
     def end_session(self, key: str) -> None:
         self._sessions.pop(key, None)
+        self._prompts.pop(key, None)
 
     @torch.inference_mode()
     def score(self, prompts: list[str], continuations: list[str], full: bool = True,

@@ -14,13 +14,15 @@ rule expert_data:
         n=lambda w: bench(w)["tasks"]["train"],
         noise=lambda w: model_cfg(w).get("expert", {}).get("noise", 0.2),
         clean=lambda w: model_cfg(w).get("expert", {}).get("clean_fraction", 0.5),
+        # Only when set, so the commands of configs without it stay as they were.
+        repeat=lambda w: "".join(f" --repeat {v}" for k, v in model_cfg(w).get("expert", {}).items() if k == "repeat"),
     resources:
         **rule_resources("expert_data"),
     conda:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.expert --env {params.env} --env-kwargs {params.env_kwargs} --episodes {params.n} "
-        "--noise {params.noise} --clean-fraction {params.clean} --out {output} > {log} 2>&1"
+        "--noise {params.noise} --clean-fraction {params.clean}{params.repeat} --out {output} > {log} 2>&1"
 
 
 rule tokenizer:
