@@ -154,3 +154,31 @@ def test_embedded_goals_score_one_under_webshops_own_loader_and_reward(tmp_path,
             assert value in g["instruction_text"], (value, g["instruction_text"])
         score = ws_goal.get_reward(by_asin[g["asin"]], g, prices[g["asin"]], dict(mine["goal_options"]))
         assert score == pytest.approx(1.0), (g["instruction_text"], mine["goal_options"])
+
+
+@needs_webshop
+def test_expert_re_picks_an_option_another_click_changed():
+    # dmr.expert labels states off the expert's path (DAgger noise): after a wrong value replaces
+    # the right one, the expert's label must be the right value again, not Buy Now.
+    env = envs.make("webshop", num_products=1000)
+    for task in env.tasks("test", 50):
+        env.reset(task)
+        product = env.server.product_item_dict[env._goal["asin"]]
+        perturbed = None
+        while True:
+            action = env.expert_action()
+            arg = action[len("click["):-1]
+            name = next((n for n, vals in product["options"].items() if arg in vals and len(vals) > 1), None)
+            tr = env.step(action)
+            if name is not None and perturbed is None:
+                wrong = next(v for v in product["options"][name] if v != arg)
+                perturbed = (name, arg, wrong)
+                env.step(f"click[{wrong}]")
+                assert env.expert_action() == action
+            if tr.done:
+                break
+        if perturbed is not None:
+            name, right, _ = perturbed
+            assert env.server.user_sessions[env.env.session]["options"][name] == right
+            return
+    pytest.skip("no test goal among the first 50 asks for an option value of a multi-valued option")

@@ -155,9 +155,11 @@ class WebShopEnv:
 
     # ------------------------------------------------------------------ expert
     def expert_action(self) -> str:
-        """A privileged expert: search the target's title, open the target, pick the goal's option
-        values where the product offers them, buy. (WebShop's reward can still fall short of 1 on
-        its human goals, e.g. for attributes its fuzzy matching misses.)"""
+        """A privileged expert: search the target's title, open the target, make each option the
+        value the goal asks for (re-picking one that another click changed), buy. A value is asked
+        for when it is a goal value, or failing that matches one as WebShop's reward does (thefuzz
+        token-set ratio > 85 after its colour normalisation). (WebShop's reward can still fall
+        short of 1 on its human goals, e.g. for attributes its fuzzy matching misses.)"""
         if self._task is None or self._done:
             raise RuntimeError("WebShopEnv.expert_action needs a running episode (reset first)")
         has_search, clicks = self._page()
@@ -173,12 +175,26 @@ class WebShopEnv:
         if "buy now" not in clicks:  # a sub page
             return "click[< prev]"
         goal_values = self._goal["goal_options"]
-        goal_values = list(goal_values.values()) if isinstance(goal_values, dict) else list(goal_values)
+        goal_values = [str(v).lower() for v in (goal_values.values() if isinstance(goal_values, dict) else goal_values)]
         for name, values in product["options"].items():
-            if name in session["options"]:
-                continue
-            for want in goal_values:
-                hit = next((v for v in values if v == str(want).lower()), None)
-                if hit is not None and hit in clicks:
-                    return f"click[{hit}]"
+            want = _asked_value(values, goal_values)
+            # A value that two options share is one clickable, the last one's: it cannot set the other.
+            radio = self.env.text_to_clickable.get(want)
+            if (want is not None and session["options"].get(name) != want and radio is not None
+                    and str(radio.get("name", "")).lower() == name):
+                return f"click[{want}]"
         return "click[buy now]"
+
+
+def _asked_value(values: list[str], goal_values: list[str]) -> str | None:
+    """The one of an option's `values` that the goal asks for: a goal value itself, else the best
+    match by WebShop's option matching (engine/goal.py's get_option_reward), else None."""
+    exact = next((v for v in values if v in goal_values), None)
+    if exact is not None or not goal_values:
+        return exact
+    from thefuzz import fuzz
+    from web_agent_site.engine.normalize import normalize_color
+
+    ratio, best = max((max(fuzz.token_set_ratio(normalize_color(v), normalize_color(g)) for g in goal_values), v)
+                      for v in values)
+    return best if ratio > 85 else None
