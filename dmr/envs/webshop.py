@@ -19,11 +19,11 @@ would accept one anywhere), so every step is a `search` or a `click` step by the
 on, and `info["next_step_type"]` announces the upcoming one. The score is WebShop's reward;
 success is score 1; episodes stop after `max_steps` with score 0.
 
-Two departures from running WebAgentTextEnv as is, both so that a task is one episode everywhere:
-WebShop draws each human goal's price bound (part of the instruction and of the reward) from
-Python's unseeded global `random`, so its goals differ from process to process; the adapter seeds
-it with GOAL_SEED while the server loads (and restores the caller's random state). And the envs of
-a process share one server, whose session state is keyed by session id: each env gets its own
+Two departures from running WebAgentTextEnv as is. WebShop draws each human goal's price bound
+(part of the instruction and of the reward) from Python's unseeded global `random`, so its goals
+differ from process to process; the adapter seeds it with GOAL_SEED while the server loads (and
+restores the caller's random state), so a task is the same episode in every process. And the envs
+of a process share one server, whose session state is keyed by session id: each env gets its own
 session prefix, so envs playing the same task at once (GRPO's groups, dmr.agent's shards) do not
 overwrite each other's page, search and options.
 """
