@@ -182,3 +182,22 @@ def test_expert_re_picks_an_option_another_click_changed():
             assert env.server.user_sessions[env.env.session]["options"][name] == right
             return
     pytest.skip("no test goal among the first 50 asks for an option value of a multi-valued option")
+
+
+@needs_webshop
+def test_missing_spacy_model_is_named(monkeypatch):
+    # WebShop's reward module loads its spaCy model at import: without the model the import fails
+    # with spaCy's OSError, which the adapter turns into an install hint.
+    import sys
+
+    import spacy
+
+    def no_model(name, *args, **kwargs):
+        raise OSError(f"[E050] Can't find model '{name}'.")
+
+    for name in [m for m in sys.modules if m.startswith("web_agent_site")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(spacy, "load", no_model)
+    with pytest.raises(ImportError, match="spacy download en_core_web_sm") as err:
+        webshop._text_env_class()
+    assert "E050" in str(err.value)
