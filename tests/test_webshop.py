@@ -1,4 +1,4 @@
-"""The real WebShop adapter (dmr.envs.webshop). WebShop is not pip-installable, so everything but
+r"""The real WebShop adapter (dmr.envs.webshop). WebShop is not pip-installable, so everything but
 the missing-install message skips unless its `web_agent_site` package (with its data and search
 index) is importable.
 
@@ -10,14 +10,17 @@ product data; Java 11+ for pyserini; a venv of its own, outside this repository)
     $V/pip install torch==2.13.0 flask gym==0.26.2 thefuzz rank_bm25 spacy beautifulsoup4 rich cleantext \
         tqdm pytest bm25s pyyaml pyjnius pandas requests scipy faiss-cpu "transformers<5" scikit-learn \
         sentencepiece onnxruntime selenium
-    $V/pip install --no-deps pyserini==0.22.1   # the last line of releases on Java 11; later ones need 21
+    # pyserini without its declared dependencies (not tried with them): the packages above are the
+    # ones its Lucene search imports. 0.22.1 runs on Java 17 here; newer releases may need Java 21.
+    $V/pip install --no-deps pyserini==0.22.1
     $V/python -m spacy download en_core_web_sm  # what WebShop's reward (engine/goal.py) loads
     cd /work/webshop-src && PYTHONPATH=/path/to/dmr $V/python -c "
     import shutil; from dmr.envs.shop import ShopEnv, write_webshop_files
     env = ShopEnv(n_products=1000)
     goals = [env.goal_of(t) for s, n in (('test', 500), ('calib', 300), ('train', 200)) for t in env.tasks(s, n)]
     p = write_webshop_files(env.products, goals, 'data')
-    shutil.copy(p['items'], 'data/items_shuffle_1000.json'); shutil.copy(p['attributes'], 'data/items_ins_v2_1000.json')"
+    shutil.copy(p['items'], 'data/items_shuffle_1000.json')
+    shutil.copy(p['attributes'], 'data/items_ins_v2_1000.json')"
     cd search_engine && mkdir -p resources resources_100 resources_1k resources_100k \
         && PYTHONPATH=.. $V/python convert_product_file_format.py \
         && $V/python -m pyserini.index.lucene --collection JsonCollection --input resources_1k \
