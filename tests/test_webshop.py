@@ -96,7 +96,9 @@ def test_goals_are_the_same_in_every_process():
     def fresh_goals():
         webshop._SERVERS.clear()
         env = envs.make("webshop", num_products=1000)
-        return [g["instruction_text"] for g in env.server.goals[:50]], [g["price_upper"] for g in env.server.goals[:50]]
+        goals = env.server.goals[:50]
+        # product_prices: WebShop draws the price of a product listed with a price range too.
+        return [g["instruction_text"] for g in goals], [g["price_upper"] for g in goals], env.server.product_prices
 
     random.seed(1)
     first = fresh_goals()

@@ -20,12 +20,12 @@ on, and `info["next_step_type"]` announces the upcoming one. The score is WebSho
 success is score 1; episodes stop after `max_steps` with score 0.
 
 Two departures from running WebAgentTextEnv as is. WebShop draws each human goal's price bound
-(part of the instruction and of the reward) from Python's unseeded global `random`, so its goals
-differ from process to process; the adapter seeds it with GOAL_SEED while the server loads (and
-restores the caller's random state), so a task is the same episode in every process. And the envs
-of a process share one server, whose session state is keyed by session id: each env gets its own
-session prefix, so envs playing the same task at once (GRPO's groups, dmr.agent's shards) do not
-overwrite each other's page, search and options.
+(part of the instruction and of the reward), and the price of a product listed with a price range,
+from Python's unseeded global `random`, so its goals differ from process to process; the adapter
+seeds it with GOAL_SEED while the server loads (and restores the caller's random state), so a task
+is the same episode in every process. And the envs of a process share one server, whose session
+state is keyed by session id: each env gets its own session prefix, so envs playing the same task at
+once (GRPO's groups, dmr.agent's shards) do not overwrite each other's page, search and options.
 """
 from __future__ import annotations
 
