@@ -167,10 +167,12 @@ def make_goal(product: dict, rng: random.Random) -> dict:
     lead = rng.choice(("i am looking for", "i need", "i want to buy", "find me"))
     base = f"{lead} {' and '.join(attrs)} {kind}"
     option_text = ", and ".join(f"{k}: {v}" for k, v in goal_options.items())
+    instruction = base + (f" with {option_text}" if option_text else "")
     price_text = f", and price lower than {upper:.2f} dollars" if upper < 1000000 else ""
+    # `instruction` is the text before the price bound: what WebShop's human-goal file stores.
     return {"asin": product["asin"], "category": product["category"], "query": product["query"],
             "name": product["Title"], "product_category": product["product_category"],
-            "instruction": base, "instruction_text": base + (f" with {option_text}" if option_text else "") + price_text,
+            "instruction": instruction, "instruction_text": instruction + price_text,
             "attributes": attrs, "price_upper": upper, "goal_options": goal_options, "search_query": f"{' '.join(attrs)} {kind}"}
 
 
@@ -179,8 +181,10 @@ def make_goal(product: dict, rng: random.Random) -> dict:
 def write_webshop_files(products: list[dict], goals: list[dict], out: str | Path) -> dict[str, Path]:
     """The catalogue and goals in WebShop's raw data-file formats: items_shuffle.json (products),
     items_ins_v2.json (attributes per asin), items_human_ins.json (instructions per asin) and
-    reviews.json. Extra keys that WebShop ignores keep what its loader would re-randomise
-    (the price bound) or recompute (the expert's search query)."""
+    reviews.json. As in WebShop's human goals, an instruction states its option values in words and
+    `instruction_options` lists the values (WebShop's reward scores a name-keyed dict's (name, value)
+    pairs, not its values). Extra keys that WebShop ignores keep what its loader would re-randomise
+    (the price bound), recompute (the expert's search query) or lose (the options' names)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = [{"asin": p["asin"], "name": p["Title"], "category": p["category"], "query": p["query"],
@@ -192,9 +196,11 @@ def write_webshop_files(products: list[dict], goals: list[dict], out: str | Path
     ins = {p["asin"]: {"attributes": p["Attributes"]} for p in products}
     human: dict[str, list] = {}
     for g in goals:
+        opts = g["goal_options"]
+        values = list(opts.values()) if isinstance(opts, dict) else list(opts)
         human.setdefault(g["asin"], []).append({
             "asin": g["asin"], "instruction": g["instruction"], "instruction_attributes": g["attributes"],
-            "instruction_options": g["goal_options"], "price_upper": g["price_upper"],
+            "instruction_options": values, "goal_options": opts, "price_upper": g["price_upper"],
             "search_query": g.get("search_query", "")})
     reviews = [{"asin": p["asin"], "average_rating": p["Rating"],
                 "reviews": [{"title": r["title"], "stars": r["score"], "review": r["body"]} for r in p["Reviews"]]}
@@ -270,19 +276,17 @@ def load_webshop_files(data_dir: str | Path) -> tuple[list[dict], list[dict]]:
         for ins in instructions:
             if not ins.get("instruction_attributes"):
                 continue
-            opts = ins.get("instruction_options") or {}
+            # Goals written by write_webshop_files keep their options' names and their bound; WebShop's
+            # human goals list bare option values and get a drawn bound. Both say their options in words.
+            opts = ins.get("goal_options") or ins.get("instruction_options") or {}
             if isinstance(opts, list):
                 opts = {str(i): v for i, v in enumerate(opts)}
             base = ins["instruction"].strip().strip(".")
-            # Goals written by write_webshop_files keep their bound and name their options (WebShop's
-            # synthetic wording); WebShop's human goals say their options in words and get a drawn bound.
-            ours = "price_upper" in ins
-            upper = ins["price_upper"] if ours else _price_upper(rng, p["pricing"][0])
-            option_text = ", and ".join(f"{k}: {v}" for k, v in opts.items()) if ours else ""
+            upper = ins["price_upper"] if "price_upper" in ins else _price_upper(rng, p["pricing"][0])
             price_text = f", and price lower than {upper:.2f} dollars" if upper < 1000000 else ""
             goals.append({"asin": asin, "category": p["category"], "query": p["query"], "name": p["Title"],
                           "product_category": p["product_category"], "instruction": base,
-                          "instruction_text": base + (f" with {option_text}" if option_text else "") + price_text,
+                          "instruction_text": base + price_text,
                           "attributes": ins["instruction_attributes"], "price_upper": upper, "goal_options": opts,
                           "search_query": ins.get("search_query") or base})
     return products, goals

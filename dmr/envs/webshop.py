@@ -4,9 +4,11 @@
 WebShop is not on PyPI (the `webshop` package there is an empty stub). Install it from its
 repository (https://github.com/princeton-nlp/WebShop: `setup.sh -d all` downloads its product data,
 spaCy's en_core_web_lg and builds the pyserini search index, which needs Java 11+) and put its
-checkout on PYTHONPATH, so that `import web_agent_site` works. The embedded shop's catalogue can be
-served by the same code: `dmr.envs.shop.write_webshop_files` writes WebShop's data files and
-`write_search_documents` the documents its indexing script reads.
+checkout on PYTHONPATH, so that `import web_agent_site` works. Its reward loads spaCy's
+en_core_web_sm, which setup.sh does not fetch: `python -m spacy download en_core_web_sm` too. The
+embedded shop's catalogue can be served by the same code: `dmr.envs.shop.write_webshop_files`
+writes WebShop's data files and `write_search_documents` the documents its indexing script reads
+(tests/test_webshop.py says how to run the tests that way).
 
 Protocol (paper App. B, C.1): goals are WebShop's human instructions in its fixed shuffled order;
 the first 500 are the test split (as in WebShop's and verl-agent's evaluations), the next 1000
@@ -16,20 +18,33 @@ bar and `click[...]` for each clickable. A search is only accepted on that page 
 would accept one anywhere), so every step is a `search` or a `click` step by the page it is taken
 on, and `info["next_step_type"]` announces the upcoming one. The score is WebShop's reward;
 success is score 1; episodes stop after `max_steps` with score 0.
+
+Two departures from running WebAgentTextEnv as is. WebShop draws each human goal's price bound
+(part of the instruction and of the reward), and the price of a product listed with a price range,
+from Python's unseeded global `random`, so its goals differ from process to process; the adapter
+seeds it with GOAL_SEED while the server loads (and restores the caller's random state), so a task
+is the same episode in every process. And the envs of a process share one server, whose session
+state is keyed by session id: each env gets its own session prefix, so envs playing the same task at
+once (GRPO's groups, dmr.agent's shards) do not overwrite each other's page, search and options.
 """
 from __future__ import annotations
 
 import importlib.util
+import itertools
+import random
 
 from dmr.envs.base import Observation, Task, Transition, split_seed
 from dmr.envs.shop import FILE_SPLITS, SEARCH_PLACEHOLDER, SEP, parse_action
 
 INSTALL = ("the real WebShop benchmark needs princeton-nlp/WebShop's `web_agent_site` package, which is not "
            "installed. PyPI's `webshop` is an empty stub: clone https://github.com/princeton-nlp/WebShop, run its "
-           "`setup.sh -d all` (product data, spaCy en_core_web_lg, pyserini index; Java 11+), and put the checkout "
-           "on PYTHONPATH. Without it, use the embedded benchmark: env `shop` (dmr.envs.shop).")
+           "`setup.sh -d all` (product data, spaCy en_core_web_lg, pyserini index; Java 11+) and "
+           "`python -m spacy download en_core_web_sm` (its reward loads that one), and put the checkout on "
+           "PYTHONPATH. Without it, use the embedded benchmark: env `shop` (dmr.envs.shop).")
 
+GOAL_SEED = 0
 _SERVERS: dict = {}
+_ENV_IDS = itertools.count()
 
 
 def available() -> bool:
@@ -39,7 +54,11 @@ def available() -> bool:
 def _text_env_class():
     if not available():
         raise ImportError(INSTALL)
-    from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
+    try:
+        from web_agent_site.envs.web_agent_text_env import WebAgentTextEnv
+    except OSError as e:  # spaCy's "[E050] Can't find model", raised while WebShop's reward module loads
+        raise ImportError(f"web_agent_site is importable but its reward cannot load its spaCy model: {e}. "
+                          "Install it: python -m spacy download en_core_web_sm") from e
 
     return WebAgentTextEnv
 
@@ -64,9 +83,14 @@ class WebShopEnv:
         cls = _text_env_class()
         self.max_steps = max_steps
         key = (num_products, human_goals)
-        # Loading products, goals and the index takes minutes: every env of a process shares one server.
-        self.env = cls(observation_mode="text", num_products=num_products, human_goals=human_goals,
-                       server=_SERVERS.get(key))
+        state = random.getstate()
+        random.seed(GOAL_SEED)
+        try:
+            # Loading products, goals and the index takes minutes: every env of a process shares one server.
+            self.env = cls(observation_mode="text", num_products=num_products, human_goals=human_goals,
+                           server=_SERVERS.get(key), session_prefix=f"dmr{next(_ENV_IDS)}-")
+        finally:
+            random.setstate(state)
         _SERVERS[key] = self.env.server
         self.server = self.env.server
         self._task: Task | None = None
@@ -131,9 +155,11 @@ class WebShopEnv:
 
     # ------------------------------------------------------------------ expert
     def expert_action(self) -> str:
-        """A privileged expert: search the target's title, open the target, pick the goal's option
-        values where the product offers them, buy. (WebShop's reward can still fall short of 1 on
-        its human goals, e.g. for attributes its fuzzy matching misses.)"""
+        """A privileged expert: search the target's title, open the target, make each option the
+        value the goal asks for (re-picking one that another click changed), buy. A value is asked
+        for when it is a goal value, or failing that matches one as WebShop's reward does (thefuzz
+        token-set ratio > 85 after its colour normalisation). (WebShop's reward can still fall
+        short of 1 on its human goals, e.g. for attributes its fuzzy matching misses.)"""
         if self._task is None or self._done:
             raise RuntimeError("WebShopEnv.expert_action needs a running episode (reset first)")
         has_search, clicks = self._page()
@@ -149,12 +175,26 @@ class WebShopEnv:
         if "buy now" not in clicks:  # a sub page
             return "click[< prev]"
         goal_values = self._goal["goal_options"]
-        goal_values = list(goal_values.values()) if isinstance(goal_values, dict) else list(goal_values)
+        goal_values = [str(v).lower() for v in (goal_values.values() if isinstance(goal_values, dict) else goal_values)]
         for name, values in product["options"].items():
-            if name in session["options"]:
-                continue
-            for want in goal_values:
-                hit = next((v for v in values if v == str(want).lower()), None)
-                if hit is not None and hit in clicks:
-                    return f"click[{hit}]"
+            want = _asked_value(values, goal_values)
+            # A value that two options share is one clickable, the last one's: it cannot set the other.
+            radio = self.env.text_to_clickable.get(want)
+            if (want is not None and session["options"].get(name) != want and radio is not None
+                    and str(radio.get("name", "")).lower() == name):
+                return f"click[{want}]"
         return "click[buy now]"
+
+
+def _asked_value(values: list[str], goal_values: list[str]) -> str | None:
+    """The one of an option's `values` that the goal asks for: a goal value itself, else the best
+    match by WebShop's option matching (engine/goal.py's get_option_reward), else None."""
+    exact = next((v for v in values if v in goal_values), None)
+    if exact is not None or not goal_values:
+        return exact
+    from thefuzz import fuzz
+    from web_agent_site.engine.normalize import normalize_color
+
+    ratio, best = max((max(fuzz.token_set_ratio(normalize_color(v), normalize_color(g)) for g in goal_values), v)
+                      for v in values)
+    return best if ratio > 85 else None
