@@ -472,7 +472,11 @@ class ShopEnv:
         elif self._page == "done":
             self._admissible = []
         else:
-            self._admissible = [f"click[{c}]" for c in self._clickables]
+            # Product ids as the page shows them (clicks match case-insensitively): a cloned agent
+            # then copies the id next to the title it chose, instead of also lower-casing 10
+            # random characters, which a tiny model did not learn (0 valid product clicks).
+            self._admissible = [f"click[{c.upper()}]" if c.upper() in self.by_asin else f"click[{c}]"
+                                for c in self._clickables]
 
     @property
     def step_type(self) -> str:
@@ -586,7 +590,7 @@ class ShopEnv:
             shown = self._hits[at:at + self.page_size]
             hit = next((a for a in shown if a not in self._rejected and self.shows_fit(a)), None)
             if hit is not None:
-                return f"click[{hit.lower()}]"
+                return f"click[{hit}]"
             if at + self.page_size < len(self._hits):
                 return f"click[{NEXT_PAGE.lower()}]"
             return f"click[{BACK_TO_SEARCH.lower()}]"
