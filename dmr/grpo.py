@@ -18,7 +18,7 @@ router. Checkpoints have the KL-ST router's format, so the `dmr` policy, dmr.cal
 evaluation reuse them (policy names `grpo-kK`, `grpo-tT`).
 
 Step types: by default the GRPO router decides the KL-ST router's eligible step types;
-`--router-steps` widens them, as App. C.1 does on WebShop (KL-ST routes click steps only, since a
+`--router-steps` sets them, as App. C.1 does on WebShop (KL-ST routes click steps only, since a
 search step's KL label is not meaningful there, while GRPO, which learns from returns and needs no
 label, routes search and click steps). The saved router records its own eligible types, so its
 evaluation routes the same ones.

@@ -54,7 +54,7 @@ def test_contract_on_files_written_in_webshop_format(tmp_path):
 # ---------------------------------------------------------------------- the expert
 
 @pytest.mark.parametrize("split,n", [("test", 1500), ("calib", 300), ("train", 300)])
-def test_expert_scores_one_on_generated_tasks(split, n):
+def test_expert_wins_generated_tasks(split, n):
     env = ShopEnv()
     won, steps = 0, []
     for task in env.tasks(split, n):

@@ -575,14 +575,16 @@ class ShopEnv:
         search the goal's attributes and type; on a results page open the first product whose title
         and price fit and that it has not rejected, else the next page; on an item page buy with the
         goal's option values if they are offered (`fits`, all visible there), else go back and
-        remember the product as rejected. Only a second search, after the results ran out, uses the
-        target's title (privileged, rare)."""
+        remember the product as rejected; past the last page, search again. Only a search after the
+        goal's query has no fitting result left uses the target's title (privileged, rare)."""
         if self._task is None or self._done:
             raise RuntimeError("ShopEnv.expert_action needs a running episode (reset first)")
         page = self._page
         if page == "search":
-            query = self._goal["search_query"] if self._searches == 0 else self.by_asin[self._goal["asin"]]["Title"]
-            return f"search[{query.lower()}]"
+            query = self._goal["search_query"].lower()
+            exhausted = self._query == query and not any(
+                a not in self._rejected and self.shows_fit(a) for a in self._hits)
+            return f"search[{self.by_asin[self._goal['asin']]['Title'].lower() if exhausted else query}]"
         if page in SUB_PAGES:
             return f"click[{PREV_PAGE.lower()}]"
         if page == "results":

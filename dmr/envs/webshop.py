@@ -190,7 +190,7 @@ def _asked_value(values: list[str], goal_values: list[str]) -> str | None:
     """The one of an option's `values` that the goal asks for: a goal value itself, else the best
     match by WebShop's option matching (engine/goal.py's get_option_reward), else None."""
     exact = next((v for v in values if v in goal_values), None)
-    if exact is not None or not goal_values:
+    if exact is not None or not goal_values or not values:
         return exact
     from thefuzz import fuzz
     from web_agent_site.engine.normalize import normalize_color
