@@ -22,15 +22,23 @@ from tqdm import tqdm
 from dmr import envs
 
 
-def episode(env, task, noise: float, rng: random.Random, repeat: float = 0.0) -> dict:
+def episode(env, task, noise: float, rng: random.Random, repeat: float = 0.0, invalid: float = 0.0,
+            foreign: list[str] | None = None) -> dict:
+    """One expert episode with noise. `foreign`: actions admissible in another episode, the pool of
+    the `invalid` noise (well-formed actions naming things that are not here, as a cloned agent's
+    hallucinated ids are)."""
     first = env.reset(task)
     steps, obs, admissible = [], first.text, first.admissible
     while True:
         label = env.expert_action()
         action = label
         if rng.random() < noise:
-            if repeat and steps and rng.random() < repeat:
+            u = rng.random() if repeat or invalid else 1.0
+            elsewhere = [a for a in foreign or () if a not in admissible] if u >= repeat else []
+            if u < repeat and steps:
                 action = steps[-1]["action"]
+            elif u < repeat + invalid and elsewhere:
+                action = rng.choice(elsewhere)
             elif admissible:
                 action = rng.choice(admissible)
         tr = env.step(action)
@@ -50,6 +58,8 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=0.0, help="probability of a random executed action")
     p.add_argument("--repeat", type=float, default=0.0,
                    help="share of the noisy actions that repeat the previous action instead (invalid steps)")
+    p.add_argument("--invalid", type=float, default=0.0,
+                   help="share of the noisy actions that are admissible elsewhere but not here (invalid steps)")
     p.add_argument("--clean-fraction", type=float, default=0.5,
                    help="fraction of episodes run without noise (pure expert trajectories)")
     p.add_argument("--seed", type=int, default=0)
@@ -62,11 +72,13 @@ def main(argv=None):
     won = 0
     size = env.split_size("train") if hasattr(env, "split_size") else None
     pool = env.tasks("train", a.episodes if size is None else min(a.episodes, size))
+    foreign: list[str] = []
     with tmp.open("w") as f:
         for i in tqdm(range(a.episodes), desc="expert episodes"):
             task = pool[i % len(pool)]
             noise = 0.0 if i < a.clean_fraction * a.episodes else a.noise
-            ep = episode(env, task, noise, rng, a.repeat)
+            ep = episode(env, task, noise, rng, a.repeat, a.invalid, foreign)
+            foreign = sorted({x for s in ep["steps"] for x in s["admissible"] if "<" not in x})
             won += ep["won"]
             f.write(json.dumps(ep) + "\n")
     tmp.rename(a.out)

@@ -399,6 +399,17 @@ def test_expert_data_shows_recovery_from_repeated_actions():
                 # the repeat is not supervised, the next step is, with an admissible expert action
                 recovered += nxt["action"] == nxt["label"] and nxt["label"] in nxt["admissible"]
     assert repeats > 100 and nothing > 0.5 * repeats and recovered > 0.4 * repeats
+    # `invalid` noise executes actions admissible in another episode but not here (a receptacle or
+    # object this room lacks): the environment answers "Nothing happens." and the expert goes on.
+    foreign = sorted({a for s in steps for a in s["admissible"]})
+    shown = 0
+    for task in env.tasks("train", 40, offset=40):
+        ep = episode(env, task, noise=0.5, rng=rng, invalid=1.0, foreign=foreign)
+        for s in ep["steps"]:
+            if s["action"] != s["label"]:
+                assert s["action"] not in s["admissible"] and s["action"] in foreign
+                shown += s["next_obs"] == "Nothing happens."
+    assert shown > 100
     # Without `repeat` the noise is admissible only: an invalid step never appears in the data.
     ep = [episode(env, t, noise=0.5, rng=random.Random(1)) for t in env.tasks("train", 20)]
     assert not any(s["next_obs"] == "Nothing happens." for e in ep for s in e["steps"])

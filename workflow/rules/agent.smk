@@ -15,7 +15,8 @@ rule expert_data:
         noise=lambda w: model_cfg(w).get("expert", {}).get("noise", 0.2),
         clean=lambda w: model_cfg(w).get("expert", {}).get("clean_fraction", 0.5),
         # Only when set, so the commands of configs without it stay as they were.
-        repeat=lambda w: "".join(f" --repeat {v}" for k, v in model_cfg(w).get("expert", {}).items() if k == "repeat"),
+        repeat=lambda w: "".join(f" --{k} {v}" for k, v in model_cfg(w).get("expert", {}).items()
+                                 if k in ("repeat", "invalid")),
     resources:
         **rule_resources("expert_data"),
     conda:
