@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,17 @@ from dmr.prompts import Episode
 from dmr.routing import StepContext, make_router
 
 STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
+
+
+_TEMPLATE = re.compile(r"<[^<>\s][^<>]*>")
+
+
+def constraint(style, admissible: list[str]) -> list[str] | None:
+    """The completions constrained decoding allows at a step, or None (free decoding) where an
+    admissible action is a template with free text, such as WebShop's `search[<your query>]`."""
+    if any(_TEMPLATE.search(a) for a in admissible):
+        return None
+    return [style.answer(a) for a in admissible]
 
 
 @dataclass
@@ -146,7 +158,7 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                     continue
                 backend = backends[precision]
                 texts = [style.render(backend.tokenizer, active[i].ep) for i in group]
-                allowed = [[style.answer(a) for a in active[i].ep.admissible] for i in group] if cfg.constrained else None
+                allowed = [constraint(style, active[i].ep.admissible) for i in group] if cfg.constrained else None
                 sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed * 1_000_003 + call,
                                     stop=style.stop)
                 call += 1

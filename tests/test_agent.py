@@ -256,6 +256,28 @@ def test_prompt_ids_of_a_session_equal_a_full_encoding_at_every_cut(tiny_world):
     assert "steps" not in b._prompts
 
 
+def test_constrained_decoding_leaves_free_text_steps_free(tiny_world):
+    """WebShop's search page admits `search[<your query>]` (free text): constrained decoding leaves
+    that step free and holds the click steps of the same batch to their admissible actions."""
+    from dmr.agent import constraint
+
+    _, _, model = tiny_world
+    b = load("hf", str(model), threads=2)
+    style = get("instruct", window=1)
+    assert constraint(style, ["search[<your query>]"]) is None
+    clicks = ["click[back to search]", "click[< prev]", "click[next >]", "click[B0P0HW5EBD]"]
+    assert constraint(style, clicks) == [style.answer(a) for a in clicks]
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, seed=0)
+    outside = 0
+    for _ in range(3):
+        free, held = b.generate(["go to", "go to"], sampling, [None, constraint(style, clicks)])
+        outside += not any(style.answer(a).startswith(free.text) for a in clicks)
+        assert any(held.text == style.answer(a).removesuffix(b.tokenizer.eos_token) or
+                   style.answer(a).startswith(held.text) for a in clicks), held.text
+        assert free.completion_tokens >= 1
+    assert outside > 0  # the household model, left free, writes household text
+
+
 def test_rerun_with_another_spec_never_resumes_stale_episodes(tiny_world, tmp_path, python):
     """A run directory left by another model or decoding setup is moved aside, not resumed."""
     _, _, model = tiny_world

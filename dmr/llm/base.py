@@ -54,6 +54,7 @@ class Backend(Protocol):
                  sessions: list[str] | None = None) -> list[Generation]:
         """One completion per prompt. `allowed[i]`, when given, lists the only completions that
         prompt i may produce (constrained decoding); the model still picks among them token by token.
+        `allowed[i]` None leaves prompt i free (a step whose actions include free text).
         `sessions[i]` names the episode of prompt i, so a backend may reuse its prefix cache."""
 
     def end_session(self, key: str) -> None:

@@ -252,7 +252,8 @@ class HFBackend:
         self._catch_up(prompt_ids, sessions, [1] * B)
         cache, mask, ids, chunk_mask = self._prefill(prompt_ids, sessions, min_new=[1] * B,
                                                       extra=sampling.max_new_tokens)
-        tries = [_Trie([self._encode_option(c) for c in options]) for options in allowed] if allowed is not None else None
+        tries = ([None if options is None else _Trie([self._encode_option(c) for c in options]) for options in allowed]
+                 if allowed is not None else None)
         gen = torch.Generator(device=self.device)
         if sampling.seed is not None:
             gen.manual_seed(sampling.seed)
@@ -268,7 +269,11 @@ class HFBackend:
             if tries is not None:
                 allowed_mask = torch.full_like(scores, float("-inf"))
                 for i, trie in enumerate(tries):
-                    if not done[i]:
+                    if trie is None or done[i]:
+                        # A free row; or a finished one, whose token is ignored but must stay
+                        # samplable (an all -inf row is NaN after softmax).
+                        allowed_mask[i] = 0.0
+                    else:
                         # A completed option may only end: EOS (stop strings usually end it first).
                         allowed_mask[i, trie.next_tokens(out_tokens[i]) or [self.eos_id]] = 0.0
                 scores = scores + allowed_mask

@@ -194,9 +194,10 @@ class VLLMBackend:
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
         opts = allowed if allowed is not None else [None] * len(prompts)
         if allowed is not None and self.constrained == "trie":
-            return list(self._pool.map(self._one_trie, ids, [sampling] * len(prompts), seeds, opts))
+            return list(self._pool.map(lambda i, s, seed, o: self._one(i, s, seed, None) if o is None
+                                       else self._one_trie(i, s, seed, o), ids, [sampling] * len(prompts), seeds, opts))
         out = list(self._pool.map(self._one, ids, [sampling] * len(prompts), seeds, opts))
-        if allowed is not None and not self._choice_checked:
+        if allowed is not None and any(allowed) and not self._choice_checked:
             # The first constrained batch checks the detected field: vLLM ignores fields it does not
             # know, so an answer outside the choices means the other spelling; retry once with it.
             if not _within(out, allowed):
