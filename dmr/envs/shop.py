@@ -488,8 +488,8 @@ class ShopEnv:
         self._task, self._goal = task, self.goal_of(task)
         self._page, self._hits, self._results_page = "search", [], 1
         self._asin, self._options, self._query = None, {}, ""
-        self._steps, self._done, self._won, self._score, self._searches = 0, False, False, 0.0, 0
-        self._rejected: set[str] = set()  # products the expert has seen lack the goal's options
+        self._steps, self._done, self._won, self._score = 0, False, False, 0.0
+        self._opened: set[str] = set()  # products whose item page this episode has shown
         self._refresh()
         return Observation(text=self._text, goal=self._goal["instruction_text"], admissible=list(self._admissible),
                            info={"task_type": self._goal["query"], "target": self._goal["asin"],
@@ -516,7 +516,7 @@ class ShopEnv:
         if name == "search":
             if self._page != "search" or not arg or arg.lower() == "<your query>":
                 return False
-            self._query, self._searches = arg.lower(), self._searches + 1
+            self._query = arg.lower()
             self._hits, self._results_page, self._page = self.search(self._query), 1, "results"
             return True
         if name != "click" or not arg or arg.lower() not in self._clickables:
@@ -543,8 +543,7 @@ class ShopEnv:
             self._page = next(s for s in SUB_PAGES if s.lower() == c)
         elif self._page == "results":
             self._asin, self._options, self._page = c.upper(), {}, "item"
-            if not self.fits(self._asin):
-                self._rejected.add(self._asin)
+            self._opened.add(self._asin)
         else:  # an option value on the item page
             p = self.by_asin[self._asin]
             opt = next(k for k, vals in p["options"].items() if c in vals)
@@ -570,6 +569,11 @@ class ShopEnv:
         return (all(a.lower() in title for a in g["attributes"]) and tokens(g["query"]) <= tokens(title)
                 and p["pricing"][0] <= g["price_upper"])
 
+    def _candidate(self, asin: str) -> bool:
+        """A result the expert would still open: its title and price fit, and it was not opened and
+        found to lack the goal's options."""
+        return self.shows_fit(asin) and (asin not in self._opened or self.fits(asin))
+
     def expert_action(self) -> str:
         """An expert that acts on what the pages show, so a cloned agent can learn its choices:
         search the goal's attributes and type; on a results page open the first product whose title
@@ -582,15 +586,14 @@ class ShopEnv:
         page = self._page
         if page == "search":
             query = self._goal["search_query"].lower()
-            exhausted = self._query == query and not any(
-                a not in self._rejected and self.shows_fit(a) for a in self._hits)
+            exhausted = self._query == query and not any(map(self._candidate, self._hits))
             return f"search[{self.by_asin[self._goal['asin']]['Title'].lower() if exhausted else query}]"
         if page in SUB_PAGES:
             return f"click[{PREV_PAGE.lower()}]"
         if page == "results":
             at = (self._results_page - 1) * self.page_size
             shown = self._hits[at:at + self.page_size]
-            hit = next((a for a in shown if a not in self._rejected and self.shows_fit(a)), None)
+            hit = next(filter(self._candidate, shown), None)
             if hit is not None:
                 return f"click[{hit}]"
             if at + self.page_size < len(self._hits):

@@ -152,11 +152,15 @@ class HFBackend:
         if ids is None:
             ids = self.encode(text)
         if session is not None:
-            self._prompts[session] = (text, ids)
-            self._prompts.move_to_end(session)
-            while len(self._prompts) > self.max_sessions:
-                self._prompts.popitem(last=False)
+            self._keep(self._prompts, session, (text, ids))
         return ids
+
+    def _keep(self, cache: OrderedDict, session: str, entry) -> None:
+        """Store a session's entry, most recent last, and drop the least recent past max_sessions."""
+        cache[session] = entry
+        cache.move_to_end(session)
+        while len(cache) > self.max_sessions:
+            cache.popitem(last=False)
 
     def _encode_option(self, text: str) -> list[int]:
         # Admissible actions repeat from step to step; encoding them dominated constrained calls.
@@ -327,10 +331,7 @@ class HFBackend:
             if kv[0][0].shape[-2] != len(toks):
                 self._sessions.pop(key, None)  # should not happen; never serve a misaligned cache
                 continue
-            self._sessions[key] = (toks, kv)
-            self._sessions.move_to_end(key)
-        while len(self._sessions) > self.max_sessions:
-            self._sessions.popitem(last=False)
+            self._keep(self._sessions, key, (toks, kv))
 
     def end_session(self, key: str) -> None:
         self._sessions.pop(key, None)

@@ -160,8 +160,11 @@ class VLLMBackend:
                           completion_tokens=usage.completion_tokens if usage else len(token_ids),
                           token_ids=token_ids, logprobs=logprobs)
 
-    def _one_trie(self, ids: list[int], sampling: Sampling, seed: int | None, options: list[str]) -> Generation:
-        """The HF backend's constrained loop, one token per request."""
+    def _one_trie(self, ids: list[int], sampling: Sampling, seed: int | None, options: list[str] | None) -> Generation:
+        """The HF backend's constrained loop, one token per request; a free row (no options) is one
+        ordinary request."""
+        if options is None:
+            return self._one(ids, sampling, seed, None)
         from dmr.llm.hf import _Trie
 
         trie = _Trie([self.encode(o) for o in options])
@@ -194,8 +197,7 @@ class VLLMBackend:
         seeds = [None if sampling.seed is None else sampling.seed + i for i in range(len(prompts))]
         opts = allowed if allowed is not None else [None] * len(prompts)
         if allowed is not None and self.constrained == "trie":
-            return list(self._pool.map(lambda i, s, seed, o: self._one(i, s, seed, None) if o is None
-                                       else self._one_trie(i, s, seed, o), ids, [sampling] * len(prompts), seeds, opts))
+            return list(self._pool.map(self._one_trie, ids, [sampling] * len(prompts), seeds, opts))
         out = list(self._pool.map(self._one, ids, [sampling] * len(prompts), seeds, opts))
         if allowed is not None and any(allowed) and not self._choice_checked:
             # The first constrained batch checks the detected field: vLLM ignores fields it does not

@@ -43,7 +43,7 @@ rule ablation:
     params:
         routers=ablation_args,
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
-        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
+        steps=lambda w: " ".join(routed_steps(w)),
     resources:
         **rule_resources("ablation"),
     conda:

@@ -379,7 +379,7 @@ def latency_args(wildcards):
     if not cfg.get("w3_projection", True):
         args.append("--no-w3-projection")
     args.append(f"--replay {cfg.get('replay_episodes', 16)}")
-    args.append(f"--router-steps {' '.join(bench(wildcards).get('router_steps', ['action']))}")
+    args.append(f"--router-steps {' '.join(routed_steps(wildcards))}")
     return " ".join(args + [f"--arch {as_json(route_cfg().get('router'))}", f"--shards {config['evaluate'].get('shards', 16)}"])
 
 
@@ -491,7 +491,7 @@ def variant_klst_args(w):
     """dmr.klst options of a variant: the cell's, with the variant's one change."""
     v = w.variant
     arch = dict(route_cfg().get("router", {}))
-    steps = " ".join(bench(w).get("router_steps", ["action"]))
+    steps = " ".join(routed_steps(w))
     extra = ""
     if v.startswith("depth"):
         arch["layers"] = int(v[len("depth"):])

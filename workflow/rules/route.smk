@@ -39,7 +39,7 @@ rule threshold:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/threshold_{{quant}}.log",
     params:
-        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
+        steps=lambda w: " ".join(routed_steps(w)),
         rule=lambda w: cli_flags(route_cfg().get("threshold")),
     resources:
         **rule_resources("threshold"),
@@ -60,7 +60,7 @@ rule labels:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/labels_{{quant}}.log",
     params:
         rule=lambda w: cli_flags(route_cfg().get("threshold")),
-        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
+        steps=lambda w: " ".join(routed_steps(w)),
     resources:
         **rule_resources("labels"),
     conda:
@@ -82,7 +82,7 @@ rule klst:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}.log",
     params:
-        steps=lambda w: " ".join(bench(w).get("router_steps", ["action"])),
+        steps=lambda w: " ".join(routed_steps(w)),
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
         arch=as_json(route_cfg().get("router")),
         train=cli_flags(route_cfg().get("train")),
