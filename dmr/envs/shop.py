@@ -173,7 +173,10 @@ def make_goal(product: dict, rng: random.Random) -> dict:
     return {"asin": product["asin"], "category": product["category"], "query": product["query"],
             "name": product["Title"], "product_category": product["product_category"],
             "instruction": instruction, "instruction_text": instruction + price_text,
-            "attributes": attrs, "price_upper": upper, "goal_options": goal_options, "search_query": f"{' '.join(attrs)} {kind}"}
+            "attributes": attrs, "price_upper": upper, "goal_options": goal_options,
+            # The instruction's own span after the lead: an agent copies it whole (a contiguous
+            # span is the easiest copy for a small model), and BM25 ignores the "and".
+            "search_query": f"{' and '.join(attrs)} {kind}"}
 
 
 # ---------------------------------------------------------------------- WebShop's data files
