@@ -8,6 +8,7 @@ weights (hidden sizes multiples of 128, so group-128 quantization applies).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -91,8 +92,16 @@ def answer_loss(model, ids, mask, labels):
                                              labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def save_model(model, tokenizer, out: Path):
+    # bf16 on disk (llmcompressor and vLLM load it); the copy keeps the training model in fp32.
+    out.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_minutes: float,
-          batch_tokens: int, lr: float, warmup: int, seed: int, threads: int | None, val_fraction: float = 0.05):
+          batch_tokens: int, lr: float, warmup: int, seed: int, threads: int | None, val_fraction: float = 0.05,
+          snapshot_at: tuple = (), snapshots: Path | None = None):
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -108,15 +117,23 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     start = time.time()
 
+    def progress(s: int) -> float:
+        # The further of steps and wall time, so a run stopped by the time cap still finishes its
+        # cosine decay instead of ending at a high learning rate.
+        return min(1.0, max(s / steps, (time.time() - start) / (max_minutes * 60)))
+
     def lr_factor(s: int) -> float:
-        # Progress is the further of steps and wall time, so a run stopped by the time cap still
-        # finishes its cosine decay instead of ending at a high learning rate.
-        progress = min(1.0, max(s / steps, (time.time() - start) / (max_minutes * 60)))
-        return min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(s))))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     pad = tokenizer.pad_token_id
     curve, step, queue = [], 0, []
+    pending = sorted(snapshot_at)
+
+    def snapshot(fraction: float):
+        d = snapshots / f"p{fraction:.2f}"
+        save_model(model, tokenizer, d)
+        (d / "snapshot.json").write_text(json.dumps({"step": step, "progress": round(progress(step), 4)}))
     model.train()
     bar = tqdm(total=steps, desc="behaviour cloning")
     while step < steps and time.time() - start < max_minutes * 60:
@@ -133,14 +150,19 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
         if step % 25 == 0:
             curve.append({"step": step, "minutes": (time.time() - start) / 60, "loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        # Every fraction crossed gets its directory, so each configured candidate exists even when
+        # one step crosses several.
+        for f in [f for f in pending if progress(step) >= f]:
+            pending.remove(f)
+            snapshot(f)
     bar.close()
+    for f in pending:  # not reached: a run cut short by its time cap snapshots its end
+        snapshot(f)
     model.eval()
     with torch.no_grad():
         vb = batches(val_data, batch_tokens, random.Random(0))
         val = sum(answer_loss(model, *collate(val_data, b, pad)).item() * len(b) for b in vb) / len(val_data)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(model, tokenizer, out)
     metrics = {"params": n_params, "steps": step, "minutes": (time.time() - start) / 60,
                "train_sequences": len(train_data), "val_sequences": len(val_data), "val_answer_loss": val,
                "supervised_tokens": sum(sum(sup) for _, sup in train_data),
@@ -164,12 +186,17 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--snapshot-at", default="", help="comma-separated training progress fractions to snapshot at")
+    p.add_argument("--snapshots", type=Path, default=None, help="directory of the snapshots")
     p.add_argument("--out", required=True, type=Path, help="output HF model directory")
     a = p.parse_args(argv)
+    if a.snapshot_at and a.snapshots is None:
+        p.error("--snapshot-at needs --snapshots (where the snapshots go)")
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     m = train(read_episodes(a.episodes), tok, a.out, style=prompts.get(**json.loads(a.prompt)), arch=json.loads(a.arch), steps=a.steps,
               max_minutes=a.max_minutes, batch_tokens=a.batch_tokens, lr=a.lr, warmup=a.warmup, seed=a.seed,
-              threads=a.threads)
+              threads=a.threads, snapshot_at=tuple(float(f) for f in a.snapshot_at.split(",") if f),
+              snapshots=a.snapshots)
     print(json.dumps({k: v for k, v in m.items() if k != "curve"}))
 
 

@@ -296,7 +296,9 @@ def test_micro_through_real_slurm(slurm, tmp_path):
     assert pl.read_parquet(work / target).height == 4
     # The plugin deletes the Slurm logs of successful jobs; its submission messages remain.
     submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/rule_(\w+)/", r.stdout + r.stderr)
-    assert sorted(submitted) == ["expert_data", "rollout", "tokenizer", "train_agent"]
+    # select_agent is a local rule; the micro config selects between two candidates.
+    assert sorted(submitted) == ["expert_data", "rollout", "select_rollout", "select_rollout", "tokenizer",
+                                 "train_agent"]
 
 
 def test_paper_grpo_routes_webshop_search_steps_and_klst_does_not(tmp_path):

@@ -62,7 +62,7 @@ def test_lint_is_clean():
 def test_dry_run_default_config_lists_rules(tmp_path):
     r = snakemake("-n", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for rule in ("expert_data", "tokenizer", "train_agent", "quantize", "rollout", "evaluate", "step_types", "latency",
+    for rule in ("expert_data", "tokenizer", "train_agent", "select_rollout", "select_agent", "quantize", "rollout", "evaluate", "step_types", "latency",
                  "grpo", "calibrate_grpo", "rank", "klst_variant", "ablation"):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
 
@@ -74,6 +74,13 @@ def test_micro_end_to_end(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cell = tmp_path / "results/household/tiny"
     table = pl.read_parquet(cell / "tables/main.parquet")
+    # Agent selection on calibration episodes: the chosen candidate is the bf16 checkpoint.
+    sel = pl.read_parquet(cell / "tables/select.parquet")
+    assert sel["candidate"].to_list() == ["p0.50", "p1.00"] and sel["episodes"].to_list() == [3, 3]
+    chosen = json.loads((cell / "bf16/model/selection.json").read_text())["chosen"]
+    assert sel.filter(pl.col("chosen"))["candidate"].to_list() == [chosen]
+    assert (cell / "bf16/model/model.safetensors").read_bytes() == \
+        (cell / "train" / chosen / "model.safetensors").read_bytes()
     assert table["method"].to_list() == ["Full", "Quant", "DMR", "DMR", "DMR", "GRPO", "GRPO", "GRPO", "Random", "Oracle"]
     assert table["quant"].to_list() == ["bf16"] + ["gptq_w4a16"] * 9
     assert table["budget"].to_list()[1:] == [None, 0.2, 0.4, 0.7, 0.2, 0.4, 0.7, 0.4, 0.4]
@@ -155,3 +162,11 @@ def test_micro_end_to_end(tmp_path):
     page = (tmp_path / "report.html").read_text()
     for text in ("Table 1", "KL-ST", "main.html", "pareto.png", "kl_hist_gptq_w4a16.png", "Success rate against"):
         assert text in page, text
+
+
+@pytest.mark.parametrize("at,message", [([0.601, 0.604], "must differ there"), ([0.996], "below 0.995"),
+                                        ([], "should be non-empty")])
+def test_selection_snapshots_need_distinct_names(tmp_path, at, message):
+    cfg = write_config(tmp_path, lambda c: c["models"]["tiny"]["select"].__setitem__("at", at))
+    r = snakemake("-n", "--configfile", str(cfg), cwd=tmp_path)
+    assert r.returncode != 0 and message in r.stdout + r.stderr

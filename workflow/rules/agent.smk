@@ -50,13 +50,15 @@ rule train_agent:
         episodes=rules.expert_data.output,
         tokenizer=rules.tokenizer.output,
     output:
-        directory(f"{RESULTS}/{{benchmark}}/{{model}}/bf16/model"),
+        # p1.00 is the final model; p0.XX the snapshots that agent selection compares with it.
+        directory(f"{RESULTS}/{{benchmark}}/{{model}}/train"),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/train_agent.log",
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         arch=lambda w: as_json(model_cfg(w).get("arch")),
         train=lambda w: cli_flags(model_cfg(w).get("train")),
+        snapshots=snapshot_args,
     threads: THREADS
     resources:
         **rule_resources("train_agent", THREADS),
@@ -64,5 +66,60 @@ rule train_agent:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.tiny_agent --episodes {input.episodes} --tokenizer {input.tokenizer} "
-        "--prompt {params.prompt} --arch {params.arch} {params.train} --threads {threads} "
-        "--out {output} > {log} 2>&1"
+        "--prompt {params.prompt} --arch {params.arch} {params.train} --threads {threads}{params.snapshots} "
+        "--out {output}/p1.00 > {log} 2>&1"
+
+
+rule select_rollout:
+    input:
+        train=rules.train_agent.output,
+        data=data_input,
+    output:
+        f"{RESULTS}/{{benchmark}}/{{model}}/select/{{candidate}}/episodes.parquet",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_rollout_{{candidate}}.log",
+    params:
+        env=lambda w: bench(w)["env"],
+        env_kwargs=lambda w: as_json(env_kwargs(w)),
+        n=lambda w: model_cfg(w)["select"]["tasks"],
+        backend=config["backend"]["name"],
+        backend_kwargs=as_json(config["backend"].get("kwargs")),
+        decoding=decoding_args,
+        shards=config["evaluate"].get("shards", 16),
+        out=lambda w: f"{RESULTS}/{w.benchmark}/{w.model}/select/{w.candidate}",
+    threads: THREADS
+    resources:
+        **rule_resources("select_rollout", THREADS),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        # Calibration tasks only: selection never sees the test split.
+        "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split calib "
+        "--n {params.n} --offset 0 --model bf16={input.train}/{wildcards.candidate} --policy full "
+        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} "
+        "{params.decoding} --shards {params.shards} --seed 0 --out {params.out} > {log} 2>&1"
+
+
+rule select_agent:
+    # Compares tables and copies a small checkpoint: no cluster job for that.
+    localrule: True
+    input:
+        train=rules.train_agent.output,
+        runs=select_runs,
+    output:
+        model=directory(f"{RESULTS}/{{benchmark}}/{{model}}/bf16/model"),
+        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/select.parquet",
+        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/select.md",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_agent.log",
+    params:
+        candidates=lambda w: " ".join(f"--candidate {c}={RESULTS}/{w.benchmark}/{w.model}/train/{c}"
+                                      for c in candidates(w)),
+        runs=lambda w, input: " ".join(f"--run {Path(r).parent.name}={Path(r).parent}" for r in input.runs),
+    resources:
+        **rule_resources("select_agent"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.select {params.candidates} {params.runs} --out {output.model} "
+        "--table {output.table} > {log} 2>&1"

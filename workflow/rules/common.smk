@@ -2,6 +2,7 @@ import json
 import os
 import re
 import shlex
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -31,6 +32,12 @@ def _check_cells():
         extra = set(cell.get("route", [])) - set(cell.get("quants", []))
         if extra:
             raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} routes {sorted(extra)}, which are not in its quants")
+    for name, model in config["models"].items():
+        at = model.get("select", {}).get("at", [])
+        names = [f"p{f:.2f}" for f in at]
+        if len(set(names)) != len(names) or "p1.00" in names:
+            raise ValueError(f"models.{name}.select.at {at}: snapshots are named by two decimals (p0.60), "
+                             "so the fractions must differ there and stay below 0.995")
     grpo = config.get("grpo")
     if grpo and grpo["lambda"] not in grpo["lambdas"]:
         raise ValueError(f"grpo.lambda {grpo['lambda']} is not in grpo.lambdas {grpo['lambdas']}")
@@ -73,6 +80,7 @@ RESOURCES = {
     "train_agent": {"mem_mb": 4000, "runtime": 60},
     "quantize": {"mem_mb": 8000, "runtime": 60},
     "rollout": {"mem_mb": 8000, "runtime": 120},
+    "select_rollout": {"mem_mb": 8000, "runtime": 120},
     "kl": {"mem_mb": 8000, "runtime": 60},
     "klst": {"mem_mb": 8000, "runtime": 60},
     "klst_variant": {"mem_mb": 8000, "runtime": 60},
@@ -97,6 +105,7 @@ wildcard_constraints:
     benchmark="[A-Za-z0-9_-]+",
     model="[A-Za-z0-9_.-]+",
     quant="[A-Za-z0-9_]+",
+    candidate="p[0-9][.][0-9]+",
     policy="[A-Za-z0-9_.:-]+",
     seed=r"\d+",
     run=r"seed\d+|train|calib",
@@ -158,6 +167,27 @@ def model_dir(benchmark, model, quant="bf16"):
     if quant == "bf16" and cfg["source"] == "path":
         return cfg["path"]
     return f"{RESULTS}/{benchmark}/{model}/{quant}/model"
+
+
+def candidates(wildcards):
+    """The trained agent's candidates for selection (dmr.select): snapshots, then the final p1.00."""
+    sel = model_cfg(wildcards).get("select")
+    return [f"p{f:.2f}" for f in sorted(sel["at"])] + ["p1.00"] if sel else ["p1.00"]
+
+
+def snapshot_args(wildcards):
+    """Snapshot flags of dmr.tiny_agent; none without selection, so those commands stay as they were."""
+    sel = model_cfg(wildcards).get("select")
+    if not sel:
+        return ""
+    out = f"{RESULTS}/{wildcards.benchmark}/{wildcards.model}/train"
+    return f" --snapshot-at {','.join(str(f) for f in sorted(sel['at']))} --snapshots {out}"
+
+
+def select_runs(wildcards):
+    """Calibration runs of the candidates; one candidate needs none."""
+    c = candidates(wildcards)
+    return [f"{RESULTS}/{wildcards.benchmark}/{wildcards.model}/select/{n}/episodes.parquet" for n in c] if len(c) > 1 else []
 
 
 def bf16_input(wildcards):
