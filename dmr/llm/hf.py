@@ -307,20 +307,20 @@ class HFBackend:
         g = self._group
         if g is None or len(g.sessions) != len(seqs):
             return None
-        hits, trim = {}, {}
+        hits, trim, held = {}, {}, []
         for i, (ids, key) in enumerate(zip(seqs, sessions)):
             use = self._usable(ids, key, min_new[i])
             if g.sessions[i] == key and use and use[1] == "group":
                 if use[0] < len(g.ids[i]):
                     trim[i] = use[0]
+                held.append(use[0])
                 continue  # extends (a prefix of) its own row
             if (g.sessions[i] != key and key in g.sessions) or (g.sessions[i] not in (None, key)
                                                                 and g.sessions[i] in sessions):
                 return None  # rows moved: rebuild
             # A row switching session refills from the stored entry, if the session has one.
             hits[i] = self._cached(ids, key, min_new[i]) if use else None
-        held = [trim[i] if i in trim else len(hits[i][0]) if hits.get(i) else 0 if i in hits else len(g.ids[i])
-                for i in range(len(seqs))]
+            held.append(len(hits[i][0]) if hits[i] else 0)
         # A refill longer than the rows so far (a session caught up alone) moves the end of all
         # rows to its length; the columns it skips are holes.
         used = max([g.used] + [len(h[0]) for h in hits.values() if h is not None])
@@ -334,9 +334,8 @@ class HFBackend:
             g.mask[i, cols[n:]] = 0
             g.ids[i] = g.ids[i][:n]
         for i, hit in hits.items():
-            old = g.sessions[i]
-            if old is not None and old != sessions[i]:
-                self._keep(self._sessions, old, g.row_kv(i))  # a session routed elsewhere keeps its KV
+            if g.sessions[i] != sessions[i]:
+                self._stash(g, i)
             g.mask[i, :g.used] = 0
             g.sessions[i], g.ids[i] = sessions[i], []
             if hit is not None:
@@ -347,6 +346,12 @@ class HFBackend:
                 g.mask[i, g.used - n:g.used] = 1
                 g.ids[i] = list(hit[0])
         return [ids[len(g.ids[i]):] for i, ids in enumerate(seqs)]
+
+    def _stash(self, g: _Group, i: int) -> None:
+        """A live session leaving row i of the group keeps its KV in the store (routed elsewhere
+        this step, it comes back later)."""
+        if g.sessions[i] is not None:
+            self._keep(self._sessions, g.sessions[i], g.row_kv(i))
 
     def _prefill(self, seqs: list[list[int]], sessions: list[str] | None, min_new: list[int], extra: int = 0,
                  keep: bool = False):
@@ -394,8 +399,8 @@ class HFBackend:
             old = self._group
             if old is not None:
                 for i, key in enumerate(old.sessions):
-                    if key is not None and key not in sessions:
-                        self._keep(self._sessions, key, old.row_kv(i))  # leaves the group, keeps its KV
+                    if key not in sessions:
+                        self._stash(old, i)
             self._group = _Group(sessions, held, keys, values, mask, past_len)
         return self._slab_cache(keys, values, past_len), torch.cat([mask[:, :past_len], chunk_mask], 1), ids, chunk_mask
 
@@ -456,7 +461,8 @@ class HFBackend:
                 if t == self.eos_id:
                     done[i] = True
                 elif sampling.stop:
-                    done[i] = any(s in self._tail(out_tokens[i]) for s in sampling.stop)
+                    tail = self._tail(out_tokens[i])
+                    done[i] = any(s in tail for s in sampling.stop)
             if all(done):
                 break
             # Finished rows keep stepping on a masked pad so the batch stays rectangular.
