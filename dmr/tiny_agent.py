@@ -37,9 +37,10 @@ def build_model(vocab_size: int, arch: dict):
     return Qwen3ForCausalLM(config)
 
 
-def encode_sequences(episodes, tokenizer, style, max_len: int):
-    """(token ids, supervised mask) per behaviour-cloning sequence; pieces are encoded one by one,
-    exactly as the prompt and the completion are at run time."""
+def encode_sequences(episodes, tokenizer, style, max_len: int, context_weight: float = 0.0):
+    """(token ids, per-token loss weights) per behaviour-cloning sequence; pieces are encoded one by
+    one, exactly as the prompt and the completion are at run time. Answer tokens weigh 1, the
+    context (task, observations, executed actions) `context_weight`."""
     out = []
     for ep in episodes:
         for seq in sequences(ep, style, tokenizer):
@@ -47,7 +48,7 @@ def encode_sequences(episodes, tokenizer, style, max_len: int):
             for text, supervised in seq:
                 piece = tokenizer.encode(text, add_special_tokens=False)
                 ids += piece
-                sup += [supervised] * len(piece)
+                sup += [1.0 if supervised else context_weight] * len(piece)
             if len(ids) > max_len:
                 raise ValueError(f"a sequence of {len(ids)} tokens exceeds max_position_embeddings={max_len}; "
                                  "shorten the prompt window or raise arch.max_position_embeddings")
@@ -75,21 +76,22 @@ def batches(data, batch_tokens: int, rng: random.Random):
 def collate(data, idx, pad_id: int):
     width = max(len(data[i][0]) for i in idx)
     ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
+    weights = torch.zeros((len(idx), width), dtype=torch.float32)
     for r, i in enumerate(idx):
         seq, sup = data[i]
-        t = torch.tensor(seq)
-        ids[r, :len(seq)] = t
-        mask[r, :len(seq)] = 1
-        labels[r, :len(seq)] = torch.where(torch.tensor(sup), t, -100)
-    return ids, mask, labels
+        ids[r, :len(seq)] = torch.tensor(seq)
+        weights[r, :len(seq)] = torch.tensor(sup, dtype=torch.float32)
+    return ids, weights
 
 
-def answer_loss(model, ids, mask, labels):
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+def answer_loss(model, ids, weights):
+    """Weighted mean cross-entropy of the next tokens. No attention mask: padding sits at the right,
+    where causal attention keeps it from every real token (and SDPA's causal path is faster)."""
+    logits = model(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                           ids[:, 1:].reshape(-1), reduction="none")
+    w = weights[:, 1:].reshape(-1)
+    return (ce * w).sum() / w.sum()
 
 
 def save_model(model, tokenizer, out: Path):
@@ -101,6 +103,7 @@ def save_model(model, tokenizer, out: Path):
 
 def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_minutes: float,
           batch_tokens: int, lr: float, warmup: int, seed: int, threads: int | None, val_fraction: float = 0.05,
+          context_weight: float = 0.0,
           snapshot_at: tuple = (), snapshots: Path | None = None):
     if threads:
         torch.set_num_threads(threads)
@@ -110,7 +113,7 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
     rng.shuffle(episodes)
     n_val = max(1, int(len(episodes) * val_fraction))
     max_len = arch.get("max_position_embeddings", ARCH_DEFAULTS["max_position_embeddings"])
-    train_data = encode_sequences(episodes[n_val:], tokenizer, style, max_len)
+    train_data = encode_sequences(episodes[n_val:], tokenizer, style, max_len, context_weight)
     val_data = encode_sequences(episodes[:n_val], tokenizer, style, max_len)
     model = build_model(len(tokenizer), arch)
     n_params = sum(p.numel() for p in model.parameters())
@@ -165,7 +168,8 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
     save_model(model, tokenizer, out)
     metrics = {"params": n_params, "steps": step, "minutes": (time.time() - start) / 60,
                "train_sequences": len(train_data), "val_sequences": len(val_data), "val_answer_loss": val,
-               "supervised_tokens": sum(sum(sup) for _, sup in train_data),
+               "supervised_tokens": sum(sum(w == 1.0 for w in sup) for _, sup in train_data),
+               "context_weight": context_weight,
                "train_tokens": sum(len(ids) for ids, _ in train_data), "prompt": style.name, "curve": curve}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
@@ -185,6 +189,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-weight", type=float, default=0.0,
+                   help="loss weight of the context tokens (task, observations) beside the answers' 1")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--snapshot-at", default="", help="comma-separated training progress fractions to snapshot at")
     p.add_argument("--snapshots", type=Path, default=None, help="directory of the snapshots")
@@ -195,7 +201,7 @@ def main(argv=None):
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
     m = train(read_episodes(a.episodes), tok, a.out, style=prompts.get(**json.loads(a.prompt)), arch=json.loads(a.arch), steps=a.steps,
               max_minutes=a.max_minutes, batch_tokens=a.batch_tokens, lr=a.lr, warmup=a.warmup, seed=a.seed,
-              threads=a.threads, snapshot_at=tuple(float(f) for f in a.snapshot_at.split(",") if f),
+              threads=a.threads, context_weight=a.context_weight, snapshot_at=tuple(float(f) for f in a.snapshot_at.split(",") if f),
               snapshots=a.snapshots)
     print(json.dumps({k: v for k, v in m.items() if k != "curve"}))
 
