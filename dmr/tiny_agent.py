@@ -114,6 +114,7 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
     n_val = max(1, int(len(episodes) * val_fraction))
     max_len = arch.get("max_position_embeddings", ARCH_DEFAULTS["max_position_embeddings"])
     train_data = encode_sequences(episodes[n_val:], tokenizer, style, max_len, context_weight)
+    # Validation stays the answers-only loss, comparable across context weights.
     val_data = encode_sequences(episodes[:n_val], tokenizer, style, max_len)
     model = build_model(len(tokenizer), arch)
     n_params = sum(p.numel() for p in model.parameters())
@@ -168,6 +169,7 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
     save_model(model, tokenizer, out)
     metrics = {"params": n_params, "steps": step, "minutes": (time.time() - start) / 60,
                "train_sequences": len(train_data), "val_sequences": len(val_data), "val_answer_loss": val,
+               # Tokens at full weight: the answers (every token where context_weight is 1).
                "supervised_tokens": sum(sum(w == 1.0 for w in sup) for _, sup in train_data),
                "context_weight": context_weight,
                "train_tokens": sum(len(ids) for ids, _ in train_data), "prompt": style.name, "curve": curve}
