@@ -19,6 +19,21 @@ from dmr.llm.base import Generation, Sampling, Scored, cut_at_stop
 _ATTENTION = "dmr_gqa"
 
 
+def _additive_mask(*args, dtype: torch.dtype | None = None, **kwargs):
+    """transformers' SDPA mask as an additive mask in the model's dtype, built once per forward:
+    given a boolean mask, torch's CPU SDPA converts it to float in every layer, a quarter of a
+    batched prefill. Masked scores get the dtype's minimum, not -inf: a pad row that sees nothing
+    then averages finite values instead of turning NaN and poisoning the KV it leaves behind."""
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    dtype = dtype or torch.float32
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+_folded: list = [None, None]  # (mask, its GQA-folded copy): every layer of a forward shares the mask
+
+
 def _gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """SDPA over grouped-query KV without materialising the repeated heads: the query heads that
     share a KV head are folded into its query rows. transformers' sdpa path repeats K and V for
@@ -33,13 +48,17 @@ def _gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     folded = query.reshape(B, kv_heads, rep * q, D)
     mask = attention_mask
     if q > 1:
-        mask = mask[:, :, None].expand(B, mask.shape[1], rep, q, L).reshape(B, mask.shape[1], rep * q, L)
+        # Folding copies the mask; the reference kept to the original makes the identity test exact.
+        if _folded[0] is not attention_mask:
+            m = mask.shape[1]
+            _folded[:] = attention_mask, mask[:, :, None].expand(B, m, rep, q, L).reshape(B, m, rep * q, L)
+        mask = _folded[1]
     out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(B, H, q, D).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(_ATTENTION, _gqa_attention)
-AttentionMaskInterface.register(_ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(_ATTENTION, _additive_mask)
 
 
 class _Slab(DynamicLayer):
