@@ -59,7 +59,10 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
 
 def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
     def fmt(v, std, digits=1):
-        return "–" if v is None else f"{v:.{digits}f} ± {std:.{digits}f}"
+        # EP time has no std where a single seed won anything (the others have no successful episode).
+        if v is None:
+            return "–"
+        return f"{v:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
     # A graded benchmark (WebShop) gets a Score column; where score is just success it adds nothing.
     modelled = "cost" in df.columns
@@ -77,7 +80,8 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
                      f"{fmt(r['steps'], r['steps_std'])} | {fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | "
                      + (f"{fmt(r['cost'], r['cost_std'], 2)} | " if modelled else "")
                      + f"{100 * r['high_frac']:.0f}% | {r['episodes']} |")
-    lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes."]
+    lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes, "
+              "over the seeds that won any (no ± where only one did)."]
     if modelled:
         lines.append(f"Modelled time: Eq. 9 over the same successful episodes. {latency or ''}".rstrip())
     return "\n".join(lines) + "\n"

@@ -32,6 +32,18 @@ def test_summarize_and_markdown(tmp_path):
     assert "| bf16 | Full | – | 37.5 ± 17.7 |" in md and "| w3 | Quant | – | 25.0 ± 0.0 |" in md and "3.00x" in md
 
 
+def test_method_that_won_on_one_seed_only(tmp_path):
+    # A badly degraded scheme may win a task on one seed and none on the others: its EP time then
+    # comes from that seed alone and has no spread; the table must still be written.
+    f = write(tmp_path / "f.parquet", [True, True], [4.0, 4.0])
+    q0 = write(tmp_path / "q0.parquet", [False, False], [9.0, 9.0], high=[0, 0])
+    q1 = write(tmp_path / "q1.parquet", [True, False], [2.0, 9.0], high=[0, 0])
+    main(["--cell", "house/tiny", "--method", "Full", str(f), str(f), "--method", "w2/Quant", str(q0), str(q1),
+          "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md")])
+    md = (tmp_path / "t.md").read_text()
+    assert "| w2 | Quant | – | 25.0 ± 35.4 | 10.0 ± 0.0 | 2.00 | 2.00x |" in md
+
+
 def test_routed_methods_latex_and_pareto(tmp_path):
     f = write(tmp_path / "f.parquet", [True, True], [4.0, 4.0])
     q = write(tmp_path / "q.parquet", [True, False], [2.0, 9.0], high=[0, 0])
