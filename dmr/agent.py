@@ -277,7 +277,8 @@ def main(argv=None):
     router = make_router(a.policy, list(models), a.seed, p=a.p, match=a.match, router=a.router,
                          threshold=a.threshold, calibration=a.calibration, budget=a.budget, kl=a.kl,
                          router_steps=a.router_steps, backends=backends, style=style,
-                         sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop))
+                         sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop),
+                         constrained=cfg.constrained)
     # An always-low run loads only the low model: it has no high-precision steps.
     high = None if a.policy == "quant" else next(iter(models))
     spec = {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,

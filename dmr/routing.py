@@ -60,15 +60,17 @@ class OracleRouter:
     models score it as in dmr.kl, and the step goes to bf16 when the true step KL exceeds `tau`.
     It needs both models every step, so it bounds what a step router could do, not what it costs.
     bf16's proposal is handed back to the agent through `generations`, so a high step is not decoded
-    twice."""
+    twice; with `constrained` it is decoded under the agent's constraint, as the agent's own steps
+    are (a free proposal would be an action the constrained agent could never take)."""
 
-    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float):
+    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False):
         self.backends, self.high, self.low = backends, high, low
-        self.style, self.sampling, self.tau = style, sampling, tau
+        self.style, self.sampling, self.tau, self.constrained = style, sampling, tau, constrained
         self.generations: dict = {}
         self.last_scores: list | None = None
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
+        from dmr.agent import constraint
         from dmr.kl import step_kl
         from dmr.prompts import Episode
 
@@ -76,7 +78,8 @@ class OracleRouter:
         views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
         keys = [c.episode for c in contexts]
         texts = [self.style.render(hb.tokenizer, v) for v in views]
-        gens = hb.generate(texts, self.sampling, sessions=keys)
+        allowed = [constraint(self.style, c.admissible) for c in contexts] if self.constrained else None
+        gens = hb.generate(texts, self.sampling, allowed, sessions=keys)
         conts = [g.text for g in gens]
         kls = [step_kl(h, l)["kl"] for h, l in zip(hb.score(texts, conts), lb.score(texts, conts, sessions=keys))]
         self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > self.tau}
@@ -128,7 +131,8 @@ def realised_fraction(episodes_parquet, step_types=None, high: str = "bf16") -> 
 def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float | None = None,
                 match: str | None = None, router: str | None = None, threshold: float | None = None,
                 calibration: str | None = None, budget: float | None = None, kl: str | None = None,
-                router_steps=None, backends: dict | None = None, style=None, sampling=None):
+                router_steps=None, backends: dict | None = None, style=None, sampling=None,
+                constrained: bool = False):
     """Build the router of a policy; `precisions[0]` is the high precision.
 
     full | quant: fixed. random: high with probability `p`, or with the realised high fraction of
@@ -137,17 +141,18 @@ def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float |
     quantile of the KL pool `kl` that routes the fraction of `match` high. `random:P` is short for
     random with p=P. `router_steps`: the step types routed policies decide; the others are forced
     to the high precision (StepTypeGate), and matched fractions and KL quantiles are taken over
-    those types only."""
+    those types only. `constrained`: the agent decodes only admissible actions, so the oracle's
+    proposals must too."""
     router = _make_router(policy, precisions, seed, p=p, match=match, router=router, threshold=threshold,
                           calibration=calibration, budget=budget, kl=kl, router_steps=router_steps,
-                          backends=backends, style=style, sampling=sampling)
+                          backends=backends, style=style, sampling=sampling, constrained=constrained)
     if router_steps and not isinstance(router, Fixed):
         return StepTypeGate(router, router_steps, precisions[0])
     return router
 
 
 def _make_router(policy, precisions, seed, *, p, match, router, threshold, calibration, budget, kl,
-                 router_steps, backends, style, sampling):
+                 router_steps, backends, style, sampling, constrained):
     if policy == "full":
         return Fixed(precisions[0])
     if policy == "quant":
@@ -189,4 +194,4 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
     if router_steps:
         pool = pool.filter(pl.col("step_type").is_in(list(router_steps)))
     tau = float(np.quantile(pool["kl"].to_numpy(), 1.0 - realised_fraction(match, router_steps, precisions[0])))
-    return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau)
+    return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau, constrained)

@@ -138,6 +138,31 @@ def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
     assert {s["precision"] for s in routed(mid, tmp_path / "mid")} == {"bf16", "low"}
 
 
+def test_oracle_proposals_obey_the_agents_constraint(tiny_world, noisy_model, tmp_path):
+    # A constrained agent (the shop's click steps) must get constrained proposals from the oracle
+    # too: its high steps take bf16's proposal as the action.
+    from dmr import envs, prompts
+    from dmr.agent import AgentConfig, run
+    from dmr.llm import Sampling
+    from dmr.routing import make_router
+
+    _, _, model = tiny_world
+    backends = {"bf16": load("hf", str(noisy_model)), "low": load("hf", str(model))}
+    style = prompts.get("react")
+    kl = tmp_path / "kl.parquet"
+    pl.DataFrame({"kl": [0.0, 0.0]}).write_parquet(kl)  # tau 0: every step goes high
+    eps = tmp_path / "e.parquet"
+    pl.DataFrame({"high_calls": [1], "calls": [1]}).write_parquet(eps)
+    router = make_router("oracle", ["bf16", "low"], match=str(eps), kl=str(kl), backends=backends, style=style,
+                         sampling=Sampling(12, stop=style.stop), constrained=True)
+    cfg = AgentConfig(max_new_tokens=12, shards=3, constrained=True)
+    tasks = envs.make("household", max_steps=6).tasks("test", 3)
+    run(lambda: envs.make("household", max_steps=6), tasks, backends, router, cfg, tmp_path / "run", progress=False)
+    steps = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    high = [s for s in steps if s["precision"] == "bf16"]
+    assert high and all(s["action"] in s["admissible"] for s in high)
+
+
 def test_make_router_names_what_is_missing(tmp_path):
     from dmr.routing import make_router
 
