@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -21,21 +20,10 @@ from tqdm import tqdm
 from dmr import envs
 from dmr.llm import Backend, Sampling
 from dmr import prompts
-from dmr.prompts import Episode
+from dmr.prompts import Episode, constraint
 from dmr.routing import StepContext, make_router
 
 STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
-
-
-_TEMPLATE = re.compile(r"<[^<>\s][^<>]*>")
-
-
-def constraint(style, admissible: list[str]) -> list[str] | None:
-    """The completions constrained decoding allows at a step, or None (free decoding) where an
-    admissible action is a template with free text, such as WebShop's `search[<your query>]`."""
-    if any(_TEMPLATE.search(a) for a in admissible):
-        return None
-    return [style.answer(a) for a in admissible]
 
 
 @dataclass

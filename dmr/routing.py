@@ -70,9 +70,8 @@ class OracleRouter:
         self.last_scores: list | None = None
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
-        from dmr.agent import constraint
         from dmr.kl import step_kl
-        from dmr.prompts import Episode
+        from dmr.prompts import Episode, constraint
 
         hb, lb = self.backends[self.high], self.backends[self.low]
         views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]

@@ -49,9 +49,9 @@ def _gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     mask = attention_mask
     if q > 1:
         # Folding copies the mask; the reference kept to the original makes the identity test exact.
-        if _folded[0] is not attention_mask:
+        if _folded[0] is not mask:
             m = mask.shape[1]
-            _folded[:] = attention_mask, mask[:, :, None].expand(B, m, rep, q, L).reshape(B, m, rep * q, L)
+            _folded[:] = mask, mask[:, :, None].expand(B, m, rep, q, L).reshape(B, m, rep * q, L)
         mask = _folded[1]
     out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(B, H, q, D).transpose(1, 2).contiguous(), None

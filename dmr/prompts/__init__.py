@@ -12,7 +12,7 @@ agents train on exactly what they read at run time.
 """
 from __future__ import annotations
 
-from dmr.prompts.base import Episode, PromptStyle  # noqa: F401
+from dmr.prompts.base import Episode, PromptStyle, constraint  # noqa: F401
 from dmr.prompts.instruct import Instruct
 from dmr.prompts.react import React
 

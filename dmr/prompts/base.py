@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,3 +34,15 @@ class PromptStyle(Protocol):
 
     def segments(self, tokenizer, goal: str, first: str, steps: list[dict]) -> list[list[tuple[str, bool]]]:
         """Behaviour-cloning sequences of one recorded episode: lists of (text, supervised)."""
+
+
+_TEMPLATE = re.compile(r"<[^<>\s][^<>]*>")
+
+
+def constraint(style: PromptStyle, admissible: list[str]) -> list[str] | None:
+    """The completions constrained decoding allows at a step, or None (free decoding) where an
+    admissible action is a template with free text, such as WebShop's `search[<your query>]`.
+    Here, not in the agent loop, because the KL oracle decodes its proposals under it too."""
+    if any(_TEMPLATE.search(a) for a in admissible):
+        return None
+    return [style.answer(a) for a in admissible]
