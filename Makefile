@@ -19,7 +19,7 @@ run: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --cores $(CORES) $(ARGS)
 
 test: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q $(ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 $(ARGS)
 
 lint: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint

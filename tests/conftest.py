@@ -54,3 +54,9 @@ def noisy_model(tiny_world, tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=g) * 0.3 * p.std())
     m.to(torch.bfloat16).save_pretrained(str(d))
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end DAGs first: under `-n 2` (the Makefile's test command) they then overlap the
+    many short tests instead of running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

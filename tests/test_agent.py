@@ -13,6 +13,7 @@ import pytest
 
 from dmr import envs
 from dmr.agent import AgentConfig, finalize, run
+from dmr.agent import main as agent_main
 from dmr.llm import Sampling, load
 from dmr.prompts import Episode, get
 from dmr.prompts.instruct import format_answer, parse_action
@@ -186,7 +187,7 @@ def test_resume_after_kill_loses_and_repeats_nothing(tiny_world, tmp_path, pytho
     # a torn line, as a kill in the middle of a write leaves
     with (out / "steps.jsonl").open("a") as f:
         f.write('{"task": "household/test/9", "st')
-    subprocess.run(cmd, check=True)
+    agent_main(cmd[3:])  # the resume, in process: only the killed run needs a process of its own
     tasks = envs.make("household").tasks("test", 10)
     eps, _ = _episode_checks(out, tasks)
     kept = [e["task"] for e in eps][:len(first)]
@@ -284,17 +285,17 @@ def test_constrained_decoding_leaves_free_text_steps_free(tiny_world):
     assert outside > 0  # the household model, left free, writes household text
 
 
-def test_rerun_with_another_spec_never_resumes_stale_episodes(tiny_world, tmp_path, python):
+def test_rerun_with_another_spec_never_resumes_stale_episodes(tiny_world, tmp_path):
     """A run directory left by another model or decoding setup is moved aside, not resumed."""
     _, _, model = tiny_world
     out = tmp_path / "run"
-    base = [python, "-m", "dmr.agent", "--env", "household", "--env-kwargs", '{"max_steps": 3}', "--n", "2",
+    base = ["--env", "household", "--env-kwargs", '{"max_steps": 3}', "--n", "2",
             "--model", f"bf16={model}", "--constrained", "--shards", "2", "--out", str(out), "--quiet"]
-    subprocess.run(base + ["--max-new-tokens", "40"], check=True)
+    agent_main(base + ["--max-new-tokens", "40"])
     first = (out / "episodes.jsonl").read_text()
-    subprocess.run(base + ["--max-new-tokens", "40"], check=True)  # same spec: nothing reruns
+    agent_main(base + ["--max-new-tokens", "40"])  # same spec: nothing reruns
     assert (out / "episodes.jsonl").read_text() == first
-    subprocess.run(base + ["--max-new-tokens", "39"], check=True)  # another spec: a fresh run
+    agent_main(base + ["--max-new-tokens", "39"])  # another spec: a fresh run
     (stale,) = out.glob("stale-*")
     assert (stale / "episodes.jsonl").read_text() == first
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 2
