@@ -1,12 +1,14 @@
 # Two commands do everything on a fresh machine with Python 3.11 + pip:
 #   make run    build the embedded default (venv, then `snakemake --cores $(CORES)`)
 #   make test   the test suite (venv, then pytest)
+#   make ablations  the router ablation tables (Sec. 5.4, 5.5), a target of their own
+#   make agents rebuild the shipped tiny agents under agents/ from their recipes (about an hour)
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
 
-.PHONY: run test lint dry-run
+.PHONY: run test lint dry-run agents ablations
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 run: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --cores $(CORES) $(ARGS)
+
+ablations: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake ablations --cores $(CORES) $(ARGS)
+
+agents: $(VENV)/.installed
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake agents --cores $(CORES) --configfile config/config.yaml config/agents.yaml $(ARGS)
 
 test: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 $(ARGS)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import polars as pl
 
+from dmr import paired
+
 
 def high_fraction(episodes: pl.DataFrame) -> float:
     """Share of a run's LLM calls that went to the high precision."""
@@ -36,11 +38,11 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
     also `cost`, the modelled EP time of successful episodes (Eq. 9)."""
     from dmr.latency import episodes_cost
 
-    rows = []
+    rows, episodes = [], {}
     for method, paths in runs.items():
         quant, _, name = method.rpartition("/")
         name, _, k = name.partition("@")
-        eps = [pl.read_parquet(p) for p in paths]
+        eps = episodes[method] = [pl.read_parquet(p) for p in paths]
         routed = name not in ("Full", "Quant")
         per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, coef, quant or "bf16", routed) if coef else None)
                                  for e in eps])
@@ -51,10 +53,12 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
             row[f"{col}_std"] = per_seed[col].std() if len(paths) > 1 else 0.0
         row["episodes"] = int(per_seed["episodes"].sum())
         rows.append(row)
-    df = pl.DataFrame(rows)
+    df = pl.DataFrame(rows).with_columns(pl.col("budget").cast(pl.Float64))
     full = df.filter(pl.col("method") == "Full")["ep_time"]
     base = full[0] if len(full) else None
-    return df.with_columns(speedup=(pl.lit(base) / pl.col("ep_time")) if base else pl.lit(None, pl.Float64))
+    df = df.with_columns(speedup=(pl.lit(base) / pl.col("ep_time")) if base else pl.lit(None, pl.Float64))
+    # Paired columns (dmr.paired): each routed method against matched random, Full and Quant.
+    return df.join(paired.compare(episodes), on=["quant", "method", "budget"], how="left", nulls_equal=True)
 
 
 def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
@@ -67,11 +71,18 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
     # A graded benchmark (WebShop) gets a Score column; where score is just success it adds nothing.
     modelled = "cost" in df.columns
     graded = any(r["score"] is not None and abs(100 * r["score"] - r["success"]) > 1e-9 for r in df.iter_rows(named=True))
+    def ci(r, col, digits=1, scale=1.0, unit=""):
+        if r.get(col) is None:
+            return "–"
+        v, lo, hi = (scale * r[c] for c in (col, f"{col}_lo", f"{col}_hi"))
+        return f"{v:+.{digits}f}{unit} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
     lines = [f"# {title}", "",
              "| Quant | Method | K | Success (%) |" + (" Score |" if graded else "")
              + " Steps | EP Time (s) | Speedup |" + (" Modelled time (s) |" if modelled else "")
-             + " high-precision steps | episodes |",
-             "|---|---|---|---|" + ("---|" if graded else "") + ("---|" if modelled else "") + "---|---|---|---|---|"]
+             + " high-precision steps | episodes | Δ vs Random (95% CI) | Recovered gap (95% CI) |",
+             "|---|---|---|---|" + ("---|" if graded else "") + ("---|" if modelled else "")
+             + "---|---|---|---|---|---|---|"]
     for r in df.iter_rows(named=True):
         speed = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         k = "–" if r["budget"] is None else f"{r['budget']:g}"
@@ -79,9 +90,14 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
         lines.append(f"| {r['quant']} | {r['method']} | {k} | {fmt(r['success'], r['success_std'])} |{score} "
                      f"{fmt(r['steps'], r['steps_std'])} | {fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | "
                      + (f"{fmt(r['cost'], r['cost_std'], 2)} | " if modelled else "")
-                     + f"{100 * r['high_frac']:.0f}% | {r['episodes']} |")
+                     + f"{100 * r['high_frac']:.0f}% | {r['episodes']} | "
+                     + (f"{ci(r, 'vs_random')} {r['vs_random_verdict']} |" if r.get("vs_random") is not None else "– |")
+                     + f" {ci(r, 'recovered', 0, 100, '%')} |")
     lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes, "
-              "over the seeds that won any (no ± where only one did)."]
+              "over the seeds that won any (no ± where only one did).",
+              "Δ vs Random: success points over the matched Random@K on the same (seed, task) pairs, with the "
+              "paired-bootstrap 95% CI; a CI that holds 0 is a tie. Recovered gap: (method − Quant) / "
+              "(Full − Quant) on the same tasks, with its bootstrap 95% CI (dmr.paired)."]
     if modelled:
         lines.append(f"Modelled time: Eq. 9 over the same successful episodes. {latency or ''}".rstrip())
     return "\n".join(lines) + "\n"

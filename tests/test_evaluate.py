@@ -93,3 +93,19 @@ def test_modelled_time_uses_the_cost_model_and_names_the_coefficients(tmp_path):
     assert t["method"].to_list() == ["Full", "GRPO"] and (tmp_path / "p.png").exists()
     md = (tmp_path / "t.md").read_text()
     assert "Modelled time" in md and "given in the config" in md
+
+
+def test_table_carries_paired_columns(tmp_path):
+    n = 60
+    f = write(tmp_path / "f.parquet", [True] * n, [4.0] * n)
+    q = write(tmp_path / "q.parquet", [False] * n, [9.0] * n, high=[0] * n)
+    d = write(tmp_path / "d.parquet", [True] * 45 + [False] * 15, [3.0] * n, high=[4] * n)
+    r = write(tmp_path / "r.parquet", [True] * 15 + [False] * 45, [3.0] * n, high=[4] * n)
+    main(["--cell", "house/tiny", "--method", "Full", str(f), "--method", "w2/Quant", str(q),
+          "--method", "w2/DMR@0.4", str(d), "--method", "w2/Random@0.4", str(r),
+          "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md")])
+    row = pl.read_parquet(tmp_path / "t.parquet").filter(pl.col("method") == "DMR").row(0, named=True)
+    assert row["vs_random"] == pytest.approx(50.0) and row["vs_random_lo"] > 0 and row["vs_random_verdict"] == "win"
+    assert row["recovered"] == pytest.approx(0.75)
+    md = (tmp_path / "t.md").read_text()
+    assert "Δ vs Random (95% CI)" in md and "| +50.0 [" in md and "win |" in md and "+75% [" in md

@@ -63,15 +63,14 @@ def expected_counts(cfg: dict) -> Counter:
     per benchmark x model the Full seeds and, when something is routed, the bf16 KL pool, the latency
     coefficients and (with GRPO) the rank table; per scheme the quantization and the Quant seeds; per
     routed scheme KL, tau, Table 4, router, the calibration run, the calibration, DMR at every budget
-    and the matched baselines, every seed, the ablation routers and their table, and with GRPO its
-    training, calibration run, calibration and evaluation at every budget; a table per cell."""
+    and the matched baselines, every seed, and with GRPO its training, calibration run, calibration
+    and evaluation at every budget; a table per cell, and the summary. (Ablations are `make ablations`.)"""
     seeds = len(cfg["evaluate"]["seeds"])
     route = cfg.get("route", {})
     grpo = "grpo" in cfg
     per_routed = len(route.get("budgets", [])) + len(route.get("baselines", [])) * len(route.get("baseline_budgets", []))
     per_routed += len(route.get("budgets", [])) if grpo else 0
-    variants = ablation_variants(route)
-    n = Counter(all=1)
+    n = Counter(all=1, summary=1)
     for cell in cfg["cells"]:
         quants = cell.get("quants", [])
         routed = cell.get("route", quants)
@@ -85,8 +84,6 @@ def expected_counts(cfg: dict) -> Counter:
             n[rule] += len(routed)
         for rule in ("grpo", "calibrate_grpo"):
             n[rule] += len(routed) if grpo else 0
-        n["klst_variant"] += len(routed) * variants
-        n["ablation"] += len(routed) if variants else 0
     n["data"] += len({c["benchmark"] for c in cfg["cells"] if cfg["benchmarks"][c["benchmark"]]["env"] == "alfworld"})
     return +n
 
@@ -114,6 +111,14 @@ def test_paper_config_has_the_eight_cells_of_table1():
     assert all(m["source"] == "path" for m in cfg["models"].values())
 
 
+def test_paper_ablations_are_their_own_target(tmp_path):
+    cfg = paper_config()
+    routed = sum(len(c.get("route", c["quants"])) for c in cfg["cells"])
+    counts = Counter(j["rule"] for j in plan(tmp_path, "ablations", "--configfile", str(PAPER)))
+    assert counts["klst_variant"] == routed * ablation_variants(cfg["route"]) == 64
+    assert counts["ablation"] == routed
+
+
 def test_paper_dry_run_plans_the_full_dag(tmp_path):
     """8 cells x 3 seeds x 3 budgets, without the checkpoints, the data or WebShop being present."""
     cfg = paper_config()
@@ -123,8 +128,8 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     counts = Counter(j["rule"] for j in jobs)
     assert counts == expected_counts(cfg)
     assert counts == {"rollout": 200, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8, "labels": 8, "data": 1,
-                      "step_types": 8, "klst_variant": 64, "ablation": 8, "grpo": 8, "calibrate_grpo": 8,
-                      "latency": 4, "rank": 4, "evaluate": 4, "all": 1}
+                      "step_types": 8, "grpo": 8, "calibrate_grpo": 8,
+                      "latency": 4, "rank": 4, "evaluate": 4, "summary": 1, "all": 1}
     # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)).
     runs = Counter((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in jobs if j["rule"] == "rollout")
     assert runs[("full", "train")] == 4 and runs[("dmr-t0.5", "calib")] == 8
@@ -236,7 +241,7 @@ def test_touching_one_router_reruns_only_that_cells_downstream(paper_tree):
         [(f"{r}-t0.5", "calib") for r in ("dmr", "grpo")]
         + [(f"{r}-k{k}", f"seed{s}") for r in ("dmr", "grpo") for k in ("0.2", "0.4", "0.7") for s in range(3)])
     assert Counter(j["rule"] for j in jobs) == {"rollout": 20, "calibrate": 1, "grpo": 1, "calibrate_grpo": 1,
-                                                "evaluate": 1, "rank": 1, "all": 1}
+                                                "evaluate": 1, "rank": 1, "summary": 1, "all": 1}
     assert [j["wildcards"] for j in jobs if j["rule"] == "evaluate"] == [cell]
     assert [j["wildcards"] for j in jobs if j["rule"] == "calibrate"] == [{**cell, "quant": "gptq_w3a16"}]
 

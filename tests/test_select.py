@@ -71,10 +71,10 @@ def test_training_snapshots_at_fractions_of_its_steps(tmp_path, tiny_world):
 
     # A run cut short by its time cap still leaves every configured snapshot (of its end).
     m = train(tmp_path / "capped", steps=1000, max_minutes=1e-4, snapshot_at=(0.5, 0.9))
-    assert m["steps"] < 1000
+    assert m["steps"] < 1000 and m["capped"] and m["planned_steps"] == 1000
     assert {p.name for p in (tmp_path / "capped").iterdir()} == {"p0.50", "p0.90", "p1.00"}
     m = train(tmp_path, steps=4, max_minutes=5, snapshot_at=(0.5, 0.75))
-    assert m["steps"] == 4
+    assert m["steps"] == 4 and not m["capped"]
     assert json.loads((tmp_path / "p0.50/snapshot.json").read_text())["step"] == 2
     assert json.loads((tmp_path / "p0.75/snapshot.json").read_text())["step"] == 3
     snap = (tmp_path / "p0.50/model.safetensors").read_bytes()

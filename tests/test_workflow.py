@@ -63,7 +63,13 @@ def test_dry_run_default_config_lists_rules(tmp_path):
     r = snakemake("-n", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for rule in ("expert_data", "tokenizer", "train_agent", "select_rollout", "select_agent", "quantize", "rollout", "evaluate", "step_types", "latency",
-                 "grpo", "calibrate_grpo", "rank", "klst_variant", "ablation"):
+                 "grpo", "calibrate_grpo", "rank", "summary"):
+        assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
+    # Ablations are a target of their own (`make ablations`), outside the default run.
+    assert not re.search(r"^klst_variant\s+\d+", r.stdout + r.stderr, re.M)
+    r = snakemake("-n", "ablations", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for rule in ("klst_variant", "ablation"):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
 
 
@@ -165,6 +171,14 @@ def test_micro_end_to_end(tmp_path):
         assert (steps.filter(pl.col("step") == 0)["step_type"] == "search").all()
         eps = pl.read_parquet(shop / f"{run}/seed0/episodes.parquet")
         assert eps["score"].is_between(0.0, 1.0).all() and (eps["steps"] <= 5).all()
+    # The summary the README quotes, and where the time went: one benchmark file per job, per rule.
+    text = (tmp_path / "results/summary.md").read_text()
+    assert "## household/tiny" in text and "DMR − Random (95% CI)" in text and "## Where the time goes" in text
+    timing = pl.read_parquet(tmp_path / "results/timing.parquet")
+    assert {"train_agent", "quantize", "rollout", "klst", "evaluate"} <= set(timing["rule"])
+    assert (timing["minutes"] > 0).all() and timing["jobs"].sum() == len(list((tmp_path / "results").glob("**/benchmarks/*/*.tsv")))
+    row = table.filter(pl.col("method") == "DMR").row(1, named=True)
+    assert row["vs_random"] is not None and row["paired_tasks"] == 4 and row["vs_random_verdict"] in ("win", "tie", "loss")
     again = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", "-n", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
     # The Snakemake report of the finished run: Table 1 as HTML, the figures, their captions.

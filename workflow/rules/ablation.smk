@@ -16,6 +16,8 @@ rule klst_variant:
         scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/train_scores.parquet",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}_{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst_variant/klst_{{quant}}_{{variant}}.tsv",
     params:
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
         args=variant_klst_args,
@@ -40,6 +42,8 @@ rule ablation:
         figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/ablation_{{quant}}.png",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/ablation_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/ablation/ablation_{{quant}}.tsv",
     params:
         routers=ablation_args,
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
@@ -52,3 +56,10 @@ rule ablation:
         "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} --step-types {params.steps} "
         "--title 'Router ablations: {wildcards.benchmark}/{wildcards.model}, {wildcards.quant}' "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
+
+
+rule ablations:
+    # `make ablations`: every routed cell's ablation table (Sec. 5.4, 5.5), outside the default run.
+    localrule: True
+    input:
+        all_ablation_targets,

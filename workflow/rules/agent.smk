@@ -8,6 +8,8 @@ rule expert_data:
         f"{RESULTS}/{{benchmark}}/{{model}}/bc/episodes.jsonl",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/expert_data.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/expert_data/expert_data.tsv",
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),
@@ -33,6 +35,8 @@ rule tokenizer:
         directory(f"{RESULTS}/{{benchmark}}/{{model}}/tokenizer"),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/tokenizer.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/tokenizer/tokenizer.tsv",
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         vocab=lambda w: model_cfg(w).get("tokenizer", {}).get("vocab_size", 1024),
@@ -54,6 +58,8 @@ rule train_agent:
         directory(f"{RESULTS}/{{benchmark}}/{{model}}/train"),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/train_agent.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/train_agent/train_agent.tsv",
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         arch=lambda w: as_json(model_cfg(w).get("arch")),
@@ -78,6 +84,8 @@ rule select_rollout:
         f"{RESULTS}/{{benchmark}}/{{model}}/select/{{candidate}}/episodes.parquet",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_rollout_{{candidate}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_rollout/select_rollout_{{candidate}}.tsv",
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),
@@ -112,6 +120,8 @@ rule select_agent:
         markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/select.md",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_agent.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_agent/select_agent.tsv",
     params:
         candidates=lambda w: " ".join(f"--candidate {c}={RESULTS}/{w.benchmark}/{w.model}/train/{c}"
                                       for c in candidates(w)),
@@ -123,3 +133,43 @@ rule select_agent:
     shell:
         "python -m dmr.select {params.candidates} {params.runs} --out {output.model} "
         "--table {output.table} > {log} 2>&1"
+
+
+rule agent_card:
+    # The selected agent as a shippable artefact (dmr.card): weights, tokenizer and model card.
+    input:
+        model=rules.select_agent.output.model,
+        train=rules.train_agent.output,
+        select=rules.select_agent.output.table,
+        full=lambda w: seed_runs(w.benchmark, w.model, "bf16", "full"),
+    output:
+        directory(f"{RESULTS}/{{benchmark}}/{{model}}/card"),
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/agent_card.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/agent_card/agent_card.tsv"
+    params:
+        recipe=lambda w: as_json({"model": model_cfg(w), "benchmark": bench(w)}),
+    resources:
+        **rule_resources("agent_card"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.card build --name {wildcards.model} --benchmark {wildcards.benchmark} "
+        "--model {input.model} --train-metrics {input.train}/p1.00/train_metrics.json "
+        "--select-table {input.select} --full {input.full} --recipe {params.recipe} --out {output} > {log} 2>&1"
+
+
+rule agents:
+    # `make agents`: rebuild every trained agent of the config and install its card under agents/.
+    localrule: True
+    input:
+        agent_cards,
+    log:
+        f"{RESULTS}/logs/agents.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/agents/agents.tsv",
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.card install {input} --to agents > {log} 2>&1"

@@ -190,6 +190,16 @@ def select_runs(wildcards):
     return [f"{RESULTS}/{wildcards.benchmark}/{wildcards.model}/select/{n}/episodes.parquet" for n in c] if len(c) > 1 else []
 
 
+def agent_cards(wildcards):
+    """Cards of the agents this config trains (`make agents`); none where every model is a path."""
+    cards = [f"{RESULTS}/{c['benchmark']}/{c['model']}/card" for c in config["cells"]
+             if config["models"][c["model"]]["source"] == "train"]
+    if not cards:
+        raise WorkflowError("no agent to build: every model in this config is a local path; `make agents` "
+                            "adds config/agents.yaml, which trains them")
+    return list(dict.fromkeys(cards))
+
+
 def bf16_input(wildcards):
     """The bf16 checkpoint as a rule input, when it is one we build (not a local path)."""
     return built_models(wildcards, ["bf16"])
@@ -539,8 +549,24 @@ def ablation_targets(benchmark, model):
     return [f"{RESULTS}/{benchmark}/{model}/tables/ablation_{q}.md" for q in cell_routes(benchmark, model)]
 
 
-def all_targets():
-    _check_resources()  # called from rule all, once every rule file is included
+def cell_targets():
     return [t for c in config["cells"] for t in
             [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"] + route_targets(c["benchmark"], c["model"])
-            + ablation_targets(c["benchmark"], c["model"]) + grpo_targets(c["benchmark"], c["model"])]
+            + grpo_targets(c["benchmark"], c["model"])]
+
+
+def all_ablation_targets(wildcards=None):
+    """`make ablations`: the router ablation tables of every routed cell, a target of their own
+    (the default run leaves them out to stay within its time)."""
+    return [t for c in config["cells"] for t in ablation_targets(c["benchmark"], c["model"])]
+
+
+def summary_inputs(wildcards):
+    """Everything else the default target builds: the summary is written last, so its timing table
+    covers the whole run."""
+    return cell_targets()
+
+
+def all_targets():
+    _check_resources()  # called from rule all, once every rule file is included
+    return cell_targets() + [f"{RESULTS}/summary.md"]

@@ -8,6 +8,8 @@ rule data:
         f"{RESULTS}/{{benchmark}}/data.json",
     log:
         f"{RESULTS}/{{benchmark}}/logs/data.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/benchmarks/data/data.tsv",
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),

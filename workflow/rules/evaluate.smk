@@ -9,6 +9,8 @@ rule rollout:
         steps=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/{{run}}/steps.parquet",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/rollout_{{quant}}_{{policy}}_{{run}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rollout/rollout_{{quant}}_{{policy}}_{{run}}.tsv",
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),
@@ -50,6 +52,8 @@ rule evaluate:
                       category="Table 1", subcategory="{benchmark}/{model}", labels={"result": "Pareto"}),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/evaluate/evaluate.tsv",
     params:
         methods=table_args,
     resources:
@@ -60,3 +64,26 @@ rule evaluate:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
         "--pareto {output.pareto} --latency {input.latency} > {log} 2>&1"
+
+
+rule summary:
+    # What the README quotes: the claim per cell, Table 1, figure links and per-rule timing.
+    input:
+        tables=summary_inputs,
+    output:
+        markdown=f"{RESULTS}/summary.md",
+        timing=f"{RESULTS}/timing.parquet",
+    log:
+        f"{RESULTS}/logs/summary.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/summary/summary.tsv"
+    params:
+        cells=" ".join(f"--cell {c['benchmark']}/{c['model']}" for c in config["cells"]),
+        results=lambda w, output: os.path.dirname(output.markdown),
+    resources:
+        **rule_resources("summary"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.summary --results {params.results} {params.cells} --out {output.markdown} "
+        "--timing {output.timing} > {log} 2>&1"

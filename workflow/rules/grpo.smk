@@ -11,6 +11,8 @@ rule latency:
         markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/latency.md",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/latency.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/latency/latency.tsv",
     params:
         args=latency_args,
     threads: THREADS
@@ -37,6 +39,8 @@ rule grpo:
         figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/grpo_curve_{{quant}}_lam{{lam}}.png",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/grpo_{{quant}}_lam{{lam}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/grpo/grpo_{{quant}}_lam{{lam}}.tsv",
     params:
         start=router_dir,
         env=lambda w: bench(w)["env"],
@@ -72,6 +76,8 @@ rule calibrate_grpo:
         figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}_grpo_lam{GRPO_LAMBDA}.png",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}_grpo.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate_grpo/calibrate_{{quant}}_grpo.tsv",
     params:
         run=lambda w: run_dir(w.benchmark, w.model, w.quant, "grpo-t0.5", "calib"),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
@@ -95,6 +101,8 @@ rule rank:
         figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto_rank.png",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/rank.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rank/rank.tsv",
     resources:
         **rule_resources("rank"),
     conda:

@@ -11,6 +11,8 @@ rule quantize:
         quant="(gptq|awq|rtn)_w[2-8]a16(_g[0-9]+)?",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/quantize_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/quantize/quantize_{{quant}}.tsv",
     params:
         bf16=lambda w: model_dir(w.benchmark, w.model, "bf16"),
         calibration=calibration_arg,

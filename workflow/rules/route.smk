@@ -10,6 +10,8 @@ rule kl:
         f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/steps.parquet",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/kl_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/kl/kl_{{quant}}.tsv",
     params:
         pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
         high=lambda w: model_dir(w.benchmark, w.model, "bf16"),
@@ -38,6 +40,8 @@ rule threshold:
                       category="KL-ST", subcategory="{benchmark}/{model}", labels={"result": "KL histogram", "scheme": "{quant}"}),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/threshold_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/threshold/threshold_{{quant}}.tsv",
     params:
         steps=lambda w: " ".join(routed_steps(w)),
         rule=lambda w: cli_flags(route_cfg().get("threshold")),
@@ -58,6 +62,8 @@ rule labels:
         summary=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/labels.json",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/labels_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/labels/labels_{{quant}}.tsv",
     params:
         rule=lambda w: cli_flags(route_cfg().get("threshold")),
         steps=lambda w: " ".join(routed_steps(w)),
@@ -81,6 +87,8 @@ rule klst:
         scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/train_scores.parquet",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst/klst_{{quant}}.tsv",
     params:
         steps=lambda w: " ".join(routed_steps(w)),
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
@@ -109,6 +117,8 @@ rule calibrate:
                       labels={"result": "router scores", "scheme": "{quant}"}),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate/calibrate_{{quant}}.tsv",
     params:
         run=lambda w: run_dir(w.benchmark, w.model, w.quant, "dmr-t0.5", "calib"),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
@@ -131,6 +141,8 @@ rule step_types:
         figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_step_types_{{quant}}.png",
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/step_types_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/step_types/step_types_{{quant}}.tsv",
     params:
         title=lambda w: shlex.quote(f"{w.benchmark}/{w.model} {w.quant}"),
     resources:
