@@ -62,6 +62,27 @@ def token_kl(high: Scored, low: Scored) -> tuple[list[float], int]:
     return out, missing
 
 
+def uncertainty(high: Scored, low: Scored) -> dict:
+    """Cheap signals beside the KL, for the diagnostics (dmr.diagnose): the low model's own
+    uncertainty over the action block (entropy, mean and max over positions; the top-1 margin at
+    the first position), bf16's entropy, and whether the two precisions' greedy tokens disagree at
+    any position (teacher-forced on bf16's action). Full distributions only (the HF backend);
+    None from top-k scores."""
+    if high.dist is None or low.dist is None or not len(high.token_ids):
+        return {"low_entropy": None, "low_entropy_max": None, "low_margin": None, "high_entropy": None,
+                "greedy_mismatch": None}
+    h, lo = torch.as_tensor(high.dist).float(), torch.as_tensor(low.dist).float()
+
+    def entropy(lp):
+        return -(lp.exp() * lp).sum(-1)
+
+    ent = entropy(lo)
+    top2 = lo[0].exp().topk(2).values
+    return {"low_entropy": float(ent.mean()), "low_entropy_max": float(ent.max()),
+            "low_margin": float(top2[0] - top2[1]), "high_entropy": float(entropy(h).mean()),
+            "greedy_mismatch": bool((h.argmax(-1) != lo.argmax(-1)).any())}
+
+
 def step_kl(high: Scored, low: Scored) -> dict:
     kls, missing = token_kl(high, low)
     n = max(1, len(kls))
@@ -116,7 +137,7 @@ def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progr
             s = steps[t]
             out_f.write(json.dumps({
                 "task": ep["task"], "step": t, "quant": quant, "step_type": s.get("step_type", "action"),
-                **step_kl(h, l), "goal": ep["goal"], "prev_action": s["prev_action"], "observation": s["observation"],
+                **step_kl(h, l), **uncertainty(h, l), "goal": ep["goal"], "prev_action": s["prev_action"], "observation": s["observation"],
                 "action": executed(s), "won": ep["won"], "steps": ep["steps"]}) + "\n")
             if t + 1 < len(steps):
                 nxt = steps[t + 1]

@@ -230,7 +230,7 @@ def main(argv=None):
         "train_bacc": balanced_accuracy(pred[split == "train"], yy[split == "train"]),
         "val_bacc": balanced_accuracy(pred[split == "val"], yy[split == "val"]),
         "best_epoch": fit["epoch"], "class_weights": fit["class_weights"], "history": fit["history"],
-        "minutes": fit["minutes"], "arch": arch,
+        "minutes": fit["minutes"], "capped": fit["capped"], "arch": arch,
         "params": {"router": n_router, "encoder": n_encoder, "llm": n_llm,
                    "router_vs_llm": n_router / n_llm if n_llm else None,
                    "router_and_encoder_vs_llm": (n_router + n_encoder) / n_llm if n_llm else None}}

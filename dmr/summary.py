@@ -109,6 +109,9 @@ def build(results: Path, cells: list[str], commit: str | None = None) -> str:
         taus = thresholds(d)
         if taus:
             out += ["Thresholds (Sec. 4.2):", ""] + taus + [""]
+        for diag in sorted((d / "tables").glob("diagnose_*.md")):
+            out += [f"### Routing signal, offline ({diag.stem.removeprefix('diagnose_')})", ""] + [
+                ln for ln in diag.read_text().splitlines() if not ln.startswith("# ")] + [""]
         out += ["### Table 1", ""] + [ln for ln in (d / "tables" / "main.md").read_text().splitlines()
                                       if not ln.startswith("# ")] + [""]
         figures = sorted(p.relative_to(results) for p in (d / "figures").glob("*.png")) if (d / "figures").exists() else []

@@ -80,7 +80,7 @@ def expected_counts(cfg: dict) -> Counter:
         n["rollout"] += (seeds + (1 if routed else 0) + len(quants) * seeds
                          + len(routed) * (1 + (1 if grpo else 0) + per_routed * seeds))
         n["quantize"] += len(quants)
-        for rule in ("kl", "threshold", "klst", "calibrate", "step_types", "labels"):
+        for rule in ("kl", "threshold", "klst", "calibrate", "step_types", "labels", "diagnose"):
             n[rule] += len(routed)
         for rule in ("grpo", "calibrate_grpo"):
             n[rule] += len(routed) if grpo else 0
@@ -128,7 +128,7 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     counts = Counter(j["rule"] for j in jobs)
     assert counts == expected_counts(cfg)
     assert counts == {"rollout": 200, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8, "labels": 8, "data": 1,
-                      "step_types": 8, "grpo": 8, "calibrate_grpo": 8,
+                      "step_types": 8, "diagnose": 8, "grpo": 8, "calibrate_grpo": 8,
                       "latency": 4, "rank": 4, "evaluate": 4, "summary": 1, "all": 1}
     # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)).
     runs = Counter((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in jobs if j["rule"] == "rollout")

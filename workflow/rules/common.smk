@@ -479,7 +479,8 @@ def route_targets(benchmark, model):
     everything else)."""
     return [f"{RESULTS}/{benchmark}/{model}/figures/{name}_{q}.png"
             for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores", "kl_step_types")] + [
-            f"{RESULTS}/{benchmark}/{model}/{q}/kl/labels.parquet" for q in cell_routes(benchmark, model)]
+            f"{RESULTS}/{benchmark}/{model}/{q}/kl/labels.parquet" for q in cell_routes(benchmark, model)] + [
+            f"{RESULTS}/{benchmark}/{model}/tables/diagnose_{q}.md" for q in cell_routes(benchmark, model)]
 
 
 # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under

@@ -152,3 +152,30 @@ rule step_types:
     shell:
         "python -m dmr.step_types --kl {input.kl} --threshold {input.threshold} --title {params.title} "
         "--out {output.table} --markdown {output.markdown} --figure {output.figure} > {log} 2>&1"
+
+
+rule diagnose:
+    # Where the routing signal is: the router against trivial rankers and the low model's own
+    # uncertainty, offline on the KL pool's held-out episodes (dmr.diagnose).
+    input:
+        kl=rules.kl.output,
+        threshold=rules.threshold.output.threshold,
+        scores=rules.klst.output.scores,
+    output:
+        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/diagnose_{{quant}}.parquet",
+        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/diagnose_{{quant}}.md",
+    log:
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/diagnose_{{quant}}.log",
+    benchmark:
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/diagnose/diagnose_{{quant}}.tsv"
+    params:
+        router=lambda w, input: os.path.dirname(input.scores),
+        budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+    resources:
+        **rule_resources("diagnose"),
+    conda:
+        "../../envs/cpu.yaml"
+    shell:
+        "python -m dmr.diagnose --kl {input.kl} --router {params.router} --threshold {input.threshold} "
+        "--budgets {params.budgets} --title '{wildcards.benchmark}/{wildcards.model} {wildcards.quant}: routing signal' "
+        "--out {output.table} > {log} 2>&1"
