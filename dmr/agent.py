@@ -21,7 +21,7 @@ from dmr import envs
 from dmr.llm import Backend, Sampling
 from dmr import prompts
 from dmr.prompts import Episode, constraint
-from dmr.routing import StepContext, make_router
+from dmr.routing import KLProbe, OracleRouter, StepContext, make_router
 
 STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
 
@@ -134,6 +134,7 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
             decisions = router.decide(contexts)
             router_time = (time.perf_counter() - t0) / len(active)
             scores = getattr(router, "last_scores", None)
+            probed = getattr(router, "last_kl", None)  # dmr.routing.KLProbe: measured, not acted on
             # A router that already decoded a step (the KL oracle's bf16 proposal) hands it over.
             ready = getattr(router, "generations", None) or {}
             outputs, call_time = {}, {}
@@ -173,6 +174,7 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                     "output": g.text, "action": parsed, "malformed": parsed is None, "valid": tr.valid,
                     "step_type": tr.info.get("step_type", s.step_type),
                     "route_score": None if scores is None else scores[i],
+                    "true_kl": None if probed is None else probed[i],
                     "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
                     "llm_time": call_time[i], "router_time": router_time, "env_time": env_time,
                     "step_time": step_time, "done": tr.done, "won": tr.won}) + "\n")
@@ -252,6 +254,9 @@ def main(argv=None):
     p.add_argument("--shards", type=int, default=AgentConfig.shards, help="concurrent episodes")
     p.add_argument("--seed", type=int, default=AgentConfig.seed)
     p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it exists)")
+    p.add_argument("--probe-kl", action="store_true",
+                   help="diagnostics: measure each step's true KL as the KL oracle does (bf16 proposes, both "
+                        "precisions score), store it as true_kl, never act on it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = AgentConfig(**{k: getattr(a, k) for k in AgentConfig.__dataclass_fields__})
@@ -267,11 +272,17 @@ def main(argv=None):
                          router_steps=a.router_steps, backends=backends, style=style,
                          sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop),
                          constrained=cfg.constrained)
+    if a.probe_kl:
+        if len(models) < 2:
+            raise SystemExit("--probe-kl needs a high and a low --model")
+        names = list(models)
+        router = KLProbe(router, OracleRouter(backends, names[0], names[1], style, Sampling(
+            cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop), float("inf"), cfg.constrained))
     # An always-low run loads only the low model: it has no high-precision steps.
     high = None if a.policy == "quant" else next(iter(models))
     spec = {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,
             "models": {k: fingerprint(v) for k, v in models.items()}, "policy": a.policy, "backend": a.backend,
-            "backend_kwargs": backend_kwargs, "agent": asdict(cfg),
+            "backend_kwargs": backend_kwargs, "agent": asdict(cfg), "probe_kl": a.probe_kl,
             "routing": {k: getattr(a, k) for k in ("p", "threshold", "budget")}
             | ({"router_steps": a.router_steps} if a.router_steps else {})
             | {k: fingerprint(getattr(a, k)) if getattr(a, k) else None for k in ("match", "router", "calibration", "kl")}

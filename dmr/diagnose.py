@@ -84,6 +84,48 @@ def diagnose(kl_steps: pl.DataFrame, scores: pl.DataFrame, tau: float, budgets) 
                            mismatch_share=pl.lit(None if mismatch is None else float(mismatch.mean())))
 
 
+def online(steps: pl.DataFrame, episodes: pl.DataFrame, tau: float, step_types=None, high: str = "bf16") -> dict:
+    """The DMR router at work (a probe run: dmr.agent --probe-kl): how its scores rank the true step
+    KL of the states it meets, how many of the steps above tau it sent to bf16, against the share a
+    random router with the same realised fraction would catch, and where its bf16 calls land."""
+    s = steps.filter(pl.col("route_score").is_not_null() & pl.col("true_kl").is_not_null())
+    if step_types:
+        s = s.filter(pl.col("step_type").is_in(list(step_types)))
+    if s.height == 0:
+        raise ValueError("the probe run has no routed steps with a measured true_kl (run dmr.agent with --probe-kl)")
+    won = dict(episodes.select("task", "won").iter_rows())
+    s = s.with_columns(ep_won=pl.col("task").replace_strict(won, return_dtype=pl.Boolean),
+                       is_high=pl.col("precision") == high, positive=pl.col("true_kl") > tau,
+                       lost_step=pl.col("observation").str.contains("Nothing happens.", literal=True))
+    pos = s.filter(pl.col("positive"))
+    hi = s.filter(pl.col("is_high"))
+    return {"online_steps": s.height, "online_spearman": spearman(s["route_score"], s["true_kl"]),
+            "online_high_fraction": float(s["is_high"].mean()),
+            "online_positive_share": float(s["positive"].mean()),
+            "online_recall": float(pos["is_high"].mean()) if pos.height else None,
+            "online_kl_mass": float(hi["true_kl"].sum() / max(1e-30, s["true_kl"].sum())),
+            "online_high_in_lost_episodes": float((~hi["ep_won"]).mean()) if hi.height else None,
+            "online_steps_in_lost_episodes": float((~s["ep_won"]).mean()),
+            "online_high_after_failed_action": float(hi["lost_step"].mean()) if hi.height else None,
+            "online_steps_after_failed_action": float(s["lost_step"].mean())}
+
+
+def online_markdown(o: dict) -> list[str]:
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.1f}%"
+    return ["", f"Online, on a DMR run with each step's true KL measured ({o['online_steps']} routed steps, "
+            f"{pct(o['online_high_fraction'])} sent to bf16):", "",
+            "| measure | router | random at the same fraction |", "|---|---|---|",
+            f"| Spearman(score, true KL) | {o['online_spearman']:.3f} | 0 |",
+            f"| steps above tau sent to bf16 | {pct(o['online_recall'])} | {pct(o['online_high_fraction'])} |",
+            f"| share of the true KL on bf16 steps | {pct(o['online_kl_mass'])} | {pct(o['online_high_fraction'])} |",
+            f"| bf16 calls in lost episodes | {pct(o['online_high_in_lost_episodes'])} | "
+            f"{pct(o['online_steps_in_lost_episodes'])} |",
+            f"| bf16 calls right after a failed action | {pct(o['online_high_after_failed_action'])} | "
+            f"{pct(o['online_steps_after_failed_action'])} |",
+            "", f"Steps above tau: {pct(o['online_positive_share'])} of the routed steps online."]
+
+
 def markdown(df: pl.DataFrame, budgets, title: str) -> str:
     metrics = [c for c in df.columns if "@" in c] + ["spearman"]
     lines = [f"# {title}", "", "| ranker | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
@@ -103,14 +145,22 @@ def main(argv=None):
     p.add_argument("--router", required=True, type=Path, help="the KL-ST router directory (train_scores.parquet)")
     p.add_argument("--threshold", required=True, type=Path, help="threshold.json (tau)")
     p.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.4, 0.7])
+    p.add_argument("--online", type=Path, default=None,
+                   help="steps.parquet of a DMR probe run (dmr.agent --probe-kl), episodes.parquet beside it")
+    p.add_argument("--step-types", nargs="+", default=None, help="routed step types (online part)")
     p.add_argument("--title", default="Routing signal, offline")
     p.add_argument("--out", required=True, type=Path, help="table .parquet (a .md is written beside it)")
     a = p.parse_args(argv)
     tau = json.loads(a.threshold.read_text())["tau"]
     df = diagnose(pl.read_parquet(a.kl), pl.read_parquet(a.router / "train_scores.parquet"), tau, a.budgets)
+    text = markdown(df, a.budgets, a.title)
+    if a.online:
+        o = online(pl.read_parquet(a.online), pl.read_parquet(a.online.parent / "episodes.parquet"), tau, a.step_types)
+        df = df.with_columns(**{k: pl.lit(v) for k, v in o.items()})
+        text += "\n".join(online_markdown(o)) + "\n"
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
-    a.out.with_suffix(".md").write_text(markdown(df, a.budgets, a.title))
+    a.out.with_suffix(".md").write_text(text)
     print(a.out.with_suffix(".md").read_text())
 
 

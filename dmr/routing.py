@@ -69,7 +69,8 @@ class OracleRouter:
         self.generations: dict = {}
         self.last_scores: list | None = None
 
-    def decide(self, contexts: list[StepContext]) -> list[str]:
+    def step_kls(self, contexts: list[StepContext]) -> tuple[list, list[float]]:
+        """bf16's proposal at each step and the true step KL of the two precisions on it."""
         from dmr.kl import step_kl
         from dmr.prompts import Episode, constraint
 
@@ -81,9 +82,35 @@ class OracleRouter:
         gens = hb.generate(texts, self.sampling, allowed, sessions=keys)
         conts = [g.text for g in gens]
         kls = [step_kl(h, l)["kl"] for h, l in zip(hb.score(texts, conts), lb.score(texts, conts, sessions=keys))]
+        return gens, kls
+
+    def decide(self, contexts: list[StepContext]) -> list[str]:
+        gens, kls = self.step_kls(contexts)
         self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > self.tau}
         self.last_scores = kls
         return [self.high if k > self.tau else self.low for k in kls]
+
+
+class KLProbe:
+    """Online diagnostics: the wrapped router decides; at every step the true step KL is measured
+    as the KL oracle measures it (bf16 proposes, both precisions score) and exposed as `last_kl`,
+    without acting on it. bf16's proposal is handed to the agent only where the router chose bf16
+    anyway, so the run's actions are the wrapped router's."""
+
+    def __init__(self, router, oracle: OracleRouter):
+        self.router, self.oracle = router, oracle
+        self.generations: dict = {}
+        self.last_kl: list | None = None
+
+    def decide(self, contexts: list[StepContext]) -> list[str]:
+        choice = self.router.decide(contexts)
+        gens, kls = self.oracle.step_kls(contexts)
+        self.last_kl = kls
+        self.generations = {(c.episode, c.step): g for c, g, d in zip(contexts, gens, choice) if d == self.oracle.high}
+        return choice
+
+    def __getattr__(self, name):
+        return getattr(self.router, name)
 
 
 class StepTypeGate:

@@ -66,3 +66,22 @@ def test_diagnose_needs_held_out_steps():
     scores = kl.select("task", "step", "step_type", "kl").with_columns(score=pl.lit(0.5), split=pl.lit("train"))
     with pytest.raises(ValueError, match="held-out"):
         diagnose.diagnose(kl, scores, 0.1, [0.4])
+
+
+def test_online_measures_of_a_probe_run():
+    rows = []
+    for e in range(10):
+        for t in range(10):
+            critical = t == 3
+            rows.append({"task": f"e{e}", "step": t, "step_type": "action", "precision": "bf16" if critical else "w2",
+                         "route_score": 0.9 if critical else 0.1, "true_kl": 1.0 if critical else 0.001,
+                         "observation": "Nothing happens." if t > 7 else "ok"})
+    steps = pl.DataFrame(rows)
+    eps = pl.DataFrame({"task": [f"e{e}" for e in range(10)], "won": [e < 8 for e in range(10)]})
+    o = diagnose.online(steps, eps, tau=0.1)
+    assert o["online_recall"] == 1.0 and o["online_high_fraction"] == pytest.approx(0.1)
+    assert o["online_spearman"] == pytest.approx(1.0) and o["online_kl_mass"] > 0.99
+    assert o["online_high_in_lost_episodes"] == pytest.approx(0.2) and o["online_high_after_failed_action"] == 0.0
+    assert "| Spearman(score, true KL) | 1.000 | 0 |" in "\n".join(diagnose.online_markdown(o))
+    with pytest.raises(ValueError, match="probe-kl"):
+        diagnose.online(steps.with_columns(true_kl=pl.lit(None, pl.Float64)), eps, tau=0.1)

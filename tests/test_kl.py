@@ -138,6 +138,35 @@ def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
     assert {s["precision"] for s in routed(mid, tmp_path / "mid")} == {"bf16", "low"}
 
 
+def test_kl_probe_measures_without_acting(tiny_world, noisy_model, tmp_path):
+    """--probe-kl: the wrapped router's decisions and actions are unchanged; every step carries the
+    true KL the oracle would have measured there."""
+    from dmr import envs, prompts
+    from dmr.agent import AgentConfig, run
+    from dmr.llm import Sampling
+    from dmr.routing import KLProbe, OracleRouter, RandomRouter
+
+    _, _, model = tiny_world
+    backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
+    style = prompts.get("react")
+    cfg = AgentConfig(max_new_tokens=12, shards=3)
+    tasks = envs.make("household", max_steps=5).tasks("test", 3)
+
+    def steps(router, out):
+        run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
+        return [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+
+    plain = steps(RandomRouter("bf16", "low", 0.5), tmp_path / "plain")
+    oracle = OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=float("inf"))
+    probed = steps(KLProbe(RandomRouter("bf16", "low", 0.5), oracle), tmp_path / "probed")
+    key = lambda s: (s["task"], s["step"])  # noqa: E731
+    assert [(key(s), s["precision"], s["action"]) for s in sorted(plain, key=key)] == \
+        [(key(s), s["precision"], s["action"]) for s in sorted(probed, key=key)]
+    assert all(s["true_kl"] is None for s in plain)
+    assert all(s["true_kl"] is not None and s["true_kl"] >= 0 for s in probed)
+    assert max(s["true_kl"] for s in probed) > 0
+
+
 def test_oracle_proposals_obey_the_agents_constraint(tiny_world, noisy_model, tmp_path):
     # A constrained agent (the shop's click steps) must get constrained proposals from the oracle
     # too: its high steps take bf16's proposal as the action.

@@ -77,8 +77,9 @@ def expected_counts(cfg: dict) -> Counter:
         n["evaluate"] += 1
         n["latency"] += 1
         n["rank"] += 1 if grpo else 0
+        # per routed scheme: the calibration run(s), the budgets x seeds, and the online probe run
         n["rollout"] += (seeds + (1 if routed else 0) + len(quants) * seeds
-                         + len(routed) * (1 + (1 if grpo else 0) + per_routed * seeds))
+                         + len(routed) * (1 + (1 if grpo else 0) + per_routed * seeds + 1))
         n["quantize"] += len(quants)
         for rule in ("kl", "threshold", "klst", "calibrate", "step_types", "labels", "diagnose"):
             n[rule] += len(routed)
@@ -127,10 +128,11 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     jobs = plan(tmp_path, "--configfile", str(PAPER))
     counts = Counter(j["rule"] for j in jobs)
     assert counts == expected_counts(cfg)
-    assert counts == {"rollout": 200, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8, "labels": 8, "data": 1,
+    assert counts == {"rollout": 208, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8, "labels": 8, "data": 1,
                       "step_types": 8, "diagnose": 8, "grpo": 8, "calibrate_grpo": 8,
                       "latency": 4, "rank": 4, "evaluate": 4, "summary": 1, "all": 1}
-    # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)).
+    # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)
+    # + the online probe run).
     runs = Counter((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in jobs if j["rule"] == "rollout")
     assert runs[("full", "train")] == 4 and runs[("dmr-t0.5", "calib")] == 8
     for s in range(3):
@@ -238,10 +240,10 @@ def test_touching_one_router_reruns_only_that_cells_downstream(paper_tree):
     # The calibration run, then the 3 budgets x 3 seeds of DMR; GRPO, which starts from that router, with
     # its calibration run and evaluations; the table and rank table of that benchmark/model; nothing else.
     assert sorted((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in rollouts) == sorted(
-        [(f"{r}-t0.5", "calib") for r in ("dmr", "grpo")]
+        [(f"{r}-t0.5", "calib") for r in ("dmr", "grpo")] + [("dmr-k0.4", "probe")]
         + [(f"{r}-k{k}", f"seed{s}") for r in ("dmr", "grpo") for k in ("0.2", "0.4", "0.7") for s in range(3)])
-    assert Counter(j["rule"] for j in jobs) == {"rollout": 20, "calibrate": 1, "grpo": 1, "calibrate_grpo": 1,
-                                                "evaluate": 1, "rank": 1, "summary": 1, "all": 1}
+    assert Counter(j["rule"] for j in jobs) == {"rollout": 21, "calibrate": 1, "grpo": 1, "calibrate_grpo": 1,
+                                                "evaluate": 1, "rank": 1, "diagnose": 1, "summary": 1, "all": 1}
     assert [j["wildcards"] for j in jobs if j["rule"] == "evaluate"] == [cell]
     assert [j["wildcards"] for j in jobs if j["rule"] == "calibrate"] == [{**cell, "quant": "gptq_w3a16"}]
 

@@ -108,7 +108,7 @@ wildcard_constraints:
     candidate="p[0-9][.][0-9]+",
     policy="[A-Za-z0-9_.:-]+",
     seed=r"\d+",
-    run=r"seed\d+|train|calib",
+    run=r"seed\d+|train|calib|probe",
     variant=r"base|depth\d+|tau-[a-z-]+|steps-(ao|as)",
     lam=r"[0-9.]+",
 
@@ -210,7 +210,18 @@ def route_cfg():
 
 
 # A rollout directory is {quant}/rollouts/{policy}/{run}: run `seedN` evaluates test tasks, `train`
-# is the bf16 KL pool of the training split, `calib` the router's calibration pool.
+# is the bf16 KL pool of the training split, `calib` the router's calibration pool, `probe` seed 0's
+# test tasks routed by DMR with each step's true KL measured (dmr.diagnose, online).
+def probe_budget():
+    """The budget of the online probe run (dmr.diagnose): the middle one, 0.4 in the paper's sweep."""
+    budgets = route_cfg().get("budgets", [0.4])
+    return budgets[len(budgets) // 2]
+
+
+def probe_run(w):
+    return f"{run_dir(w.benchmark, w.model, w.quant, f'dmr-k{probe_budget():g}', 'probe')}/steps.parquet"
+
+
 def run_split(wildcards):
     return {"train": "train", "calib": "calib"}.get(wildcards.run, "test")
 
@@ -317,7 +328,9 @@ def policy_args(wildcards):
         rd = router_dir(wildcards, kind)
         if mode == "t":
             return f"--policy dmr --router {rd} --threshold {value}{steps}"
-        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{steps}"
+        # The probe run: seed 0's test tasks again, with each step's true KL measured (dmr.diagnose).
+        probe = " --probe-kl" if wildcards.run == "probe" else ""
+        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{steps}{probe}"
     if mode != "k":
         raise ValueError(f"policy {wildcards.policy}: baselines are matched to a budget, write {kind}-k{value}")
     match, *rest = policy_inputs(wildcards)

@@ -161,6 +161,7 @@ rule diagnose:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
         scores=rules.klst.output.scores,
+        probe=probe_run,
     output:
         table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/diagnose_{{quant}}.parquet",
         markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/diagnose_{{quant}}.md",
@@ -171,11 +172,13 @@ rule diagnose:
     params:
         router=lambda w, input: os.path.dirname(input.scores),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+        steps=lambda w: " ".join(routed_steps(w)),
     resources:
         **rule_resources("diagnose"),
     conda:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.diagnose --kl {input.kl} --router {params.router} --threshold {input.threshold} "
-        "--budgets {params.budgets} --title '{wildcards.benchmark}/{wildcards.model} {wildcards.quant}: routing signal' "
+        "--budgets {params.budgets} --online {input.probe} --step-types {params.steps} "
+        "--title '{wildcards.benchmark}/{wildcards.model} {wildcards.quant}: routing signal' "
         "--out {output.table} > {log} 2>&1"
