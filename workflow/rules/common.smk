@@ -50,13 +50,26 @@ def _check_cells():
 _check_cells()
 
 
+def local_path(path):
+    """A checkpoint path of the config: as given when it exists from the working directory (or is
+    absolute), else from this checkout, where the shipped agents/ live."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    shipped = os.path.join(workflow.basedir, path)
+    return shipped if os.path.exists(shipped) else path
+
+
 def external_paths():
-    """Local files the config points at (checkpoints, calibration text): not rule outputs, so a dry-run
-    plans without them; a real run checks them before any job starts."""
+    """Local files the config points at (checkpoints, calibration text) for the models its cells
+    use: not rule outputs, so a dry-run plans without them; a real run checks them before any job
+    starts."""
     paths = {}
+    used = {c["model"] for c in config["cells"]}
     for name, m in config["models"].items():
+        if name not in used:
+            continue
         if m["source"] == "path":
-            paths[f"models.{name}.path"] = m["path"]
+            paths[f"models.{name}.path"] = local_path(m["path"])
         source = m.get("quantize", {}).get("calibration", {}).get("source", "expert")
         if source != "expert":
             paths[f"models.{name}.quantize.calibration.source"] = source
@@ -165,7 +178,7 @@ def model_dir(benchmark, model, quant="bf16"):
     """HF checkpoint of a cell at one precision: trained here, or a local path from the config."""
     cfg = config["models"][model]
     if quant == "bf16" and cfg["source"] == "path":
-        return cfg["path"]
+        return local_path(cfg["path"])
     return f"{RESULTS}/{benchmark}/{model}/{quant}/model"
 
 
