@@ -110,7 +110,8 @@ def install(cards: list[Path], to: Path) -> None:
         dest = to / meta["name"]
         if dest.exists():
             shutil.rmtree(dest)
-        shutil.copytree(card, dest)
+        # Snakemake's marker of a directory output is not part of the artefact.
+        shutil.copytree(card, dest, ignore=shutil.ignore_patterns(".snakemake_timestamp"))
         print(f"installed {card} -> {dest}")
 
 
