@@ -12,12 +12,13 @@ import polars as pl
 import pytest
 
 from dmr import envs
-from dmr.agent import AgentConfig, finalize, run
+from dmr.agent import AgentConfig, run
 from dmr.agent import main as agent_main
 from dmr.llm import Sampling, load
 from dmr.prompts import Episode, get
 from dmr.prompts.instruct import format_answer, parse_action
 from dmr.routing import StepContext, make_router
+from dmr.rundir import finalize
 
 
 @pytest.mark.parametrize("text,expected", [
