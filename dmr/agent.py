@@ -19,7 +19,8 @@ from tqdm import tqdm
 from dmr import envs, llm, prompts
 from dmr.llm import Backend, Sampling
 from dmr.prompts import Episode, constraint
-from dmr.routing import KLProbe, OracleRouter, StepContext, make_router
+from dmr.policies import KLProbe, OracleRouter, make_router
+from dmr.routing import StepContext
 from dmr.rundir import EPISODES, STEPS, claim, finalize, fingerprint, read_jsonl, resume
 
 
@@ -79,7 +80,7 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
             decisions = router.decide(contexts)
             router_time = (time.perf_counter() - t0) / len(active)
             scores = getattr(router, "last_scores", None)
-            probed = getattr(router, "last_kl", None)  # dmr.routing.KLProbe: measured, not acted on
+            probed = getattr(router, "last_kl", None)  # dmr.policies.KLProbe: measured, not acted on
             # A router that already decoded a step (the KL oracle's bf16 proposal) hands it over.
             ready = getattr(router, "generations", None) or {}
             outputs, call_time = {}, {}
@@ -167,7 +168,7 @@ def main(argv=None):
     p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH",
                    help="repeatable; the first is the high-precision reference")
-    p.add_argument("--policy", default="full", help="full | quant | random[:P] | dmr | oracle (see dmr.routing.make_router)")
+    p.add_argument("--policy", default="full", help="full | quant | random[:P] | dmr | oracle (see dmr.policies.make_router)")
     p.add_argument("--p", type=float, default=None, help="random: probability of high precision")
     p.add_argument("--match", default=None, help="random, oracle: match the realised high fraction of this episodes.parquet")
     p.add_argument("--router", default=None, help="dmr: trained router directory (dmr.klst)")

@@ -14,11 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from dmr import paired
-
-
-def high_fraction(episodes: pl.DataFrame) -> float:
-    """Share of a run's LLM calls that went to the high precision."""
-    return float(episodes["high_calls"].sum() / max(1, episodes["calls"].sum()))
+from dmr.rundir import high_fraction
 
 
 def seed_metrics(episodes: pl.DataFrame, cost: pl.Series | None = None) -> dict:

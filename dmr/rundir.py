@@ -11,6 +11,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import polars as pl
 
 STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
 
@@ -76,3 +80,7 @@ def finalize(out: Path, meta: dict) -> None:
     pl.DataFrame(read_jsonl(out / EPISODES), infer_schema_length=None).write_parquet(out / "episodes.parquet")
     (out / "run.json").write_text(json.dumps(meta, indent=1))
 
+
+def high_fraction(episodes: pl.DataFrame) -> float:
+    """Share of a run's LLM calls that went to the high precision (`episodes`: its episodes table)."""
+    return float(episodes["high_calls"].sum() / max(1, episodes["calls"].sum()))
