@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dmr import envs, llm
 from dmr.agent import AgentConfig, run
-from dmr.routing import make_router
+from dmr.policies import make_router
 
 
 class ForwardTimer:

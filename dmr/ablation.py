@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmr import plots
+
 VARIANT = re.compile(r"depth(\d+)|tau-([a-z-]+)|steps-(ao|as)")
 
 
@@ -111,8 +113,6 @@ def markdown(df, budgets, title: str) -> str:
 
 
 def figure(df, budgets, title: str, path: Path) -> None:
-    from dmr import plots
-
     plt = plots.pyplot()
     k = budgets[len(budgets) // 2]
     kinds = [kd for kd in ("depth", "tau", "steps") if kd in set(df["kind"])]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -17,13 +16,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dmr import envs
+from dmr import envs, llm, prompts
 from dmr.llm import Backend, Sampling
-from dmr import prompts
 from dmr.prompts import Episode, constraint
-from dmr.routing import KLProbe, OracleRouter, StepContext, make_router
-
-STEPS, EPISODES = "steps.jsonl", "episodes.jsonl"
+from dmr.policies import KLProbe, OracleRouter, make_router
+from dmr.routing import StepContext
+from dmr.rundir import EPISODES, STEPS, claim, finalize, fingerprint, read_jsonl, resume
 
 
 @dataclass
@@ -47,58 +45,6 @@ class _Shard:
     tokens: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     step_type: str = "action"  # the upcoming step's type, as the environment announced it
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line from a killed writer is dropped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _rewrite(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def fingerprint(path: str) -> dict:
-    """Identity of a checkpoint directory (or file) without hashing gigabytes: sizes and mtimes."""
-    p = Path(path)
-    if p.is_file():
-        return {"path": str(path), "file": [p.stat().st_size, int(p.stat().st_mtime)]}
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
-    return {"path": str(path), "files": {str(f.relative_to(p)): [f.stat().st_size, int(f.stat().st_mtime)] for f in files}}
-
-
-def claim(out: Path, spec: dict) -> None:
-    """Resume only a run of the same spec (models, policy, tasks, decoding). A run directory left by
-    a different spec (e.g. a retrained model) is moved aside, never mixed in and never deleted."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "spec.json"
-    if path.exists() and json.loads(path.read_text()) != spec:
-        stale = out / f"stale-{time.strftime('%Y%m%d-%H%M%S')}"
-        stale.mkdir()
-        for name in (STEPS, EPISODES, "spec.json", "run.json", "steps.parquet", "episodes.parquet"):
-            if (out / name).exists():
-                os.replace(out / name, stale / name)
-        print(f"{out}: the previous run had another spec; moved it to {stale}")
-    path.write_text(json.dumps(spec, indent=1, sort_keys=True))
-
-
-def resume(out: Path) -> set[str]:
-    """Keys of finished episodes; drops every trace of unfinished ones from disk."""
-    episodes = _read_jsonl(out / EPISODES)
-    done = {e["task"] for e in episodes}
-    _rewrite(out / EPISODES, episodes)
-    _rewrite(out / STEPS, [s for s in _read_jsonl(out / STEPS) if s["task"] in done])
-    return done
 
 
 def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConfig, out: Path,
@@ -134,7 +80,7 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
             decisions = router.decide(contexts)
             router_time = (time.perf_counter() - t0) / len(active)
             scores = getattr(router, "last_scores", None)
-            probed = getattr(router, "last_kl", None)  # dmr.routing.KLProbe: measured, not acted on
+            probed = getattr(router, "last_kl", None)  # dmr.policies.KLProbe: measured, not acted on
             # A router that already decoded a step (the KL oracle's bf16 proposal) hands it over.
             ready = getattr(router, "generations", None) or {}
             outputs, call_time = {}, {}
@@ -199,19 +145,11 @@ def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConf
                     bar.update(1)
             steps_f.flush()
     bar.close()
-    return _read_jsonl(out / EPISODES)
+    return read_jsonl(out / EPISODES)
 
 
-def finalize(out: Path, meta: dict) -> None:
-    """Parquet copies of the finished run, plus the run's metadata."""
-    import polars as pl
-
-    pl.DataFrame(_read_jsonl(out / STEPS), infer_schema_length=None).write_parquet(out / "steps.parquet")
-    pl.DataFrame(_read_jsonl(out / EPISODES), infer_schema_length=None).write_parquet(out / "episodes.parquet")
-    (out / "run.json").write_text(json.dumps(meta, indent=1))
-
-
-def _parse_models(items: list[str]) -> dict[str, str]:
+def parse_models(items: list[str]) -> dict[str, str]:
+    """Repeated `--model PRECISION=PATH` arguments as {precision: path}, in the order given."""
     models = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -222,8 +160,6 @@ def _parse_models(items: list[str]) -> dict[str, str]:
 
 
 def main(argv=None):
-    from dmr import llm
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--env", required=True)
     p.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments of the environment")
@@ -232,7 +168,7 @@ def main(argv=None):
     p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH",
                    help="repeatable; the first is the high-precision reference")
-    p.add_argument("--policy", default="full", help="full | quant | random[:P] | dmr | oracle (see dmr.routing.make_router)")
+    p.add_argument("--policy", default="full", help="full | quant | random[:P] | dmr | oracle (see dmr.policies.make_router)")
     p.add_argument("--p", type=float, default=None, help="random: probability of high precision")
     p.add_argument("--match", default=None, help="random, oracle: match the realised high fraction of this episodes.parquet")
     p.add_argument("--router", default=None, help="dmr: trained router directory (dmr.klst)")
@@ -260,7 +196,7 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = AgentConfig(**{k: getattr(a, k) for k in AgentConfig.__dataclass_fields__})
-    models = _parse_models(a.model)
+    models = parse_models(a.model)
     env_kwargs = json.loads(a.env_kwargs)
     env = envs.make(a.env, **env_kwargs)
     tasks = env.tasks(a.split, a.n, a.offset)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmr import plots
+
 
 def thresholds(scores, budgets) -> dict[str, float]:
     s = np.asarray(scores, dtype=float)
@@ -40,8 +42,6 @@ def high_fraction(scores, tau: float) -> float:
 
 
 def figure(train_scores, calib_scores, cal: dict, title: str, path: Path) -> None:
-    from dmr import plots
-
     plt = plots.pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))

@@ -13,12 +13,9 @@ from pathlib import Path
 
 import polars as pl
 
-from dmr import paired
-
-
-def high_fraction(episodes: pl.DataFrame) -> float:
-    """Share of a run's LLM calls that went to the high precision."""
-    return float(episodes["high_calls"].sum() / max(1, episodes["calls"].sum()))
+from dmr import paired, plots
+from dmr.latency import describe, episodes_cost
+from dmr.rundir import high_fraction
 
 
 def seed_metrics(episodes: pl.DataFrame, cost: pl.Series | None = None) -> dict:
@@ -36,8 +33,6 @@ def seed_metrics(episodes: pl.DataFrame, cost: pl.Series | None = None) -> dict:
 def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) -> pl.DataFrame:
     """One row per method: mean and std over its seed runs. With latency coefficients (dmr.latency)
     also `cost`, the modelled EP time of successful episodes (Eq. 9)."""
-    from dmr.latency import episodes_cost
-
     rows, episodes = [], {}
     for method, paths in runs.items():
         quant, _, name = method.rpartition("/")
@@ -156,8 +151,6 @@ def latex(df: pl.DataFrame, title: str) -> str:
 
 def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
     """Success vs episode time per scheme: Full, Quant, the DMR budget sweep, matched baselines."""
-    from dmr import plots
-
     plt = plots.pyplot()
 
     quants = [q for q in dict.fromkeys(df["quant"].to_list()) if q != "bf16"] or ["bf16"]
@@ -203,8 +196,6 @@ def env_versions(runs: dict[str, list[Path]]) -> dict:
 
 
 def main(argv=None):
-    from dmr.latency import describe
-
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cell", required=True, help="cell name for the table, e.g. household/tiny")
     p.add_argument("--method", action="append", nargs="+", required=True, metavar=("NAME", "EPISODES"),

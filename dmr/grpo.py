@@ -36,7 +36,12 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from dmr import envs, llm, plots
+from dmr.agent import AgentConfig, parse_models, run
 from dmr.envs.base import Task
+from dmr.latency import describe, pair
+from dmr.router import StepEncoder, load_net, load_router, pad_windows, save_router
+from dmr.rundir import STEPS, read_jsonl
 
 
 # --- the objective -------------------------------------------------------------------------------
@@ -156,8 +161,6 @@ def trajectory_returns(episodes: list[dict], steps: list[dict], c: dict, high: s
 
 
 def batches(decisions: list, size: int):
-    from dmr.router import pad_windows
-
     order = sorted(range(len(decisions)), key=lambda i: len(decisions[i][0]))  # similar lengths pad less
     for k in range(0, len(order), size):
         idx = order[k:k + size]
@@ -191,8 +194,6 @@ def update(net, ref, decisions: list, adv_of: dict, clip: float, kl_coef: float,
 
 
 def curve_figure(curve: pl.DataFrame, title: str, path: Path) -> None:
-    from dmr import plots
-
     plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(9.5, 2.8))
     for ax, (col, label) in zip(axes, [("reward", "mean return R"), ("success", "success (%)"),
@@ -223,11 +224,6 @@ def iteration_tasks(env, n: int, start: int, pool: int | None) -> list:
 
 
 def main(argv=None):
-    from dmr import envs, llm, prompts
-    from dmr.agent import AgentConfig, _parse_models, _read_jsonl, run
-    from dmr.latency import describe, pair
-    from dmr.router import StepEncoder, load_net, load_router, pad_windows, save_router
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--router", required=True, type=Path, help="KL-ST router directory (the start and the KL reference)")
     p.add_argument("--latency", required=True, type=Path, help="coefficients.json written by dmr.latency")
@@ -265,7 +261,7 @@ def main(argv=None):
         raise SystemExit("--group-size must be at least 2: advantages are relative to the group")
     coef = json.loads(a.latency.read_text())
     c = pair(coef, a.quant)
-    models = _parse_models(a.model)
+    models = parse_models(a.model)
     if list(models) != ["bf16", a.quant]:
         raise SystemExit(f"--model: give bf16=PATH then {a.quant}=PATH, got {list(models)}")
     torch.manual_seed(a.seed)
@@ -295,7 +291,7 @@ def main(argv=None):
         shutil.rmtree(out, ignore_errors=True)  # the router has moved on since a killed iteration
         router.cache.clear()
         episodes = run(lambda: envs.make(a.env, **env_kwargs), members, backends, policy, cfg, out, not a.quiet)
-        steps = _read_jsonl(out / "steps.jsonl")
+        steps = read_jsonl(out / STEPS)
         ret = trajectory_returns(episodes, steps, c, coef["high"], a.lam, t_ref)
         adv = group_advantages(ret["reward"].to_list(), ret["group"].to_list())
         returns.append(ret.with_columns(iteration=pl.lit(it), advantage=adv.numpy()))

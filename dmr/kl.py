@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dmr import prompts
-from dmr.agent import _read_jsonl
+from dmr import llm, prompts
 from dmr.llm import Scored
 from dmr.prompts import Episode
+from dmr.rundir import read_jsonl, rewrite
 
 
 def token_kl(high: Scored, low: Scored) -> tuple[list[float], int]:
@@ -157,9 +157,6 @@ def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progr
 def main(argv=None):
     import polars as pl
 
-    from dmr import llm
-    from dmr.agent import _rewrite
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rollout", required=True, type=Path, help="finished high-precision rollout directory (dmr.agent)")
     p.add_argument("--high", required=True, help="high-precision checkpoint (the one that rolled out)")
@@ -182,19 +179,19 @@ def main(argv=None):
     a.out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = a.out.with_suffix(".jsonl")
     # Resume: keep the steps of fully replayed episodes, redo the rest.
-    rows = _read_jsonl(jsonl)
+    rows = read_jsonl(jsonl)
     n_steps = {e["task"]: len(s) for e, s in episodes}
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["task"]] = counts.get(r["task"], 0) + 1
     done = {t for t, c in counts.items() if c == n_steps.get(t)}
-    _rewrite(jsonl, [r for r in rows if r["task"] in done])
+    rewrite(jsonl, [r for r in rows if r["task"] in done])
     kwargs = json.loads(a.backend_kwargs)
     high, low = llm.load(a.backend, a.high, **kwargs), llm.load(a.backend, a.low, **kwargs)
     with jsonl.open("a") as f:
         replay([(e, s) for e, s in episodes if e["task"] not in done], style, high, low, a.quant, f, a.batch,
                not a.quiet)
-    df = pl.DataFrame(_read_jsonl(jsonl), infer_schema_length=None).sort("task", "step")
+    df = pl.DataFrame(read_jsonl(jsonl), infer_schema_length=None).sort("task", "step")
     df.write_parquet(a.out)
     q = df["kl"].quantile
     print(f"{len(df)} steps of {df['task'].n_unique()} episodes; KL median {q(0.5):.2e}, p90 {q(0.9):.2e}, "

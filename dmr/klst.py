@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmr.router import Router, RouterNet, StepEncoder, pad_windows, param_count
 from dmr.routing import step_text
 
 
@@ -59,8 +60,6 @@ def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list
 
 
 def batch(emb: torch.Tensor, wins: list[list[int]], idx) -> tuple[torch.Tensor, torch.Tensor]:
-    from dmr.router import pad_windows
-
     return pad_windows([emb[wins[i]] for i in idx], max(len(wins[i]) for i in idx))
 
 
@@ -151,8 +150,6 @@ def llm_params(model_dir: str) -> int | None:
 
 def main(argv=None):
     import polars as pl
-
-    from dmr.router import Router, RouterNet, StepEncoder, param_count
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kl", required=True, type=Path, help="steps.parquet written by dmr.kl")

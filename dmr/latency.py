@@ -32,6 +32,8 @@ from pathlib import Path
 
 import polars as pl
 
+from dmr.routing import StepContext
+
 W3_FACTOR = 1.15
 
 
@@ -96,8 +98,6 @@ def config_coefficients(given: dict, quants: list[str], high: str = "bf16") -> t
 
 def replay_contexts(steps: pl.DataFrame, episodes: pl.DataFrame):
     """StepContexts of recorded episodes, per episode in step order (what the agent showed the router)."""
-    from dmr.routing import StepContext
-
     goals = dict(zip(episodes["task"], episodes["goal"]))
     out = []
     for (task,), df in steps.sort("task", "step").group_by("task", maintain_order=True):
@@ -215,6 +215,7 @@ def main(argv=None):
             raise SystemExit("--source config needs --coefficients (latency.coefficients in the config)")
         coef["per_token"], coef["router"] = config_coefficients(a.coefficients, quants)
     else:
+        # torch only when a router is timed: evaluate, rank and grpo import this module for its cost model.
         import torch
 
         from dmr.router import Router, RouterNet, StepEncoder

@@ -20,6 +20,11 @@ from pathlib import Path
 
 import torch
 
+from dmr import prompts
+from dmr.expert import read_episodes
+from dmr.llm.hf import HFBackend
+from dmr.tokenizer import corpus
+
 SCHEMES = ("gptq_w4a16", "awq_w4a16", "gptq_w3a16")
 # Beyond the paper's three: METHOD_wBITSa16[_gGROUP], e.g. rtn_w3a16 or gptq_w2a16_g64, for small
 # models that the paper's schemes barely hurt (the paper itself moved to W3 where W4 barely hurt).
@@ -55,10 +60,6 @@ def recipe(scheme: str):
 
 def calibration_texts(source: str, n: int, prompt: dict | None = None) -> list[str]:
     if source.startswith("expert:"):
-        from dmr import prompts
-        from dmr.expert import read_episodes
-        from dmr.tokenizer import corpus
-
         texts = list(corpus(read_episodes(Path(source[7:])), prompts.get(**(prompt or {"style": "react"}))))
     else:
         path = Path(source)
@@ -110,8 +111,6 @@ def quantize(model_dir: Path, scheme: str, texts: list[str], max_seq_length: int
 @torch.inference_mode()
 def agreement(bf16_dir: Path, quant_dir: Path, texts: list[str], max_len: int) -> dict:
     """Top-1 next-token agreement and mean KL(bf16 || quant) per position on `texts`."""
-    from dmr.llm.hf import HFBackend
-
     high, low = HFBackend(bf16_dir), HFBackend(quant_dir)
     same = total = 0
     kl = 0.0

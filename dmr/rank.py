@@ -17,6 +17,9 @@ from pathlib import Path
 
 import polars as pl
 
+from dmr import plots
+from dmr.latency import describe
+
 ROUTERS = {"DMR": "KL-ST", "GRPO": "GRPO"}
 
 
@@ -94,8 +97,6 @@ def markdown(ranked: pl.DataFrame, summary: pl.DataFrame, cell: str, latency: st
 def figure(ranked: pl.DataFrame, summary: pl.DataFrame, title: str, path: Path) -> None:
     """Fig. 4's convention: bf16 (blue square), Quant (orange square), KL-ST sweep (green circles),
     GRPO sweep (red), and the best-ranked GRPO point as a filled red triangle."""
-    from dmr import plots
-
     plt = plots.pyplot()
     time = summary["time_axis"][0]
     schemes = summary["quant"].to_list()
@@ -123,8 +124,6 @@ def figure(ranked: pl.DataFrame, summary: pl.DataFrame, title: str, path: Path) 
 
 
 def main(argv=None):
-    from dmr.latency import describe
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", required=True, type=Path, help="main.parquet written by dmr.evaluate")
     p.add_argument("--latency", type=Path, default=None, help="coefficients.json the table's modelled time used")

@@ -1,11 +1,24 @@
 """The router hook of the agent loop: per step, pick the precision that produces the next action.
 
-`precisions[0]` is the high-precision reference (bf16); the others are lower precisions. Learned
-routers (dmr.router) implement the same `decide` interface.
+A router is any object with
+
+    decide(contexts: list[StepContext]) -> list[str]
+
+one precision per context, at most one context per episode in a call. `precisions[0]` is the
+high-precision reference (bf16); the others are lower precisions. The agent loop (dmr.agent) also
+reads, where a router has them:
+- `last_scores`: after `decide`, one score per context (None where the router did not decide the
+  step), recorded as the step's `route_score`;
+- `generations`: {(episode, step): Generation} of steps the router already decoded (the KL
+  oracle's bf16 proposal), used instead of decoding them again;
+- `last_kl`: after `decide`, the step KL measured but not acted on, recorded as `true_kl`;
+- `end_session(episode)`: called when an episode ends;
+- `p`, `threshold`, `tau`: the effective routing parameters, recorded in the run's spec.
+
+The policies of a run are in dmr.policies; the learned router is dmr.router.Router.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 
@@ -30,194 +43,3 @@ def step_text(step: int, goal: str, prev_action: str, observation: str) -> str:
     if step == 0:
         return f"{goal.strip()}\n{observation.strip()}"
     return f"> {prev_action.strip()}\n{observation.strip()}"
-
-
-class Fixed:
-    """Always the same precision: 'full' (always high) and 'quant' (always low) baselines."""
-
-    def __init__(self, precision: str):
-        self.precision = precision
-
-    def decide(self, contexts: list[StepContext]) -> list[str]:
-        return [self.precision] * len(contexts)
-
-
-class RandomRouter:
-    """High precision with probability p, seeded per (episode, step) so it does not depend on batching."""
-
-    def __init__(self, high: str, low: str, p: float, seed: int = 0):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"random router probability must be in [0, 1], got {p}")
-        self.high, self.low, self.p, self.seed = high, low, p, seed
-
-    def decide(self, contexts: list[StepContext]) -> list[str]:
-        return [self.high if random.Random(f"{self.seed}/{c.episode}/{c.step}").random() < self.p else self.low
-                for c in contexts]
-
-
-class OracleRouter:
-    """KL-oracle baseline (not in the paper): at each step bf16 proposes its continuation, both
-    models score it as in dmr.kl, and the step goes to bf16 when the true step KL exceeds `tau`.
-    It needs both models every step, so it bounds what a step router could do, not what it costs.
-    bf16's proposal is handed back to the agent through `generations`, so a high step is not decoded
-    twice; with `constrained` it is decoded under the agent's constraint, as the agent's own steps
-    are (a free proposal would be an action the constrained agent could never take)."""
-
-    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False):
-        self.backends, self.high, self.low = backends, high, low
-        self.style, self.sampling, self.tau, self.constrained = style, sampling, tau, constrained
-        self.generations: dict = {}
-        self.last_scores: list | None = None
-
-    def step_kls(self, contexts: list[StepContext]) -> tuple[list, list[float]]:
-        """bf16's proposal at each step and the true step KL of the two precisions on it."""
-        from dmr.kl import step_kl
-        from dmr.prompts import Episode, constraint
-
-        hb, lb = self.backends[self.high], self.backends[self.low]
-        views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
-        keys = [c.episode for c in contexts]
-        texts = [self.style.render(hb.tokenizer, v) for v in views]
-        allowed = [constraint(self.style, c.admissible) for c in contexts] if self.constrained else None
-        gens = hb.generate(texts, self.sampling, allowed, sessions=keys)
-        conts = [g.text for g in gens]
-        kls = [step_kl(h, l)["kl"] for h, l in zip(hb.score(texts, conts), lb.score(texts, conts, sessions=keys))]
-        return gens, kls
-
-    def decide(self, contexts: list[StepContext]) -> list[str]:
-        gens, kls = self.step_kls(contexts)
-        self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > self.tau}
-        self.last_scores = kls
-        return [self.high if k > self.tau else self.low for k in kls]
-
-
-class KLProbe:
-    """Online diagnostics: the wrapped router decides; at every step the true step KL is measured
-    as the KL oracle measures it (bf16 proposes, both precisions score) and exposed as `last_kl`,
-    without acting on it. bf16's proposal is handed to the agent only where the router chose bf16
-    anyway, so the run's actions are the wrapped router's."""
-
-    def __init__(self, router, oracle: OracleRouter):
-        self.router, self.oracle = router, oracle
-        self.generations: dict = {}
-        self.last_kl: list | None = None
-
-    def decide(self, contexts: list[StepContext]) -> list[str]:
-        choice = self.router.decide(contexts)
-        gens, kls = self.oracle.step_kls(contexts)
-        self.last_kl = kls
-        self.generations = {(c.episode, c.step): g for c, g, d in zip(contexts, gens, choice) if d == self.oracle.high}
-        return choice
-
-    def __getattr__(self, name):
-        return getattr(self.router, name)
-
-
-class StepTypeGate:
-    """The step-type protocol of App. C.1, for every routed policy: the wrapped router decides only
-    steps whose type is in `steps` (WebShop: click); any other step (WebShop: search) runs at the
-    high precision. The wrapped router still sees every step, so stateful routers (the KL-ST
-    router's per-episode window) follow the whole episode."""
-
-    def __init__(self, router, steps, high: str):
-        self.router, self.steps, self.high = router, frozenset(steps), high
-        self.last_scores: list | None = None
-
-    def decide(self, contexts: list[StepContext]) -> list[str]:
-        choice = self.router.decide(contexts)
-        forced = [c.step_type not in self.steps for c in contexts]
-        scores = getattr(self.router, "last_scores", None)
-        self.last_scores = None if scores is None else [None if f else x for f, x in zip(forced, scores)]
-        return [self.high if f else d for f, d in zip(forced, choice)]
-
-    def __getattr__(self, name):
-        # generations, end_session, p / threshold / tau: whatever the wrapped router has.
-        return getattr(self.router, name)
-
-
-def realised_fraction(episodes_parquet, step_types=None, high: str = "bf16") -> float:
-    """High-precision share of the routed steps of a finished run (what matched baselines match).
-    With `step_types`, the share of `high` among steps of those types only (from the run's
-    steps.parquet), so a baseline gated to the same types matches what the router decided."""
-    from pathlib import Path
-
-    import polars as pl
-
-    from dmr.evaluate import high_fraction
-
-    if not step_types:
-        return high_fraction(pl.read_parquet(episodes_parquet))
-    steps = pl.read_parquet(Path(episodes_parquet).parent / "steps.parquet")
-    steps = steps.filter(pl.col("step_type").is_in(list(step_types)))
-    if steps.height == 0:
-        raise ValueError(f"{episodes_parquet}: the run has no steps of type {list(step_types)} to match")
-    return float((steps["precision"] == high).mean())
-
-
-def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float | None = None,
-                match: str | None = None, router: str | None = None, threshold: float | None = None,
-                calibration: str | None = None, budget: float | None = None, kl: str | None = None,
-                router_steps=None, backends: dict | None = None, style=None, sampling=None,
-                constrained: bool = False):
-    """Build the router of a policy; `precisions[0]` is the high precision.
-
-    full | quant: fixed. random: high with probability `p`, or with the realised high fraction of
-    the run `match` (an episodes.parquet). dmr: the learned router in `router` at `threshold`, or
-    at the calibrated threshold of `budget` from `calibration`. oracle: true step KL above the
-    quantile of the KL pool `kl` that routes the fraction of `match` high. `random:P` is short for
-    random with p=P. `router_steps`: the step types routed policies decide; the others are forced
-    to the high precision (StepTypeGate), and matched fractions and KL quantiles are taken over
-    those types only. `constrained`: the agent decodes only admissible actions, so the oracle's
-    proposals must too."""
-    router = _make_router(policy, precisions, seed, p=p, match=match, router=router, threshold=threshold,
-                          calibration=calibration, budget=budget, kl=kl, router_steps=router_steps,
-                          backends=backends, style=style, sampling=sampling, constrained=constrained)
-    if router_steps and not isinstance(router, Fixed):
-        return StepTypeGate(router, router_steps, precisions[0])
-    return router
-
-
-def _make_router(policy, precisions, seed, *, p, match, router, threshold, calibration, budget, kl,
-                 router_steps, backends, style, sampling, constrained):
-    if policy == "full":
-        return Fixed(precisions[0])
-    if policy == "quant":
-        # The lowest precision given; an always-low run need not load the bf16 model at all.
-        return Fixed(precisions[-1])
-    if policy.startswith("random:"):
-        policy, p = "random", float(policy.split(":", 1)[1])
-    if policy not in ("random", "dmr", "oracle"):
-        raise ValueError(f"unknown routing policy {policy!r}; expected full, quant, random[:P], dmr or oracle")
-    if len(precisions) < 2:
-        raise ValueError(f"policy {policy!r} needs a low-precision model (give a second --model)")
-    if policy == "random":
-        if (p is None) == (match is None):
-            raise ValueError("policy random needs exactly one of a probability (random:P or --p) and --match")
-        p = realised_fraction(match, router_steps, precisions[0]) if match else p
-        return RandomRouter(precisions[0], precisions[1], p, seed)
-    if policy == "dmr":
-        from dmr.calibrate import budget_threshold
-        from dmr.router import load_router
-
-        if router is None:
-            raise ValueError("policy dmr needs --router DIR")
-        if (threshold is None) == (budget is None):
-            raise ValueError("policy dmr needs exactly one of --threshold and --budget (with --calibration)")
-        if budget is not None:
-            if calibration is None:
-                raise ValueError("--budget needs --calibration FILE (written by dmr.calibrate)")
-            threshold = budget_threshold(calibration, budget)
-        r = load_router(router, threshold=threshold)
-        if list(r.precisions) != list(precisions[:len(r.precisions)]):
-            raise ValueError(f"router {router} was trained for precisions {r.precisions}, but the run has {precisions}")
-        return r
-    import numpy as np
-    import polars as pl
-
-    if kl is None or match is None or backends is None:
-        raise ValueError("policy oracle needs --kl (the KL pool) and --match (the run whose fraction it matches)")
-    pool = pl.read_parquet(kl)
-    if router_steps:
-        pool = pool.filter(pl.col("step_type").is_in(list(router_steps)))
-    tau = float(np.quantile(pool["kl"].to_numpy(), 1.0 - realised_fraction(match, router_steps, precisions[0])))
-    return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau, constrained)

@@ -25,8 +25,13 @@ import threading
 import time
 from collections import Counter, deque
 
+from dmr import llm
+from dmr.calibrate import budget_threshold
+from dmr.llm import Sampling
+from dmr.llm.server import free_port
 from dmr.prompts import Episode
 from dmr.prompts.react import React
+from dmr.router import load_router
 from dmr.routing import StepContext
 
 
@@ -38,15 +43,11 @@ class LocalUpstream:
     """A checkpoint served in-process by the HF backend (CPU or GPU)."""
 
     def __init__(self, path: str, **kwargs):
-        from dmr import llm
-
         self.backend = llm.load("hf", path, **kwargs)
         self.name = path
         self.lock = threading.Lock()
 
     def _complete(self, prompt: str, body: dict, episode: str) -> tuple[str, int, int, str]:
-        from dmr.llm import Sampling
-
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop
         sampling = Sampling(int(body.get("max_tokens") or 16), float(body.get("temperature", 1.0) or 0.0),
@@ -257,8 +258,6 @@ def start_background(proxy: Proxy, host: str = "127.0.0.1"):
 
     import uvicorn
 
-    from dmr.llm.server import free_port
-
     port = free_port(host)
     server = uvicorn.Server(uvicorn.Config(app(proxy), host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -269,9 +268,6 @@ def start_background(proxy: Proxy, host: str = "127.0.0.1"):
 
 def build(router_dir: str, high: str, low: str, budget: float | None = None, calibration: str | None = None,
           threshold: float | None = None, prefix: str = "", **backend_kwargs) -> Proxy:
-    from dmr.calibrate import budget_threshold
-    from dmr.router import load_router
-
     if (threshold is None) == (budget is None):
         raise SystemExit("give exactly one of --budget (with the router's calibration.json) and --threshold")
     if budget is not None:

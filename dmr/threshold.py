@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmr import plots
+
 
 def log_kl(kl, floor: float = 1e-8) -> np.ndarray:
     return np.log10(np.maximum(np.asarray(kl, dtype=float), floor))
@@ -104,8 +106,6 @@ def sweep(kl, chosen: dict) -> list[dict]:
 
 
 def figure(kl, chosen: dict, rows: list[dict], title: str, path: Path) -> None:
-    from dmr import plots
-
     plt = plots.pyplot()
 
     edges = np.asarray(chosen["hist"]["edges"])

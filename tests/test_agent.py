@@ -12,12 +12,14 @@ import polars as pl
 import pytest
 
 from dmr import envs
-from dmr.agent import AgentConfig, finalize, run
+from dmr.agent import AgentConfig, run
 from dmr.agent import main as agent_main
 from dmr.llm import Sampling, load
+from dmr.policies import make_router
 from dmr.prompts import Episode, get
 from dmr.prompts.instruct import format_answer, parse_action
-from dmr.routing import StepContext, make_router
+from dmr.routing import StepContext
+from dmr.rundir import finalize
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -266,7 +268,7 @@ def test_prompt_ids_of_a_session_equal_a_full_encoding_at_every_cut(tiny_world):
 def test_constrained_decoding_leaves_free_text_steps_free(tiny_world):
     """WebShop's search page admits `search[<your query>]` (free text): constrained decoding leaves
     that step free and holds the click steps of the same batch to their admissible actions."""
-    from dmr.agent import constraint
+    from dmr.prompts import constraint
 
     _, _, model = tiny_world
     b = load("hf", str(model), threads=2)

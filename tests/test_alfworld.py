@@ -265,7 +265,7 @@ def test_agent_loop_runs_real_games(tiny_world, tmp_path):
     from dmr.agent import AgentConfig, run
     from dmr.envs.alfworld import fewshot
     from dmr.llm import load
-    from dmr.routing import make_router
+    from dmr.policies import make_router
 
     _, _, model = tiny_world
     backend = load("hf", str(model), threads=2)

@@ -113,7 +113,7 @@ def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
     from dmr import envs, prompts
     from dmr.agent import AgentConfig, run
     from dmr.llm import Sampling
-    from dmr.routing import OracleRouter
+    from dmr.policies import OracleRouter
 
     _, _, model = tiny_world
     backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
@@ -144,7 +144,7 @@ def test_kl_probe_measures_without_acting(tiny_world, noisy_model, tmp_path):
     from dmr import envs, prompts
     from dmr.agent import AgentConfig, run
     from dmr.llm import Sampling
-    from dmr.routing import KLProbe, OracleRouter, RandomRouter
+    from dmr.policies import KLProbe, OracleRouter, RandomRouter
 
     _, _, model = tiny_world
     backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
@@ -173,7 +173,7 @@ def test_oracle_proposals_obey_the_agents_constraint(tiny_world, noisy_model, tm
     from dmr import envs, prompts
     from dmr.agent import AgentConfig, run
     from dmr.llm import Sampling
-    from dmr.routing import make_router
+    from dmr.policies import make_router
 
     _, _, model = tiny_world
     backends = {"bf16": load("hf", str(noisy_model)), "low": load("hf", str(model))}
@@ -193,7 +193,7 @@ def test_oracle_proposals_obey_the_agents_constraint(tiny_world, noisy_model, tm
 
 
 def test_make_router_names_what_is_missing(tmp_path):
-    from dmr.routing import make_router
+    from dmr.policies import make_router
 
     with pytest.raises(ValueError, match="--router"):
         make_router("dmr", ["bf16", "w4"], threshold=0.5)

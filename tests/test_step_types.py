@@ -11,10 +11,12 @@ import polars as pl
 import pytest
 
 from dmr import envs, kl, step_types
-from dmr.agent import AgentConfig, claim, finalize, run
+from dmr.agent import AgentConfig, run
 from dmr.llm import Generation, load
+from dmr.policies import RandomRouter, StepTypeGate, make_router, realised_fraction
 from dmr.prompts import get
-from dmr.routing import RandomRouter, StepContext, StepTypeGate, make_router, realised_fraction
+from dmr.routing import StepContext
+from dmr.rundir import claim, finalize
 
 SHOP = {"max_steps": 8, "n_products": 200, "page_size": 3}
 

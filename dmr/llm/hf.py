@@ -15,6 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dmr.llm.base import Generation, Sampling, Scored, cut_at_stop
+from dmr.llm.trie import Trie
 
 _ATTENTION = "dmr_gqa"
 
@@ -121,25 +122,6 @@ class _Group:
         valid = self.mask[i, :self.used].bool()
         return self.ids[i], [(k[i:i + 1, :, :self.used][..., valid, :], v[i:i + 1, :, :self.used][..., valid, :])
                              for k, v in zip(self.keys, self.values)]
-
-
-class _Trie:
-    """Token-id prefix tree of the allowed completions of one prompt."""
-
-    def __init__(self, sequences: list[list[int]]):
-        self.root: dict = {}
-        for seq in sequences:
-            node = self.root
-            for t in seq:
-                node = node.setdefault(t, {})
-
-    def next_tokens(self, prefix: list[int]) -> list[int]:
-        node = self.root
-        for t in prefix:
-            node = node.get(t)
-            if node is None:
-                return []
-        return list(node)
 
 
 def _decompressed(path: str) -> dict:
@@ -436,7 +418,7 @@ class HFBackend:
         self._catch_up(prompt_ids, sessions, [1] * B)
         cache, mask, ids, chunk_mask = self._prefill(prompt_ids, sessions, min_new=[1] * B,
                                                       extra=sampling.max_new_tokens, keep=True)
-        tries = ([None if options is None else _Trie([self._encode_option(c) for c in options]) for options in allowed]
+        tries = ([None if options is None else Trie([self._encode_option(c) for c in options]) for options in allowed]
                  if allowed is not None else None)
         gen = torch.Generator(device=self.device)
         if sampling.seed is not None:

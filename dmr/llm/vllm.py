@@ -18,7 +18,9 @@ import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from dmr.llm import server as srv
 from dmr.llm.base import Generation, Sampling, Scored, cut_at_stop
+from dmr.llm.trie import Trie
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -80,8 +82,6 @@ class VLLMBackend:
 
     @staticmethod
     def _start(model: str, server: dict):
-        from dmr.llm import server as srv
-
         start_kw = {k: server.pop(k) for k in ("python", "timeout", "log_dir") if k in server}
         start_kw.setdefault("python", os.environ.get("DMR_VLLM_PYTHON", sys.executable))
         if "gpu_memory_utilization" not in server:
@@ -165,9 +165,7 @@ class VLLMBackend:
         ordinary request."""
         if options is None:
             return self._one(ids, sampling, seed, None)
-        from dmr.llm.hf import _Trie
-
-        trie = _Trie([self.encode(o) for o in options])
+        trie = Trie([self.encode(o) for o in options])
         greedy = sampling.temperature <= 0
         toks, lps = [], []
         for step in range(sampling.max_new_tokens):
