@@ -152,10 +152,10 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
 
 def test_embedded_default_asks_for_no_gpu(tmp_path):
     jobs = plan(tmp_path, "--configfile", str(ROOT / "config/config.yaml"))
-    assert {j["rule"] for j in jobs} >= {"train_agent", "quantize", "rollout", "kl", "klst"}
+    assert {j["rule"] for j in jobs} >= {"quantize", "rollout", "kl", "klst"}
     assert {j["resources"].get("gpu") for j in jobs if j["rule"] != "all"} == {"0"}
-    train = next(j for j in jobs if j["rule"] == "train_agent")
-    assert train["resources"]["cpus_per_task"] == "2"   # the config's threads
+    klst = next(j for j in jobs if j["rule"] == "klst")
+    assert klst["resources"]["cpus_per_task"] == "1"   # the config's threads: one core per job
 
 
 def test_resources_name_existing_rules(tmp_path):
