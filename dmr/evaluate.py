@@ -2,7 +2,7 @@
 averaged over seeds, the realised high-precision fraction, and the speedup relative to Full (bf16).
 
 Methods are named `[QUANT/]NAME[@K]`: Full, Quant, DMR@K (the KL-ST router at budget K), GRPO@K
-(the GRPO-refined router at budget K), and the matched baselines Random@K and Oracle@K. Outputs: parquet, Markdown, LaTeX and a Pareto figure
+(the GRPO-refined router at budget K), and the matched baselines Random@K, Oracle@K and Uncertainty@K. Outputs: parquet, Markdown, LaTeX and a Pareto figure
 (success vs episode time) with one panel per scheme.
 """
 from __future__ import annotations
@@ -157,7 +157,8 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
     fig, axes = plt.subplots(1, len(quants), figsize=(3.6 * len(quants), 3.2), squeeze=False)
     full = df.filter(pl.col("method") == "Full")
     style = {"Full": ("s", "#1f77b4"), "Quant": ("s", "#ff7f0e"), "DMR": ("o", "#2ca02c"),
-             "Random": ("x", "0.4"), "Oracle": ("^", "#9467bd"), "GRPO": ("^", "#d62728")}
+             "Random": ("x", "0.4"), "Oracle": ("^", "#9467bd"), "GRPO": ("^", "#d62728"),
+             "Uncertainty": ("D", "#8c564b")}
     for ax, q in zip(axes[0], quants):
         sub = pl.concat([full, df.filter((pl.col("quant") == q) & (pl.col("method") != "Full"))])
         for r in sub.iter_rows(named=True):

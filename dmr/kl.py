@@ -62,6 +62,15 @@ def token_kl(high: Scored, low: Scored) -> tuple[list[float], int]:
     return out, missing
 
 
+def action_entropy(scored: Scored) -> float | None:
+    """Mean entropy of the model's next-token distribution over an action block (teacher-forced);
+    None from top-k scores."""
+    if scored.dist is None or not len(scored.token_ids):
+        return None
+    lp = torch.as_tensor(scored.dist).float()
+    return float(-(lp.exp() * lp).sum(-1).mean())
+
+
 def uncertainty(high: Scored, low: Scored) -> dict:
     """Cheap signals beside the KL, for the diagnostics (dmr.diagnose): the low model's own
     uncertainty over the action block (entropy, mean and max over positions; the top-1 margin at

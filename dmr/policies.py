@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from dmr.calibrate import budget_threshold
-from dmr.kl import step_kl
+from dmr.kl import action_entropy, step_kl
 from dmr.prompts import Episode, constraint
 from dmr.router import load_router
 from dmr.routing import StepContext
@@ -70,6 +70,34 @@ class OracleRouter:
         self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > self.tau}
         self.last_scores = kls
         return [self.high if k > self.tau else self.low for k in kls]
+
+
+class UncertaintyRouter:
+    """Low-model uncertainty baseline (not in the paper): at each step the low precision proposes its
+    action, scores it teacher-forced, and the step goes to bf16 when the mean entropy of its
+    distribution over that action exceeds `tau`; otherwise the low proposal is the step's action
+    (handed to the agent through `generations`, not decoded twice). A bf16 step thus costs one low
+    call besides the bf16 one: the router's time (router_time) holds it."""
+
+    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False):
+        self.backends, self.high, self.low = backends, high, low
+        self.style, self.sampling, self.tau, self.constrained = style, sampling, tau, constrained
+        self.generations: dict = {}
+        self.last_scores: list | None = None
+
+    def decide(self, contexts: list[StepContext]) -> list[str]:
+        lb = self.backends[self.low]
+        views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
+        keys = [c.episode for c in contexts]
+        texts = [self.style.render(lb.tokenizer, v) for v in views]
+        allowed = [constraint(self.style, c.admissible) for c in contexts] if self.constrained else None
+        gens = lb.generate(texts, self.sampling, allowed, sessions=keys)
+        ents = [action_entropy(s) for s in lb.score(texts, [g.text for g in gens], sessions=keys)]
+        if any(e is None for e in ents):
+            raise ValueError("the uncertainty policy needs full distributions from the low backend (the HF backend)")
+        self.generations = {(c.episode, c.step): g for c, g, e in zip(contexts, gens, ents) if e <= self.tau}
+        self.last_scores = ents
+        return [self.high if e > self.tau else self.low for e in ents]
 
 
 class KLProbe:
@@ -141,7 +169,9 @@ def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float |
     full | quant: fixed. random: high with probability `p`, or with the realised high fraction of
     the run `match` (an episodes.parquet). dmr: the learned router in `router` at `threshold`, or
     at the calibrated threshold of `budget` from `calibration`. oracle: true step KL above the
-    quantile of the KL pool `kl` that routes the fraction of `match` high. `random:P` is short for
+    quantile of the KL pool `kl` that routes the fraction of `match` high. uncertainty: the low
+    model's entropy over its own proposed action above the same kind of quantile of the pool's
+    `low_entropy` (UncertaintyRouter). `random:P` is short for
     random with p=P. `router_steps`: the step types routed policies decide; the others are forced
     to the high precision (StepTypeGate), and matched fractions and KL quantiles are taken over
     those types only. `constrained`: the agent decodes only admissible actions, so the oracle's
@@ -163,8 +193,8 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
         return Fixed(precisions[-1])
     if policy.startswith("random:"):
         policy, p = "random", float(policy.split(":", 1)[1])
-    if policy not in ("random", "dmr", "oracle"):
-        raise ValueError(f"unknown routing policy {policy!r}; expected full, quant, random[:P], dmr or oracle")
+    if policy not in ("random", "dmr", "oracle", "uncertainty"):
+        raise ValueError(f"unknown routing policy {policy!r}; expected full, quant, random[:P], dmr, oracle or uncertainty")
     if len(precisions) < 2:
         raise ValueError(f"policy {policy!r} needs a low-precision model (give a second --model)")
     if policy == "random":
@@ -189,9 +219,16 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
     import polars as pl
 
     if kl is None or match is None or backends is None:
-        raise ValueError("policy oracle needs --kl (the KL pool) and --match (the run whose fraction it matches)")
+        raise ValueError(f"policy {policy} needs --kl (the KL pool) and --match (the run whose fraction it matches)")
     pool = pl.read_parquet(kl)
     if router_steps:
         pool = pool.filter(pl.col("step_type").is_in(list(router_steps)))
-    tau = float(np.quantile(pool["kl"].to_numpy(), 1.0 - realised_fraction(match, router_steps, precisions[0])))
-    return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau, constrained)
+    # Both baselines cut their signal on the KL pool at the quantile that routes the matched run's
+    # realised fraction high: the oracle the step KL, the uncertainty policy the low model's entropy.
+    column = "kl" if policy == "oracle" else "low_entropy"
+    if column not in pool.columns or pool[column].null_count():
+        raise ValueError(f"policy {policy}: the KL pool {kl} has no complete {column!r} column (rebuild it with dmr.kl "
+                         "on the HF backend)")
+    tau = float(np.quantile(pool[column].to_numpy(), 1.0 - realised_fraction(match, router_steps, precisions[0])))
+    cls = OracleRouter if policy == "oracle" else UncertaintyRouter
+    return cls(backends, precisions[0], precisions[1], style, sampling, tau, constrained)

@@ -71,17 +71,29 @@ class StepEncoder:
         return torch.stack([self._memo[t] for t in texts]).to(self.device)
 
 
+POSITIONS = ("absolute", "recent")
+
+
 class RouterNet(nn.Module):
-    """Step embeddings [B, T, in_dim] + valid-prefix mask [B, T] -> logits [B, n_classes]."""
+    """Step embeddings [B, T, in_dim] + valid-prefix mask [B, T] -> logits [B, n_classes].
+
+    `positions`: "absolute" (the paper's: position t of the window, so the pooled last step's
+    position is the step index while the episode fits the window) or "recent" (counted back from
+    the current step, so the router cannot read how far into the episode a step is)."""
 
     def __init__(self, n_classes: int = 2, in_dim: int = 384, d_model: int = 128, layers: int = 8,
-                 heads: int = 4, ff: int = 256, window: int = 50, dropout: float = 0.1):
+                 heads: int = 4, ff: int = 256, window: int = 50, dropout: float = 0.1,
+                 positions: str = "absolute"):
         super().__init__()
         if n_classes < 2:
             raise ValueError(f"a router needs at least 2 precisions, got n_classes={n_classes}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self.kwargs = dict(n_classes=n_classes, in_dim=in_dim, d_model=d_model, layers=layers, heads=heads,
                            ff=ff, window=window, dropout=dropout)
-        self.n_classes, self.window = n_classes, window
+        if positions != "absolute":  # only when set, so earlier router.json files load unchanged
+            self.kwargs["positions"] = positions
+        self.n_classes, self.window, self.positions = n_classes, window, positions
         self.proj = nn.Linear(in_dim, d_model)
         self.pos = nn.Embedding(window, d_model)
         layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout, batch_first=True)
@@ -101,7 +113,13 @@ class RouterNet(nn.Module):
             raise ValueError("valid must be a non-empty left-aligned prefix of each row (right padding)")
         # Zeroed padding: masked keys get weight exactly 0, but 0 * NaN garbage would still be NaN.
         x = x.masked_fill(~valid[..., None], 0.0)
-        h = self.proj(x) + self.pos.weight[:T]
+        if self.positions == "recent":
+            # Counted back from the current step (0 = now), so the pooled step's own position says
+            # nothing about how far into the episode it is.
+            pos = (n[:, None] - 1 - torch.arange(T, device=x.device)).clamp(min=0)
+            h = self.proj(x) + self.pos(pos)
+        else:
+            h = self.proj(x) + self.pos.weight[:T]
         h = self.encoder(h, src_key_padding_mask=~valid)
         return h[torch.arange(B, device=h.device), n - 1]
 

@@ -206,3 +206,47 @@ def test_make_router_names_what_is_missing(tmp_path):
     assert make_router("random", ["bf16", "w4"], match=str(eps)).p == pytest.approx(0.5)
     with pytest.raises(ValueError, match="--kl"):
         make_router("oracle", ["bf16", "w4"], match=str(eps))
+
+
+def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_model, tmp_path):
+    from dmr import envs, prompts
+    from dmr.agent import AgentConfig, run
+    from dmr.llm import Sampling
+    from dmr.policies import UncertaintyRouter, make_router
+
+    _, _, model = tiny_world
+    backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
+    style = prompts.get("react")
+    cfg = AgentConfig(max_new_tokens=12, shards=3)
+    tasks = envs.make("household", max_steps=5).tasks("test", 3)
+
+    def routed(tau, out):
+        router = UncertaintyRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau)
+        run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
+        steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        for s in steps:
+            assert s["route_score"] is not None and s["route_score"] >= 0
+            assert (s["precision"] == "bf16") == (s["route_score"] > tau)
+            if s["precision"] == "low":
+                assert s["llm_time"] == 0.0  # the low proposal was the action, not decoded again
+        return steps
+
+    assert {s["precision"] for s in routed(-1.0, tmp_path / "all-high")} == {"bf16"}
+    low = routed(float("inf"), tmp_path / "all-low")
+    assert {s["precision"] for s in low} == {"low"}
+    mid = float(np.median([s["route_score"] for s in low]))
+    assert {s["precision"] for s in routed(mid, tmp_path / "mid")} == {"bf16", "low"}
+    # Matched like the oracle, on the pool's low_entropy; a pool without it is refused by name.
+    from dmr.rundir import read_jsonl
+
+    pl.DataFrame(read_jsonl(tmp_path / "mid/episodes.jsonl")).write_parquet(tmp_path / "mid/episodes.parquet")
+    pool = _pool(model, tmp_path / "pool", n=3)
+    kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "low",
+             "--out", str(tmp_path / "kl.parquet"), "--quiet"])
+    r = make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
+                    kl=str(tmp_path / "kl.parquet"), backends=backends, style=style, sampling=Sampling(12, stop=style.stop))
+    assert isinstance(r, UncertaintyRouter) and r.tau > 0
+    pl.read_parquet(tmp_path / "kl.parquet").drop("low_entropy").write_parquet(tmp_path / "old.parquet")
+    with pytest.raises(ValueError, match="low_entropy"):
+        make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
+                    kl=str(tmp_path / "old.parquet"), backends=backends, style=style, sampling=Sampling(12))

@@ -259,3 +259,29 @@ def test_a_full_memo_still_answers_every_text():
     first = enc.encode(["> look\nNothing happens.", "> inventory\nYou carry nothing."])
     out = enc.encode(["> look\nNothing happens.", "> go to desk 1\nOn the desk 1, you see a pen 1.", "short"])
     assert torch.equal(out[0], first[0]) or torch.allclose(out[0], first[0], atol=1e-5)
+
+
+class _Skip(torch.nn.Module):
+    def forward(self, h, src_key_padding_mask=None):
+        return h
+
+
+def test_recent_positions_hide_the_step_index():
+    """positions="recent": the current step always sits at position 0, so the pooled state does not
+    say how far into the episode it is; "absolute" (the paper's) puts it at its step index."""
+    import torch
+
+    from dmr.router import RouterNet, pad_windows
+
+    for positions, expect in (("absolute", [0, 2, 4]), ("recent", [0, 0, 0])):
+        net = RouterNet(in_dim=4, d_model=8, layers=1, heads=1, ff=8, window=8, dropout=0.0, positions=positions)
+        net.encoder = _Skip()  # no attention: the pooled state is its position embedding
+        with torch.no_grad():
+            net.proj.weight.zero_()
+            net.proj.bias.zero_()
+            net.pos.weight.copy_(torch.eye(8))
+        x, valid = pad_windows([torch.randn(n, 4) for n in (1, 3, 5)], 8)
+        assert net.pooled(x, valid).argmax(-1).tolist() == expect, positions
+    assert "positions" not in RouterNet().kwargs  # earlier router.json files stay loadable as they were
+    with pytest.raises(ValueError, match="positions"):
+        RouterNet(positions="relative")

@@ -303,7 +303,7 @@ def rollout_models(wildcards):
 # Routed policies in paths: dmr-tT (learned router at a fixed threshold T), dmr-kK (at the threshold
 # calibrated for budget K), random-kK and oracle-kK (matched to the realised fraction of dmr-kK);
 # grpo-tT and grpo-kK are the same with the GRPO-refined router of `grpo.lambda`.
-POLICY = re.compile(r"(dmr|grpo|random|oracle)-([kt])([0-9.]+)")
+POLICY = re.compile(r"(dmr|grpo|random|oracle|uncertainty)-([kt])([0-9.]+)")
 
 
 def cell_dir(w):
@@ -328,7 +328,7 @@ def policy_inputs(wildcards):
         rd = router_dir(wildcards, kind)
         return [f"{rd}/router.json"] + ([f"{rd}/calibration.json"] if mode == "k" else [])
     match = f"{run_dir(wildcards.benchmark, wildcards.model, wildcards.quant, f'dmr-k{value}', wildcards.run)}/episodes.parquet"
-    return [match] + ([kl_steps(wildcards)] if kind == "oracle" else [])
+    return [match] + ([kl_steps(wildcards)] if kind in ("oracle", "uncertainty") else [])
 
 
 def policy_args(wildcards):
