@@ -23,6 +23,7 @@ include: "workflow/rules/grpo.smk"
 
 onstart:
     check_external_paths()
+    start_progress()
 
 
 rule all:

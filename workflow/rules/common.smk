@@ -2,6 +2,8 @@ import json
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -83,6 +85,17 @@ def check_external_paths():
     if missing and not workflow.touch:
         raise WorkflowError("missing local files named in the config: "
                             + "; ".join(f"{k} = {p!r}" for k, p in missing.items()))
+
+
+def start_progress():
+    """Called on start of a real run: a reporter (dmr.progress) that prints every rollout in flight
+    and its episodes done, every `progress_every` seconds, and ends with this Snakemake process."""
+    every = config.get("progress_every", 60)
+    if not every or workflow.touch:
+        return
+    env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.Popen([sys.executable, "-m", "dmr.progress", "--results", RESULTS, "--every", str(every),
+                      "--pid", str(os.getpid())], env=env, stdout=sys.stderr, stderr=sys.stderr)
 
 
 # Job resources: Slurm requests, and local limits where `--resources` caps them (gpu). The defaults

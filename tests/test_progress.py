@@ -1,0 +1,24 @@
+"""Progress of a run (dmr.progress): the rollouts in flight and their episodes done of their total."""
+from __future__ import annotations
+
+import json
+
+from dmr import progress
+
+
+def test_in_flight_rollouts_and_their_counts(tmp_path, capsys):
+    live = tmp_path / "household/tiny/w2/rollouts/dmr-k0.4/seed0"
+    done = tmp_path / "household/tiny/w2/rollouts/random-k0.4/seed0"
+    for run, n in ((live, 200), (done, 200)):
+        run.mkdir(parents=True)
+        (run / "spec.json").write_text(json.dumps({"n": n}))
+    (live / "episodes.jsonl").write_text('{"task": "a"}\n{"task": "b"}\n{"task": "c"}\n')
+    (done / "episodes.parquet").write_bytes(b"")  # finished: not in flight
+    assert progress.in_flight(tmp_path) == [("household/tiny/w2/rollouts/dmr-k0.4/seed0", 3, 200)]
+    progress.main(["--results", str(tmp_path), "--once"])
+    assert "rollout household/tiny/w2/rollouts/dmr-k0.4/seed0: 3/200 episodes" in capsys.readouterr().err
+
+
+def test_stops_with_the_process_it_watches(tmp_path):
+    # A pid that cannot exist: the reporter returns at once instead of waiting `every` seconds.
+    progress.main(["--results", str(tmp_path), "--every", "3600", "--pid", str(2 ** 22 + 12345)])
