@@ -173,7 +173,8 @@ def test_micro_end_to_end(tmp_path):
         assert eps["score"].is_between(0.0, 1.0).all() and (eps["steps"] <= 5).all()
     # The summary the README quotes, and where the time went: one benchmark file per job, per rule.
     text = (tmp_path / "results/summary.md").read_text()
-    assert "## household/tiny" in text and "DMR − Random (95% CI)" in text and "## Where the time goes" in text
+    assert "## household/tiny" in text and "Δ vs Random (95% CI)" in text and "## Where the time goes" in text
+    assert "Critical path (" in text and "| train_agent |" in text
     timing = pl.read_parquet(tmp_path / "results/timing.parquet")
     assert {"train_agent", "quantize", "rollout", "klst", "evaluate"} <= set(timing["rule"])
     assert (timing["minutes"] > 0).all() and timing["jobs"].sum() == len(list((tmp_path / "results").glob("**/benchmarks/*/*.tsv")))

@@ -80,10 +80,12 @@ rule summary:
     params:
         cells=" ".join(f"--cell {c['benchmark']}/{c['model']}" for c in config["cells"]),
         results=lambda w, output: os.path.dirname(output.markdown),
+        # Snakemake's provenance records of the working directory: the DAG and each job's times.
+        metadata=os.path.join(".snakemake", "metadata"),
     resources:
         **rule_resources("summary"),
     conda:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.summary --results {params.results} {params.cells} --out {output.markdown} "
-        "--timing {output.timing} > {log} 2>&1"
+        "--timing {output.timing} --metadata {params.metadata} > {log} 2>&1"
