@@ -1,0 +1,53 @@
+"""The results summary (dmr.summary): the claim table, per-rule timing and the critical path."""
+from __future__ import annotations
+
+import base64
+import json
+
+import polars as pl
+
+from dmr import summary
+
+
+def record(meta, output, rule, inputs, start, end, job):
+    name = base64.urlsafe_b64encode(output.encode()).decode().rstrip("=")
+    (meta / name).write_text(json.dumps({"rule": rule, "input": inputs, "starttime": start, "endtime": end,
+                                         "job_hash": job, "incomplete": False}))
+
+
+def test_critical_path_follows_the_longest_dependency_chain(tmp_path):
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+    record(meta, "a.txt", "quantize", ["ext"], 0, 60, 1)
+    record(meta, "b.txt", "kl", ["a.txt"], 60, 180, 2)        # a -> b: 1 + 2 minutes
+    record(meta, "c.txt", "rollout", ["a.txt"], 60, 660, 3)   # a -> c: 1 + 10 minutes, the longest
+    record(meta, "c2.txt", "rollout", ["a.txt"], 60, 660, 3)  # a second output of the same job
+    record(meta, "d.txt", "evaluate", ["b.txt", "c.txt"], 660, 720, 4)
+    chain = summary.critical_path(meta)
+    assert [c["rule"] for c in chain] == ["quantize", "rollout", "evaluate"]
+    assert sum(c["minutes"] for c in chain) == 12
+    assert "Critical path (12.0 minutes" in "\n".join(summary.critical_markdown(chain))
+    assert summary.critical_path(tmp_path / "none") == []
+
+
+def test_timing_sums_benchmark_files_per_rule(tmp_path):
+    for rule, job, s in (("rollout", "a", 60.0), ("rollout", "b", 120.0), ("klst", "k", 30.0)):
+        d = tmp_path / "household/tiny/benchmarks" / rule
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{job}.tsv").write_text(f"s\th:m:s\tmax_rss\n{s}\t0:01:00\t512.5\n")
+    t = summary.timing(tmp_path)
+    assert t["rule"].to_list() == ["rollout", "klst"] and t["jobs"].to_list() == [2, 1]
+    assert t["minutes"].to_list() == [3.0, 0.5] and t["peak_rss_mb"].to_list() == [512.5, 512.5]
+
+
+def test_claim_lists_every_routed_method_against_random():
+    rows = [{"quant": "bf16", "method": "Full", "budget": None, "success": 95.0, "high_frac": 1.0},
+            {"quant": "w2", "method": "Quant", "budget": None, "success": 35.0, "high_frac": 0.0}]
+    for method, succ in (("DMR", 80.0), ("Random", 70.0), ("Oracle", 95.0)):
+        rows.append({"quant": "w2", "method": method, "budget": 0.4, "success": succ, "high_frac": 0.4,
+                     "vs_random": None if method == "Random" else succ - 70.0, "vs_random_lo": 1.0,
+                     "vs_random_hi": 20.0, "vs_random_verdict": None if method == "Random" else "win",
+                     "recovered": (succ - 35) / 60, "recovered_lo": 0.5, "recovered_hi": 0.9})
+    text = "\n".join(summary.claim(pl.DataFrame(rows)))
+    assert "| w2 | 0.4 | DMR | 80.0 | 70.0 | +10.0 [+1.0, +20.0] | win | +75% [+50, +90] | 40% |" in text
+    assert "| w2 | 0.4 | Oracle | 95.0 |" in text and "Full 95.0%; Quant w2 35.0%." in text
