@@ -101,9 +101,10 @@ def test_micro_end_to_end(tmp_path):
     assert sel.filter(pl.col("chosen"))["candidate"].to_list() == [chosen]
     assert (cell / "bf16/model/model.safetensors").read_bytes() == \
         (cell / "train" / chosen / "model.safetensors").read_bytes()
-    assert table["method"].to_list() == ["Full", "Quant", "DMR", "DMR", "DMR", "GRPO", "GRPO", "GRPO", "Random", "Oracle"]
-    assert table["quant"].to_list() == ["bf16"] + ["gptq_w4a16"] * 9
-    assert table["budget"].to_list()[1:] == [None, 0.2, 0.4, 0.7, 0.2, 0.4, 0.7, 0.4, 0.4]
+    assert table["method"].to_list() == ["Full", "Quant", "DMR", "DMR", "DMR", "GRPO", "GRPO", "GRPO", "Random", "Oracle",
+                                         "Uncertainty"]
+    assert table["quant"].to_list() == ["bf16"] + ["gptq_w4a16"] * 10
+    assert table["budget"].to_list()[1:] == [None, 0.2, 0.4, 0.7, 0.2, 0.4, 0.7, 0.4, 0.4, 0.4]
     # Latency (App. A): measured coefficients, Table 3, and the modelled time in Table 1.
     coef = json.loads((cell / "latency/coefficients.json").read_text())
     assert coef["source"] == "measured" and coef["router"] > 0 and coef["router_replay"]["decided"] > 0
