@@ -75,15 +75,32 @@ class OracleRouter:
 class UncertaintyRouter:
     """Low-model uncertainty baseline (not in the paper): at each step the low precision proposes its
     action, scores it teacher-forced, and the step goes to bf16 when the mean entropy of its
-    distribution over that action exceeds `tau`; otherwise the low proposal is the step's action
-    (handed to the agent through `generations`, not decoded twice). A bf16 step thus costs one low
-    call besides the bf16 one: the router's time (router_time) holds it."""
+    distribution over that action exceeds the threshold; otherwise the low proposal is the step's
+    action (handed to the agent through `generations`, not decoded twice). A bf16 step thus costs
+    one low call besides the bf16 one: the router's time (router_time) holds it.
 
-    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False):
+    The threshold: with `target` (the bf16 share to match), the (1 - target) quantile of the
+    entropies this run has seen so far, so the run realises the share it is matched to (entropies
+    of the model's own proposals are not distributed as the KL pool's teacher-forced ones); `tau`
+    until `warmup` steps are seen, or always without a target. Deterministic: steps are seen in the
+    loop's order."""
+
+    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False,
+                 target: float | None = None, warmup: int = 50):
         self.backends, self.high, self.low = backends, high, low
         self.style, self.sampling, self.tau, self.constrained = style, sampling, tau, constrained
+        self.target, self.warmup, self.seen = target, warmup, []
         self.generations: dict = {}
         self.last_scores: list | None = None
+
+    def threshold(self) -> float:
+        if self.target is None or len(self.seen) < self.warmup:
+            return self.tau
+        ranked = sorted(self.seen)
+        k = int(round(self.target * len(ranked)))  # how many of the seen steps lie above the threshold
+        if k <= 0:
+            return float("inf")
+        return ranked[len(ranked) - k - 1] if k < len(ranked) else float("-inf")
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
         lb = self.backends[self.low]
@@ -95,9 +112,11 @@ class UncertaintyRouter:
         ents = [action_entropy(s) for s in lb.score(texts, [g.text for g in gens], sessions=keys)]
         if any(e is None for e in ents):
             raise ValueError("the uncertainty policy needs full distributions from the low backend (the HF backend)")
-        self.generations = {(c.episode, c.step): g for c, g, e in zip(contexts, gens, ents) if e <= self.tau}
+        tau = self.threshold()
+        self.seen += ents
+        self.generations = {(c.episode, c.step): g for c, g, e in zip(contexts, gens, ents) if e <= tau}
         self.last_scores = ents
-        return [self.high if e > self.tau else self.low for e in ents]
+        return [self.high if e > tau else self.low for e in ents]
 
 
 class KLProbe:
@@ -229,6 +248,8 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
     if column not in pool.columns or pool[column].null_count():
         raise ValueError(f"policy {policy}: the KL pool {kl} has no complete {column!r} column (rebuild it with dmr.kl "
                          "on the HF backend)")
-    tau = float(np.quantile(pool[column].to_numpy(), 1.0 - realised_fraction(match, router_steps, precisions[0])))
-    cls = OracleRouter if policy == "oracle" else UncertaintyRouter
-    return cls(backends, precisions[0], precisions[1], style, sampling, tau, constrained)
+    share = realised_fraction(match, router_steps, precisions[0])
+    tau = float(np.quantile(pool[column].to_numpy(), 1.0 - share))
+    if policy == "oracle":
+        return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau, constrained)
+    return UncertaintyRouter(backends, precisions[0], precisions[1], style, sampling, tau, constrained, target=share)

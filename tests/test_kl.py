@@ -245,7 +245,11 @@ def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_m
              "--out", str(tmp_path / "kl.parquet"), "--quiet"])
     r = make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
                     kl=str(tmp_path / "kl.parquet"), backends=backends, style=style, sampling=Sampling(12, stop=style.stop))
-    assert isinstance(r, UncertaintyRouter) and r.tau > 0
+    assert isinstance(r, UncertaintyRouter) and r.tau > 0 and 0 < r.target < 1
+    # Matched online: after the warm-up the threshold is the running quantile of what it has seen.
+    r.warmup, r.seen = 4, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    r.target = 0.3
+    assert r.threshold() == 0.7  # three of the ten seen lie above it
     pl.read_parquet(tmp_path / "kl.parquet").drop("low_entropy").write_parquet(tmp_path / "old.parquet")
     with pytest.raises(ValueError, match="low_entropy"):
         make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
