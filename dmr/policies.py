@@ -93,7 +93,7 @@ class UncertaintyRouter:
         self.generations: dict = {}
         self.last_scores: list | None = None
 
-    def threshold(self) -> float:
+    def current_tau(self) -> float:
         if self.target is None or len(self.seen) < self.warmup:
             return self.tau
         ranked = sorted(self.seen)
@@ -112,7 +112,7 @@ class UncertaintyRouter:
         ents = [action_entropy(s) for s in lb.score(texts, [g.text for g in gens], sessions=keys)]
         if any(e is None for e in ents):
             raise ValueError("the uncertainty policy needs full distributions from the low backend (the HF backend)")
-        tau = self.threshold()
+        tau = self.current_tau()
         self.seen += ents
         self.generations = {(c.episode, c.step): g for c, g, e in zip(contexts, gens, ents) if e <= tau}
         self.last_scores = ents

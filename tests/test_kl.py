@@ -249,7 +249,7 @@ def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_m
     # Matched online: after the warm-up the threshold is the running quantile of what it has seen.
     r.warmup, r.seen = 4, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
     r.target = 0.3
-    assert r.threshold() == 0.7  # three of the ten seen lie above it
+    assert r.current_tau() == 0.7  # three of the ten seen lie above it
     pl.read_parquet(tmp_path / "kl.parquet").drop("low_entropy").write_parquet(tmp_path / "old.parquet")
     with pytest.raises(ValueError, match="low_entropy"):
         make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
