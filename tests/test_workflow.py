@@ -62,8 +62,16 @@ def test_lint_is_clean():
 def test_dry_run_default_config_lists_rules(tmp_path):
     r = snakemake("-n", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for rule in ("expert_data", "tokenizer", "train_agent", "select_rollout", "select_agent", "quantize", "rollout", "evaluate", "step_types", "latency",
-                 "grpo", "calibrate_grpo", "rank", "summary"):
+    for rule in ("expert_data", "quantize", "rollout", "evaluate", "step_types", "latency",
+                 "grpo", "calibrate_grpo", "rank", "diagnose", "summary"):
+        assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
+    # The shipped household agent is a checkpoint, not trained by the default run.
+    assert "output: results/household/tiny/train\n" not in r.stdout and "output: results/household/tiny/bf16/rollouts" in r.stdout
+    # `make agents`: the overlay trains every agent from its recipe and installs its card.
+    r = snakemake("-n", "agents", "--configfile", str(ROOT / "config/config.yaml"), str(ROOT / "config/agents.yaml"),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for rule in ("expert_data", "tokenizer", "train_agent", "select_rollout", "select_agent", "agent_card", "agents"):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
     # Ablations are a target of their own (`make ablations`), outside the default run.
     assert not re.search(r"^klst_variant\s+\d+", r.stdout + r.stderr, re.M)
