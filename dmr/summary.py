@@ -57,6 +57,25 @@ def claim(table: pl.DataFrame) -> list[str]:
     return lines
 
 
+def compact_diagnose(text: str) -> list[str]:
+    """The diagnose table with its recall@K and Spearman columns only (the rest stays in the file),
+    then its notes and online part as written."""
+    out, keep = [], None
+    for ln in text.splitlines():
+        if ln.startswith("# "):
+            continue
+        if ln.startswith("| ranker"):
+            header = [c.strip() for c in ln.strip("|").split("|")]
+            keep = [i for i, c in enumerate(header) if i == 0 or c.startswith("recall@") or c == "spearman"]
+        elif keep is not None and not ln.startswith("|"):
+            keep = None  # the offline table ended
+        if keep is not None:
+            cells = [c.strip() for c in ln.strip("|").split("|")]
+            ln = "| " + " | ".join(cells[i] for i in keep) + " |"
+        out.append(ln)
+    return out
+
+
 def thresholds(cell: Path) -> list[str]:
     out = []
     for path in sorted(cell.glob("*/kl/threshold.json")):
@@ -83,10 +102,12 @@ def timing(root: Path) -> pl.DataFrame:
             .sort("minutes", descending=True))
 
 
-def critical_path(metadata: Path) -> list[dict]:
+def critical_path(metadata: Path, targets: list[str] | None = None) -> list[dict]:
     """The chain of jobs whose summed wall time is longest along the DAG's dependencies, from
     Snakemake's provenance records (.snakemake/metadata: each output's rule, inputs, start and end).
-    However many cores, a run takes at least this long."""
+    However many cores, a run takes at least this long. With `targets`, the longest chain that ends
+    in a job producing one of them (records of other runs in the same directory, e.g. `make
+    agents`, then count only where the targets depend on them)."""
     import base64
 
     jobs: dict[int, dict] = {}
@@ -111,9 +132,10 @@ def critical_path(metadata: Path) -> list[dict]:
             best[h] = (jobs[h]["s"] + (longest(prev) if prev is not None else 0.0), prev)
         return best[h][0]
 
-    if not jobs:
+    ends = [producer[t] for t in targets if t in producer] if targets else list(jobs)
+    if not ends:
         return []
-    end = max(jobs, key=longest)
+    end = max(ends, key=longest)
     chain, h = [], end
     while h is not None:
         chain.append({"rule": jobs[h]["rule"], "output": sorted(jobs[h]["outputs"])[0], "minutes": jobs[h]["s"] / 60})
@@ -134,9 +156,12 @@ def timing_markdown(df: pl.DataFrame) -> list[str]:
     if not len(df):
         return ["No benchmark files yet."]
     lines = ["| rule | jobs | job minutes (sum) | longest job (min) | peak RSS (MB) |", "|---|---|---|---|---|"]
-    for r in df.iter_rows(named=True):
+    small = df.filter(pl.col("minutes") < 0.1)
+    for r in df.filter(pl.col("minutes") >= 0.1).iter_rows(named=True):
         rss = "–" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
         lines.append(f"| {r['rule']} | {r['jobs']} | {r['minutes']:.1f} | {r['longest_job_min']:.1f} | {rss} |")
+    if len(small):
+        lines.append(f"| {len(small)} other rules | {int(small['jobs'].sum())} | {small['minutes'].sum():.1f} | – | – |")
     lines += ["", f"Sum over all jobs: {df['minutes'].sum():.1f} job-minutes. Jobs run side by side where "
               "cores allow, so wall time is lower."]
     return lines
@@ -163,15 +188,16 @@ def build(results: Path, cells: list[str], commit: str | None = None, metadata: 
         if taus:
             out += ["Thresholds (Sec. 4.2):", ""] + taus + [""]
         for diag in sorted((d / "tables").glob("diagnose_*.md")):
-            out += [f"### Routing signal, offline ({diag.stem.removeprefix('diagnose_')})", ""] + [
-                ln for ln in diag.read_text().splitlines() if not ln.startswith("# ")] + [""]
+            out += [f"### Routing signal ({diag.stem.removeprefix('diagnose_')}; full table: "
+                    f"`{diag.relative_to(results)}`)", ""] + compact_diagnose(diag.read_text()) + [""]
         out += ["### Table 1", ""] + [ln for ln in (d / "tables" / "main.md").read_text().splitlines()
                                       if not ln.startswith("# ")] + [""]
         figures = sorted(p.relative_to(results) for p in (d / "figures").glob("*.png")) if (d / "figures").exists() else []
         if figures:
             out += ["Figures: " + ", ".join(f"[{p.stem}]({p})" for p in figures), ""]
     out += ["## Where the time goes", ""] + timing_markdown(timing(results))
-    out += critical_markdown(critical_path(metadata)) if metadata else []
+    ends = [str(results / cell / "tables" / "main.md") for cell in cells]
+    out += critical_markdown(critical_path(metadata, ends)) if metadata else []
     out += [""]
     return "\n".join(out)
 
