@@ -44,11 +44,15 @@ def report(results: Path) -> str:
 
 
 def alive(pid: int) -> bool:
+    """Whether `pid` still runs: a zombie (exited, not yet reaped) counts as ended."""
     try:
         os.kill(pid, 0)
     except OSError:
         return False
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def main(argv=None):
@@ -58,6 +62,7 @@ def main(argv=None):
     p.add_argument("--pid", type=int, default=None, help="stop when this process (Snakemake) ends")
     p.add_argument("--once", action="store_true", help="print one report and exit")
     a = p.parse_args(argv)
+    parent = os.getppid()
     while True:
         text = report(a.results)
         if text:
@@ -65,7 +70,9 @@ def main(argv=None):
         if a.once:
             return
         for _ in range(int(a.every * 10)):
-            if a.pid is not None and not alive(a.pid):
+            # Ends with the process it watches, and when its parent goes (it holds the parent's
+            # stderr open; a caller reading that pipe to its end must not wait on it).
+            if (a.pid is not None and not alive(a.pid)) or os.getppid() != parent:
                 return
             time.sleep(0.1)
 

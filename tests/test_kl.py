@@ -109,11 +109,11 @@ def test_quantile_calibration_hits_the_budget(n):
         calibrate.thresholds(scores, [1.5])
 
 
-def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
+def _household_run(tiny_world, noisy_model):
+    """Both precisions of a routed household run on three short test tasks: (backends, style, play)
+    where play(router, out) runs the agent loop and returns its step rows."""
     from dmr import envs, prompts
     from dmr.agent import AgentConfig, run
-    from dmr.llm import Sampling
-    from dmr.policies import OracleRouter
 
     _, _, model = tiny_world
     backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
@@ -121,10 +121,20 @@ def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
     cfg = AgentConfig(max_new_tokens=12, shards=3)
     tasks = envs.make("household", max_steps=5).tasks("test", 3)
 
-    def routed(tau, out):
-        router = OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau)
+    def play(router, out):
         run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
-        steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        return [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    return backends, style, play
+
+
+def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
+    from dmr.llm import Sampling
+    from dmr.policies import OracleRouter
+
+    backends, style, play = _household_run(tiny_world, noisy_model)
+
+    def routed(tau, out):
+        steps = play(OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau), out)
         assert all(s["route_score"] is not None for s in steps)
         for s in steps:
             assert (s["precision"] == "bf16") == (s["route_score"] > tau)
@@ -141,21 +151,10 @@ def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
 def test_kl_probe_measures_without_acting(tiny_world, noisy_model, tmp_path):
     """--probe-kl: the wrapped router's decisions and actions are unchanged; every step carries the
     true KL the oracle would have measured there."""
-    from dmr import envs, prompts
-    from dmr.agent import AgentConfig, run
     from dmr.llm import Sampling
     from dmr.policies import KLProbe, OracleRouter, RandomRouter
 
-    _, _, model = tiny_world
-    backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
-    style = prompts.get("react")
-    cfg = AgentConfig(max_new_tokens=12, shards=3)
-    tasks = envs.make("household", max_steps=5).tasks("test", 3)
-
-    def steps(router, out):
-        run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
-        return [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-
+    backends, style, steps = _household_run(tiny_world, noisy_model)
     plain = steps(RandomRouter("bf16", "low", 0.5), tmp_path / "plain")
     oracle = OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=float("inf"))
     probed = steps(KLProbe(RandomRouter("bf16", "low", 0.5), oracle), tmp_path / "probed")
@@ -209,21 +208,14 @@ def test_make_router_names_what_is_missing(tmp_path):
 
 
 def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_model, tmp_path):
-    from dmr import envs, prompts
-    from dmr.agent import AgentConfig, run
     from dmr.llm import Sampling
     from dmr.policies import UncertaintyRouter, make_router
 
     _, _, model = tiny_world
-    backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
-    style = prompts.get("react")
-    cfg = AgentConfig(max_new_tokens=12, shards=3)
-    tasks = envs.make("household", max_steps=5).tasks("test", 3)
+    backends, style, play = _household_run(tiny_world, noisy_model)
 
     def routed(tau, out):
-        router = UncertaintyRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau)
-        run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
-        steps = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+        steps = play(UncertaintyRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau), out)
         for s in steps:
             assert s["route_score"] is not None and s["route_score"] >= 0
             assert (s["precision"] == "bf16") == (s["route_score"] > tau)

@@ -22,3 +22,18 @@ def test_in_flight_rollouts_and_their_counts(tmp_path, capsys):
 def test_stops_with_the_process_it_watches(tmp_path):
     # A pid that cannot exist: the reporter returns at once instead of waiting `every` seconds.
     progress.main(["--results", str(tmp_path), "--every", "3600", "--pid", str(2 ** 22 + 12345)])
+
+
+def test_a_zombie_counts_as_ended(tmp_path):
+    """Snakemake may have exited but not been reaped yet while its caller reads the pipes the
+    reporter holds open: the reporter must end then, or caller and reporter wait on each other."""
+    import subprocess
+    import time
+
+    child = subprocess.Popen(["true"])
+    time.sleep(0.3)  # exited; not reaped while nobody waits on it
+    assert not progress.alive(child.pid)
+    start = time.time()
+    progress.main(["--results", str(tmp_path), "--every", "3600", "--pid", str(child.pid)])
+    assert time.time() - start < 5
+    child.wait()
