@@ -60,7 +60,7 @@ class StepEncoder:
         if len(self._memo) + len(todo) > self.memo:
             self._memo.clear()
             todo = set(texts)  # what this call needs must survive the clearing
-        todo = sorted(todo, key=lambda t: -len(t))
+        todo = sorted(todo, key=lambda t: (-len(t), t))  # by length, then text: the same batches every run
         for at in tqdm(range(0, len(todo), batch_size), desc="encode", disable=not progress):
             chunk = todo[at:at + batch_size]
             features = batch_to_device(self.model.preprocess(chunk), self.device)
