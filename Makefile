@@ -24,7 +24,7 @@ ablations: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake ablations --cores $(CORES) $(ARGS)
 
 agents: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH snakemake agents --cores $(CORES) --configfile config/config.yaml config/agents.yaml $(ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH snakemake agents $(ARGS) --cores $(CORES) --configfile config/config.yaml config/agents.yaml
 
 test: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 $(ARGS)
