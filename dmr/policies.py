@@ -39,6 +39,16 @@ class RandomRouter:
                 for c in contexts]
 
 
+def propose(backend, style, sampling, contexts: list[StepContext], constrained: bool):
+    """One precision's proposal at each step, decoded as the agent decodes (its prompt, its sessions,
+    its constraint): (prompts, session keys, generations)."""
+    views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
+    keys = [c.episode for c in contexts]
+    texts = [style.render(backend.tokenizer, v) for v in views]
+    allowed = [constraint(style, c.admissible) for c in contexts] if constrained else None
+    return texts, keys, backend.generate(texts, sampling, allowed, sessions=keys)
+
+
 class OracleRouter:
     """KL-oracle baseline (not in the paper): at each step bf16 proposes its continuation, both
     models score it as in dmr.kl, and the step goes to bf16 when the true step KL exceeds `tau`.
@@ -56,11 +66,7 @@ class OracleRouter:
     def step_kls(self, contexts: list[StepContext]) -> tuple[list, list[float]]:
         """bf16's proposal at each step and the true step KL of the two precisions on it."""
         hb, lb = self.backends[self.high], self.backends[self.low]
-        views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
-        keys = [c.episode for c in contexts]
-        texts = [self.style.render(hb.tokenizer, v) for v in views]
-        allowed = [constraint(self.style, c.admissible) for c in contexts] if self.constrained else None
-        gens = hb.generate(texts, self.sampling, allowed, sessions=keys)
+        texts, keys, gens = propose(hb, self.style, self.sampling, contexts, self.constrained)
         conts = [g.text for g in gens]
         kls = [step_kl(h, l)["kl"] for h, l in zip(hb.score(texts, conts), lb.score(texts, conts, sessions=keys))]
         return gens, kls
@@ -104,11 +110,7 @@ class UncertaintyRouter:
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
         lb = self.backends[self.low]
-        views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
-        keys = [c.episode for c in contexts]
-        texts = [self.style.render(lb.tokenizer, v) for v in views]
-        allowed = [constraint(self.style, c.admissible) for c in contexts] if self.constrained else None
-        gens = lb.generate(texts, self.sampling, allowed, sessions=keys)
+        texts, keys, gens = propose(lb, self.style, self.sampling, contexts, self.constrained)
         ents = [action_entropy(s) for s in lb.score(texts, [g.text for g in gens], sessions=keys)]
         if any(e is None for e in ents):
             raise ValueError("the uncertainty policy needs full distributions from the low backend (the HF backend)")
