@@ -198,6 +198,7 @@ def main(argv=None):
     where = {t: i for i, t in enumerate(uniq)}
     emb = encoder.encode(uniq, progress=not a.quiet)[[where[t] for t in texts]]
     arch = {"n_classes": 2, "in_dim": encoder.dim, **a.arch}
+    torch.manual_seed(a.seed)  # the initial weights, not whatever loading the encoder left in the global RNG
     net = RouterNet(**arch)
     window = net.window
     wins, rows = windows(df, window, a.step_types)
