@@ -1,9 +1,11 @@
-"""Router ablations (paper Sec. 5.4, 5.5, Table 5): depth L, KL threshold tau, action-only vs all-step.
+"""Router ablations (paper Sec. 5.4, 5.5, Table 5): depth L, KL threshold tau, action-only vs all-step,
+and the step encoder.
 
 Each variant is a KL-ST router trained by `dmr.klst` with one setting changed (`depthL`: L encoder
 layers; `tau-NAME`: the threshold of `dmr.threshold`'s sweep point NAME; `steps-as`: every step
-type eligible (`--step-types all`) instead of the benchmark's router steps; workflow rule
-`klst_variant`). This module compares them offline, on
+type eligible (`--step-types all`) instead of the benchmark's router steps; `encoder-text`: the
+paper's router, the sentence encoder over the last 50 step texts, and `encoder-proposal`: the low
+model's proposal at the current step (dmr.router.ProposalEncoder); workflow rule `klst_variant`). This module compares them offline, on
 the validation episodes of the KL pool that no variant trained on (the split is by episode and
 seeded, so it is the same for every variant with the same eligible steps):
 
@@ -32,16 +34,18 @@ import numpy as np
 
 from dmr import plots
 
-VARIANT = re.compile(r"depth(\d+)|tau-([a-z-]+)|steps-(ao|as)")
+VARIANT = re.compile(r"depth(\d+)|tau-([a-z-]+)|steps-(ao|as)|encoder-(text|proposal)")
 
 
 def parse(variant: str) -> tuple[str, str]:
-    """'depth4' -> ('depth', '4'); 'tau-dense' -> ('tau', 'dense'); 'steps-as' -> ('steps', 'as')."""
+    """'depth4' -> ('depth', '4'); 'tau-dense' -> ('tau', 'dense'); 'steps-as' -> ('steps', 'as');
+    'encoder-text' -> ('encoder', 'text')."""
     m = VARIANT.fullmatch(variant)
     if not m:
-        raise ValueError(f"unknown ablation variant {variant!r}: expected depthL, tau-NAME or steps-ao/steps-as")
-    depth, tau, steps = m.groups()
-    return ("depth", depth) if depth else ("tau", tau) if tau else ("steps", steps)
+        raise ValueError(f"unknown ablation variant {variant!r}: expected depthL, tau-NAME, steps-ao/steps-as "
+                         "or encoder-text/encoder-proposal")
+    depth, tau, steps, encoder = m.groups()
+    return ("depth", depth) if depth else ("tau", tau) if tau else ("steps", steps) if steps else ("encoder", encoder)
 
 
 def top_k(scores, k: float) -> np.ndarray:
@@ -85,7 +89,7 @@ def summarise(routers: dict[str, Path], tau_ref: float, budgets, step_types: lis
                      "params": metrics["params"]["router"], "val_bacc": metrics["val_bacc"],
                      "best_epoch": metrics["best_epoch"],
                      **offline(scores["score"].to_numpy(), scores["kl"].to_numpy(), tau_ref, budgets)})
-    order = {"depth": 0, "tau": 1, "steps": 2}
+    order = {"depth": 0, "tau": 1, "steps": 2, "encoder": 3}
     return pl.DataFrame(rows).sort(pl.col("kind").replace_strict(order, return_dtype=pl.Int32), "layers", "tau")
 
 
@@ -115,12 +119,12 @@ def markdown(df, budgets, title: str) -> str:
 def figure(df, budgets, title: str, path: Path) -> None:
     plt = plots.pyplot()
     k = budgets[len(budgets) // 2]
-    kinds = [kd for kd in ("depth", "tau", "steps") if kd in set(df["kind"])]
+    kinds = [kd for kd in ("depth", "tau", "steps", "encoder") if kd in set(df["kind"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.0), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         sub = df.filter(df["kind"] == kind)
         x = sub["layers"].to_list() if kind == "depth" else sub["tau"].to_list() if kind == "tau" else sub["value"].to_list()
-        if kind == "steps":
+        if kind in ("steps", "encoder"):
             ax.bar(x, sub[f"recall@{k:g}"].to_list(), color="#7a9cc6")
         else:
             ax.plot(x, sub[f"recall@{k:g}"].to_list(), "o-", color="#7a9cc6", label=f"recall@{k:g}")
@@ -128,7 +132,8 @@ def figure(df, budgets, title: str, path: Path) -> None:
             ax.set_xscale("log", base=2 if kind == "depth" else 10)
             ax.legend(fontsize=7)
         ax.axhline(k, color="0.5", ls=":", lw=1)
-        ax.set_xlabel({"depth": "router layers L", "tau": "KL threshold tau", "steps": "eligible steps"}[kind])
+        ax.set_xlabel({"depth": "router layers L", "tau": "KL threshold tau", "steps": "eligible steps",
+                       "encoder": "step encoder"}[kind])
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("held-out score")
     fig.suptitle(title, fontsize=9)

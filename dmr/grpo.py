@@ -40,7 +40,9 @@ from dmr import envs, llm, plots
 from dmr.agent import AgentConfig, parse_models, run
 from dmr.envs.base import Task
 from dmr.latency import describe, pair
-from dmr.router import StepEncoder, load_net, load_router, pad_windows, save_router
+from dmr.llm import Sampling
+from dmr import prompts
+from dmr.router import load_net, load_router, pad_windows
 from dmr.rundir import STEPS, read_jsonl
 
 
@@ -120,6 +122,7 @@ class SamplingRouter:
         self.eligible, self.precisions = router.eligible, router.precisions
         self.decisions: dict = {}
         self.last_scores = None
+        self.generations: dict = {}
 
     def end_session(self, key):
         self.router.end_session(key)
@@ -138,6 +141,7 @@ class SamplingRouter:
                 choice[i], scores[i] = self.precisions[a], p[0]
                 self.decisions[(c.episode, c.step)] = (embs[i].clone(), a, float(torch.tensor(p[a]).log()))
         self.last_scores = scores
+        self.generations = self.router.proposals(contexts, choice)  # a proposal router's low steps
         return choice
 
 
@@ -270,8 +274,10 @@ def main(argv=None):
     backends = {name: llm.load(a.backend, path, **json.loads(a.backend_kwargs)) for name, path in models.items()}
     cfg = AgentConfig(prompt=a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                       constrained=a.constrained, shards=a.shards, seed=a.seed)
-    encoder = StepEncoder()
-    router = load_router(a.router, encoder=encoder, eligible=tuple(a.router_steps) if a.router_steps else None)
+    style = prompts.get(**cfg.prompt)
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop)
+    router = load_router(a.router, eligible=tuple(a.router_steps) if a.router_steps else None, backends=backends,
+                         style=style, sampling=sampling, constrained=cfg.constrained)
     if router.precisions != list(models):
         raise SystemExit(f"{a.router} routes {router.precisions}, the run has {list(models)}")
     ref, _ = load_net(a.router)
@@ -304,11 +310,9 @@ def main(argv=None):
                "high_frac": sum(d[1] == 0 for d in decisions) / max(1, len(decisions)), "decisions": len(decisions),
                "adv_abs": float(adv.abs().mean()), **stats}
         rows.append(row)
-        save_router(net, a.out / "checkpoints" / f"iter{it}", router.precisions,
-                    {"grpo": grpo_cfg | {"iteration": it}}, router.eligible)
+        router.save(a.out / "checkpoints" / f"iter{it}", {"grpo": grpo_cfg | {"iteration": it}})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-    save_router(net, a.out / "router", router.precisions,
-                {"grpo": grpo_cfg, "start": str(a.router), "latency": describe(coef)}, router.eligible)
+    router.save(a.out / "router", {"grpo": grpo_cfg, "start": str(a.router), "latency": describe(coef)})
     # Scores of the final router on the states GRPO visited: dmr.calibrate contrasts them with the
     # calibration pool, as it does with the KL-ST training pool for a KL-ST router.
     with torch.inference_mode():

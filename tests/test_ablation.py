@@ -35,6 +35,7 @@ def test_variant_names():
     assert ablation.parse("depth16") == ("depth", "16")
     assert ablation.parse("tau-low-mass") == ("tau", "low-mass")
     assert ablation.parse("steps-as") == ("steps", "as")
+    assert ablation.parse("encoder-text") == ("encoder", "text")
     with pytest.raises(ValueError, match="unknown ablation variant 'depth'"):
         ablation.parse("depth")
 

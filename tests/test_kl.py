@@ -246,3 +246,58 @@ def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_m
     with pytest.raises(ValueError, match="low_entropy"):
         make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
                     kl=str(tmp_path / "old.parquet"), backends=backends, style=style, sampling=Sampling(12))
+
+
+def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_model, tmp_path):
+    """route.router.encoder: proposal. KL-ST trains on the low model's proposals over the KL pool's
+    bf16 rollout; deployed, the router computes the same embedding of the same step, a step kept low
+    takes the low model's proposal (no second decode, the quant run's very action) and a router
+    without the low model is refused by name."""
+    from dmr import klst
+    from dmr.llm import Sampling
+    from dmr.policies import Fixed, make_router
+    from dmr.router import PROPOSAL, ProposalEncoder
+    from dmr.routing import StepContext
+
+    _, _, model = tiny_world
+    pool = _pool(model, tmp_path / "pool", n=3)
+    kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "low",
+             "--out", str(tmp_path / "kl.parquet"), "--quiet"])
+    df = pl.read_parquet(tmp_path / "kl.parquet").sort("task", "step")
+    (tmp_path / "threshold.json").write_text(json.dumps({"tau": float(df["kl"].median())}))
+    r = tmp_path / "router"
+    klst.main(["--kl", str(tmp_path / "kl.parquet"), "--threshold", str(tmp_path / "threshold.json"),
+               "--precisions", "bf16", "low", "--arch", '{"encoder": "proposal", "window": 1, "layers": 1}',
+               "--rollout", str(pool), "--low", str(noisy_model), "--epochs", "2", "--out", str(r), "--quiet"])
+    assert json.loads((r / "router.json").read_text())["encoder"] == PROPOSAL
+    assert json.loads((r / "metrics.json").read_text())["encoder"] == PROPOSAL
+    backends, style, play = _household_run(tiny_world, noisy_model)
+    sampling = Sampling(12, stop=style.stop)
+    # Training features = deployment features: the pool's step 1 of its first episode, re-embedded.
+    enc = ProposalEncoder(backends["low"], style, Sampling(24, stop=style.stop), precision="low")
+    ep, steps = kl.episodes_of(pool)[0]
+    ctx = StepContext(ep["task"], 1, ep["goal"], [(kl.executed(steps[0]), steps[1]["observation"])],
+                      steps[1]["observation"], [], first=steps[0]["observation"])
+    feats = klst.proposal_features(ProposalEncoder(load("hf", str(noisy_model)), style, Sampling(24, stop=style.stop),
+                                                   precision="low"), pool, df.filter(pl.col("task") == ep["task"]),
+                                   progress=False)
+    assert torch.allclose(enc.embed([ctx])[0], feats[1], atol=1e-4)
+    assert set(enc.generations) == {(ep["task"], 1)}
+
+    def routed(threshold, out):
+        router = make_router("dmr", ["bf16", "low"], router=str(r), threshold=threshold, backends=backends,
+                             style=style, sampling=sampling)
+        rows = play(router, out)
+        for s in rows:
+            assert (s["precision"] == "bf16") == (s["route_score"] >= threshold)
+            if s["precision"] == "low":
+                assert s["llm_time"] == 0.0  # the proposal was the action
+        return rows
+
+    low = routed(2.0, tmp_path / "all-low")
+    quant = play(Fixed("low"), tmp_path / "quant")
+    key = lambda s: (s["task"], s["step"])  # noqa: E731
+    assert [(key(s), s["action"]) for s in sorted(low, key=key)] == [(key(s), s["action"]) for s in sorted(quant, key=key)]
+    assert {s["precision"] for s in routed(-1.0, tmp_path / "all-high")} == {"bf16"}
+    with pytest.raises(ValueError, match="backends"):
+        make_router("dmr", ["bf16", "low"], router=str(r), threshold=0.5)

@@ -9,6 +9,8 @@ rule klst_variant:
         sweep=rules.threshold.output.sweep,
         labels=variant_labels,
         llm=bf16_input,
+        pool=rules.kl.input.pool,
+        models=kl_models,
     output:
         router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/router.json",
         weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/ablation/{{variant}}/router/router.pt",
@@ -21,6 +23,8 @@ rule klst_variant:
     params:
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
         args=variant_klst_args,
+        pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
+        low=lambda w: model_dir(w.benchmark, w.model, w.quant),
         out=lambda w: f"{cell_dir(w)}/{w.quant}/ablation/{w.variant}/router",
     threads: THREADS
     resources:
@@ -29,7 +33,8 @@ rule klst_variant:
         "../../envs/cpu.yaml"
     shell:
         "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --sweep {input.sweep} "
-        "--precisions bf16 {wildcards.quant} --llm {params.llm} {params.args} --quiet --out {params.out} > {log} 2>&1"
+        "--precisions bf16 {wildcards.quant} --llm {params.llm} {params.args} --rollout {params.pool} --low {params.low} "
+        "--quiet --out {params.out} > {log} 2>&1"
 
 
 rule ablation:

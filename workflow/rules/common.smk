@@ -531,11 +531,13 @@ def ablation_cfg():
 def ablation_variants():
     cfg = ablation_cfg()
     return ([f"depth{L}" for L in cfg.get("depths", [])] + [f"tau-{t}" for t in cfg.get("taus", [])]
-            + (["steps-ao", "steps-as"] if cfg.get("all_steps") else []))
+            + (["steps-ao", "steps-as"] if cfg.get("all_steps") else [])
+            + [f"encoder-{e}" for e in cfg.get("encoders", [])])
 
 
 def is_cell_router(variant):
-    return variant in (f"depth{route_cfg().get('router', {}).get('layers', 8)}", "tau-auto", "steps-ao")
+    r = route_cfg().get("router", {})
+    return variant in (f"depth{r.get('layers', 8)}", "tau-auto", "steps-ao", f"encoder-{r.get('encoder', 'text')}")
 
 
 def ablation_router(w, variant):
@@ -579,6 +581,10 @@ def variant_klst_args(w):
         extra = f"--tau-point {v[len('tau-'):]}"
     elif v == "steps-as":
         steps = f"all --labels-summary {cell_dir(w)}/{w.quant}/kl/labels.json --label-set as"
+    elif v.startswith("encoder-"):
+        # The paper's router reads the last 50 step texts; the proposal router the current step.
+        arch["encoder"] = v[len("encoder-"):]
+        arch["window"] = 50 if arch["encoder"] == "text" else 1
     train = ablation_train()
     return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra, cli_flags(train)])
 

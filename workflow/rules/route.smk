@@ -80,6 +80,9 @@ rule klst:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
         llm=bf16_input,
+        # The proposal encoder replays the KL pool's rollout with the low model.
+        pool=rules.kl.input.pool,
+        models=kl_models,
     output:
         router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.json",
         weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.pt",
@@ -94,6 +97,8 @@ rule klst:
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
         arch=as_json(route_cfg().get("router")),
         train=cli_flags(route_cfg().get("train")),
+        pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
+        low=lambda w: model_dir(w.benchmark, w.model, w.quant),
         out=router_dir,
     threads: THREADS
     resources:
@@ -103,7 +108,7 @@ rule klst:
     shell:
         "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --precisions bf16 {wildcards.quant} "
         "--llm {params.llm} --step-types {params.steps} --arch {params.arch} {params.train} "
-        "--out {params.out} > {log} 2>&1"
+        "--rollout {params.pool} --low {params.low} --out {params.out} > {log} 2>&1"
 
 
 rule calibrate:
