@@ -31,6 +31,8 @@ test: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
+	$(BIN)/ruff check dmr tests benchmarks
+	$(BIN)/snakefmt --check Snakefile workflow/rules/*.smk
 
 dry-run: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake -n

@@ -27,6 +27,6 @@ onstart:
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -44,7 +44,8 @@ def main():
         while True:
             t0 = time.perf_counter()
             raw = client.completions.with_raw_response.create(model="dmr", prompt=style.render(None, ep), max_tokens=24,
-                                                              temperature=0, stop=["\n"], extra_headers={"X-DMR-Episode": task.key})
+                                                              temperature=0, stop=["\n"],
+                                                              extra_headers={"X-DMR-Episode": task.key})
             total = 1000 * (time.perf_counter() - t0)
             rows.append((float(raw.headers["x-dmr-router-ms"]), total))
             text = raw.parse().choices[0].text

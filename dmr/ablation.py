@@ -5,7 +5,8 @@ Each variant is a KL-ST router trained by `dmr.klst` with one setting changed (`
 layers; `tau-NAME`: the threshold of `dmr.threshold`'s sweep point NAME; `steps-as`: every step
 type eligible (`--step-types all`) instead of the benchmark's router steps; `encoder-text`: the
 paper's router, the sentence encoder over the last 50 step texts, and `encoder-proposal`: the low
-model's proposal at the current step (dmr.router.ProposalEncoder); workflow rule `klst_variant`). This module compares them offline, on
+model's proposal at the current step (dmr.router.ProposalEncoder); workflow rule `klst_variant`).
+This module compares them offline, on
 the validation episodes of the KL pool that no variant trained on (the split is by episode and
 seeded, so it is the same for every variant with the same eligible steps):
 
@@ -29,10 +30,14 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dmr import plots
+
+if TYPE_CHECKING:
+    import polars as pl
 
 VARIANT = re.compile(r"depth(\d+)|tau-([a-z-]+)|steps-(ao|as)|encoder-(text|proposal)")
 
@@ -70,7 +75,7 @@ def offline(scores, kl, tau_ref: float, budgets) -> dict:
     return out
 
 
-def summarise(routers: dict[str, Path], tau_ref: float, budgets, step_types: list[str] | None = None) -> "pl.DataFrame":
+def summarise(routers: dict[str, Path], tau_ref: float, budgets, step_types: list[str] | None = None) -> pl.DataFrame:
     """Every variant scored on the same held-out steps: those of `step_types` (the cell's router
     steps), so an all-step router is judged where the action-only one is."""
     import polars as pl

@@ -2,8 +2,9 @@
 averaged over seeds, the realised high-precision fraction, and the speedup relative to Full (bf16).
 
 Methods are named `[QUANT/]NAME[@K]`: Full, Quant, DMR@K (the KL-ST router at budget K), GRPO@K
-(the GRPO-refined router at budget K), and the matched baselines Random@K, Oracle@K and Uncertainty@K. Outputs: parquet, Markdown, LaTeX and a Pareto figure
-(success vs episode time) with one panel per scheme.
+(the GRPO-refined router at budget K), and the matched baselines Random@K, Oracle@K and Uncertainty@K.
+Outputs: parquet, Markdown, LaTeX and a Pareto figure (success vs episode time) with one panel
+per scheme.
 """
 from __future__ import annotations
 

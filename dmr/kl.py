@@ -146,7 +146,8 @@ def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progr
             s = steps[t]
             out_f.write(json.dumps({
                 "task": ep["task"], "step": t, "quant": quant, "step_type": s.get("step_type", "action"),
-                **step_kl(h, l), **uncertainty(h, l), "goal": ep["goal"], "prev_action": s["prev_action"], "observation": s["observation"],
+                **step_kl(h, l), **uncertainty(h, l), "goal": ep["goal"], "prev_action": s["prev_action"],
+                "observation": s["observation"],
                 "action": executed(s), "won": ep["won"], "steps": ep["steps"]}) + "\n")
             if t + 1 < len(steps):
                 nxt = steps[t + 1]

@@ -2,8 +2,8 @@
 
 Schemes: `gptq_w4a16`, `awq_w4a16` (the current recipe: transform.awq.AWQModifier, then a
 QuantizationModifier) and `gptq_w3a16` (3-bit, symmetric, group 128, via config_groups), plus the
-general form METHOD_wBITSa16[_gGROUP]. All target Linear layers and ignore lm_head. The checkpoint is saved compressed (compressed-tensors),
-with the recipe and the library versions next to it.
+general form METHOD_wBITSa16[_gGROUP]. All target Linear layers and ignore lm_head. The checkpoint
+is saved compressed (compressed-tensors), with the recipe and the library versions next to it.
 
 Calibration text: the paper uses 128 C4 documents of 2048 tokens. Nothing is downloaded here, so
 the source is a local file (`.txt`: one document per blank-line-separated block; `.jsonl`: a

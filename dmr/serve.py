@@ -54,7 +54,8 @@ class LocalUpstream:
                             float(body.get("top_p", 1.0)), seed=body.get("seed"), stop=stop)
         with self.lock:
             g = self.backend.generate([prompt], sampling, sessions=[episode])[0]
-        finish = "stop" if (stop and any(s in g.text for s in stop)) or g.completion_tokens < sampling.max_new_tokens else "length"
+        stopped = (stop and any(s in g.text for s in stop)) or g.completion_tokens < sampling.max_new_tokens
+        finish = "stop" if stopped else "length"
         return g.text, g.prompt_tokens, g.completion_tokens, finish
 
     def completions(self, body: dict, episode: str) -> dict:

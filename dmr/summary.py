@@ -45,7 +45,8 @@ def claim(table: pl.DataFrame) -> list[str]:
     lines = ["| scheme | K | method | success | Random@K | Δ vs Random (95% CI) | verdict | recovered gap (95% CI) "
              "| bf16 steps |", "|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(ROUTED)}
-    for r in routed.sort(["quant", "budget", pl.col("method").replace_strict(order, return_dtype=pl.Int32)]).iter_rows(named=True):
+    by_method = pl.col("method").replace_strict(order, return_dtype=pl.Int32)
+    for r in routed.sort(["quant", "budget", by_method]).iter_rows(named=True):
         q, k = r["quant"], r["budget"]
         lines.append(f"| {q} | {k:g} | {r['method']} | {f(r['success'])} | {f(one(q, 'Random', k))} | "
                      f"{_ci(r.get('vs_random'), r.get('vs_random_lo'), r.get('vs_random_hi'))} | "

@@ -50,7 +50,6 @@ def choose(kl, floor: float = 1e-8, bins_per_decade: int = 10, min_positive: flo
     if len(x) < 10:
         raise ValueError(f"need at least 10 KL values to place a threshold, got {len(x)}")
     counts, smooth, edges = histogram(x, bins_per_decade)
-    centres = (edges[:-1] + edges[1:]) / 2
     peak = int(np.argmax(smooth))
     # The largest cut that leaves min_positive of the steps above it.
     limit = float(np.quantile(x, 1.0 - min_positive))

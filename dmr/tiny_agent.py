@@ -207,9 +207,11 @@ def main(argv=None):
     if a.snapshot_at and a.snapshots is None:
         p.error("--snapshot-at needs --snapshots (where the snapshots go)")
     tok = AutoTokenizer.from_pretrained(a.tokenizer)
-    m = train(read_episodes(a.episodes), tok, a.out, style=prompts.get(**json.loads(a.prompt)), arch=json.loads(a.arch), steps=a.steps,
+    m = train(read_episodes(a.episodes), tok, a.out, style=prompts.get(**json.loads(a.prompt)), arch=json.loads(a.arch),
+              steps=a.steps,
               max_minutes=a.max_minutes, batch_tokens=a.batch_tokens, lr=a.lr, warmup=a.warmup, seed=a.seed,
-              threads=a.threads, context_weight=a.context_weight, snapshot_at=tuple(float(f) for f in a.snapshot_at.split(",") if f),
+              threads=a.threads, context_weight=a.context_weight,
+              snapshot_at=tuple(float(f) for f in a.snapshot_at.split(",") if f),
               snapshots=a.snapshots)
     print(json.dumps({k: v for k, v in m.items() if k != "curve"}))
 

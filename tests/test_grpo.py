@@ -151,7 +151,7 @@ def test_iteration_tasks_wrap_around_the_training_split():
 def test_grpo_router_decides_the_step_types_it_is_given(tmp_path):
     """App. C.1: KL-ST routes WebShop's click steps only; GRPO, given search and click, samples a
     precision for both, and its saved router keeps those types for evaluation."""
-    from dmr.router import Router, StepEncoder, load_router, save_router
+    from dmr.router import StepEncoder, load_router, save_router
     from dmr.routing import StepContext
 
     enc = StepEncoder()

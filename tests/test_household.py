@@ -276,7 +276,7 @@ def test_closed_receptacles_hide_contents_until_opened():
     tr = env.step(f"go to {box}")
     assert tr.text == f"You arrive at {box}. The {box} is open. In it, you see {_listing(inside)}."
     assert env.step(f"close {box}").text == f"You close the {box}."
-    tr = env.step(f"look")
+    tr = env.step("look")
     assert tr.text == f"You are facing the {box}. Next to it, you see nothing."
     assert not any(a.startswith("take ") for a in tr.admissible)
 

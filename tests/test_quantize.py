@@ -34,7 +34,8 @@ def test_scheme_roundtrip(tiny_world, prompt_and_bf16, tmp_path, scheme, bits):
     (group,) = q["config_groups"].values()
     assert group["weights"]["num_bits"] == bits and group["weights"]["group_size"] == 128
     assert "lm_head" in q["ignore"]
-    assert meta["versions"]["llmcompressor"] == json.loads((out / "dmr_quantization.json").read_text())["versions"]["llmcompressor"]
+    saved = json.loads((out / "dmr_quantization.json").read_text())
+    assert meta["versions"]["llmcompressor"] == saved["versions"]["llmcompressor"]
     agree = json.loads((out / "dmr_quantization.json").read_text())["agreement"]
     print(f"{scheme}: top-1 next-token agreement with bf16 {agree['top1_agreement']:.3f}, "
           f"mean KL {agree['mean_kl']:.2e} over {agree['positions']} positions")

@@ -127,7 +127,6 @@ def test_micro_end_to_end(tmp_path):
     assert curve.height == 1 and curve["episodes"].to_list() == [4]
     traj = pl.read_parquet(grpo / "trajectories.parquet")
     assert traj.group_by("group").agg(pl.col("advantage").sum().abs())["advantage"].max() < 1e-4
-    import torch
     a = torch.load(cell / "gptq_w4a16/router/router.pt", weights_only=True)
     b = torch.load(grpo / "router/router.pt", weights_only=True)
     assert a.keys() == b.keys() and (curve["decisions"][0] == 0 or any(not torch.equal(a[k], b[k]) for k in a))

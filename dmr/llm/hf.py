@@ -425,7 +425,7 @@ class HFBackend:
             gen.manual_seed(sampling.seed)
         out_tokens, out_lps = [[] for _ in range(B)], [[] for _ in range(B)]
         done = [False] * B
-        step_ids, step_mask = ids, chunk_mask
+        step_ids = ids
         for _ in range(sampling.max_new_tokens):
             pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
             logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,

@@ -19,18 +19,18 @@ rule klst_variant:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}_{{variant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst_variant/klst_{{quant}}_{{variant}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst_variant/klst_{{quant}}_{{variant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: THREADS
+    resources:
+        **rule_resources("klst_variant", THREADS),
     params:
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
         args=variant_klst_args,
         pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
         low=lambda w: model_dir(w.benchmark, w.model, w.quant),
         out=lambda w: f"{cell_dir(w)}/{w.quant}/ablation/{w.variant}/router",
-    threads: THREADS
-    resources:
-        **rule_resources("klst_variant", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --sweep {input.sweep} "
         "--precisions bf16 {wildcards.quant} --llm {params.llm} {params.args} --rollout {params.pool} --low {params.low} "
@@ -48,15 +48,15 @@ rule ablation:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/ablation_{{quant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/ablation/ablation_{{quant}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/ablation/ablation_{{quant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("ablation"),
     params:
         routers=ablation_args,
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
         steps=lambda w: " ".join(routed_steps(w)),
-    resources:
-        **rule_resources("ablation"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} --step-types {params.steps} "
         "--title 'Router ablations: {wildcards.benchmark}/{wildcards.model}, {wildcards.quant}' "
@@ -64,7 +64,7 @@ rule ablation:
 
 
 rule ablations:
-    # `make ablations`: every routed cell's ablation table (Sec. 5.4, 5.5), outside the default run.
-    localrule: True
     input:
         all_ablation_targets,
+    # `make ablations`: every routed cell's ablation table (Sec. 5.4, 5.5), outside the default run.
+    localrule: True

@@ -9,7 +9,11 @@ rule expert_data:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/expert_data.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/expert_data/expert_data.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/expert_data/expert_data.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("expert_data"),
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),
@@ -17,12 +21,9 @@ rule expert_data:
         noise=lambda w: model_cfg(w).get("expert", {}).get("noise", 0.2),
         clean=lambda w: model_cfg(w).get("expert", {}).get("clean_fraction", 0.5),
         # Only when set, so the commands of configs without it stay as they were.
-        repeat=lambda w: "".join(f" --{k} {v}" for k, v in model_cfg(w).get("expert", {}).items()
-                                 if k in ("repeat", "invalid")),
-    resources:
-        **rule_resources("expert_data"),
-    conda:
-        "../../envs/cpu.yaml"
+        repeat=lambda w: "".join(
+            f" --{k} {v}" for k, v in model_cfg(w).get("expert", {}).items() if k in ("repeat", "invalid")
+        ),
     shell:
         "python -m dmr.expert --env {params.env} --env-kwargs {params.env_kwargs} --episodes {params.n} "
         "--noise {params.noise} --clean-fraction {params.clean}{params.repeat} --out {output} > {log} 2>&1"
@@ -36,14 +37,14 @@ rule tokenizer:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/tokenizer.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/tokenizer/tokenizer.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/tokenizer/tokenizer.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("tokenizer"),
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         vocab=lambda w: model_cfg(w).get("tokenizer", {}).get("vocab_size", 1024),
-    resources:
-        **rule_resources("tokenizer"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.tokenizer --episodes {input} --prompt {params.prompt} --vocab-size {params.vocab} "
         "--out {output} > {log} 2>&1"
@@ -59,17 +60,17 @@ rule train_agent:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/train_agent.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/train_agent/train_agent.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/train_agent/train_agent.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: THREADS
+    resources:
+        **rule_resources("train_agent", THREADS),
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         arch=lambda w: as_json(model_cfg(w).get("arch")),
         train=lambda w: cli_flags(model_cfg(w).get("train")),
         snapshots=snapshot_args,
-    threads: THREADS
-    resources:
-        **rule_resources("train_agent", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.tiny_agent --episodes {input.episodes} --tokenizer {input.tokenizer} "
         "--prompt {params.prompt} --arch {params.arch} {params.train} --threads {threads}{params.snapshots} "
@@ -85,7 +86,12 @@ rule select_rollout:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_rollout_{{candidate}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_rollout/select_rollout_{{candidate}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_rollout/select_rollout_{{candidate}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: THREADS
+    resources:
+        **rule_resources("select_rollout", THREADS),
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),
@@ -95,11 +101,6 @@ rule select_rollout:
         decoding=decoding_args,
         shards=config["evaluate"].get("shards", 16),
         out=lambda w: f"{RESULTS}/{w.benchmark}/{w.model}/select/{w.candidate}",
-    threads: THREADS
-    resources:
-        **rule_resources("select_rollout", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         # Calibration tasks only: selection never sees the test split.
         "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split calib "
@@ -109,8 +110,6 @@ rule select_rollout:
 
 
 rule select_agent:
-    # Compares tables and copies a small checkpoint: no cluster job for that.
-    localrule: True
     input:
         train=rules.train_agent.output,
         runs=select_runs,
@@ -121,15 +120,18 @@ rule select_agent:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_agent.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_agent/select_agent.tsv",
-    params:
-        candidates=lambda w: " ".join(f"--candidate {c}={RESULTS}/{w.benchmark}/{w.model}/train/{c}"
-                                      for c in candidates(w)),
-        runs=lambda w, input: " ".join(f"--run {Path(r).parent.name}={Path(r).parent}" for r in input.runs),
-    resources:
-        **rule_resources("select_agent"),
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_agent/select_agent.tsv"
+    # Compares tables and copies a small checkpoint: no cluster job for that.
+    localrule: True
     conda:
         "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("select_agent"),
+    params:
+        candidates=lambda w: " ".join(
+            f"--candidate {c}={RESULTS}/{w.benchmark}/{w.model}/train/{c}" for c in candidates(w)
+        ),
+        runs=lambda w, input: " ".join(f"--run {Path(r).parent.name}={Path(r).parent}" for r in input.runs),
     shell:
         "python -m dmr.select {params.candidates} {params.runs} --out {output.model} "
         "--table {output.table} > {log} 2>&1"
@@ -148,12 +150,12 @@ rule agent_card:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/agent_card.log",
     benchmark:
         f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/agent_card/agent_card.tsv"
-    params:
-        recipe=lambda w: as_json({"model": model_cfg(w), "benchmark": bench(w)}),
-    resources:
-        **rule_resources("agent_card"),
     conda:
         "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("agent_card"),
+    params:
+        recipe=lambda w: as_json({"model": model_cfg(w), "benchmark": bench(w)}),
     shell:
         "python -m dmr.card build --name {wildcards.model} --benchmark {wildcards.benchmark} "
         "--model {input.model} --train-metrics {input.train}/p1.00/train_metrics.json "
@@ -161,14 +163,14 @@ rule agent_card:
 
 
 rule agents:
-    # `make agents`: rebuild every trained agent of the config and install its card under agents/.
-    localrule: True
     input:
         agent_cards,
     log:
         f"{RESULTS}/logs/agents.log",
     benchmark:
-        f"{RESULTS}/benchmarks/agents/agents.tsv",
+        f"{RESULTS}/benchmarks/agents/agents.tsv"
+    # `make agents`: rebuild every trained agent of the config and install its card under agents/.
+    localrule: True
     conda:
         "../../envs/cpu.yaml"
     shell:

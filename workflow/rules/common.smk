@@ -9,7 +9,6 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Jobs run `python -m dmr.<stage>` from this checkout, with or without an installed package,
@@ -33,20 +32,26 @@ def _check_cells():
             raise ValueError(f"models.{cell['model']}: source 'path' needs a 'path'")
         extra = set(cell.get("route", [])) - set(cell.get("quants", []))
         if extra:
-            raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} routes {sorted(extra)}, which are not in its quants")
+            raise ValueError(
+                f"cells: {cell['benchmark']}/{cell['model']} routes {sorted(extra)}, which are not in its quants"
+            )
     for name, model in config["models"].items():
         at = model.get("select", {}).get("at", [])
         names = [f"p{f:.2f}" for f in at]
         if len(set(names)) != len(names) or "p1.00" in names:
-            raise ValueError(f"models.{name}.select.at {at}: snapshots are named by two decimals (p0.60), "
-                             "so the fractions must differ there and stay below 0.995")
+            raise ValueError(
+                f"models.{name}.select.at {at}: snapshots are named by two decimals (p0.60), "
+                "so the fractions must differ there and stay below 0.995"
+            )
     grpo = config.get("grpo")
     if grpo and grpo["lambda"] not in grpo["lambdas"]:
         raise ValueError(f"grpo.lambda {grpo['lambda']} is not in grpo.lambdas {grpo['lambdas']}")
     route = config.get("route", {})
     missing = set(route.get("baseline_budgets", [])) - set(route.get("budgets", []))
     if missing:
-        raise ValueError(f"route.baseline_budgets {sorted(missing)} are not in route.budgets: baselines match a DMR run")
+        raise ValueError(
+            f"route.baseline_budgets {sorted(missing)} are not in route.budgets: baselines match a DMR run"
+        )
 
 
 _check_cells()
@@ -83,8 +88,9 @@ def check_external_paths():
     naming its config key, instead of in a job hours later."""
     missing = {k: p for k, p in external_paths().items() if not os.path.exists(p)}
     if missing and not workflow.touch:
-        raise WorkflowError("missing local files named in the config: "
-                            + "; ".join(f"{k} = {p!r}" for k, p in missing.items()))
+        raise WorkflowError(
+            "missing local files named in the config: " + "; ".join(f"{k} = {p!r}" for k, p in missing.items())
+        )
 
 
 def start_progress():
@@ -94,8 +100,12 @@ def start_progress():
     if not every or workflow.touch:
         return
     env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.Popen([sys.executable, "-m", "dmr.progress", "--results", RESULTS, "--every", str(every),
-                      "--pid", str(os.getpid())], env=env, stdout=sys.stderr, stderr=sys.stderr)
+    subprocess.Popen(
+        [sys.executable, "-m", "dmr.progress", "--results", RESULTS, "--every", str(every), "--pid", str(os.getpid())],
+        env=env,
+        stdout=sys.stderr,
+        stderr=sys.stderr,
+    )
 
 
 # Job resources: Slurm requests, and local limits where `--resources` caps them (gpu). The defaults
@@ -117,15 +127,23 @@ RESOURCES = {
 
 def rule_resources(rule, threads=1):
     cfg = config.get("resources", {})
-    return {"cpus_per_task": threads, **RESOURCES["default"], **RESOURCES.get(rule, {}),
-            **cfg.get("default", {}), **cfg.get(rule, {})}
+    return {
+        "cpus_per_task": threads,
+        **RESOURCES["default"],
+        **RESOURCES.get(rule, {}),
+        **cfg.get("default", {}),
+        **cfg.get(rule, {}),
+    }
 
 
 def _check_resources():
     unknown = set(config.get("resources", {})) - {"default"} - {r.name for r in workflow.rules}
     if unknown:
-        raise ValueError(f"resources: {sorted(unknown)} are not rules of this workflow; "
-                         f"its rules are {sorted(r.name for r in workflow.rules)}")
+        raise ValueError(
+            f"resources: {sorted(unknown)} are not rules of this workflow; "
+            f"its rules are {sorted(r.name for r in workflow.rules)}"
+        )
+
 
 wildcard_constraints:
     benchmark="[A-Za-z0-9_-]+",
@@ -166,7 +184,9 @@ def data_need(wildcards):
     """--need of the data check: the tasks of each protocol split this config plays."""
     b = bench(wildcards)
     need = {"calib": b["tasks"]["calib"], "test": b["tasks"]["test"]}
-    if any(cell_routes(wildcards.benchmark, c["model"]) for c in config["cells"] if c["benchmark"] == wildcards.benchmark):
+    if any(
+        cell_routes(wildcards.benchmark, c["model"]) for c in config["cells"] if c["benchmark"] == wildcards.benchmark
+    ):
         need["train"] = route_cfg().get("kl_tasks", 1000)
     if b.get("tasks_per_seed", "distinct") == "distinct":
         need["test"] *= max(config["evaluate"]["seeds"]) + 1
@@ -213,16 +233,25 @@ def snapshot_args(wildcards):
 def select_runs(wildcards):
     """Calibration runs of the candidates; one candidate needs none."""
     c = candidates(wildcards)
-    return [f"{RESULTS}/{wildcards.benchmark}/{wildcards.model}/select/{n}/episodes.parquet" for n in c] if len(c) > 1 else []
+    return (
+        [f"{RESULTS}/{wildcards.benchmark}/{wildcards.model}/select/{n}/episodes.parquet" for n in c]
+        if len(c) > 1
+        else []
+    )
 
 
 def agent_cards(wildcards):
     """Cards of the agents this config trains (`make agents`); none where every model is a path."""
-    cards = [f"{RESULTS}/{c['benchmark']}/{c['model']}/card" for c in config["cells"]
-             if config["models"][c["model"]]["source"] == "train"]
+    cards = [
+        f"{RESULTS}/{c['benchmark']}/{c['model']}/card"
+        for c in config["cells"]
+        if config["models"][c["model"]]["source"] == "train"
+    ]
     if not cards:
-        raise WorkflowError("no agent to build: every model in this config is a local path; `make agents` "
-                            "adds config/agents.yaml, which trains them")
+        raise WorkflowError(
+            "no agent to build: every model in this config is a local path; `make agents` "
+            "adds config/agents.yaml, which trains them"
+        )
     return list(dict.fromkeys(cards))
 
 
@@ -285,8 +314,12 @@ def router_steps_arg(wildcards, kind="dmr"):
 
 def decoding_args(wildcards):
     d = bench(wildcards)["decoding"]
-    args = [f"--max-new-tokens {d.get('max_new_tokens', 32)}", f"--temperature {d.get('temperature', 0.0)}",
-            f"--top-p {d.get('top_p', 1.0)}", f"--prompt {as_json(bench(wildcards)['prompt'])}"]
+    args = [
+        f"--max-new-tokens {d.get('max_new_tokens', 32)}",
+        f"--temperature {d.get('temperature', 0.0)}",
+        f"--top-p {d.get('top_p', 1.0)}",
+        f"--prompt {as_json(bench(wildcards)['prompt'])}",
+    ]
     if d.get("constrained", False):
         args.append("--constrained")
     return " ".join(args)
@@ -309,8 +342,9 @@ def rollout_precisions(wildcards):
 
 
 def rollout_models(wildcards):
-    return " ".join(f"--model {q}={model_dir(wildcards.benchmark, wildcards.model, q)}"
-                    for q in rollout_precisions(wildcards))
+    return " ".join(
+        f"--model {q}={model_dir(wildcards.benchmark, wildcards.model, q)}" for q in rollout_precisions(wildcards)
+    )
 
 
 # Routed policies in paths: dmr-tT (learned router at a fixed threshold T), dmr-kK (at the threshold
@@ -379,7 +413,9 @@ def kl_models(wildcards):
 
 
 def seed_runs(benchmark, model, quant, policy):
-    return [f"{run_dir(benchmark, model, quant, policy, f'seed{s}')}/episodes.parquet" for s in config["evaluate"]["seeds"]]
+    return [
+        f"{run_dir(benchmark, model, quant, policy, f'seed{s}')}/episodes.parquet" for s in config["evaluate"]["seeds"]
+    ]
 
 
 def cell_routes(benchmark, model):
@@ -445,7 +481,9 @@ def latency_runs(wildcards):
 
 
 def latency_inputs(wildcards):
-    return [f"{d}/{f}.parquet" for runs in latency_runs(wildcards).values() for d in runs for f in ("steps", "episodes")]
+    return [
+        f"{d}/{f}.parquet" for runs in latency_runs(wildcards).values() for d in runs for f in ("steps", "episodes")
+    ]
 
 
 def latency_args(wildcards):
@@ -459,7 +497,9 @@ def latency_args(wildcards):
         args.append("--no-w3-projection")
     args.append(f"--replay {cfg.get('replay_episodes', 16)}")
     args.append(f"--router-steps {' '.join(routed_steps(wildcards))}")
-    return " ".join(args + [f"--arch {as_json(route_cfg().get('router'))}", f"--shards {config['evaluate'].get('shards', 16)}"])
+    return " ".join(
+        args + [f"--arch {as_json(route_cfg().get('router'))}", f"--shards {config['evaluate'].get('shards', 16)}"]
+    )
 
 
 def cell_coefficients(wildcards):
@@ -494,9 +534,11 @@ def grpo_targets(benchmark, model):
         return []
     routed = cell_routes(benchmark, model)
     # The rank analysis compares router points: a cell without a routed scheme has none.
-    return [f"{RESULTS}/{benchmark}/{model}/figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png" for q in routed] + (
-        [f"{RESULTS}/{benchmark}/{model}/tables/rank.md"] if routed else []) + [
-        f"{RESULTS}/{benchmark}/{model}/tables/latency.md"]
+    return (
+        [f"{RESULTS}/{benchmark}/{model}/figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png" for q in routed]
+        + ([f"{RESULTS}/{benchmark}/{model}/tables/rank.md"] if routed else [])
+        + [f"{RESULTS}/{benchmark}/{model}/tables/latency.md"]
+    )
 
 
 def calibration_input(wildcards):
@@ -516,10 +558,15 @@ def calibration_arg(wildcards):
 def route_targets(benchmark, model):
     """The KL-ST figures and the AO/AS label tables of a cell's routed schemes (the table pulls in
     everything else)."""
-    return [f"{RESULTS}/{benchmark}/{model}/figures/{name}_{q}.png"
-            for q in cell_routes(benchmark, model) for name in ("kl_hist", "router_scores", "kl_step_types")] + [
-            f"{RESULTS}/{benchmark}/{model}/{q}/kl/labels.parquet" for q in cell_routes(benchmark, model)] + [
-            f"{RESULTS}/{benchmark}/{model}/tables/diagnose_{q}.md" for q in cell_routes(benchmark, model)]
+    return (
+        [
+            f"{RESULTS}/{benchmark}/{model}/figures/{name}_{q}.png"
+            for q in cell_routes(benchmark, model)
+            for name in ("kl_hist", "router_scores", "kl_step_types")
+        ]
+        + [f"{RESULTS}/{benchmark}/{model}/{q}/kl/labels.parquet" for q in cell_routes(benchmark, model)]
+        + [f"{RESULTS}/{benchmark}/{model}/tables/diagnose_{q}.md" for q in cell_routes(benchmark, model)]
+    )
 
 
 # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under
@@ -530,9 +577,12 @@ def ablation_cfg():
 
 def ablation_variants():
     cfg = ablation_cfg()
-    return ([f"depth{L}" for L in cfg.get("depths", [])] + [f"tau-{t}" for t in cfg.get("taus", [])]
-            + (["steps-ao", "steps-as"] if cfg.get("all_steps") else [])
-            + [f"encoder-{e}" for e in cfg.get("encoders", [])])
+    return (
+        [f"depth{L}" for L in cfg.get("depths", [])]
+        + [f"tau-{t}" for t in cfg.get("taus", [])]
+        + (["steps-ao", "steps-as"] if cfg.get("all_steps") else [])
+        + [f"encoder-{e}" for e in cfg.get("encoders", [])]
+    )
 
 
 def is_cell_router(variant):
@@ -576,14 +626,14 @@ def variant_klst_args(w):
     steps = " ".join(routed_steps(w))
     extra = ""
     if v.startswith("depth"):
-        arch["layers"] = int(v[len("depth"):])
+        arch["layers"] = int(v[len("depth") :])
     elif v.startswith("tau-"):
         extra = f"--tau-point {v[len('tau-'):]}"
     elif v == "steps-as":
         steps = f"all --labels-summary {cell_dir(w)}/{w.quant}/kl/labels.json --label-set as"
     elif v.startswith("encoder-"):
         # The paper's router reads the last 50 step texts; the proposal router the current step.
-        arch["encoder"] = v[len("encoder-"):]
+        arch["encoder"] = v[len("encoder-") :]
         arch["window"] = 50 if arch["encoder"] == "text" else 1
     train = ablation_train()
     return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra, cli_flags(train)])
@@ -596,9 +646,13 @@ def ablation_targets(benchmark, model):
 
 
 def cell_targets():
-    return [t for c in config["cells"] for t in
-            [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"] + route_targets(c["benchmark"], c["model"])
-            + grpo_targets(c["benchmark"], c["model"])]
+    return [
+        t
+        for c in config["cells"]
+        for t in [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"]
+        + route_targets(c["benchmark"], c["model"])
+        + grpo_targets(c["benchmark"], c["model"])
+    ]
 
 
 def all_ablation_targets(wildcards=None):

@@ -9,15 +9,15 @@ rule data:
     log:
         f"{RESULTS}/{{benchmark}}/logs/data.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/benchmarks/data/data.tsv",
+        f"{RESULTS}/{{benchmark}}/benchmarks/data/data.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("data"),
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),
         need=data_need,
-    resources:
-        **rule_resources("data"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.data --env {params.env} --env-kwargs {params.env_kwargs} --need {params.need} "
         "--out {output} > {log} 2>&1"

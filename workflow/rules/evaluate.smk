@@ -10,7 +10,12 @@ rule rollout:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/rollout_{{quant}}_{{policy}}_{{run}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rollout/rollout_{{quant}}_{{policy}}_{{run}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rollout/rollout_{{quant}}_{{policy}}_{{run}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: THREADS
+    resources:
+        **rule_resources("rollout", THREADS),
     params:
         env=lambda w: bench(w)["env"],
         env_kwargs=lambda w: as_json(env_kwargs(w)),
@@ -25,11 +30,6 @@ rule rollout:
         decoding=decoding_args,
         shards=config["evaluate"].get("shards", 16),
         out=lambda w: run_dir(w.benchmark, w.model, w.quant, w.policy, w.run),
-    threads: THREADS
-    resources:
-        **rule_resources("rollout", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.
         "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split {params.split} "
@@ -46,20 +46,30 @@ rule evaluate:
         table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.parquet",
         markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.md",
         latex=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.tex",
-        html=report(f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.html", caption="../report/table.rst",
-                    category="Table 1", subcategory="{benchmark}/{model}", labels={"result": "Table 1"}),
-        pareto=report(f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto.png", caption="../report/pareto.rst",
-                      category="Table 1", subcategory="{benchmark}/{model}", labels={"result": "Pareto"}),
+        html=report(
+            f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.html",
+            caption="../report/table.rst",
+            category="Table 1",
+            subcategory="{benchmark}/{model}",
+            labels={"result": "Table 1"},
+        ),
+        pareto=report(
+            f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto.png",
+            caption="../report/pareto.rst",
+            category="Table 1",
+            subcategory="{benchmark}/{model}",
+            labels={"result": "Pareto"},
+        ),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/evaluate/evaluate.tsv",
-    params:
-        methods=table_args,
-    resources:
-        **rule_resources("evaluate"),
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/evaluate/evaluate.tsv"
     conda:
         "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("evaluate"),
+    params:
+        methods=table_args,
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
@@ -77,15 +87,15 @@ rule summary:
         f"{RESULTS}/logs/summary.log",
     benchmark:
         f"{RESULTS}/benchmarks/summary/summary.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("summary"),
     params:
         cells=" ".join(f"--cell {c['benchmark']}/{c['model']}" for c in config["cells"]),
         results=lambda w, output: os.path.dirname(output.markdown),
         # Snakemake's provenance records of the working directory: the DAG and each job's times.
         metadata=os.path.join(".snakemake", "metadata"),
-    resources:
-        **rule_resources("summary"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.summary --results {params.results} {params.cells} --out {output.markdown} "
         "--timing {output.timing} --metadata {params.metadata} > {log} 2>&1"

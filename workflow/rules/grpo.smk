@@ -12,14 +12,14 @@ rule latency:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/latency.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/latency/latency.tsv",
-    params:
-        args=latency_args,
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/latency/latency.tsv"
+    conda:
+        "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("latency", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
+    params:
+        args=latency_args,
     shell:
         "python -m dmr.latency --cell {wildcards.benchmark}/{wildcards.model} {params.args} "
         "--out {output.coefficients} --table {output.table} > {log} 2>&1"
@@ -40,7 +40,12 @@ rule grpo:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/grpo_{{quant}}_lam{{lam}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/grpo/grpo_{{quant}}_lam{{lam}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/grpo/grpo_{{quant}}_lam{{lam}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: THREADS
+    resources:
+        **rule_resources("grpo", THREADS),
     params:
         start=router_dir,
         env=lambda w: bench(w)["env"],
@@ -55,11 +60,6 @@ rule grpo:
         shards=config["evaluate"].get("shards", 16),
         grpo=grpo_args,
         out=lambda w: f"{cell_dir(w)}/{w.quant}/grpo/lam{w.lam}",
-    threads: THREADS
-    resources:
-        **rule_resources("grpo", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.grpo --router {params.start} --latency {input.latency} --quant {wildcards.quant} "
         "--env {params.env} --env-kwargs {params.env_kwargs} --offset {params.offset} --pool {params.pool} {params.models} "
@@ -77,14 +77,14 @@ rule calibrate_grpo:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}_grpo.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate_grpo/calibrate_{{quant}}_grpo.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate_grpo/calibrate_{{quant}}_grpo.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("calibrate_grpo"),
     params:
         run=lambda w: run_dir(w.benchmark, w.model, w.quant, "grpo-t0.5", "calib"),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
-    resources:
-        **rule_resources("calibrate_grpo"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
         "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
@@ -102,11 +102,11 @@ rule rank:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/rank.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rank/rank.tsv",
-    resources:
-        **rule_resources("rank"),
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rank/rank.tsv"
     conda:
         "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("rank"),
     shell:
         "python -m dmr.rank --table {input.table} --latency {input.latency} --out {output.ranks} "
         "--markdown {output.markdown} --figure {output.figure} > {log} 2>&1"

@@ -11,7 +11,12 @@ rule kl:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/kl_{{quant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/kl/kl_{{quant}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/kl/kl_{{quant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: THREADS
+    resources:
+        **rule_resources("kl", THREADS),
     params:
         pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
         high=lambda w: model_dir(w.benchmark, w.model, "bf16"),
@@ -19,11 +24,6 @@ rule kl:
         backend=config["backend"]["name"],
         backend_kwargs=as_json(config["backend"].get("kwargs")),
         batch=config["evaluate"].get("shards", 16),
-    threads: THREADS
-    resources:
-        **rule_resources("kl", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.kl --rollout {params.pool} --high {params.high} --low {params.low} --quant {wildcards.quant} "
         "--backend {params.backend} --backend-kwargs {params.backend_kwargs} --batch {params.batch} "
@@ -36,19 +36,24 @@ rule threshold:
     output:
         threshold=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/threshold.json",
         sweep=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/sweep.parquet",
-        figure=report(f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_hist_{{quant}}.png", caption="../report/kl_hist.rst",
-                      category="KL-ST", subcategory="{benchmark}/{model}", labels={"result": "KL histogram", "scheme": "{quant}"}),
+        figure=report(
+            f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_hist_{{quant}}.png",
+            caption="../report/kl_hist.rst",
+            category="KL-ST",
+            subcategory="{benchmark}/{model}",
+            labels={"result": "KL histogram", "scheme": "{quant}"},
+        ),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/threshold_{{quant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/threshold/threshold_{{quant}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/threshold/threshold_{{quant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("threshold"),
     params:
         steps=lambda w: " ".join(routed_steps(w)),
         rule=lambda w: cli_flags(route_cfg().get("threshold")),
-    resources:
-        **rule_resources("threshold"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.threshold --kl {input} --step-types {params.steps} {params.rule} "
         "--out {output.threshold} --sweep {output.sweep} --figure {output.figure} > {log} 2>&1"
@@ -63,14 +68,14 @@ rule labels:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/labels_{{quant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/labels/labels_{{quant}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/labels/labels_{{quant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("labels"),
     params:
         rule=lambda w: cli_flags(route_cfg().get("threshold")),
         steps=lambda w: " ".join(routed_steps(w)),
-    resources:
-        **rule_resources("labels"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.labels --kl {input} --action-types {params.steps} {params.rule} --out {output.labels} --summary {output.summary} > {log} 2>&1"
 
@@ -91,7 +96,12 @@ rule klst:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst/klst_{{quant}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst/klst_{{quant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    threads: THREADS
+    resources:
+        **rule_resources("klst", THREADS),
     params:
         steps=lambda w: " ".join(routed_steps(w)),
         llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
@@ -100,11 +110,6 @@ rule klst:
         pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
         low=lambda w: model_dir(w.benchmark, w.model, w.quant),
         out=router_dir,
-    threads: THREADS
-    resources:
-        **rule_resources("klst", THREADS),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --precisions bf16 {wildcards.quant} "
         "--llm {params.llm} --step-types {params.steps} --arch {params.arch} {params.train} "
@@ -117,20 +122,24 @@ rule calibrate:
         scores=rules.klst.output.scores,
     output:
         calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/calibration.json",
-        figure=report(f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}.png",
-                      caption="../report/router_scores.rst", category="KL-ST", subcategory="{benchmark}/{model}",
-                      labels={"result": "router scores", "scheme": "{quant}"}),
+        figure=report(
+            f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}.png",
+            caption="../report/router_scores.rst",
+            category="KL-ST",
+            subcategory="{benchmark}/{model}",
+            labels={"result": "router scores", "scheme": "{quant}"},
+        ),
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate/calibrate_{{quant}}.tsv",
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate/calibrate_{{quant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("calibrate"),
     params:
         run=lambda w: run_dir(w.benchmark, w.model, w.quant, "dmr-t0.5", "calib"),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
-    resources:
-        **rule_resources("calibrate"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
         "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
@@ -147,13 +156,13 @@ rule step_types:
     log:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/step_types_{{quant}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/step_types/step_types_{{quant}}.tsv",
-    params:
-        title=lambda w: shlex.quote(f"{w.benchmark}/{w.model} {w.quant}"),
-    resources:
-        **rule_resources("step_types"),
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/step_types/step_types_{{quant}}.tsv"
     conda:
         "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("step_types"),
+    params:
+        title=lambda w: shlex.quote(f"{w.benchmark}/{w.model} {w.quant}"),
     shell:
         "python -m dmr.step_types --kl {input.kl} --threshold {input.threshold} --title {params.title} "
         "--out {output.table} --markdown {output.markdown} --figure {output.figure} > {log} 2>&1"
@@ -174,14 +183,14 @@ rule diagnose:
         f"{RESULTS}/{{benchmark}}/{{model}}/logs/diagnose_{{quant}}.log",
     benchmark:
         f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/diagnose/diagnose_{{quant}}.tsv"
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("diagnose"),
     params:
         router=lambda w, input: os.path.dirname(input.scores),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
         steps=lambda w: " ".join(routed_steps(w)),
-    resources:
-        **rule_resources("diagnose"),
-    conda:
-        "../../envs/cpu.yaml"
     shell:
         "python -m dmr.diagnose --kl {input.kl} --router {params.router} --threshold {input.threshold} "
         "--budgets {params.budgets} --online {input.probe} --step-types {params.steps} "
