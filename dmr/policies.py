@@ -125,7 +125,12 @@ class KLProbe:
         choice = self.router.decide(contexts)
         gens, kls = self.oracle.step_kls(contexts)
         self.last_kl = kls
-        self.generations = {(c.episode, c.step): g for c, g, d in zip(contexts, gens, choice) if d == self.oracle.high}
+        # bf16's proposal where the router chose bf16; the router's own (a proposal router's low
+        # proposal) where it chose low.
+        own = getattr(self.router, "generations", None) or {}
+        self.generations = {(c.episode, c.step): g if d == self.oracle.high else own.get((c.episode, c.step))
+                            for c, g, d in zip(contexts, gens, choice)}
+        self.generations = {k: g for k, g in self.generations.items() if g is not None}
         return choice
 
     def __getattr__(self, name):
@@ -141,12 +146,18 @@ class StepTypeGate:
     def __init__(self, router, steps, high: str):
         self.router, self.steps, self.high = router, frozenset(steps), high
         self.last_scores: list | None = None
+        self.generations: dict = {}
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
         choice = self.router.decide(contexts)
         forced = [c.step_type not in self.steps for c in contexts]
         scores = getattr(self.router, "last_scores", None)
         self.last_scores = None if scores is None else [None if f else x for f, x in zip(forced, scores)]
+        # What the wrapped router decoded for a step it kept low (a proposal router's proposal)
+        # is no action for a step forced high.
+        ready = getattr(self.router, "generations", None) or {}
+        self.generations = {k: g for k, g in ready.items()
+                            if not any(f and (c.episode, c.step) == k for c, f in zip(contexts, forced))}
         return [self.high if f else d for f, d in zip(forced, choice)]
 
     def __getattr__(self, name):

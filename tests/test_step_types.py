@@ -37,6 +37,20 @@ def test_gate_forces_other_step_types_high():
     assert make_router("random:0", ["bf16", "w4"]).decide([ctx(0, "search")]) == ["w4"]
 
 
+
+def test_gate_hands_over_no_low_proposal_for_a_forced_step():
+    # A proposal router decodes every step it sees at low precision; a step the gate forces to bf16
+    # must not take that low proposal as its action.
+    class Proposing(RandomRouter):
+        def decide(self, contexts):
+            self.generations = {(c.episode, c.step): Generation("low", 0, 1, [0], [0.0]) for c in contexts}
+            return super().decide(contexts)
+
+    gate = StepTypeGate(Proposing("bf16", "w4", p=0.0), ["click"], "bf16")
+    assert gate.decide([ctx(0, "search"), ctx(1, "click")]) == ["bf16", "w4"]
+    assert set(gate.generations) == {("e1", 0)}
+
+
 class ExpertDriver:
     """Routes with `router` and hands the agent loop the shop expert's answer as every step's
     generation (the loop's `generations` hook, as the KL oracle uses it), so a run visits search,
