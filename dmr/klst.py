@@ -200,7 +200,9 @@ def main(argv=None):
     p.add_argument("--rollout", type=Path, default=None,
                    help="proposal encoder: the bf16 rollout the KL table was scored on (dmr.kl --rollout)")
     p.add_argument("--low", default=None, help="proposal encoder: the low-precision checkpoint")
-    p.add_argument("--backend-kwargs", default="{}", help="proposal encoder: JSON keyword arguments of the HF backend")
+    p.add_argument("--backend-kwargs", default=None,
+                   help="proposal encoder: JSON keyword arguments of the HF backend (default: the rollout's, so the "
+                        "features are computed as the routed runs of the cell will compute them)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -241,8 +243,9 @@ def main(argv=None):
         style = prompts.get(**spec["agent"]["prompt"])
         ag = spec["agent"]
         sampling = Sampling(ag["max_new_tokens"], ag["temperature"], ag["top_p"], seed=ag["seed"], stop=style.stop)
-        encoder = ProposalEncoder(llm.load("hf", a.low, **json.loads(a.backend_kwargs)), style, sampling,
-                                  ag.get("constrained", False), precision=a.precisions[1])
+        kwargs = json.loads(a.backend_kwargs) if a.backend_kwargs else spec.get("backend_kwargs", {})
+        encoder = ProposalEncoder(llm.load("hf", a.low, **kwargs), style, sampling, ag.get("constrained", False),
+                                  precision=a.precisions[1])
         emb = proposal_features(encoder, a.rollout, df, progress=not a.quiet)
     else:
         encoder = StepEncoder()
@@ -272,7 +275,7 @@ def main(argv=None):
     split = np.array(["val" if t in val_eps else "train" for t in tasks])
     router = Router(net, encoder, a.precisions, threshold=0.5, eligible=tuple(a.step_types))
     a.out.mkdir(parents=True, exist_ok=True)
-    router.save(a.out)
+    router.save(a.out, {"low": a.low} if kind == PROPOSAL else None)
     n_llm = llm_params(a.llm) if a.llm else None
     n_router = param_count(net)
     # The proposal encoder is the low model the run serves anyway: no parameters of its own.

@@ -11,6 +11,7 @@ text per episode and runs one batched Transformer pass over all concurrent episo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -93,6 +94,7 @@ class ProposalEncoder:
                              f"{getattr(backend, 'name', backend)!r} does not expose the model (use the HF backend)")
         self.backend, self.style, self.sampling, self.constrained = backend, style, sampling, constrained
         self.precision = precision  # the name of the low precision whose proposals these are
+        self.calls = 0  # sampled proposals draw from seed * 1_000_003 + call, as the agent's own decodes do
         cfg = backend.model.config
         self.hidden = cfg.hidden_size
         self.dim = 2 * (cfg.num_hidden_layers + 1) * cfg.hidden_size
@@ -103,10 +105,12 @@ class ProposalEncoder:
         """[N, dim]: per (prompt, proposal), the layer-normalised hidden states of every layer at the
         prompt's last token and averaged over the proposal's tokens."""
         rows = []
+        model = self.backend.model
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model  # no vocabulary-sized logits
         for text, g in zip(prompts, gens):
             pids = self.backend.encode(text)
             ids = torch.tensor([pids + list(g.token_ids)], device=self.backend.device)
-            hs = self.backend.model(ids, output_hidden_states=True).hidden_states
+            hs = body(input_ids=ids, output_hidden_states=True).hidden_states
             at = [h[0, len(pids) - 1] for h in hs]
             mean = [h[0, len(pids):].mean(0) for h in hs] if g.token_ids else at
             rows.append(F.layer_norm(torch.stack(at + mean).float(), (self.hidden,)).flatten().cpu())
@@ -114,7 +118,11 @@ class ProposalEncoder:
 
     def embed(self, contexts: list[StepContext]) -> torch.Tensor:
         """The low model's proposals at these steps (kept in `generations`) and their embeddings."""
-        texts, _, gens = propose(self.backend, self.style, self.sampling, contexts, self.constrained)
+        sampling = self.sampling
+        if sampling.temperature > 0 and sampling.seed is not None:
+            sampling = replace(sampling, seed=sampling.seed * 1_000_003 + self.calls)
+        self.calls += 1
+        texts, _, gens = propose(self.backend, self.style, sampling, contexts, self.constrained)
         self.generations = {(c.episode, c.step): g for c, g in zip(contexts, gens)}
         return self.states(texts, gens)
 
@@ -353,10 +361,15 @@ def load_router(d: str | Path, threshold: float = 0.5, eligible: tuple | None = 
     eligible = tuple(meta.get("eligible", ("action",)) if eligible is None else eligible)
     if meta["encoder"] == PROPOSAL and not isinstance(encoder, ProposalEncoder):
         low = meta["precisions"][1]
-        if not backends or low not in backends or style is None or sampling is None:
+        if backends is None or style is None or sampling is None:
             raise ValueError(f"{d}: a proposal router reads the low model {low!r} as it proposes; give the run's "
                              "backends, prompt style and sampling (dmr.agent does)")
+        if low not in backends:
+            raise ValueError(f"{d}: a proposal router reads the low model {low!r}, but the run has {sorted(backends)}")
         encoder = ProposalEncoder(backends[low], style, sampling, constrained, precision=low)
-    elif meta["encoder"] != PROPOSAL and isinstance(encoder, ProposalEncoder):
+    elif meta["encoder"] == PROPOSAL:  # a ProposalEncoder given: it must propose for the router's low precision
+        if encoder.precision != meta["precisions"][1]:
+            raise ValueError(f"{d}: routes {meta['precisions']}, the encoder proposes for {encoder.precision!r}")
+    elif isinstance(encoder, ProposalEncoder):
         raise ValueError(f"{d}: a text router cannot read a proposal encoder")
     return Router(net, encoder or StepEncoder(device=device), meta["precisions"], threshold, eligible, device)

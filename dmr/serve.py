@@ -21,9 +21,11 @@ with its `model` replaced) or a local checkpoint run in-process by the HF backen
 """
 import argparse
 import hashlib
+import json
 import threading
 import time
 from collections import Counter, deque
+from pathlib import Path
 
 from dmr import llm
 from dmr.calibrate import budget_threshold
@@ -31,7 +33,7 @@ from dmr.llm import Sampling
 from dmr.llm.server import free_port
 from dmr.prompts import Episode
 from dmr.prompts.react import React
-from dmr.router import load_router
+from dmr.router import PROPOSAL, load_router
 from dmr.routing import StepContext
 
 
@@ -272,17 +274,18 @@ def build(router_dir: str, high: str, low: str, budget: float | None = None, cal
     if (threshold is None) == (budget is None):
         raise SystemExit("give exactly one of --budget (with the router's calibration.json) and --threshold")
     if budget is not None:
-        from pathlib import Path
-
         calibration = calibration or str(Path(router_dir) / "calibration.json")
         threshold = budget_threshold(calibration, budget)
+    meta = json.loads((Path(router_dir) / "router.json").read_text())
+    if meta.get("encoder") == PROPOSAL:
+        raise SystemExit(f"{router_dir}: a proposal router (route.router.encoder: proposal) reads the low model's hidden "
+                         "states in-process; the proxy only forwards requests to servers. Route it with dmr.agent, or "
+                         "serve a text router (encoder: text)")
     router = load_router(router_dir, threshold=threshold)
     return Proxy(router, upstream(high, **backend_kwargs), upstream(low, **backend_kwargs), React(prefix=prefix))
 
 
 def main(argv=None):
-    import json
-
     import uvicorn
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

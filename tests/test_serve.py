@@ -94,3 +94,11 @@ def test_bad_requests_get_4xx_and_the_proxy_stays_up(proxy_url, path, payload, n
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": "Your task is to: x.\nYou see y.\n>", "max_tokens": 4,
                                                    "temperature": 0}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_a_proposal_router_is_refused_by_name(tmp_path):
+    from dmr.serve import build
+
+    save_router(RouterNet(layers=1, window=1), tmp_path, ["bf16", "low"], encoder="proposal")
+    with pytest.raises(SystemExit, match="proposal router"):
+        build(str(tmp_path), "unused-high", "unused-low", threshold=0.5)

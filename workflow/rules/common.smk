@@ -47,6 +47,11 @@ def _check_cells():
     if grpo and grpo["lambda"] not in grpo["lambdas"]:
         raise ValueError(f"grpo.lambda {grpo['lambda']} is not in grpo.lambdas {grpo['lambdas']}")
     route = config.get("route", {})
+    if route.get("router", {}).get("encoder") == "proposal" and config["backend"]["name"] != "hf":
+        raise ValueError(
+            f"route.router.encoder 'proposal' reads the low model's hidden states in-process: it needs backend.name "
+            f"'hf', not {config['backend']['name']!r} (set route.router.encoder: text, the paper's router)"
+        )
     missing = set(route.get("baseline_budgets", [])) - set(route.get("budgets", []))
     if missing:
         raise ValueError(
@@ -587,7 +592,12 @@ def ablation_variants():
 
 def is_cell_router(variant):
     r = route_cfg().get("router", {})
-    return variant in (f"depth{r.get('layers', 8)}", "tau-auto", "steps-ao", f"encoder-{r.get('encoder', 'text')}")
+    encoder = r.get("encoder", "text")
+    # An encoder variant has its own window (text 50, proposal 1): the cell's router only where they agree.
+    same = r.get("window", 50) == (50 if encoder == "text" else 1)
+    return variant in (f"depth{r.get('layers', 8)}", "tau-auto", "steps-ao") or (
+        same and variant == f"encoder-{encoder}"
+    )
 
 
 def ablation_router(w, variant):
