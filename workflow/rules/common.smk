@@ -158,7 +158,7 @@ wildcard_constraints:
     policy="[A-Za-z0-9_.:-]+",
     seed=r"\d+",
     run=r"seed\d+|train|calib|probe",
-    variant=r"base|depth\d+|tau-[a-z-]+|steps-(ao|as)",
+    variant=r"base|depth\d+|tau-[a-z-]+|steps-(ao|as)|encoder-(text|proposal)",
     lam=r"[0-9.]+",
 
 
