@@ -1,5 +1,5 @@
 # dmr: Dynamic Mixed-Precision Routing, as a Snakemake workflow.
-# Layout of results/ is documented in README.md ("Results layout").
+# Layout of results/ is documented in docs/results.md.
 from snakemake.utils import min_version
 
 min_version("9.0")
