@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dmr.router import ENCODERS, PROPOSAL, ProposalEncoder, Router, RouterNet, StepEncoder, pad_windows, param_count
-from dmr.routing import StepContext, step_text
+from dmr.routing import replay_contexts, step_text
 
 
 def class_weights(labels, n_classes: int = 2) -> torch.Tensor:
@@ -50,28 +50,27 @@ def proposal_features(encoder: ProposalEncoder, rollout: Path, df, batch: int = 
     """The proposal encoder's embedding of every row of a steps table (sorted by task, step): the
     rollout's episodes replayed `batch` at a time, the low model proposing at each step as it would
     have in the agent's place (its prompt holds the bf16 history up to the step)."""
-    from dmr.kl import episodes_of, executed
+    import polars as pl
 
-    wanted = set(zip(df["task"].to_list(), df["step"].to_list()))
-    eps = [(e, s) for e, s in episodes_of(rollout) if any((e["task"], t) in wanted for t in range(len(s)))]
+    tasks = df["task"].unique().to_list()
+    steps = pl.read_parquet(rollout / "steps.parquet").filter(pl.col("task").is_in(tasks))
+    eps = replay_contexts(steps, pl.read_parquet(rollout / "episodes.parquet"))
     rows: dict = {}
-    bar = tqdm(total=len(wanted), desc="proposal encoder", disable=not progress)
+    bar = tqdm(total=steps.height, desc="proposal encoder", disable=not progress)
     for k in range(0, len(eps), batch):
         group = eps[k:k + batch]
-        for t in range(max(len(s) for _, s in group)):
-            ctxs = [StepContext(e["task"], t, e["goal"], [(executed(s[i]), s[i + 1]["observation"]) for i in range(t)],
-                                s[t]["observation"], s[t].get("admissible") or [], s[t].get("step_type") or "action",
-                                s[0]["observation"]) for e, s in group if t < len(s)]
-            for c, row in zip(ctxs, encoder.embed(ctxs)):
-                rows[(c.episode, c.step)] = row
-            bar.update(sum((c.episode, c.step) in wanted for c in ctxs))
-        for e, _ in group:
-            encoder.backend.end_session(e["task"])
+        for t in range(max(len(ctx) for ctx in group)):
+            ctxs = [ctx[t] for ctx in group if t < len(ctx)]
+            rows.update(((c.episode, c.step), row) for c, row in zip(ctxs, encoder.embed(ctxs)))
+            bar.update(len(ctxs))
+        for ctx in group:
+            encoder.backend.end_session(ctx[0].episode)
     bar.close()
-    missing = wanted - rows.keys()
+    keys = list(zip(df["task"].to_list(), df["step"].to_list()))
+    missing = [k for k in keys if k not in rows]
     if missing:
-        raise SystemExit(f"{rollout}: {len(missing)} steps of the KL table are not in the rollout (e.g. {min(missing)})")
-    return torch.stack([rows[k] for k in zip(df["task"].to_list(), df["step"].to_list())])
+        raise SystemExit(f"{rollout}: {len(missing)} steps of the KL table are not in the rollout (e.g. {missing[0]})")
+    return torch.stack([rows[k] for k in keys])
 
 
 def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list[int]]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from dmr.routing import StepContext
+from dmr.routing import replay_contexts
 
 W3_FACTOR = 1.15
 
@@ -94,21 +94,6 @@ def config_coefficients(given: dict, quants: list[str], high: str = "bf16") -> t
             raise ValueError(f"latency.coefficients has no value for {q!r} and no `low` default")
         per[q] = given.get(q, given.get("low")) / 1e3
     return per, given["router"] / 1e3
-
-
-def replay_contexts(steps: pl.DataFrame, episodes: pl.DataFrame):
-    """StepContexts of recorded episodes, per episode in step order (what the agent showed the router)."""
-    goals = dict(zip(episodes["task"], episodes["goal"]))
-    out = []
-    for (task,), df in steps.sort("task", "step").group_by("task", maintain_order=True):
-        rows = df.to_dicts()
-        ctx = []
-        for i, r in enumerate(rows):
-            history = [(rows[j + 1]["prev_action"], rows[j + 1]["observation"]) for j in range(i)]
-            ctx.append(StepContext(task, i, goals[task], history, r["observation"], r.get("admissible") or [],
-                                   step_type=r["step_type"], first=rows[0]["observation"]))
-        out.append(ctx)
-    return out
 
 
 def router_coefficient(router, episodes_ctx, shards: int, limit: int | None = None, progress: bool = True) -> dict:

@@ -127,10 +127,8 @@ class KLProbe:
         self.last_kl = kls
         # bf16's proposal where the router chose bf16; the router's own (a proposal router's low
         # proposal) where it chose low.
-        own = getattr(self.router, "generations", None) or {}
-        self.generations = {(c.episode, c.step): g if d == self.oracle.high else own.get((c.episode, c.step))
-                            for c, g, d in zip(contexts, gens, choice)}
-        self.generations = {k: g for k, g in self.generations.items() if g is not None}
+        self.generations = dict(getattr(self.router, "generations", None) or {})
+        self.generations.update({(c.episode, c.step): g for c, g, d in zip(contexts, gens, choice) if d == self.oracle.high})
         return choice
 
     def __getattr__(self, name):
@@ -156,8 +154,8 @@ class StepTypeGate:
         # What the wrapped router decoded for a step it kept low (a proposal router's proposal)
         # is no action for a step forced high.
         ready = getattr(self.router, "generations", None) or {}
-        self.generations = {k: g for k, g in ready.items()
-                            if not any(f and (c.episode, c.step) == k for c, f in zip(contexts, forced))}
+        high = {(c.episode, c.step) for c, f in zip(contexts, forced) if f}
+        self.generations = {k: g for k, g in ready.items() if k not in high}
         return [self.high if f else d for f, d in zip(forced, choice)]
 
     def __getattr__(self, name):

@@ -246,13 +246,7 @@ class Router:
         W, plan, texts = self.net.window, [], []
         for c in contexts:
             n = len(c.history) + 1  # steps so far, the current one included
-            goal, seen, rows = self.cache.get(c.episode, (None, -1, None))
-            if goal == c.goal and seen == n - 1:  # the usual case: one new step
-                keep = rows
-            elif goal == c.goal and seen == n:  # the same step again: its observation may have changed
-                keep = rows[:-1]
-            else:  # unknown or stale episode (resumed run, reused key): rebuild what the window holds
-                keep = None
+            keep = self._kept(c)
             new = episode_texts(c, n - 1 if keep is not None else max(0, n - W))
             plan.append((c, n, keep, len(new)))
             texts += new
@@ -265,14 +259,22 @@ class Router:
             out.append(e)
         return out
 
+    def _kept(self, c: StepContext) -> torch.Tensor | None:
+        """The cached embeddings of the episode's earlier steps, or None to rebuild them."""
+        n = len(c.history) + 1  # steps so far, the current one included
+        goal, seen, rows = self.cache.get(c.episode, (None, -1, None))
+        if goal == c.goal and seen == n - 1:  # the usual case: one new step
+            return rows
+        if goal == c.goal and seen == n:  # the same step again: its observation may have changed
+            return rows[:-1]
+        return None  # unknown or stale episode (resumed run, reused key)
+
     def _proposal_embeddings(self, contexts: list[StepContext]) -> list[torch.Tensor]:
         rows, out = self.encoder.embed(contexts).to(self.device), []
         for c, row in zip(contexts, rows):
-            n = len(c.history) + 1
-            goal, seen, prev = self.cache.get(c.episode, (None, -1, None))
-            keep = prev if goal == c.goal and seen == n - 1 else prev[:-1] if goal == c.goal and seen == n else None
+            keep = self._kept(c)
             e = row[None] if keep is None else torch.cat([keep, row[None]])[-self.net.window:]
-            self.cache[c.episode] = (c.goal, n, e)
+            self.cache[c.episode] = (c.goal, len(c.history) + 1, e)
             out.append(e)
         return out
 

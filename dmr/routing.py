@@ -55,3 +55,18 @@ def propose(backend, style, sampling, contexts: list[StepContext], constrained: 
     texts = [style.render(backend.tokenizer, v) for v in views]
     allowed = [constraint(style, c.admissible) for c in contexts] if constrained else None
     return texts, keys, backend.generate(texts, sampling, allowed, sessions=keys)
+
+
+def replay_contexts(steps, episodes):
+    """StepContexts of recorded episodes, per episode in step order (what the agent showed the router)."""
+    goals = dict(zip(episodes["task"], episodes["goal"]))
+    out = []
+    for (task,), df in steps.sort("task", "step").group_by("task", maintain_order=True):
+        rows = df.to_dicts()
+        ctx = []
+        for i, r in enumerate(rows):
+            history = [(rows[j + 1]["prev_action"], rows[j + 1]["observation"]) for j in range(i)]
+            ctx.append(StepContext(task, i, goals[task], history, r["observation"], r.get("admissible") or [],
+                                   step_type=r["step_type"], first=rows[0]["observation"]))
+        out.append(ctx)
+    return out
