@@ -176,6 +176,11 @@ def main(argv=None):
     p.add_argument("--calibration", default=None, help="dmr: calibration.json (dmr.calibrate), with --budget")
     p.add_argument("--budget", type=float, default=None, help="dmr: high-precision budget K")
     p.add_argument("--kl", default=None, help="oracle: KL pool steps.parquet (dmr.kl)")
+    p.add_argument("--pace", type=float, default=None,
+                   help="dmr: per-episode budget; a step goes high only while the episode's high steps stay "
+                        "within PACE x its routed steps so far + --burst, and the threshold is capped at the router's "
+                        "decision boundary 0.5 (dmr.router.Router.set_pace)")
+    p.add_argument("--burst", type=float, default=0.0, help="dmr with --pace: high steps allowed ahead of the pace")
     p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
                    help="step types routed policies decide (e.g. click); other steps are forced to the first "
                         "--model (paper App. C.1: WebShop search steps run bf16). Default: every step")
@@ -207,7 +212,7 @@ def main(argv=None):
                          threshold=a.threshold, calibration=a.calibration, budget=a.budget, kl=a.kl,
                          router_steps=a.router_steps, backends=backends, style=style,
                          sampling=Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop),
-                         constrained=cfg.constrained)
+                         constrained=cfg.constrained, pace=a.pace, burst=a.burst)
     if a.probe_kl:
         if len(models) < 2:
             raise SystemExit("--probe-kl needs a high and a low --model")
@@ -220,6 +225,7 @@ def main(argv=None):
             "models": {k: fingerprint(v) for k, v in models.items()}, "policy": a.policy, "backend": a.backend,
             "backend_kwargs": backend_kwargs, "agent": asdict(cfg), "probe_kl": a.probe_kl,
             "routing": {k: getattr(a, k) for k in ("p", "threshold", "budget")}
+            | ({"pace": a.pace, "burst": a.burst} if a.pace is not None else {})
             | ({"router_steps": a.router_steps} if a.router_steps else {})
             | {k: fingerprint(getattr(a, k)) if getattr(a, k) else None for k in ("match", "router", "calibration", "kl")}
             | {"effective": {k: getattr(router, k) for k in ("p", "threshold", "tau") if hasattr(router, k)}}}

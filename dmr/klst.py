@@ -6,6 +6,12 @@ means "needs the high precision" (class 0, the router's first precision). The lo
 with class weights inversely proportional to class frequency, w_c = N / (C * n_c), because positives
 are rare by construction. Episodes, not steps, are split into train and validation, so no episode
 leaks across; the checkpoint kept is the epoch with the best validation balanced accuracy.
+
+`--dagger` adds the states the router meets when it routes (DAgger, beyond the paper): routed runs
+of other training tasks with each step's true KL measured (dmr.agent --probe-kl). The bf16 pool
+only holds states bf16 reaches; a routed agent that took a wrong low-precision action is somewhere
+bf16 never goes, and a router trained on bf16 states alone scores those states by their surface
+(late, "Nothing happens.") and spends its budget there. The same tau labels them.
 """
 from __future__ import annotations
 
@@ -73,14 +79,40 @@ def proposal_features(encoder: ProposalEncoder, rollout: Path, df, batch: int = 
     return torch.stack([rows[k] for k in keys])
 
 
+def dagger_table(run: Path):
+    """A routed probe run (dmr.agent --probe-kl) as a KL table: every step, its measured true KL as
+    `kl` (null where the probe measured none) and the columns the text encoder reads."""
+    import polars as pl
+
+    steps = pl.read_parquet(run / "steps.parquet")
+    if "true_kl" not in steps.columns or steps["true_kl"].drop_nulls().len() == 0:
+        raise SystemExit(f"--dagger {run}: no measured true_kl (route it with dmr.agent --probe-kl)")
+    goals = pl.read_parquet(run / "episodes.parquet").select("task", "goal")
+    return (steps.join(goals, on="task", how="left")
+            .select("task", "step", "step_type", pl.col("true_kl").cast(pl.Float64).alias("kl"), "goal",
+                    "prev_action", "observation")
+            .sort("task", "step"))
+
+
+def features(encoder, kind: str, rollout: Path | None, df, progress: bool = True) -> torch.Tensor:
+    """The step encoder's embedding of every row of a steps table (sorted by task, step)."""
+    if kind == PROPOSAL:
+        return proposal_features(encoder, rollout, df, progress=progress)
+    texts = step_texts(df)
+    uniq = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(uniq)}
+    return encoder.encode(uniq, progress=progress)[[where[t] for t in texts]]
+
+
 def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list[int]]:
-    """For each eligible row: the row indices of its episode's last `window` steps up to it."""
+    """For each eligible row with a KL: the row indices of its episode's last `window` steps up to it."""
     tasks, types = df["task"].to_list(), df["step_type"].to_list()
+    kl = df["kl"].to_list() if "kl" in df.columns else [0.0] * len(tasks)
     out, rows, start = [], [], 0
     for r in range(len(tasks)):
         if r and tasks[r] != tasks[r - 1]:
             start = r
-        if types[r] in eligible:
+        if types[r] in eligible and kl[r] is not None and kl[r] == kl[r]:
             out.append(list(range(max(start, r - window + 1), r + 1)))
             rows.append(r)
     return out, rows
@@ -202,6 +234,9 @@ def main(argv=None):
     p.add_argument("--backend-kwargs", default=None,
                    help="proposal encoder: JSON keyword arguments of the HF backend (default: the rollout's, so the "
                         "features are computed as the routed runs of the cell will compute them)")
+    p.add_argument("--dagger", nargs="+", type=Path, default=[],
+                   help="routed probe runs (dmr.agent --probe-kl) of other training tasks: their states join the "
+                        "training set, labelled by their measured true KL with the same tau (DAgger)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -245,13 +280,19 @@ def main(argv=None):
         kwargs = json.loads(a.backend_kwargs) if a.backend_kwargs else spec.get("backend_kwargs", {})
         encoder = ProposalEncoder(llm.load("hf", a.low, **kwargs), style, sampling, ag.get("constrained", False),
                                   precision=a.precisions[1])
-        emb = proposal_features(encoder, a.rollout, df, progress=not a.quiet)
     else:
         encoder = StepEncoder()
-        texts = step_texts(df)
-        uniq = list(dict.fromkeys(texts))
-        where = {t: i for i, t in enumerate(uniq)}
-        emb = encoder.encode(uniq, progress=not a.quiet)[[where[t] for t in texts]]
+    cols = ["task", "step", "step_type", "kl", "goal", "prev_action", "observation"]
+    df = df.select(cols).with_columns(source=pl.lit("pool"))
+    emb = features(encoder, kind, a.rollout, df, not a.quiet)
+    for run in a.dagger:
+        extra = dagger_table(run)
+        clash = set(extra["task"].unique()) & set(df["task"].unique())
+        if clash:
+            raise SystemExit(f"--dagger {run}: its tasks must not be the KL pool's or another run's "
+                             f"(e.g. {sorted(clash)[0]}); route other training tasks")
+        emb = torch.cat([emb, features(encoder, kind, run, extra, not a.quiet)])
+        df = pl.concat([df, extra.with_columns(source=pl.lit(f"dagger:{run}"))])
     arch = {"n_classes": 2, "in_dim": encoder.dim, **arch}
     torch.manual_seed(a.seed)  # the initial weights, not whatever loading the encoder left in the global RNG
     net = RouterNet(**arch)
@@ -262,9 +303,15 @@ def main(argv=None):
     kl = df["kl"].to_numpy()[rows]
     y = [0 if v > tau else 1 for v in kl]  # class 0 = high precision = KL above tau
     tasks = df["task"].to_numpy()[rows]
-    episodes = sorted(set(tasks))
-    random.Random(a.seed).shuffle(episodes)
-    val_eps = set(episodes[:int(round(a.val_fraction * len(episodes)))])
+    source = df["source"].to_numpy()[rows]
+    # The pool's validation episodes do not depend on --dagger (ablations and diagnostics compare
+    # routers on them); each DAgger run holds out the same fraction of its own episodes.
+    val_eps, episodes = set(), []
+    for src in dict.fromkeys(source):
+        eps = sorted(set(tasks[source == src]))
+        random.Random(a.seed).shuffle(eps)
+        val_eps |= set(eps[:int(round(a.val_fraction * len(eps)))])
+        episodes += eps
     train_idx = [i for i, t in enumerate(tasks) if t not in val_eps]
     val_idx = [i for i, t in enumerate(tasks) if t in val_eps]
     fit = train(net, emb, wins, y, train_idx, val_idx, a.epochs, a.batch_size, a.lr, a.seed, a.max_minutes, not a.quiet)
@@ -283,6 +330,9 @@ def main(argv=None):
         "tau": tau, "steps": len(rows), "episodes": len(episodes), "positive_fraction": float((yy == 0).mean()),
         "train_bacc": balanced_accuracy(pred[split == "train"], yy[split == "train"]),
         "val_bacc": balanced_accuracy(pred[split == "val"], yy[split == "val"]),
+        "val_bacc_pool": balanced_accuracy(pred[(split == "val") & (source == "pool")],
+                                           yy[(split == "val") & (source == "pool")]),
+        "dagger": {str(r): int((source == f"dagger:{r}").sum()) for r in a.dagger},
         "best_epoch": fit["epoch"], "class_weights": fit["class_weights"], "history": fit["history"],
         "minutes": fit["minutes"], "capped": fit["capped"], "arch": arch, "encoder": kind,
         "params": {"router": n_router, "encoder": n_encoder, "llm": n_llm,
@@ -291,7 +341,7 @@ def main(argv=None):
     (a.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     pl.DataFrame({"task": df["task"].to_numpy()[rows], "step": df["step"].to_numpy()[rows],
                   "step_type": df["step_type"].to_numpy()[rows], "kl": kl,
-                  "label": (yy == 0).astype(int), "score": probs[:, 0].numpy(), "split": split}
+                  "label": (yy == 0).astype(int), "score": probs[:, 0].numpy(), "split": split, "source": source}
                  ).write_parquet(a.out / "train_scores.parquet")
     rel = f"{100 * metrics['params']['router_vs_llm']:.0f}% of the LLM" if n_llm else "LLM size unknown"
     print(f"router: {n_router:,} parameters ({rel}; frozen encoder {n_encoder:,}); tau {tau:.3e}, "

@@ -182,7 +182,7 @@ def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float |
                 match: str | None = None, router: str | None = None, threshold: float | None = None,
                 calibration: str | None = None, budget: float | None = None, kl: str | None = None,
                 router_steps=None, backends: dict | None = None, style=None, sampling=None,
-                constrained: bool = False):
+                constrained: bool = False, pace: float | None = None, burst: float = 0.0):
     """Build the router of a policy; `precisions[0]` is the high precision.
 
     full | quant: fixed. random: high with probability `p`, or with the realised high fraction of
@@ -194,10 +194,14 @@ def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float |
     random with p=P. `router_steps`: the step types routed policies decide; the others are forced
     to the high precision (StepTypeGate), and matched fractions and KL quantiles are taken over
     those types only. `constrained`: the agent decodes only admissible actions, so the oracle's
-    proposals must too."""
+    proposals must too. `pace`, `burst` (dmr): per-episode pacing (Router.set_pace)."""
     router = _make_router(policy, precisions, seed, p=p, match=match, router=router, threshold=threshold,
                           calibration=calibration, budget=budget, kl=kl, router_steps=router_steps,
                           backends=backends, style=style, sampling=sampling, constrained=constrained)
+    if pace is not None:
+        if policy != "dmr":
+            raise ValueError(f"--pace paces the learned router (policy dmr), not {policy!r}")
+        router.set_pace(pace, burst)
     if router_steps and not isinstance(router, Fixed):
         return StepTypeGate(router, router_steps, precisions[0])
     return router

@@ -215,6 +215,11 @@ def episode_texts(c: StepContext, start: int = 0) -> list[str]:
     return texts
 
 
+# The router's own decision boundary on p_high: class-weighted CE balances the classes, so a step
+# it scores at 0.5 or more is one it takes for "needs the high precision" (1[KL > tau]).
+DECISION = 0.5
+
+
 class Router:
     """The `decide` interface of dmr.routing backed by a trained RouterNet. The agent should call
     end_session(key) when an episode ends, as it does for backends, or the cache keeps its rows.
@@ -223,7 +228,7 @@ class Router:
     most probable of the low classes: the threshold trades only high against not-high.
     """
 
-    def __init__(self, net: RouterNet, encoder: StepEncoder, precisions: list[str], threshold: float = 0.5,
+    def __init__(self, net: RouterNet, encoder: StepEncoder, precisions: list[str], threshold: float = DECISION,
                  eligible: tuple = ("action",), device: str = "cpu"):
         if len(precisions) != net.n_classes:
             raise ValueError(f"router has {net.n_classes} classes but {len(precisions)} precisions were given")
@@ -231,11 +236,28 @@ class Router:
         self.encoder, self.precisions = encoder, list(precisions)
         self.threshold, self.eligible, self.device = threshold, tuple(eligible), device
         self.cache: dict[str, tuple[str, int, torch.Tensor]] = {}  # episode -> (goal, steps seen, last rows)
+        # Per-episode pacing (None: off): a step goes high only while the episode's high steps stay
+        # within pace * (its routed steps so far) + burst.
+        self.pace: float | None = None
+        self.burst: float = 0.0
+        self.spent: dict[str, tuple[int, int]] = {}  # episode -> (routed steps, high steps)
         self.last_scores: list[float | None] | None = None
         self.generations: dict = {}
 
     def end_session(self, key: str) -> None:
         self.cache.pop(key, None)
+        self.spent.pop(key, None)
+
+    def set_pace(self, pace: float, burst: float = 0.0) -> None:
+        """Per-episode pacing at budget `pace`: a step goes high only while the episode's high steps
+        stay within pace x its routed steps so far + `burst`. The pace holds the budget, so the
+        threshold is capped at the decision boundary: above it the router would refuse steps it
+        says need bf16, at a small budget the critical early ones, and an episode derailed by a
+        missed one spends its bf16 steps on a long tail of high-scoring states instead."""
+        if not 0 < pace <= 1 or burst < 0:
+            raise ValueError(f"pace must be in (0, 1] and burst >= 0, got pace {pace}, burst {burst}")
+        self.pace, self.burst = pace, burst
+        self.threshold = min(self.threshold, DECISION)
 
     def _embeddings(self, contexts: list[StepContext]) -> list[torch.Tensor]:
         """Each context's step embeddings [<= window, D], from the cache plus one new encoded text
@@ -308,8 +330,11 @@ class Router:
         if routed:
             for i, p in zip(routed, self._probs([embs[i] for i in routed])):
                 scores[i] = p[0]
-                if p[0] < self.threshold:
+                n, high = self.spent.get(contexts[i].episode, (0, 0))
+                paced = self.pace is not None and high + 1 > self.pace * (n + 1) + self.burst
+                if p[0] < self.threshold or paced:
                     choice[i] = self.precisions[1 + max(range(len(p) - 1), key=lambda j: p[1 + j])]
+                self.spent[contexts[i].episode] = (n + 1, high + (choice[i] == self.precisions[0]))
         self.last_scores = scores
         self.generations = self.proposals(contexts, choice)
         return choice

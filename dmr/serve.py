@@ -270,7 +270,8 @@ def start_background(proxy: Proxy, host: str = "127.0.0.1"):
 
 
 def build(router_dir: str, high: str, low: str, budget: float | None = None, calibration: str | None = None,
-          threshold: float | None = None, prefix: str = "", **backend_kwargs) -> Proxy:
+          threshold: float | None = None, prefix: str = "", pace: float | None = None, burst: float = 0.0,
+          **backend_kwargs) -> Proxy:
     if (threshold is None) == (budget is None):
         raise SystemExit("give exactly one of --budget (with the router's calibration.json) and --threshold")
     if budget is not None:
@@ -282,6 +283,8 @@ def build(router_dir: str, high: str, low: str, budget: float | None = None, cal
                          "states in-process; the proxy only forwards requests to servers. Route it with dmr.agent, or "
                          "serve a text router (encoder: text)")
     router = load_router(router_dir, threshold=threshold)
+    if pace is not None:
+        router.set_pace(pace, burst)
     return Proxy(router, upstream(high, **backend_kwargs), upstream(low, **backend_kwargs), React(prefix=prefix))
 
 
@@ -295,12 +298,16 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=None, help="high-precision budget K (threshold from calibration.json)")
     p.add_argument("--calibration", default=None, help="calibration.json (default: the router directory's)")
     p.add_argument("--threshold", type=float, default=None, help="a fixed router threshold instead of --budget")
+    p.add_argument("--pace", type=float, default=None,
+                   help="per-episode pacing at this budget (the workflow's route.pace: --pace K with --budget K)")
+    p.add_argument("--burst", type=float, default=0.0, help="with --pace: bf16 steps an episode may take ahead of it")
     p.add_argument("--prefix", default="", help="few-shot prefix the agent's ReAct prompts start with")
     p.add_argument("--backend-kwargs", default="{}", help="JSON kwargs of in-process HF backends")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     a = p.parse_args(argv)
-    proxy = build(a.router, a.high, a.low, a.budget, a.calibration, a.threshold, a.prefix, **json.loads(a.backend_kwargs))
+    proxy = build(a.router, a.high, a.low, a.budget, a.calibration, a.threshold, a.prefix, a.pace, a.burst,
+                  **json.loads(a.backend_kwargs))
     print(f"routing between {proxy.precisions} at threshold {proxy.router.threshold:.4f} on http://{a.host}:{a.port}")
     uvicorn.run(app(proxy), host=a.host, port=a.port, log_level="warning")
 

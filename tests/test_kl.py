@@ -300,3 +300,46 @@ def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_
     assert {s["precision"] for s in routed(-1.0, tmp_path / "all-high")} == {"bf16"}
     with pytest.raises(ValueError, match="backends"):
         make_router("dmr", ["bf16", "low"], router=str(r), threshold=0.5)
+
+
+def test_dagger_adds_the_routed_states_labelled_by_their_true_kl(tiny_world, noisy_model, tmp_path):
+    """dmr.klst --dagger: a routed probe run of other training tasks joins the training set, its
+    steps labelled 1[true_kl > tau]; the KL pool's validation episodes stay those of a router
+    trained without it; a run without measured KL, or one that replays the pool's tasks, is refused."""
+    from dmr import klst
+
+    _, _, model = tiny_world
+    pool = _pool(model, tmp_path / "pool", n=4)
+    kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "low",
+             "--out", str(tmp_path / "kl.parquet"), "--quiet"])
+    tau = float(pl.read_parquet(tmp_path / "kl.parquet")["kl"].median())
+    (tmp_path / "threshold.json").write_text(json.dumps({"tau": tau}))
+
+    def routed(out, offset, probe=True):
+        agent.main(["--env", "household", "--env-kwargs", json.dumps({"max_steps": 6}), "--split", "train",
+                    "--n", "3", "--offset", str(offset), "--model", f"bf16={model}", "--model", f"low={noisy_model}",
+                    "--policy", "random", "--p", "0.3", "--max-new-tokens", "12", "--shards", "3", "--out", str(out),
+                    "--quiet"] + (["--probe-kl"] if probe else []))
+        return out
+
+    def train(out, *dagger):
+        klst.main(["--kl", str(tmp_path / "kl.parquet"), "--threshold", str(tmp_path / "threshold.json"),
+                   "--precisions", "bf16", "low", "--arch", '{"layers": 1, "window": 4}', "--epochs", "2",
+                   "--val-fraction", "0.25", "--out", str(out), "--quiet"] + (["--dagger", *map(str, dagger)] if dagger else []))
+        return pl.read_parquet(out / "train_scores.parquet"), json.loads((out / "metrics.json").read_text())
+
+    probe = routed(tmp_path / "probe", offset=4)
+    base, _ = train(tmp_path / "base")
+    scores, metrics = train(tmp_path / "dagger", probe)
+    steps = pl.read_parquet(probe / "steps.parquet")
+    added = scores.filter(pl.col("source") != "pool").sort("task", "step")
+    assert metrics["dagger"] == {str(probe): steps.height} and added.height == steps.height
+    truth = steps.sort("task", "step")
+    assert added["kl"].to_list() == pytest.approx(truth["true_kl"].to_list())
+    assert added["label"].to_list() == [int(v > tau) for v in truth["true_kl"]]
+    mine = scores.filter(pl.col("source") == "pool").select("task", "step", "split")
+    assert mine.sort("task", "step").equals(base.select("task", "step", "split").sort("task", "step"))
+    with pytest.raises(SystemExit, match="true_kl"):
+        train(tmp_path / "bad", routed(tmp_path / "plain", offset=7, probe=False))
+    with pytest.raises(SystemExit, match="must not be the KL pool's"):
+        train(tmp_path / "clash", routed(tmp_path / "again", offset=0))

@@ -245,7 +245,7 @@ def test_touching_one_router_reruns_only_that_cells_downstream(paper_tree):
     assert Counter(j["rule"] for j in jobs) == {"rollout": 21, "calibrate": 1, "grpo": 1, "calibrate_grpo": 1,
                                                 "evaluate": 1, "rank": 1, "diagnose": 1, "summary": 1, "all": 1}
     assert [j["wildcards"] for j in jobs if j["rule"] == "evaluate"] == [cell]
-    assert [j["wildcards"] for j in jobs if j["rule"] == "calibrate"] == [{**cell, "quant": "gptq_w3a16"}]
+    assert [j["wildcards"] for j in jobs if j["rule"] == "calibrate"] == [{**cell, "quant": "gptq_w3a16", "stage": "router"}]
 
 
 def test_report_has_tables_figures_and_captions(paper_tree):

@@ -197,6 +197,33 @@ def test_decide(encoder):
     assert {k: v[1] for k, v in router.cache.items()} == {f"ep{k}": 4 for k in range(4)}
 
 
+def test_pace_caps_each_episodes_high_steps(encoder):
+    """--pace K --burst B: a step the threshold sends high goes high only while the episode's high
+    steps stay within K x its routed steps so far + B; forced steps do not count; episodes are paced
+    apart, and a new episode under a used key starts afresh."""
+    router = Router(net_(window=8), encoder, ["bf16", "int4"], threshold=0.0)  # every routed step wants high
+    router.set_pace(0.25, 1.0)
+    eps = [episode(k, 12) for k in range(2)]
+    got = {0: [], 1: []}
+    for t in range(12):
+        kinds = {0: "action", 1: "search" if t % 3 == 2 else "action"}
+        for k, d in zip((0, 1), router.decide([context(k, t, eps[k], kinds[k]) for k in (0, 1)])):
+            got[k].append(d)
+    # h + 1 <= 0.25 (n + 1) + 1 with n routed steps and h high steps before: routed steps 0, 3, 7, 11
+    assert [i for i, d in enumerate(got[0]) if d == "bf16"] == [0, 3, 7, 11]
+    routed1 = [d for t, d in enumerate(got[1]) if t % 3 != 2]
+    assert [i for i, d in enumerate(routed1) if d == "bf16"] == [0, 3, 7]
+    assert all(d == "bf16" for t, d in enumerate(got[1]) if t % 3 == 2)  # forced high, not counted
+    router.end_session("ep0")
+    assert router.decide([context(0, 0, eps[0])]) == ["bf16"]
+    # paced, a threshold above the decision boundary comes down to it; a fixed one below stays
+    high = Router(net_(window=8), encoder, ["bf16", "int4"], threshold=0.9)
+    high.set_pace(0.2, 2)
+    assert high.threshold == 0.5 and router.threshold == 0.0
+    with pytest.raises(ValueError, match="pace"):
+        high.set_pace(0.0)
+
+
 def test_three_precisions_pick_the_likeliest_low(encoder):
     net = net_(n_classes=3)
     router = Router(net, encoder, ["bf16", "int4", "int3"], threshold=1.01)

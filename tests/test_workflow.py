@@ -96,6 +96,34 @@ def test_each_seed_evaluates_its_own_test_tasks(tmp_path):
     assert all(f"results/household/tiny/bf16/rollouts/full/seed{s}/episodes.parquet" in table for s in (0, 1, 2))
 
 
+def test_dagger_and_pace_plan_the_rounds_they_name(tmp_path):
+    """route.dagger.tasks > 0: a round-0 router, its calibration run, its routed probe run of training
+    tasks after the KL pool's, and the cell's router trained on both; route.pace adds the pace of each
+    budget to the routed DMR runs, and `pace: null` (the paper's rule) leaves the command as it was."""
+    def edit(c):
+        c["route"]["dagger"] = {"tasks": 5, "budget": 0.4}
+        c["route"]["pace"] = {"burst": 2}
+    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, edit)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
+    cell = "results/household/tiny/gptq_w4a16"
+    (base,) = [c for c in cmds if "dmr.klst " in c and f"--out {cell}/router0 " in c]
+    (final,) = [c for c in cmds if "dmr.klst " in c and f"--out {cell}/router " in c]
+    assert "--dagger" not in base and f"--dagger {cell}/rollouts/dmr0-k0.4/dagger " in final
+    (dagger,) = [c for c in cmds if f"--out {cell}/rollouts/dmr0-k0.4/dagger " in c]
+    kl_tasks = yaml.safe_load((ROOT / "config/micro.yaml").read_text())["route"]["kl_tasks"]
+    for arg in ("--split train", "--n 5", f"--offset {kl_tasks}", f"--router {cell}/router0",
+                f"--calibration {cell}/router0/calibration.json", "--budget 0.4 --pace 0.4 --burst 2", "--probe-kl"):
+        assert arg in dagger, arg
+    assert any(f"--router {cell}/router0 --threshold 0.5" in c and "--split calib" in c for c in cmds)
+    routed = [c for c in cmds if f"--router {cell}/router --calibration" in c]
+    assert routed and all(re.search(r"--budget ([0-9.]+) --pace \1 --burst 2 ", c) for c in routed)
+    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, lambda c: c["route"].__setitem__("pace", None))),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--budget" in r.stdout and "--pace" not in r.stdout and "router0" not in r.stdout
+
+
 @pytest.mark.slow
 def test_micro_end_to_end(tmp_path):
     """The whole DAG of the micro config, for real, then a rerun that has nothing to do."""
@@ -157,10 +185,16 @@ def test_micro_end_to_end(tmp_path):
     calib = pl.read_parquet(cell / "gptq_w4a16/rollouts/dmr-t0.5/calib/episodes.parquet")
     assert calib.height == 8 and set(calib["split"]) == {"calib"}
     dmr_steps = pl.read_parquet(cell / "gptq_w4a16/rollouts/dmr-k0.4/seed0/steps.parquet")
-    tau = cal["thresholds"]["0.4"]
+    # Paced (route.pace, burst 2): the threshold is capped at 0.5, and a step goes high only while the
+    # episode's high steps stay within 0.4 x its steps so far + 2.
+    tau = min(cal["thresholds"]["0.4"], 0.5)
     assert dmr_steps["route_score"].null_count() == 0
-    for r in dmr_steps.iter_rows(named=True):
-        assert (r["precision"] == "bf16") == (r["route_score"] >= tau)
+    for _, ep in dmr_steps.sort("task", "step").group_by("task", maintain_order=True):
+        high = 0
+        for n, r in enumerate(ep.iter_rows(named=True)):
+            want = r["route_score"] >= tau and high + 1 <= 0.4 * (n + 1) + 2
+            assert (r["precision"] == "bf16") == want, (r["task"], r["step"])
+            high += want
     for run in ("bf16/rollouts/full", "gptq_w4a16/rollouts/quant"):
         eps = pl.read_parquet(cell / f"{run}/seed0/episodes.parquet")
         assert eps.height == 4 and set(eps["index"]) == set(range(4))

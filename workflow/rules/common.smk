@@ -157,7 +157,8 @@ wildcard_constraints:
     candidate="p[0-9][.][0-9]+",
     policy="[A-Za-z0-9_.:-]+",
     seed=r"\d+",
-    run=r"seed\d+|train|calib|probe",
+    run=r"seed\d+|train|calib|probe|dagger",
+    stage=r"router0?",
     variant=r"base|depth\d+|tau-[a-z-]+|steps-(ao|as)|encoder-(text|proposal)",
     lam=r"[0-9.]+",
 
@@ -283,7 +284,7 @@ def probe_run(w):
 
 
 def run_split(wildcards):
-    return {"train": "train", "calib": "calib"}.get(wildcards.run, "test")
+    return {"train": "train", "calib": "calib", "dagger": "train"}.get(wildcards.run, "test")
 
 
 def run_seed(wildcards):
@@ -293,11 +294,16 @@ def run_seed(wildcards):
 def run_n(wildcards):
     if wildcards.run == "train":
         return route_cfg().get("kl_tasks", 1000)
+    if wildcards.run == "dagger":
+        return dagger_cfg()["tasks"]
     return bench(wildcards)["tasks"]["calib" if wildcards.run == "calib" else "test"]
 
 
 def run_offset(wildcards):
-    """Seed s of a generated pool evaluates its own test tasks [s*n, (s+1)*n)."""
+    """Seed s of a generated pool evaluates its own test tasks [s*n, (s+1)*n); the DAgger run routes
+    the training tasks after the KL pool's."""
+    if wildcards.run == "dagger":
+        return route_cfg().get("kl_tasks", 1000)
     if run_split(wildcards) != "test" or bench(wildcards).get("tasks_per_seed", "distinct") != "distinct":
         return 0
     return run_seed(wildcards) * bench(wildcards)["tasks"]["test"]
@@ -355,7 +361,9 @@ def rollout_models(wildcards):
 # Routed policies in paths: dmr-tT (learned router at a fixed threshold T), dmr-kK (at the threshold
 # calibrated for budget K), random-kK and oracle-kK (matched to the realised fraction of dmr-kK);
 # grpo-tT and grpo-kK are the same with the GRPO-refined router of `grpo.lambda`.
-POLICY = re.compile(r"(dmr|grpo|random|oracle|uncertainty)-([kt])([0-9.]+)")
+# dmr0-kK routes with the round-0 KL-ST router, trained on the bf16 pool alone, whose routed run of
+# training tasks (run `dagger`) adds the states a routed agent meets to the final router's data.
+POLICY = re.compile(r"(dmr0|dmr|grpo|random|oracle|uncertainty)-([kt])([0-9.]+)")
 
 
 def cell_dir(w):
@@ -363,7 +371,40 @@ def cell_dir(w):
 
 
 def router_dir(w, kind="dmr"):
-    return grpo_router_dir(w) if kind == "grpo" else f"{cell_dir(w)}/{w.quant}/router"
+    if kind == "grpo":
+        return grpo_router_dir(w)
+    return f"{cell_dir(w)}/{w.quant}/{'router0' if kind == 'dmr0' else 'router'}"
+
+
+def pace_arg(budget):
+    """route.pace: each episode's bf16 steps held to the budget K (dmr.router.Router.pace) with
+    `burst` steps ahead of it; the calibrated threshold is then capped at the router's boundary."""
+    pace = route_cfg().get("pace")
+    return f" --pace {budget} --burst {pace['burst']:g}" if pace else ""
+
+
+def dagger_cfg():
+    """route.dagger: {tasks, budget}; tasks 0 trains the router on the bf16 pool alone (the paper)."""
+    return {"tasks": 0, "budget": 0.2, **(route_cfg().get("dagger") or {})}
+
+
+def dagger_runs(w):
+    """The final router's extra data: the round-0 router's routed probe run of training tasks."""
+    d = dagger_cfg()
+    if w.stage != "router" or not d["tasks"]:
+        return []
+    policy = f"dmr0-k{d['budget']:g}"
+    return [f"{run_dir(w.benchmark, w.model, w.quant, policy, 'dagger')}/steps.parquet"]
+
+
+def calib_policy(w):
+    """The calibration pool's routed run of a KL-ST stage: its router at the fixed threshold 0.5."""
+    return "dmr0-t0.5" if w.stage == "router0" else "dmr-t0.5"
+
+
+def dagger_arg(w, input):
+    runs = [os.path.dirname(p) for p in input.dagger]
+    return f" --dagger {' '.join(runs)}" if runs else ""
 
 
 def kl_steps(w):
@@ -376,7 +417,7 @@ def policy_inputs(wildcards):
     if not m:
         return []
     kind, mode, value = m.groups()
-    if kind in ("dmr", "grpo"):
+    if kind in ("dmr", "dmr0", "grpo"):
         rd = router_dir(wildcards, kind)
         return [f"{rd}/router.json"] + ([f"{rd}/calibration.json"] if mode == "k" else [])
     match = f"{run_dir(wildcards.benchmark, wildcards.model, wildcards.quant, f'dmr-k{value}', wildcards.run)}/episodes.parquet"
@@ -389,13 +430,14 @@ def policy_args(wildcards):
         return f"--policy {wildcards.policy}"
     kind, mode, value = m.groups()
     steps = router_steps_arg(wildcards, "grpo" if kind == "grpo" else "dmr")
-    if kind in ("dmr", "grpo"):
+    if kind in ("dmr", "dmr0", "grpo"):
         rd = router_dir(wildcards, kind)
         if mode == "t":
             return f"--policy dmr --router {rd} --threshold {value}{steps}"
-        # The probe run: seed 0's test tasks again, with each step's true KL measured (dmr.diagnose).
-        probe = " --probe-kl" if wildcards.run == "probe" else ""
-        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{steps}{probe}"
+        # The probe run: seed 0's test tasks again, with each step's true KL measured (dmr.diagnose);
+        # the DAgger run measures it on training tasks (the final router's extra labels).
+        probe = " --probe-kl" if wildcards.run in ("probe", "dagger") else ""
+        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace_arg(value)}{steps}{probe}"
     if mode != "k":
         raise ValueError(f"policy {wildcards.policy}: baselines are matched to a budget, write {kind}-k{value}")
     match, *rest = policy_inputs(wildcards)

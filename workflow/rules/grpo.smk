@@ -27,8 +27,8 @@ rule latency:
 
 rule grpo:
     input:
-        router=rules.klst.output.router,
-        weights=rules.klst.output.weights,
+        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.json",
+        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.pt",
         latency=rules.latency.output.coefficients,
         models=kl_models,
     output:

@@ -81,6 +81,8 @@ rule labels:
 
 
 rule klst:
+    # stage `router` is the cell's router; `router0` the round-0 router whose routed run of training
+    # tasks gives the states `router` adds to its data when route.dagger.tasks > 0 (dmr.klst --dagger).
     input:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
@@ -88,15 +90,16 @@ rule klst:
         # The proposal encoder replays the KL pool's rollout with the low model.
         pool=rules.kl.input.pool,
         models=kl_models,
+        dagger=dagger_runs,
     output:
-        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.json",
-        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.pt",
-        metrics=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/metrics.json",
-        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/train_scores.parquet",
+        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/router.json",
+        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/router.pt",
+        metrics=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/metrics.json",
+        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/train_scores.parquet",
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}.log",
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}_{{stage}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst/klst_{{quant}}.tsv"
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst/klst_{{quant}}_{{stage}}.tsv"
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -109,36 +112,37 @@ rule klst:
         train=cli_flags(route_cfg().get("train")),
         pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
         low=lambda w: model_dir(w.benchmark, w.model, w.quant),
-        out=router_dir,
+        dagger=dagger_arg,
+        out=lambda w, output: os.path.dirname(output.router),
     shell:
         "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --precisions bf16 {wildcards.quant} "
         "--llm {params.llm} --step-types {params.steps} --arch {params.arch} {params.train} "
-        "--rollout {params.pool} --low {params.low} --out {params.out} > {log} 2>&1"
+        "--rollout {params.pool} --low {params.low}{params.dagger} --out {params.out} > {log} 2>&1"
 
 
 rule calibrate:
     input:
-        run=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/dmr-t0.5/calib/steps.parquet",
+        run=lambda w: f"{run_dir(w.benchmark, w.model, w.quant, calib_policy(w), 'calib')}/steps.parquet",
         scores=rules.klst.output.scores,
     output:
-        calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/calibration.json",
+        calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/calibration.json",
         figure=report(
-            f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}.png",
+            f"{RESULTS}/{{benchmark}}/{{model}}/figures/{{stage}}_scores_{{quant}}.png",
             caption="../report/router_scores.rst",
             category="KL-ST",
             subcategory="{benchmark}/{model}",
-            labels={"result": "router scores", "scheme": "{quant}"},
+            labels={"result": "{stage} scores", "scheme": "{quant}"},
         ),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}.log",
+        f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}_{{stage}}.log",
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate/calibrate_{{quant}}.tsv"
+        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate/calibrate_{{quant}}_{{stage}}.tsv"
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("calibrate"),
     params:
-        run=lambda w: run_dir(w.benchmark, w.model, w.quant, "dmr-t0.5", "calib"),
+        run=lambda w, input: os.path.dirname(input.run),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
@@ -174,7 +178,7 @@ rule diagnose:
     input:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
-        scores=rules.klst.output.scores,
+        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/train_scores.parquet",
         probe=probe_run,
     output:
         table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/diagnose_{{quant}}.parquet",
