@@ -107,12 +107,13 @@ def features(encoder, kind: str, rollout: Path | None, df, progress: bool = True
 def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list[int]]:
     """For each eligible row with a KL: the row indices of its episode's last `window` steps up to it."""
     tasks, types = df["task"].to_list(), df["step_type"].to_list()
-    kl = df["kl"].to_list() if "kl" in df.columns else [0.0] * len(tasks)
+    # A DAgger run's steps without a measured KL (dagger_table) are context, not examples.
+    labelled = df["kl"].is_not_null().to_list() if "kl" in df.columns else [True] * len(tasks)
     out, rows, start = [], [], 0
     for r in range(len(tasks)):
         if r and tasks[r] != tasks[r - 1]:
             start = r
-        if types[r] in eligible and kl[r] is not None and kl[r] == kl[r]:
+        if types[r] in eligible and labelled[r]:
             out.append(list(range(max(start, r - window + 1), r + 1)))
             rows.append(r)
     return out, rows

@@ -259,6 +259,15 @@ class Router:
         self.pace, self.burst = pace, burst
         self.threshold = min(self.threshold, DECISION)
 
+    def _within_pace(self, episode: str, high: bool) -> bool:
+        """Whether a routed step the threshold sends `high` goes high under the pace; counts it."""
+        if self.pace is None:
+            return high
+        n, spent = self.spent.get(episode, (0, 0))
+        high = high and spent + 1 <= self.pace * (n + 1) + self.burst
+        self.spent[episode] = (n + 1, spent + high)
+        return high
+
     def _embeddings(self, contexts: list[StepContext]) -> list[torch.Tensor]:
         """Each context's step embeddings [<= window, D], from the cache plus one new encoded text
         (or, with the proposal encoder, the current step's proposal: earlier steps' embeddings exist
@@ -330,11 +339,8 @@ class Router:
         if routed:
             for i, p in zip(routed, self._probs([embs[i] for i in routed])):
                 scores[i] = p[0]
-                n, high = self.spent.get(contexts[i].episode, (0, 0))
-                paced = self.pace is not None and high + 1 > self.pace * (n + 1) + self.burst
-                if p[0] < self.threshold or paced:
+                if not self._within_pace(contexts[i].episode, p[0] >= self.threshold):
                     choice[i] = self.precisions[1 + max(range(len(p) - 1), key=lambda j: p[1 + j])]
-                self.spent[contexts[i].episode] = (n + 1, high + (choice[i] == self.precisions[0]))
         self.last_scores = scores
         self.generations = self.proposals(contexts, choice)
         return choice
