@@ -38,19 +38,66 @@ class RandomRouter:
                 for c in contexts]
 
 
-class OracleRouter:
+class MatchedCut:
+    """The cut of a baseline matched to a bf16 share. With `target` (the share to match), the
+    (1 - target) quantile of the signal this run has seen so far, so the run realises the share it
+    is matched to: the signal on the run's own states is not distributed as on the KL pool's bf16
+    states, so a cut fixed on the pool over- or undershoots the share. `tau` until `warmup` steps
+    are seen, or always without a target. Deterministic: steps are seen in the loop's order."""
+
+    def __init__(self, tau: float, target: float | None = None, warmup: int = 50):
+        if target is not None and not 0.0 <= target <= 1.0:
+            raise ValueError(f"a matched share must be in [0, 1], got {target}")
+        self.tau, self.target, self.warmup, self.seen = tau, target, warmup, []
+
+    def current(self) -> float:
+        if self.target is None or len(self.seen) < self.warmup:
+            return self.tau
+        ranked = sorted(self.seen)
+        k = int(round(self.target * len(ranked)))  # how many of the seen steps lie above the threshold
+        if k <= 0:
+            return float("inf")
+        return ranked[len(ranked) - k - 1] if k < len(ranked) else float("-inf")
+
+    def see(self, values: list[float]) -> float:
+        """The cut for these steps (from the steps seen before them); then they count as seen."""
+        cut = self.current()
+        if self.target is not None:
+            self.seen += values
+        return cut
+
+
+class _CutRouter:
+    """What the two signal baselines share: the backends, decoding and a MatchedCut."""
+
+    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False,
+                 target: float | None = None, warmup: int = 50):
+        self.backends, self.high, self.low = backends, high, low
+        self.style, self.sampling, self.constrained = style, sampling, constrained
+        self.cut = MatchedCut(tau, target, warmup)
+        self.generations: dict = {}
+        self.last_scores: list | None = None
+
+    @property
+    def tau(self) -> float:
+        return self.cut.tau
+
+    @property
+    def target(self) -> float | None:
+        return self.cut.target
+
+    def current_tau(self) -> float:
+        return self.cut.current()
+
+
+class OracleRouter(_CutRouter):
     """KL-oracle baseline (not in the paper): at each step bf16 proposes its continuation, both
-    models score it as in dmr.kl, and the step goes to bf16 when the true step KL exceeds `tau`.
+    models score it as in dmr.kl, and the step goes to bf16 when the true step KL exceeds the cut
+    (a MatchedCut: `tau`, or with `target` the running quantile that realises the matched bf16 share).
     It needs both models every step, so it bounds what a step router could do, not what it costs.
     bf16's proposal is handed back to the agent through `generations`, so a high step is not decoded
     twice; with `constrained` it is decoded under the agent's constraint, as the agent's own steps
     are (a free proposal would be an action the constrained agent could never take)."""
-
-    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False):
-        self.backends, self.high, self.low = backends, high, low
-        self.style, self.sampling, self.tau, self.constrained = style, sampling, tau, constrained
-        self.generations: dict = {}
-        self.last_scores: list | None = None
 
     def step_kls(self, contexts: list[StepContext]) -> tuple[list, list[float]]:
         """bf16's proposal at each step and the true step KL of the two precisions on it."""
@@ -62,40 +109,22 @@ class OracleRouter:
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
         gens, kls = self.step_kls(contexts)
-        self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > self.tau}
+        tau = self.cut.see(kls)
+        self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > tau}
         self.last_scores = kls
-        return [self.high if k > self.tau else self.low for k in kls]
+        return [self.high if k > tau else self.low for k in kls]
 
 
-class UncertaintyRouter:
+class UncertaintyRouter(_CutRouter):
     """Low-model uncertainty baseline (not in the paper): at each step the low precision proposes its
     action, scores it teacher-forced, and the step goes to bf16 when the mean entropy of its
     distribution over that action exceeds the threshold; otherwise the low proposal is the step's
     action (handed to the agent through `generations`, not decoded twice). A bf16 step thus costs
     one low call besides the bf16 one: the router's time (router_time) holds it.
 
-    The threshold: with `target` (the bf16 share to match), the (1 - target) quantile of the
-    entropies this run has seen so far, so the run realises the share it is matched to (entropies
-    of the model's own proposals are not distributed as the KL pool's teacher-forced ones); `tau`
-    until `warmup` steps are seen, or always without a target. Deterministic: steps are seen in the
-    loop's order."""
-
-    def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False,
-                 target: float | None = None, warmup: int = 50):
-        self.backends, self.high, self.low = backends, high, low
-        self.style, self.sampling, self.tau, self.constrained = style, sampling, tau, constrained
-        self.target, self.warmup, self.seen = target, warmup, []
-        self.generations: dict = {}
-        self.last_scores: list | None = None
-
-    def current_tau(self) -> float:
-        if self.target is None or len(self.seen) < self.warmup:
-            return self.tau
-        ranked = sorted(self.seen)
-        k = int(round(self.target * len(ranked)))  # how many of the seen steps lie above the threshold
-        if k <= 0:
-            return float("inf")
-        return ranked[len(ranked) - k - 1] if k < len(ranked) else float("-inf")
+    The threshold is a MatchedCut: `tau`, or with `target` the running quantile that realises the
+    matched bf16 share (entropies of the model's own proposals are not distributed as the KL pool's
+    teacher-forced ones)."""
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
         lb = self.backends[self.low]
@@ -103,8 +132,7 @@ class UncertaintyRouter:
         ents = [action_entropy(s) for s in lb.score(texts, [g.text for g in gens], sessions=keys)]
         if any(e is None for e in ents):
             raise ValueError("the uncertainty policy needs full distributions from the low backend (the HF backend)")
-        tau = self.current_tau()
-        self.seen += ents
+        tau = self.cut.see(ents)
         self.generations = {(c.episode, c.step): g for c, g, e in zip(contexts, gens, ents) if e <= tau}
         self.last_scores = ents
         return [self.high if e > tau else self.low for e in ents]
@@ -255,6 +283,5 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
                          "on the HF backend)")
     share = realised_fraction(match, router_steps, precisions[0])
     tau = float(np.quantile(pool[column].to_numpy(), 1.0 - share))
-    if policy == "oracle":
-        return OracleRouter(backends, precisions[0], precisions[1], style, sampling, tau, constrained)
-    return UncertaintyRouter(backends, precisions[0], precisions[1], style, sampling, tau, constrained, target=share)
+    cls = OracleRouter if policy == "oracle" else UncertaintyRouter
+    return cls(backends, precisions[0], precisions[1], style, sampling, tau, constrained, target=share)

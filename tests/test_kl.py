@@ -145,6 +145,29 @@ def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
     assert {s["precision"] for s in first} == {"bf16"}
     mid = float(np.median([s["route_score"] for s in first]))
     assert {s["precision"] for s in routed(mid, tmp_path / "mid")} == {"bf16", "low"}
+    # Matched to a share, the cut follows the run's own KLs: a pool cut that routes nothing high
+    # (tau = inf) still realises about half bf16 steps after the warm-up.
+    matched = play(OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=float("inf"),
+                                target=0.5, warmup=3), tmp_path / "matched")
+    late = [s for s in matched if s["step"] >= 2]
+    assert 0.2 <= np.mean([s["precision"] == "bf16" for s in late]) <= 0.8
+
+
+def test_matched_cut_realises_the_share_it_is_matched_to():
+    from dmr.policies import MatchedCut
+
+    cut = MatchedCut(tau=9.0, target=0.3, warmup=3)
+    assert cut.see([1.0, 2.0, 3.0]) == 9.0  # warm-up: the pool's cut
+    assert cut.current() == 2.0  # one of the three seen lies above it (round(0.9) = 1)
+    values = np.random.default_rng(0).lognormal(size=2000) + 5.0  # not distributed as the pool
+    high = []
+    for batch in values.reshape(200, 10):
+        c = cut.see(list(batch))
+        high += list(batch > c)
+    assert np.mean(high) == pytest.approx(0.3, abs=0.03)
+    assert MatchedCut(tau=1.0).see([5.0, 0.5]) == 1.0 and MatchedCut(tau=1.0).seen == []  # unmatched: tau
+    with pytest.raises(ValueError, match="share"):
+        MatchedCut(tau=1.0, target=1.5)
 
 
 def test_kl_probe_measures_without_acting(tiny_world, noisy_model, tmp_path):
@@ -238,8 +261,8 @@ def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_m
                     kl=str(tmp_path / "kl.parquet"), backends=backends, style=style, sampling=Sampling(12, stop=style.stop))
     assert isinstance(r, UncertaintyRouter) and r.tau > 0 and 0 < r.target < 1
     # Matched online: after the warm-up the threshold is the running quantile of what it has seen.
-    r.warmup, r.seen = 4, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    r.target = 0.3
+    r.cut.warmup, r.cut.seen = 4, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    r.cut.target = 0.3
     assert r.current_tau() == 0.7  # three of the ten seen lie above it
     pl.read_parquet(tmp_path / "kl.parquet").drop("low_entropy").write_parquet(tmp_path / "old.parquet")
     with pytest.raises(ValueError, match="low_entropy"):
