@@ -9,7 +9,8 @@ sampling noise of each batched call. Each trajectory gets the return (Eq. 8)
     R = success - lambda * T / T_ref,    T = n * c_router + c_hi * N_hi + c_lo * N_lo  (Eq. 9, dmr.latency)
 
 with T_ref the modelled time of a bf16 episode. Advantages are group-relative, A = (R - mean_g) /
-(std_g + eps), and the router takes clipped policy-gradient steps on
+(std_g + eps) (`--advantage mean`: R - mean_g, Dr. GRPO), and the router takes clipped
+policy-gradient steps on
 
     J = mean_i 1/|o_i| sum_t min(r_t A_i, clip(r_t, 1 - eps, 1 + eps) A_i) - beta * KL(pi || pi_KL-ST),
 
@@ -48,13 +49,28 @@ from dmr.rundir import STEPS, read_jsonl
 
 # --- the objective -------------------------------------------------------------------------------
 
-def group_advantages(rewards, groups, eps: float = 1e-6) -> torch.Tensor:
-    """(R - mean of its group) / (std of its group + eps); a group with one member gets 0."""
+ADVANTAGES = ("std", "mean")
+
+
+def group_advantages(rewards, groups, eps: float = 1e-6, scale: str = "std") -> torch.Tensor:
+    """Group-relative advantages; a group with one member gets 0.
+
+    scale "std" (the paper's GRPO): (R - mean of its group) / (std of its group + eps). "mean"
+    (Dr. GRPO): R - mean of its group, unscaled. With std scaling a group whose episodes all fail
+    (or all succeed) differs only by cost, and dividing by that small std turns cost differences of
+    a few thousandths into advantages of about +-1: the latency term then pushes the router to low
+    precision at full strength. Mean-centred, such a group's advantages stay as small as its cost
+    differences, and success differences dominate."""
+    if scale not in ADVANTAGES:
+        raise ValueError(f"advantage scale must be one of {ADVANTAGES}, got {scale!r}")
     r = torch.as_tensor(rewards, dtype=torch.float64)
     out = torch.zeros_like(r)
     for g in dict.fromkeys(groups):
         idx = torch.tensor([i for i, x in enumerate(groups) if x == g])
         v = r[idx]
+        if scale == "mean":
+            out[idx] = v - v.mean()
+            continue
         std = v.std(unbiased=False) if len(v) > 1 else torch.tensor(0.0, dtype=r.dtype)
         out[idx] = (v - v.mean()) / (std + eps)
     return out.float()
@@ -253,6 +269,8 @@ def main(argv=None):
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--kl-coef", type=float, default=0.0, help="beta of the KL term to the KL-ST router")
     p.add_argument("--epochs", type=int, default=2, help="policy-gradient steps per iteration")
+    p.add_argument("--advantage", choices=ADVANTAGES, default="std",
+                   help="std: (R - mean) / std per group, the paper's GRPO; mean: R - mean only (Dr. GRPO)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
                    help="step types the GRPO router decides (default: the KL-ST router's); others stay high")
@@ -299,7 +317,7 @@ def main(argv=None):
         episodes = run(lambda: envs.make(a.env, **env_kwargs), members, backends, policy, cfg, out, not a.quiet)
         steps = read_jsonl(out / STEPS)
         ret = trajectory_returns(episodes, steps, c, coef["high"], a.lam, t_ref)
-        adv = group_advantages(ret["reward"].to_list(), ret["group"].to_list())
+        adv = group_advantages(ret["reward"].to_list(), ret["group"].to_list(), scale=a.advantage)
         returns.append(ret.with_columns(iteration=pl.lit(it), advantage=adv.numpy()))
         adv_of = dict(zip(ret["task"].to_list(), adv.tolist()))
         decisions = [(e, act, lp, key) for (key, _), (e, act, lp) in policy.decisions.items()]

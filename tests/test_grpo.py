@@ -25,6 +25,23 @@ def test_advantages_are_zero_mean_unit_scale_per_group():
     assert float(adv[0]) == pytest.approx(0.5 / math.sqrt(1 / 6), rel=1e-4)
 
 
+def test_mean_centred_advantages_keep_an_all_fail_groups_cost_differences_small():
+    # Four failed episodes whose modelled costs differ by a few thousandths (lambda 0.1): std
+    # scaling blows them up to about +-1, as large as a success would weigh; Dr. GRPO keeps them tiny.
+    lam = 0.1
+    rewards = [0.0 - lam * c for c in (1.000, 1.003, 1.001, 1.006)] + [1.0 - 0.1, 0.0 - 0.1, 0.0 - 0.1, 0.0 - 0.1]
+    groups = ["fail"] * 4 + ["mixed"] * 4
+    std = grpo.group_advantages(rewards, groups)
+    mean = grpo.group_advantages(rewards, groups, scale="mean")
+    assert float(std[:4].abs().max()) > 1.0
+    assert float(mean[:4].abs().max()) < 0.001
+    assert mean[:4].tolist() == pytest.approx([lam * x for x in (0.0025, -0.0005, 0.0015, -0.0035)], abs=1e-6)
+    # In a group where one episode wins, that win dominates either way.
+    assert float(mean[4]) == pytest.approx(0.75) and float(std[4]) == pytest.approx(math.sqrt(3), rel=1e-4)
+    with pytest.raises(ValueError, match="advantage scale"):
+        grpo.group_advantages(rewards, groups, scale="max")
+
+
 def test_clipped_surrogate_matches_hand_computation():
     logp_old = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5]))
     logp = torch.log(torch.tensor([0.8, 0.8, 0.3, 0.55]))  # ratios 1.6, 1.6, 0.6, 1.1
