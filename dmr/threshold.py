@@ -122,7 +122,7 @@ def figure(kl, chosen: dict, rows: list[dict], title: str, path: Path) -> None:
     ax.axvline(chosen["log10_tau"], color="#c0392b", lw=1.5,
                label=f"τ = {chosen['tau']:.2e} ({100 * chosen['positive_fraction']:.1f}% positive)")
     ax.set_yscale("log")
-    ax.set_xlabel("log10 step KL (low ‖ high)")
+    ax.set_xlabel("log10 step KL(p_bf16 ‖ p_low)")
     ax.set_ylabel("steps")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
