@@ -16,9 +16,11 @@ where moving it a little flips few labels.
    the quantile that labels `fallback_positive` of the steps (default 0.2, the smallest budget),
    `plateau_found` is false in threshold.json and the figure says so.
 
-The sensitivity sweep adds thresholds across sparse and dense regions (the paper's Fig. 5):
-the left edge and the right edge of the plateau, and the densest bin right of the low mode's
-shoulder, each with its density and positive fraction.
+The sensitivity sweep adds thresholds across sparse and dense regions (the paper's Fig. 5): the
+far-left edge of the low mode (`low-edge`, the 5% quantile: only nearly identical outputs are
+negative; the paper's tau_1), the left and right edges of the plateau (`plateau-right` is tau_3),
+the median (`low-mass`), and the densest bin right of the low mode's shoulder (`dense`, tau_4),
+each with its density and positive fraction.
 """
 from __future__ import annotations
 
@@ -91,8 +93,10 @@ def sweep(kl, chosen: dict) -> list[dict]:
     right = [i for i in range(len(counts)) if edges[i] >= hi]
     left = [i for i in range(len(counts)) if edges[i + 1] <= lo]
     dense_i = max(right or left, key=lambda i: counts[i])
-    points = [("plateau-left", lo + 0.05), ("auto", chosen["log10_tau"]), ("plateau-right", hi - 0.05),
-              ("low-mass", float(np.quantile(np.log10(np.maximum(kl, chosen["rule"]["floor"])), 0.5))),
+    x = np.log10(np.maximum(kl, chosen["rule"]["floor"]))
+    # The paper's tau_1..tau_4 (Sec. 5.5, Fig. 5) are low-edge, auto, plateau-right and dense.
+    points = [("low-edge", float(np.quantile(x, 0.05))), ("plateau-left", lo + 0.05), ("auto", chosen["log10_tau"]),
+              ("plateau-right", hi - 0.05), ("low-mass", float(np.quantile(x, 0.5))),
               ("dense", (edges[dense_i] + edges[dense_i + 1]) / 2)]
     rows = []
     for name, t in points:

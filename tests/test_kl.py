@@ -87,6 +87,9 @@ def test_threshold_sits_in_the_sparse_plateau(tmp_path):
     rows = {x["name"]: x for x in threshold.sweep(kls, c)}
     assert rows["dense"]["region"] == "dense" and rows["dense"]["density"] > 5 * rows["auto"]["density"]
     assert rows["plateau-left"]["tau"] < c["tau"] < rows["plateau-right"]["tau"]
+    # The paper's tau_1 sits at the far-left edge of the low mode: nearly every step is positive.
+    assert rows["low-edge"]["tau"] < rows["low-mass"]["tau"] < rows["plateau-left"]["tau"]
+    assert rows["low-edge"]["positive_fraction"] == pytest.approx(0.95, abs=0.005)
     assert c["plateau_found"] and rows["auto"]["region"] == "sparse"
     # A unimodal histogram has no plateau: tau falls back to labelling fallback_positive of the steps.
     c1 = threshold.choose(10 ** r.normal(-3, 1, 5000), fallback_positive=0.25)
