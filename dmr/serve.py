@@ -4,7 +4,9 @@ The agent talks to this server as to any OpenAI-compatible LLM. For each request
 the episode's step context from the request itself, asks the router, and forwards the request to
 the high-precision or the low-precision backend; the chosen precision comes back in the
 `X-DMR-Precision` header (with `X-DMR-Score`, the router's high-precision score, and
-`X-DMR-Router-Ms`) and in the body's `dmr` field.
+`X-DMR-Router-Ms`) and in the body's `dmr` field. With `"stream": true` the answer is OpenAI's
+server-sent events (chunks, then `data: [DONE]`), the same headers sent before the first chunk:
+an HTTP backend's stream is passed through, an in-process one sends its whole text as one chunk.
 
 What a request must look like:
 - `/v1/completions`: the agent's ReAct prompt (dmr.prompts.react: task line, initial observation,
@@ -25,6 +27,7 @@ import json
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from pathlib import Path
 
 from dmr import llm
@@ -75,6 +78,12 @@ class LocalUpstream:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
+    def stream(self, kind: str, body: dict, episode: str) -> Iterator[bytes]:
+        """The answer as server-sent events. The HF backend decodes a whole batch at once, so the
+        text comes as one chunk (after it is generated), then a chunk with the finish reason."""
+        out = self.completions(body, episode) if kind == "completions" else self.chat(body, episode)
+        return sse_chunks(out, include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
+
     def end(self, episode: str) -> None:
         with self.lock:
             self.backend.end_session(episode)
@@ -104,6 +113,24 @@ class HTTPUpstream:
     def chat(self, body: dict, episode: str) -> dict:
         return self._post("/v1/chat/completions", body)
 
+    def stream(self, kind: str, body: dict, episode: str) -> Iterator[bytes]:
+        """The upstream's event stream, byte for byte. The request is sent and its status checked
+        here, so a backend that refuses it fails the request (502) before any chunk is sent."""
+        path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
+        r = self.client.send(self.client.build_request("POST", f"{self.url}{path}", json={**body, "model": self.name}),
+                             stream=True)
+        if r.is_error:
+            r.read()
+            r.close()
+            r.raise_for_status()
+
+        def chunks():
+            try:
+                yield from r.iter_bytes()
+            finally:  # also when the client goes away mid-stream
+                r.close()
+        return chunks()
+
     def end(self, episode: str) -> None:
         pass
 
@@ -112,6 +139,33 @@ class HTTPUpstream:
             return self.client.get(f"{self.url}/health", timeout=5).status_code == 200
         except Exception:
             return False
+
+
+def sse(data) -> bytes:
+    """One server-sent event."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+def sse_chunks(out: dict, include_usage: bool = False) -> Iterator[bytes]:
+    """A whole (non-streamed) completion or chat completion as OpenAI's stream of chunks: the text,
+    a chunk with the finish reason, the usage when the request asked for it
+    (`stream_options.include_usage`), then `[DONE]`."""
+    chat = out["object"] == "chat.completion"
+    head = {"id": out["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": out["created"], "model": out["model"]}
+    for c in out["choices"]:
+        if chat:
+            first = {"index": c["index"], "delta": {"role": "assistant", "content": c["message"]["content"]},
+                     "logprobs": None, "finish_reason": None}
+            last = {"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}
+        else:
+            first = {"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": None}
+            last = {"index": c["index"], "text": "", "logprobs": None, "finish_reason": c["finish_reason"]}
+        yield sse({**head, "choices": [first]})
+        yield sse({**head, "choices": [last]})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": out["usage"]})
+    yield sse("[DONE]")
 
 
 def upstream(spec: str, **kwargs):
@@ -170,7 +224,8 @@ class Proxy:
         return StepContext(key, len(ep.history), ep.goal, ep.history, ep.observation, [], first=ep.first)
 
     def route(self, kind: str, body: dict, episode_header: str | None = None) -> tuple[dict, dict]:
-        """(response body, headers). Raises BadRequest for requests that cannot be routed."""
+        """(response body, headers); with `"stream": true` in the body, the body is an iterator of
+        server-sent events. Raises BadRequest for requests that cannot be routed."""
         ctx = self.context(kind, body, episode_header)
         with self.lock:
             t0 = time.perf_counter()
@@ -188,11 +243,13 @@ class Proxy:
                     for u in (self.high, self.low):
                         u.end(old)
         target = self.high if precision == self.precisions[0] else self.low
+        headers = {"X-DMR-Precision": precision, "X-DMR-Score": "" if score is None else f"{score:.6f}",
+                   "X-DMR-Router-Ms": f"{ms:.3f}", "X-DMR-Episode": ctx.episode}
+        if body.get("stream"):  # the decision travels in the headers only
+            return target.stream(kind, body, ctx.episode), headers
         out = target.completions(body, ctx.episode) if kind == "completions" else target.chat(body, ctx.episode)
         out["dmr"] = {"precision": precision, "score": score, "episode": ctx.episode, "step": ctx.step,
                       "router_ms": ms}
-        headers = {"X-DMR-Precision": precision, "X-DMR-Score": "" if score is None else f"{score:.6f}",
-                   "X-DMR-Router-Ms": f"{ms:.3f}", "X-DMR-Episode": ctx.episode}
         return out, headers
 
     def metrics(self) -> dict:
@@ -206,7 +263,7 @@ class Proxy:
 
 def app(proxy: Proxy):
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
 
     api = FastAPI(title="dmr routing proxy")
 
@@ -228,7 +285,18 @@ def app(proxy: Proxy):
             proxy.errors += 1
             return JSONResponse({"error": {"message": f"upstream failed: {type(e).__name__}: {e}", "type": "upstream_error"}},
                                 status_code=502)
-        return JSONResponse(out, headers=headers)
+        if isinstance(out, dict):
+            return JSONResponse(out, headers=headers)
+        return StreamingResponse(guarded(out), media_type="text/event-stream", headers=headers)
+
+    def guarded(events: Iterator[bytes]) -> Iterator[bytes]:
+        """A stream whose backend fails midway ends with an error event (the openai client raises it)
+        instead of a cut connection."""
+        try:
+            yield from events
+        except Exception as e:
+            proxy.errors += 1
+            yield sse({"error": {"message": f"upstream failed: {type(e).__name__}: {e}", "type": "upstream_error"}})
 
     @api.post("/v1/completions")
     async def completions(request: Request):

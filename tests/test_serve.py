@@ -2,6 +2,8 @@
 decisions as the in-process router; bad requests get a 4xx and the proxy stays up."""
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 import torch
@@ -102,3 +104,79 @@ def test_a_proposal_router_is_refused_by_name(tmp_path):
     save_router(RouterNet(layers=1, window=1), tmp_path, ["bf16", "low"], encoder="proposal")
     with pytest.raises(SystemExit, match="proposal router"):
         build(str(tmp_path), "unused-high", "unused-low", threshold=0.5)
+
+
+def _household_prompt():
+    env = envs.make("household", max_steps=6)
+    task = env.tasks("test", 1)[0]
+    first = env.reset(task)
+    return task.key, prompts.get("react").render(None, Episode(first.goal, first.text, [], first.admissible))
+
+
+CHAT = [{"role": "user", "content": "Your task is to: put a mug in fridge.\nYou are in the middle of a room."},
+        {"role": "assistant", "content": "go to fridge 1"},
+        {"role": "user", "content": "The fridge 1 is closed."}]
+
+
+def _streamed(url):
+    """(completions text, chat text, headers of each) of one prompt and one chat, streamed through the openai client."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    episode, prompt = _household_prompt()
+    kw = {"extra_headers": {"X-DMR-Episode": episode}}
+    plain = client.completions.create(model="dmr", prompt=prompt, max_tokens=12, temperature=0, **kw)
+    raw = client.completions.with_raw_response.create(model="dmr", prompt=prompt, max_tokens=12, temperature=0,
+                                                      stream=True, **kw)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    chunks = list(raw.parse())
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    plain_chat = client.chat.completions.create(model="dmr", messages=CHAT, max_tokens=8, temperature=0)
+    raw_chat = client.chat.completions.with_raw_response.create(model="dmr", messages=CHAT, max_tokens=8, temperature=0,
+                                                                stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in raw_chat.parse() if c.choices)
+    assert text == plain_chat.choices[0].message.content
+    return raw.headers, raw_chat.headers
+
+
+def test_streaming_through_openai_client_equals_the_whole_answer(proxy_url):
+    url, _, _ = proxy_url
+    for headers in _streamed(url):
+        assert headers["x-dmr-precision"] in ("bf16", "low") and headers["x-dmr-router-ms"]
+    # the raw events: OpenAI's chunk format, ending with [DONE]
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                   json={"messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True,
+                         "stream_options": {"include_usage": True}})
+    events = _events(r.text)
+    assert r.status_code == 200 and r.headers["x-dmr-precision"] and events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] >= 1 and events[-2]["choices"] == []
+    assert [e["choices"][0]["finish_reason"] is not None for e in events[:-2]] == [False, True]
+
+
+def _events(text: str) -> list:
+    """The events of a stream, each chunk without its per-request id."""
+    out = []
+    for e in text.split("\n\n"):
+        if e:
+            data = e.removeprefix("data: ")
+            out.append(data if data == "[DONE]" else {k: v for k, v in json.loads(data).items() if k != "id"})
+    return out
+
+
+def test_an_http_backend_stream_is_passed_through(proxy_url):
+    """A second proxy in front of the first, over HTTP: its streams are the first proxy's events."""
+    from dmr.serve import HTTPUpstream, Proxy, start_background
+
+    url, router_dir, _ = proxy_url
+    front = Proxy(load_router(router_dir, threshold=0.5), HTTPUpstream(url), HTTPUpstream(url))
+    front_url, server = start_background(front)
+    try:
+        for headers in _streamed(front_url):
+            assert headers["x-dmr-precision"] in ("bf16", "low")
+        body = {"messages": CHAT, "max_tokens": 4, "temperature": 0, "stream": True}
+        front_events, back_events = (_events(httpx.post(f"{u}/v1/chat/completions", json=body, timeout=60).text)
+                                     for u in (front_url, url))
+        assert front_events == back_events and front_events[-1] == "[DONE]"
+    finally:
+        server.should_exit = True
