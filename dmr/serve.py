@@ -23,7 +23,9 @@ with its `model` replaced) or a local checkpoint run in-process by the HF backen
 """
 import argparse
 import hashlib
+import hmac
 import json
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -261,11 +263,40 @@ class Proxy:
                               "n": len(self.router_ms)}}
 
 
-def app(proxy: Proxy):
+def unauthorized(header: str | None, api_key: str) -> str | None:
+    """Why a request's `Authorization` header does not carry `api_key`, or None when it does."""
+    scheme, _, token = (header or "").partition(" ")
+    if not header:
+        return "missing API key: send the header 'Authorization: Bearer <key>' (the proxy runs with --api-key)"
+    if scheme.lower() != "bearer" or not token.strip():
+        return "malformed Authorization header: expected 'Bearer <key>'"
+    if not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return "incorrect API key"
+    return None
+
+
+def api_key_of(flag: str | None) -> str | None:
+    """The key requests must send: --api-key when given, else $DMR_API_KEY, else None (no key)."""
+    return flag or os.environ.get("DMR_API_KEY") or None
+
+
+def app(proxy: Proxy, api_key: str | None = None):
+    """The FastAPI app. With `api_key`, every endpoint but /health (open for liveness probes) answers
+    401 with an OpenAI-style error unless the request sends `Authorization: Bearer <api_key>`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
 
     api = FastAPI(title="dmr routing proxy")
+
+    if api_key:
+        @api.middleware("http")
+        async def authenticate(request: Request, call_next):
+            if request.url.path != "/health":
+                problem = unauthorized(request.headers.get("authorization"), api_key)
+                if problem:
+                    return JSONResponse({"error": {"message": problem, "type": "invalid_request_error",
+                                                   "param": None, "code": "invalid_api_key"}}, status_code=401)
+            return await call_next(request)
 
     async def handle(kind: str, request: Request):
         import anyio
@@ -322,7 +353,7 @@ def app(proxy: Proxy):
     return api
 
 
-def start_background(proxy: Proxy, host: str = "127.0.0.1"):
+def start_background(proxy: Proxy, host: str = "127.0.0.1", api_key: str | None = None):
     """Serve `proxy` from a daemon thread on a free port (tests, benchmarks, notebooks).
     Returns (base URL, uvicorn server); set `server.should_exit = True` to stop it."""
     import time
@@ -330,7 +361,7 @@ def start_background(proxy: Proxy, host: str = "127.0.0.1"):
     import uvicorn
 
     port = free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app(proxy), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app(proxy, api_key), host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -371,13 +402,20 @@ def main(argv=None):
     p.add_argument("--burst", type=float, default=0.0, help="with --pace: bf16 steps an episode may take ahead of it")
     p.add_argument("--prefix", default="", help="few-shot prefix the agent's ReAct prompts start with")
     p.add_argument("--backend-kwargs", default="{}", help="JSON kwargs of in-process HF backends")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every request but /health (default: $DMR_API_KEY; "
+                        "unset: no key, as for a proxy reachable from this machine only)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     a = p.parse_args(argv)
+    api_key = api_key_of(a.api_key)
     proxy = build(a.router, a.high, a.low, a.budget, a.calibration, a.threshold, a.prefix, a.pace, a.burst,
                   **json.loads(a.backend_kwargs))
-    print(f"routing between {proxy.precisions} at threshold {proxy.router.threshold:.4f} on http://{a.host}:{a.port}")
-    uvicorn.run(app(proxy), host=a.host, port=a.port, log_level="warning")
+    print(f"routing between {proxy.precisions} at threshold {proxy.router.threshold:.4f} on http://{a.host}:{a.port}"
+          f" ({'API key required' if api_key else 'no API key'})")
+    if not api_key and a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {a.host} without an API key: anyone who reaches the port can use the backends")
+    uvicorn.run(app(proxy, api_key), host=a.host, port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -180,3 +180,31 @@ def test_an_http_backend_stream_is_passed_through(proxy_url):
         assert front_events == back_events and front_events[-1] == "[DONE]"
     finally:
         server.should_exit = True
+
+
+def test_api_key_is_required_when_set(proxy_url, monkeypatch):
+    import openai
+
+    from dmr.serve import api_key_of, start_background
+
+    _, _, proxy = proxy_url
+    url, server = start_background(proxy, api_key="s3cret")
+    try:
+        _, prompt = _household_prompt()
+        ok = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(model="dmr", prompt=prompt, max_tokens=4, temperature=0).choices[0].text is not None
+        assert ok.models.list().data[0].id == "dmr"
+        with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).completions.create(
+                model="dmr", prompt=prompt, max_tokens=4)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT}, timeout=30)
+        assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/health").status_code == 200
+    finally:
+        server.should_exit = True
+    monkeypatch.setenv("DMR_API_KEY", "from-env")
+    assert api_key_of(None) == "from-env" and api_key_of("flag") == "flag"
+    monkeypatch.setenv("DMR_API_KEY", "")
+    assert api_key_of(None) is None
