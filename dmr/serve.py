@@ -11,12 +11,20 @@ an HTTP backend's stream is passed through, an in-process one sends its whole te
 What a request must look like:
 - `/v1/completions`: the agent's ReAct prompt (dmr.prompts.react: task line, initial observation,
   then ` action` / observation lines, ending with `>`).
-- `/v1/chat/completions`: a multi-turn chat where the first user message holds the task line and
-  the initial observation, each assistant message is an action and each later user message the
-  observation it produced.
+- `/v1/chat/completions`, either protocol of dmr.agent:
+  - household (ALFWorld) chat: a multi-turn chat where the first user message holds the task line
+    and the initial observation, each assistant message is an action and each later user message
+    the observation it produced;
+  - WebShop instruction chat (dmr.prompts.instruct): one user message rebuilt every step, the task,
+    the initial observation or the last `--instruct-window` steps, then `Admissible actions: ...`.
+    The proxy keeps each episode's trajectory to know the steps the window no longer shows; the
+    step type (search or click, for a router that decides click steps only) is read from the
+    admissible actions.
 The episode is the `X-DMR-Episode` header when sent, else derived from the task and the initial
-observation. Backends: a URL (an OpenAI-compatible server such as vLLM; the request is forwarded
-with its `model` replaced) or a local checkpoint run in-process by the HF backend.
+observation (from the task alone for instruction chats, whose later steps do not show the initial
+observation; concurrent episodes of one task then need the header). Backends: a URL (an
+OpenAI-compatible server such as vLLM; the request is forwarded with its `model` replaced) or a
+local checkpoint run in-process by the HF backend.
 
     python -m dmr.serve --router results/household/tiny/rtn_w2a16/router --budget 0.4 \\
         --high http://localhost:8001 --low http://localhost:8002 --port 8000
@@ -28,7 +36,7 @@ import json
 import os
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +45,7 @@ from dmr.calibrate import budget_threshold
 from dmr.llm import Sampling
 from dmr.llm.server import free_port
 from dmr.prompts import Episode
+from dmr.prompts.instruct import ADMISSIBLE, Instruct
 from dmr.prompts.react import React
 from dmr.router import PROPOSAL, load_router
 from dmr.routing import StepContext
@@ -174,7 +183,34 @@ def upstream(spec: str, **kwargs):
     return HTTPUpstream(spec) if spec.startswith(("http://", "https://")) else LocalUpstream(spec, **kwargs)
 
 
+def chat_messages(messages) -> list[dict]:
+    """The request's messages as {"role", "content"} with text content (a list of text parts is
+    joined), or BadRequest naming what is malformed."""
+    if not isinstance(messages, list):
+        raise BadRequest("'messages' must be a list of chat messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a 'role'")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(c, dict) and c.get("type") == "text" for c in content):
+            content = "".join(str(c.get("text", "")) for c in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be text (a string or a list of text parts)")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def is_instruct(messages: list[dict]) -> bool:
+    """Whether a chat is one WebShop instruction-style step: a single user message (no assistant
+    turn) whose last line lists the admissible actions."""
+    users = [m for m in messages if m["role"] == "user"]
+    return (len(users) == 1 and not any(m["role"] == "assistant" for m in messages)
+            and users[0]["content"].strip().rsplit("\n", 1)[-1].startswith(ADMISSIBLE))
+
+
 def episode_of_chat(messages: list[dict]) -> Episode:
+    """The household chat's episode: task + initial observation, then (action, observation) turns."""
     users = [m for m in messages if m.get("role") == "user"]
     if not users:
         raise BadRequest("a chat request needs at least one user message (the task and the first observation)")
@@ -191,13 +227,44 @@ def episode_of_chat(messages: list[dict]) -> Episode:
     return Episode(goal.strip(), first.strip(), history)
 
 
+def whole_history(known: list, shown: list, window: int) -> list:
+    """An instruction chat's whole history from the pairs its window `shown` and the history `known`
+    from the episode's earlier requests. A window that is not full shows every step; a full one is
+    the usual next step (known's tail continued by one pair), else the same step again (a retry),
+    else, for an episode the proxy did not see from its start, only what the window shows. In a loop
+    of `window` identical steps (with a window of 1: at every step) a retry and the next step look
+    alike; it is taken as the next."""
+    k = len(shown)
+    if k < window:
+        return list(shown)
+    if len(known) >= k - 1 and known[len(known) - (k - 1):] == shown[:-1]:
+        return known + shown[-1:]
+    if known[-k:] == shown:
+        return list(known)
+    return list(shown)
+
+
+def step_type(admissible: list[str]) -> str:
+    """The WebShop step type (dmr.envs.shop and .webshop): a step on the search page, where the
+    search bar is admissible, is a `search` step, any other a `click` step."""
+    return "search" if any(a.startswith("search[") for a in admissible) else "click"
+
+
 class Proxy:
     """Routing state shared by all requests: the router, its per-episode cache, the metrics."""
 
-    def __init__(self, router, high, low, style: "React | None" = None, max_episodes: int = 4096):
+    def __init__(self, router, high, low, style: "React | None" = None, max_episodes: int = 4096,
+                 instruct: Instruct | None = None):
         self.router, self.high, self.low = router, high, low
         self.precisions = list(router.precisions)
         self.style = style or React()
+        self.instruct = instruct or Instruct()
+        if self.instruct.window <= 0:
+            raise ValueError("an instruct prompt without a window shows no steps; the proxy cannot follow its episodes")
+        # Instruction chats' trajectories, which their prompts show only a window of:
+        # episode -> (first observation, whole history), the most recently used last.
+        self.trajectories: OrderedDict = OrderedDict()
+        self.trajectory_lock = threading.Lock()
         self.lock = threading.Lock()
         self.decisions: Counter = Counter()
         self.router_ms: deque = deque(maxlen=10_000)
@@ -217,13 +284,33 @@ class Proxy:
             try:
                 ep = self.style.episode(prompt)
             except ValueError as e:
-                raise BadRequest(str(e)) from None
+                raise BadRequest(f"{e} (an instruction-style prompt goes to /v1/chat/completions)") from None
         else:
-            if not isinstance(body.get("messages"), list):
-                raise BadRequest("'messages' must be a list of chat messages")
-            ep = episode_of_chat(body["messages"])
+            messages = chat_messages(body.get("messages"))
+            if is_instruct(messages):
+                return self.instruct_context(messages, episode_header)
+            ep = episode_of_chat(messages)
         key = episode_header or "ep-" + hashlib.sha1(f"{ep.goal}\n{ep.first}".encode()).hexdigest()[:16]
         return StepContext(key, len(ep.history), ep.goal, ep.history, ep.observation, [], first=ep.first)
+
+    def instruct_context(self, messages: list[dict], episode_header: str | None) -> StepContext:
+        """The step of an instruction chat, its history completed from the episode's trajectory."""
+        try:
+            ep = self.instruct.episode(next(m["content"] for m in messages if m["role"] == "user"))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        key = episode_header or "ep-" + hashlib.sha1(ep.goal.encode()).hexdigest()[:16]
+        with self.trajectory_lock:
+            first, known = self.trajectories.pop(key, ("", []))
+            if not ep.history:  # the first step shows the initial observation: a new episode
+                first, history = ep.first, []
+            else:
+                history = whole_history(known, ep.history, self.instruct.window)
+            self.trajectories[key] = (first, history)
+            while len(self.trajectories) > self.max_episodes:
+                self.trajectories.popitem(last=False)
+        return StepContext(key, len(history), ep.goal, history, ep.observation, ep.admissible,
+                           step_type=step_type(ep.admissible), first=first)
 
     def route(self, kind: str, body: dict, episode_header: str | None = None) -> tuple[dict, dict]:
         """(response body, headers); with `"stream": true` in the body, the body is an iterator of
@@ -370,7 +457,7 @@ def start_background(proxy: Proxy, host: str = "127.0.0.1", api_key: str | None 
 
 def build(router_dir: str, high: str, low: str, budget: float | None = None, calibration: str | None = None,
           threshold: float | None = None, prefix: str = "", pace: float | None = None, burst: float = 0.0,
-          **backend_kwargs) -> Proxy:
+          instruct_window: int = 4, **backend_kwargs) -> Proxy:
     if (threshold is None) == (budget is None):
         raise SystemExit("give exactly one of --budget (with the router's calibration.json) and --threshold")
     if budget is not None:
@@ -384,7 +471,8 @@ def build(router_dir: str, high: str, low: str, budget: float | None = None, cal
     router = load_router(router_dir, threshold=threshold)
     if pace is not None:
         router.set_pace(pace, burst)
-    return Proxy(router, upstream(high, **backend_kwargs), upstream(low, **backend_kwargs), React(prefix=prefix))
+    return Proxy(router, upstream(high, **backend_kwargs), upstream(low, **backend_kwargs), React(prefix=prefix),
+                 instruct=Instruct(window=instruct_window))
 
 
 def main(argv=None):
@@ -401,6 +489,9 @@ def main(argv=None):
                    help="per-episode pacing at this budget (the workflow's route.pace: --pace K with --budget K)")
     p.add_argument("--burst", type=float, default=0.0, help="with --pace: bf16 steps an episode may take ahead of it")
     p.add_argument("--prefix", default="", help="few-shot prefix the agent's ReAct prompts start with")
+    p.add_argument("--instruct-window", type=int, default=4,
+                   help="steps the agent's instruction-style (WebShop) prompts show, its prompt.window (the instruct style's "
+                        "default 4; config/config.yaml and paper.yaml use 2)")
     p.add_argument("--backend-kwargs", default="{}", help="JSON kwargs of in-process HF backends")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request but /health (default: $DMR_API_KEY; "
@@ -410,7 +501,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     api_key = api_key_of(a.api_key)
     proxy = build(a.router, a.high, a.low, a.budget, a.calibration, a.threshold, a.prefix, a.pace, a.burst,
-                  **json.loads(a.backend_kwargs))
+                  a.instruct_window, **json.loads(a.backend_kwargs))
     print(f"routing between {proxy.precisions} at threshold {proxy.router.threshold:.4f} on http://{a.host}:{a.port}"
           f" ({'API key required' if api_key else 'no API key'})")
     if not api_key and a.host not in ("127.0.0.1", "localhost", "::1"):

@@ -2,6 +2,7 @@
 decisions as the in-process router; bad requests get a 4xx and the proxy stays up."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -87,6 +88,10 @@ def test_chat_endpoint_and_derived_episode(proxy_url):
     ("/v1/completions", b'{"prompt": "no react prompt"}', "not a ReAct prompt"),
     ("/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "x"}]}', "at least one user message"),
     ("/v1/chat/completions", b'{"messages": "hi"}', "'messages' must be a list"),
+    ("/v1/chat/completions", b'{"messages": ["hi"]}', "messages[0] must be an object"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}', "messages[0].content must be text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x\\nAdmissible actions: a"}]}',
+     "not an instruct prompt"),
 ])
 def test_bad_requests_get_4xx_and_the_proxy_stays_up(proxy_url, path, payload, needle):
     url, _, _ = proxy_url
@@ -208,3 +213,81 @@ def test_api_key_is_required_when_set(proxy_url, monkeypatch):
     assert api_key_of(None) == "from-env" and api_key_of("flag") == "flag"
     monkeypatch.setenv("DMR_API_KEY", "")
     assert api_key_of(None) is None
+
+
+def _shop_episode(seed: int = 1, max_steps: int = 10):
+    """(task key, [(Episode at the step, step type)]) of one shop episode: the expert's actions with
+    random admissible clicks mixed in, so it runs past the prompt's window and has both step types."""
+    import random
+
+    env, rng = envs.make("shop", max_steps=max_steps), random.Random(seed)
+    task = env.tasks("test", 1)[0]
+    first = env.reset(task)
+    ep, kind, steps = Episode(first.goal, first.text, [], first.admissible), first.info["next_step_type"], []
+    while True:
+        steps.append((Episode(ep.goal, ep.first, list(ep.history), list(ep.admissible)), kind))
+        clicks = [a for a in ep.admissible if "<" not in a]
+        action = env.expert_action() if rng.random() > 0.4 or not clicks else rng.choice(clicks)
+        tr = env.step(action)
+        ep.history.append((action, tr.text))
+        ep.admissible, kind = tr.admissible, tr.info.get("next_step_type")
+        if tr.done:
+            return task.key, steps
+
+
+def test_shop_episode_through_instruct_chat_matches_in_process_router(proxy_url, tmp_path):
+    """WebShop's instruction chat, whose prompt shows only the last 2 steps: the proxy's decisions
+    and scores equal the in-process router's on the agent's whole-history contexts, search steps
+    forced to bf16 by a router that decides click steps (with the episode header and derived)."""
+    from openai import OpenAI
+
+    from dmr.prompts.instruct import Instruct
+    from dmr.serve import Proxy, start_background
+
+    _, _, base = proxy_url
+    torch.manual_seed(1)
+    save_router(RouterNet(layers=2, window=8), tmp_path, ["bf16", "low"], eligible=("click",))
+    key, steps = _shop_episode()
+    contexts = [StepContext(key, i, ep.goal, ep.history, ep.observation, ep.admissible, step_type=kind, first=ep.first)
+                for i, (ep, kind) in enumerate(steps)]
+    assert len(steps) > 4 and {c.step_type for c in contexts} == {"search", "click"}
+    probe = load_router(tmp_path)
+    clicks = sorted(s for c in contexts for s in probe.scores([c]) if c.step_type == "click")
+    threshold = (clicks[len(clicks) // 2 - 1] + clicks[len(clicks) // 2]) / 2  # both precisions get used
+    proxy = Proxy(load_router(tmp_path, threshold=threshold), base.high, base.low, instruct=Instruct(window=2))
+    url, server = start_background(proxy)
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    style = prompts.get("instruct", window=2)
+    try:
+        for header in (key, None):
+            local = load_router(tmp_path, threshold=threshold)
+            seen = set()
+            for (ep, _), ctx in zip(steps, contexts):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="dmr", messages=[{"role": "user", "content": style.content(ep)}], max_tokens=4,
+                    temperature=0, extra_headers={"X-DMR-Episode": header} if header else None)
+                expect, score = local.decide([ctx])[0], local.last_scores[0]
+                assert raw.headers["x-dmr-precision"] == expect, (header, ctx.step)
+                if score is None:  # a search step: not the router's to decide
+                    assert raw.headers["x-dmr-score"] == "" and expect == "bf16"
+                else:
+                    assert float(raw.headers["x-dmr-score"]) == pytest.approx(score, abs=1e-5)
+                assert raw.parse().model_extra["dmr"]["step"] == ctx.step
+                seen.add((expect, ctx.step_type))
+            assert seen == {("bf16", "search"), ("bf16", "click"), ("low", "click")}
+            derived = "ep-" + hashlib.sha1(steps[0][0].goal.encode()).hexdigest()[:16]  # from the task alone
+            assert raw.headers["x-dmr-episode"] == (header or derived)
+    finally:
+        server.should_exit = True
+
+
+def test_whole_history_of_a_windowed_prompt():
+    from dmr.serve import whole_history
+
+    a, b, c, d = ("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")
+    assert whole_history([], [a], 2) == [a]                    # the window is not full: it is everything
+    assert whole_history([a, b], [b, c], 2) == [a, b, c]       # the next step
+    assert whole_history([a, b, c], [b, c], 2) == [a, b, c]    # the same step again
+    assert whole_history([a, b, c], [c, d], 2) == [a, b, c, d]
+    assert whole_history([], [c, d], 2) == [c, d]              # joined midway: what the window shows
+    assert whole_history([a, b], [d, c], 2) == [d, c]          # not this episode's trajectory
