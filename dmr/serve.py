@@ -3,10 +3,13 @@
 The agent talks to this server as to any OpenAI-compatible LLM. For each request the proxy rebuilds
 the episode's step context from the request itself, asks the router, and forwards the request to
 the high-precision or the low-precision backend; the chosen precision comes back in the
-`X-DMR-Precision` header (with `X-DMR-Score`, the router's high-precision score, and
-`X-DMR-Router-Ms`) and in the body's `dmr` field. With `"stream": true` the answer is OpenAI's
-server-sent events (chunks, then `data: [DONE]`), the same headers sent before the first chunk:
-an HTTP backend's stream is passed through, an in-process one sends its whole text as one chunk.
+`X-DMR-Precision` header (with `X-DMR-Score`, the router's high-precision score, `X-DMR-Router-Ms`
+the router call's time, `X-DMR-Batch` its number of contexts and `X-DMR-Wait-Ms` the time the
+request waited for it) and in the body's `dmr` field. Concurrent requests arriving within
+`--batch-window-ms` share one router call (dmr.batcher). With `"stream": true` the answer is
+OpenAI's server-sent events (chunks, then `data: [DONE]`), the same headers sent before the first
+chunk: an HTTP backend's stream is passed through, an in-process one sends its whole text as one
+chunk.
 
 What a request must look like:
 - `/v1/completions`: the agent's ReAct prompt (dmr.prompts.react: task line, initial observation,
@@ -41,6 +44,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dmr import llm
+from dmr.batcher import Batcher
 from dmr.calibrate import budget_threshold
 from dmr.llm import Sampling
 from dmr.llm.server import free_port
@@ -49,6 +53,9 @@ from dmr.prompts.instruct import ADMISSIBLE, Instruct
 from dmr.prompts.react import React
 from dmr.router import PROPOSAL, load_router
 from dmr.routing import StepContext
+
+
+BATCH_WINDOW_MS = 5.0  # how long a routing decision waits for concurrent ones to share its router call
 
 
 class BadRequest(ValueError):
@@ -254,7 +261,7 @@ class Proxy:
     """Routing state shared by all requests: the router, its per-episode cache, the metrics."""
 
     def __init__(self, router, high, low, style: "React | None" = None, max_episodes: int = 4096,
-                 instruct: Instruct | None = None):
+                 instruct: Instruct | None = None, batch_window_ms: float = BATCH_WINDOW_MS):
         self.router, self.high, self.low = router, high, low
         self.precisions = list(router.precisions)
         self.style = style or React()
@@ -271,6 +278,9 @@ class Proxy:
         self.requests = self.errors = 0
         self.episodes: deque = deque()
         self.max_episodes = max_episodes
+        self.router_calls = 0
+        # Window 0: each request's decision is its own router call, made in the request's thread.
+        self.batcher = Batcher(self.decide, batch_window_ms) if batch_window_ms > 0 else None
 
     def context(self, kind: str, body: dict, episode_header: str | None) -> StepContext:
         if not isinstance(body, dict):
@@ -316,36 +326,48 @@ class Proxy:
         """(response body, headers); with `"stream": true` in the body, the body is an iterator of
         server-sent events. Raises BadRequest for requests that cannot be routed."""
         ctx = self.context(kind, body, episode_header)
-        with self.lock:
-            t0 = time.perf_counter()
-            precision = self.router.decide([ctx])[0]
-            ms = 1000 * (time.perf_counter() - t0)
-            score = self.router.last_scores[0]
-            self.router_ms.append(ms)
-            self.decisions[precision] += 1
-            self.requests += 1
-            if ctx.step == 0:
-                self.episodes.append(ctx.episode)
-                while len(self.episodes) > self.max_episodes:  # bound the caches of abandoned episodes
-                    old = self.episodes.popleft()
-                    self.router.end_session(old)
-                    for u in (self.high, self.low):
-                        u.end(old)
+        t0 = time.perf_counter()
+        precision, score, ms, batch, started = self.batcher.submit(ctx) if self.batcher else self.decide([ctx])[0]
+        wait = 1000 * (started - t0)
         target = self.high if precision == self.precisions[0] else self.low
         headers = {"X-DMR-Precision": precision, "X-DMR-Score": "" if score is None else f"{score:.6f}",
-                   "X-DMR-Router-Ms": f"{ms:.3f}", "X-DMR-Episode": ctx.episode}
+                   "X-DMR-Router-Ms": f"{ms:.3f}", "X-DMR-Batch": str(batch), "X-DMR-Wait-Ms": f"{wait:.3f}",
+                   "X-DMR-Episode": ctx.episode}
         if body.get("stream"):  # the decision travels in the headers only
             return target.stream(kind, body, ctx.episode), headers
         out = target.completions(body, ctx.episode) if kind == "completions" else target.chat(body, ctx.episode)
         out["dmr"] = {"precision": precision, "score": score, "episode": ctx.episode, "step": ctx.step,
-                      "router_ms": ms}
+                      "router_ms": ms, "batch": batch, "wait_ms": wait}
         return out, headers
+
+    def decide(self, contexts: list[StepContext]) -> list[tuple]:
+        """One router call on contexts of distinct episodes, counted in the metrics: per context
+        (precision, score, the call's ms, the call's batch size, when the call started)."""
+        with self.lock:
+            t0 = time.perf_counter()
+            choice = self.router.decide(contexts)
+            ms = 1000 * (time.perf_counter() - t0)
+            scores = list(self.router.last_scores)
+            self.router_calls += 1
+            for ctx, precision in zip(contexts, choice):
+                self.router_ms.append(ms)
+                self.decisions[precision] += 1
+                self.requests += 1
+                if ctx.step == 0:
+                    self.episodes.append(ctx.episode)
+            while len(self.episodes) > self.max_episodes:  # bound the caches of abandoned episodes
+                old = self.episodes.popleft()
+                self.router.end_session(old)
+                for u in (self.high, self.low):
+                    u.end(old)
+        return [(precision, score, ms, len(contexts), t0) for precision, score in zip(choice, scores)]
 
     def metrics(self) -> dict:
         import numpy as np
 
         ms = np.array(self.router_ms) if self.router_ms else np.zeros(1)
         return {"requests": self.requests, "errors": self.errors, "decisions": dict(self.decisions),
+                "router_calls": self.router_calls,
                 "router_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
                               "n": len(self.router_ms)}}
 
@@ -457,7 +479,7 @@ def start_background(proxy: Proxy, host: str = "127.0.0.1", api_key: str | None 
 
 def build(router_dir: str, high: str, low: str, budget: float | None = None, calibration: str | None = None,
           threshold: float | None = None, prefix: str = "", pace: float | None = None, burst: float = 0.0,
-          instruct_window: int = 4, **backend_kwargs) -> Proxy:
+          instruct_window: int = 4, batch_window_ms: float = BATCH_WINDOW_MS, **backend_kwargs) -> Proxy:
     if (threshold is None) == (budget is None):
         raise SystemExit("give exactly one of --budget (with the router's calibration.json) and --threshold")
     if budget is not None:
@@ -472,7 +494,7 @@ def build(router_dir: str, high: str, low: str, budget: float | None = None, cal
     if pace is not None:
         router.set_pace(pace, burst)
     return Proxy(router, upstream(high, **backend_kwargs), upstream(low, **backend_kwargs), React(prefix=prefix),
-                 instruct=Instruct(window=instruct_window))
+                 instruct=Instruct(window=instruct_window), batch_window_ms=batch_window_ms)
 
 
 def main(argv=None):
@@ -492,6 +514,9 @@ def main(argv=None):
     p.add_argument("--instruct-window", type=int, default=4,
                    help="steps the agent's instruction-style (WebShop) prompts show, its prompt.window (the instruct style's "
                         "default 4; config/config.yaml and paper.yaml use 2)")
+    p.add_argument("--batch-window-ms", type=float, default=BATCH_WINDOW_MS,
+                   help="concurrent requests arriving within this window share one router call (one context per "
+                        "episode per call); 0: each request's decision is its own call")
     p.add_argument("--backend-kwargs", default="{}", help="JSON kwargs of in-process HF backends")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request but /health (default: $DMR_API_KEY; "
@@ -501,7 +526,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     api_key = api_key_of(a.api_key)
     proxy = build(a.router, a.high, a.low, a.budget, a.calibration, a.threshold, a.prefix, a.pace, a.burst,
-                  a.instruct_window, **json.loads(a.backend_kwargs))
+                  a.instruct_window, a.batch_window_ms, **json.loads(a.backend_kwargs))
     print(f"routing between {proxy.precisions} at threshold {proxy.router.threshold:.4f} on http://{a.host}:{a.port}"
           f" ({'API key required' if api_key else 'no API key'})")
     if not api_key and a.host not in ("127.0.0.1", "localhost", "::1"):

@@ -291,3 +291,86 @@ def test_whole_history_of_a_windowed_prompt():
     assert whole_history([a, b, c], [c, d], 2) == [a, b, c, d]
     assert whole_history([], [c, d], 2) == [c, d]              # joined midway: what the window shows
     assert whole_history([a, b], [d, c], 2) == [d, c]          # not this episode's trajectory
+
+
+def _counted(proxy):
+    """The episodes of each router call the proxy makes."""
+    calls, decide = [], proxy.router.decide
+
+    def counted(contexts):
+        calls.append([c.episode for c in contexts])
+        return decide(contexts)
+    proxy.router.decide = counted
+    return calls
+
+
+def _concurrently(proxy, requests, stagger: float = 0.0):
+    """proxy.route on (prompt, episode) pairs from one thread each, started together (or `stagger`
+    seconds apart, in order); their (precision, score, step, batch) in request order."""
+    import threading
+    import time
+
+    out, gate = [None] * len(requests), threading.Barrier(len(requests))
+
+    def one(i, prompt, episode):
+        gate.wait()
+        time.sleep(i * stagger)
+        body, _ = proxy.route("completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0}, episode)
+        out[i] = tuple(body["dmr"][k] for k in ("precision", "score", "step", "batch"))
+    threads = [threading.Thread(target=one, args=(i, *r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+@pytest.mark.parametrize("window_ms", [0, 1000])
+def test_concurrent_requests_share_one_router_call(proxy_url, window_ms):
+    """N episodes' concurrent requests: one router call of batch N within a window, N calls of one
+    without; either way the decisions and scores of N separate in-process calls."""
+    from dmr.serve import Proxy
+
+    _, router_dir, base = proxy_url
+    style, env = prompts.get("react"), envs.make("household", max_steps=6)
+    tasks = env.tasks("test", 5)
+    firsts = [env.reset(t) for t in tasks]
+    eps = [Episode(o.goal, o.text, [], o.admissible) for o in firsts]
+    scores = sorted(load_router(router_dir).scores([StepContext(t.key, 0, e.goal, [], e.first, [], first=e.first)
+                                                    for t, e in zip(tasks, eps)]))
+    threshold = (scores[1] + scores[2]) / 2  # both precisions, no score at the boundary
+    proxy = Proxy(load_router(router_dir, threshold=threshold), base.high, base.low, batch_window_ms=window_ms)
+    calls, local, seen = _counted(proxy), load_router(router_dir, threshold=threshold), set()
+    for step in range(2):  # every episode's first step, then its second
+        got = _concurrently(proxy, [(style.render(None, e), t.key) for t, e in zip(tasks, eps)])
+        seen |= {g[0] for g in got}
+        for (precision, score, s, batch), t, e in zip(got, tasks, eps):
+            expect = local.decide([StepContext(t.key, step, e.goal, list(e.history), e.observation, [], first=e.first)])
+            assert (precision, s) == (expect[0], step) and score == pytest.approx(local.last_scores[0], abs=1e-5)
+            assert batch == (len(tasks) if window_ms else 1)
+        for e in eps:
+            e.history.append(("look", "You are in the middle of a room."))
+    assert sorted(map(len, calls)) == ([len(tasks)] * 2 if window_ms else [1] * 2 * len(tasks))
+    assert seen == {"bf16", "low"}
+    assert proxy.metrics()["router_calls"] == len(calls)
+
+
+def test_requests_of_one_episode_never_share_a_router_call(proxy_url):
+    """Within one window: episode A's step 0, B's step 0, A's step 1 (arriving in that order) make
+    two calls, [A, B] then [A], and A's step 1 is decided on the cache its step 0 left."""
+    from dmr.serve import Proxy
+
+    _, router_dir, base = proxy_url
+    style, env = prompts.get("react"), envs.make("household", max_steps=6)
+    a, b = env.tasks("test", 2)
+    ea, eb = (Episode(o.goal, o.text, [], o.admissible) for o in (env.reset(a), env.reset(b)))
+    ea1 = Episode(ea.goal, ea.first, [("look", "You are in the middle of a room.")])
+    proxy = Proxy(load_router(router_dir, threshold=0.5), base.high, base.low, batch_window_ms=1000)
+    calls = _counted(proxy)
+    got = _concurrently(proxy, [(style.render(None, ea), "A"), (style.render(None, eb), "B"),
+                                (style.render(None, ea1), "A")], stagger=0.05)
+    assert calls == [["A", "B"], ["A"]] and [g[3] for g in got] == [2, 2, 1]
+    local = load_router(router_dir, threshold=0.5)
+    for (_, score, step, _), (key, ep) in zip(got, [("A", ea), ("B", eb), ("A", ea1)]):
+        local.decide([StepContext(key, len(ep.history), ep.goal, ep.history, ep.observation, [], first=ep.first)])
+        assert step == len(ep.history) and score == pytest.approx(local.last_scores[0], abs=1e-5)
