@@ -46,6 +46,10 @@ def test_instruct_prompt_window_and_answer_roundtrip():
     assert "middle of a room" not in msg and msg.endswith("Admissible actions: look | inventory")
     assert parse_action(format_answer("look", think="hmm")) == "look"
     assert style.parse(style.answer("go to cabinet 2")) == "go to cabinet 2"
+    # the inverse a proxy reads: the window's steps (the initial observation no longer shown), or step 0
+    assert style.episode(msg) == Episode("Your task is to: x.", "", hist[-2:], ["look", "inventory"])
+    start = Episode("Your task is to: x.", "You are in the middle of a room.", [], ["look"])
+    assert style.episode(style.content(start)) == start
 
 
 @pytest.mark.parametrize("text,expected", [

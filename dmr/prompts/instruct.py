@@ -6,6 +6,7 @@ import re
 from dmr.prompts.base import Episode
 
 _ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
+ADMISSIBLE = "Admissible actions:"  # the prompt's last line starts with it
 
 
 def parse_action(text: str) -> str | None:
@@ -40,8 +41,30 @@ class Instruct:
             lines.append(obs.strip())
         if not recent:
             lines.append(ep.first.strip())
-        lines.append("Admissible actions: " + " | ".join(ep.admissible))
+        lines.append(f"{ADMISSIBLE} " + " | ".join(ep.admissible))
         return "\n".join(lines)
+
+    def episode(self, content: str) -> Episode:
+        """The episode a step's `content` shows, as far as its window reaches: the goal, the
+        admissible actions and either the initial observation (no step taken yet) or the last
+        `window` (action, observation) pairs, `first` then '' as the prompt no longer shows it. What a
+        proxy that only sees prompts reads (dmr.serve keeps the rest of the trajectory). Needs a
+        one-line goal and observations without a line that starts with '> '."""
+        lines = content.strip().split("\n")
+        if len(lines) < 3 or not lines[-1].startswith(ADMISSIBLE):
+            raise ValueError("not an instruct prompt: it must be the task line, then the initial observation or the "
+                             f"recent '> action' / observation lines, then a last line '{ADMISSIBLE} a | b | ...'")
+        admissible = [a.strip() for a in lines[-1][len(ADMISSIBLE):].split(" | ") if a.strip()]
+        goal, body = lines[0].strip(), lines[1:-1]
+        if not body[0].startswith("> "):
+            return Episode(goal, "\n".join(body).strip(), [], admissible)
+        history = []
+        for line in body:
+            if line.startswith("> "):
+                history.append([line[2:].strip(), []])
+            else:
+                history[-1][1].append(line)
+        return Episode(goal, "", [(a, "\n".join(obs).strip()) for a, obs in history], admissible)
 
     def render(self, tokenizer, ep: Episode) -> str:
         return tokenizer.apply_chat_template([{"role": "user", "content": self.content(ep)}],
