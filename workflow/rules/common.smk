@@ -1,6 +1,5 @@
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -8,6 +7,8 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+from dmr.policy_name import format_policy, parse_policy
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -280,7 +281,7 @@ def probe_budget():
 
 
 def probe_run(w):
-    return f"{run_dir(w.benchmark, w.model, w.quant, f'dmr-k{probe_budget():g}', 'probe')}/steps.parquet"
+    return f"{run_dir(w.benchmark, w.model, w.quant, format_policy('dmr', 'k', probe_budget()), 'probe')}/steps.parquet"
 
 
 def run_split(wildcards):
@@ -358,14 +359,6 @@ def rollout_models(wildcards):
     )
 
 
-# Routed policies in paths: dmr-tT (learned router at a fixed threshold T), dmr-kK (at the threshold
-# calibrated for budget K), random-kK and oracle-kK (matched to the realised fraction of dmr-kK);
-# grpo-tT and grpo-kK are the same with the GRPO-refined router of `grpo.lambda`.
-# dmr0-kK routes with the round-0 KL-ST router, trained on the bf16 pool alone, whose routed run of
-# training tasks (run `dagger`) adds the states a routed agent meets to the final router's data.
-POLICY = re.compile(r"(dmr0|dmr|grpo|random|oracle|uncertainty)-([kt])([0-9.]+)")
-
-
 def cell_dir(w):
     return f"{RESULTS}/{w.benchmark}/{w.model}"
 
@@ -393,13 +386,13 @@ def dagger_runs(w):
     d = dagger_cfg()
     if w.stage != "router" or not d["tasks"]:
         return []
-    policy = f"dmr0-k{d['budget']:g}"
+    policy = format_policy("dmr0", "k", d["budget"])
     return [f"{run_dir(w.benchmark, w.model, w.quant, policy, 'dagger')}/steps.parquet"]
 
 
 def calib_policy(w):
     """The calibration pool's routed run of a KL-ST stage: its router at the fixed threshold 0.5."""
-    return "dmr0-t0.5" if w.stage == "router0" else "dmr-t0.5"
+    return format_policy("dmr0" if w.stage == "router0" else "dmr", "t", 0.5)
 
 
 def dagger_arg(w, input):
@@ -413,22 +406,20 @@ def kl_steps(w):
 
 def policy_inputs(wildcards):
     """Files a routed policy needs besides the models."""
-    m = POLICY.fullmatch(wildcards.policy)
-    if not m:
+    kind, mode, value = parse_policy(wildcards.policy)
+    if not mode:
         return []
-    kind, mode, value = m.groups()
     if kind in ("dmr", "dmr0", "grpo"):
         rd = router_dir(wildcards, kind)
         return [f"{rd}/router.json"] + ([f"{rd}/calibration.json"] if mode == "k" else [])
-    match = f"{run_dir(wildcards.benchmark, wildcards.model, wildcards.quant, f'dmr-k{value}', wildcards.run)}/episodes.parquet"
+    match = f"{run_dir(wildcards.benchmark, wildcards.model, wildcards.quant, format_policy('dmr', 'k', value), wildcards.run)}/episodes.parquet"
     return [match] + ([kl_steps(wildcards)] if kind in ("oracle", "uncertainty") else [])
 
 
 def policy_args(wildcards):
-    m = POLICY.fullmatch(wildcards.policy)
-    if not m:
+    kind, mode, value = parse_policy(wildcards.policy)
+    if not mode:
         return f"--policy {wildcards.policy}"
-    kind, mode, value = m.groups()
     steps = router_steps_arg(wildcards, "grpo" if kind == "grpo" else "dmr")
     if kind in ("dmr", "dmr0", "grpo"):
         rd = router_dir(wildcards, kind)
@@ -438,8 +429,6 @@ def policy_args(wildcards):
         # the DAgger run measures it on training tasks (the final router's extra labels).
         probe = " --probe-kl" if wildcards.run in ("probe", "dagger") else ""
         return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace_arg(value)}{steps}{probe}"
-    if mode != "k":
-        raise ValueError(f"policy {wildcards.policy}: baselines are matched to a budget, write {kind}-k{value}")
     match, *rest = policy_inputs(wildcards)
     kl_arg = f" --kl {rest[0]}" if rest else ""
     return f"--policy {kind} --match {match}{kl_arg}{steps}"
@@ -484,12 +473,12 @@ def table_methods(wildcards):
         if q not in routed:
             continue
         for k in route.get("budgets", []):
-            methods[f"{q}/DMR@{k:g}"] = seed_runs(b, m, q, f"dmr-k{k:g}")
+            methods[f"{q}/DMR@{k:g}"] = seed_runs(b, m, q, format_policy("dmr", "k", k))
         for k in route.get("budgets", []) if "grpo" in config else []:
-            methods[f"{q}/GRPO@{k:g}"] = seed_runs(b, m, q, f"grpo-k{k:g}")
+            methods[f"{q}/GRPO@{k:g}"] = seed_runs(b, m, q, format_policy("grpo", "k", k))
         for base in route.get("baselines", []):
             for k in route.get("baseline_budgets", []):
-                methods[f"{q}/{base.capitalize()}@{k:g}"] = seed_runs(b, m, q, f"{base}-k{k:g}")
+                methods[f"{q}/{base.capitalize()}@{k:g}"] = seed_runs(b, m, q, format_policy(base, "k", k))
     return methods
 
 

@@ -69,7 +69,7 @@ rule grpo:
 
 rule calibrate_grpo:
     input:
-        run=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/grpo-t0.5/calib/steps.parquet",
+        run=lambda w: f"{run_dir(w.benchmark, w.model, w.quant, format_policy('grpo', 't', 0.5), 'calib')}/steps.parquet",
         scores=lambda w: f"{grpo_router_dir(w)}/train_scores.parquet",
     output:
         calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/grpo/lam{GRPO_LAMBDA}/router/calibration.json",
@@ -83,7 +83,7 @@ rule calibrate_grpo:
     resources:
         **rule_resources("calibrate_grpo"),
     params:
-        run=lambda w: run_dir(w.benchmark, w.model, w.quant, "grpo-t0.5", "calib"),
+        run=lambda w, input: os.path.dirname(input.run),
         budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
