@@ -5,18 +5,17 @@ rule expert_data:
     input:
         data_input,
     output:
-        f"{RESULTS}/{{benchmark}}/{{model}}/bc/episodes.jsonl",
+        cell("bc/episodes.jsonl"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/expert_data.log",
+        cell_log("expert_data"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/expert_data/expert_data.tsv"
+        cell_benchmark("expert_data")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("expert_data"),
     params:
-        env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(env_kwargs(w)),
+        env=env_args,
         n=lambda w: bench(w)["tasks"]["train"],
         noise=lambda w: model_cfg(w).get("expert", {}).get("noise", 0.2),
         clean=lambda w: model_cfg(w).get("expert", {}).get("clean_fraction", 0.5),
@@ -25,7 +24,7 @@ rule expert_data:
             f" --{k} {v}" for k, v in model_cfg(w).get("expert", {}).items() if k in ("repeat", "invalid")
         ),
     shell:
-        "python -m dmr.expert --env {params.env} --env-kwargs {params.env_kwargs} --episodes {params.n} "
+        "python -m dmr.expert {params.env} --episodes {params.n} "
         "--noise {params.noise} --clean-fraction {params.clean}{params.repeat} --out {output} > {log} 2>&1"
 
 
@@ -33,11 +32,11 @@ rule tokenizer:
     input:
         rules.expert_data.output,
     output:
-        directory(f"{RESULTS}/{{benchmark}}/{{model}}/tokenizer"),
+        directory(cell("tokenizer")),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/tokenizer.log",
+        cell_log("tokenizer"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/tokenizer/tokenizer.tsv"
+        cell_benchmark("tokenizer")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -56,11 +55,11 @@ rule train_agent:
         tokenizer=rules.tokenizer.output,
     output:
         # p1.00 is the final model; p0.XX the snapshots that agent selection compares with it.
-        directory(f"{RESULTS}/{{benchmark}}/{{model}}/train"),
+        directory(cell("train")),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/train_agent.log",
+        cell_log("train_agent"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/train_agent/train_agent.tsv"
+        cell_benchmark("train_agent")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -82,31 +81,25 @@ rule select_rollout:
         train=rules.train_agent.output,
         data=data_input,
     output:
-        f"{RESULTS}/{{benchmark}}/{{model}}/select/{{candidate}}/episodes.parquet",
+        cell("select/{candidate}/episodes.parquet"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_rollout_{{candidate}}.log",
+        cell_log("select_rollout_{candidate}"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_rollout/select_rollout_{{candidate}}.tsv"
+        cell_benchmark("select_rollout", "select_rollout_{candidate}")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("select_rollout", THREADS),
     params:
-        env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(env_kwargs(w)),
+        env=env_args,
         n=lambda w: model_cfg(w)["select"]["tasks"],
-        backend=config["backend"]["name"],
-        backend_kwargs=as_json(config["backend"].get("kwargs")),
-        decoding=decoding_args,
-        shards=config["evaluate"].get("shards", 16),
-        out=lambda w: f"{RESULTS}/{w.benchmark}/{w.model}/select/{w.candidate}",
+        engine=engine_args,
+        out=lambda w, output: os.path.dirname(output[0]),
     shell:
         # Calibration tasks only: selection never sees the test split.
-        "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split calib "
-        "--n {params.n} --offset 0 --model bf16={input.train}/{wildcards.candidate} --policy full "
-        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} "
-        "{params.decoding} --shards {params.shards} --seed 0 --out {params.out} > {log} 2>&1"
+        "python -m dmr.agent {params.env} --split calib --n {params.n} --offset 0 "
+        "--model bf16={input.train}/{wildcards.candidate} --policy full {params.engine} --seed 0 --out {params.out} > {log} 2>&1"
 
 
 rule select_agent:
@@ -114,13 +107,13 @@ rule select_agent:
         train=rules.train_agent.output,
         runs=select_runs,
     output:
-        model=directory(f"{RESULTS}/{{benchmark}}/{{model}}/bf16/model"),
-        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/select.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/select.md",
+        model=directory(cell("bf16/model")),
+        table=cell("tables/select.parquet"),
+        markdown=cell("tables/select.md"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/select_agent.log",
+        cell_log("select_agent"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/select_agent/select_agent.tsv"
+        cell_benchmark("select_agent")
     # Compares tables and copies a small checkpoint: no cluster job for that.
     localrule: True
     conda:
@@ -128,10 +121,8 @@ rule select_agent:
     resources:
         **rule_resources("select_agent"),
     params:
-        candidates=lambda w: " ".join(
-            f"--candidate {c}={RESULTS}/{w.benchmark}/{w.model}/train/{c}" for c in candidates(w)
-        ),
-        runs=lambda w, input: " ".join(f"--run {Path(r).parent.name}={Path(r).parent}" for r in input.runs),
+        candidates=lambda w, input: " ".join(f"--candidate {c}={input.train}/{c}" for c in candidates(w)),
+        runs=lambda w, input: " ".join(f"--run {os.path.basename(d)}={d}" for d in map(os.path.dirname, input.runs)),
     shell:
         "python -m dmr.select {params.candidates} {params.runs} --out {output.model} "
         "--table {output.table} > {log} 2>&1"
@@ -143,13 +134,13 @@ rule agent_card:
         model=rules.select_agent.output.model,
         train=rules.train_agent.output,
         select=rules.select_agent.output.table,
-        full=lambda w: seed_runs(w.benchmark, w.model, "bf16", "full"),
+        full=lambda w: seed_runs(w, "bf16", "full"),
     output:
-        directory(f"{RESULTS}/{{benchmark}}/{{model}}/card"),
+        directory(cell("card")),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/agent_card.log",
+        cell_log("agent_card"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/agent_card/agent_card.tsv"
+        cell_benchmark("agent_card")
     conda:
         "../../envs/cpu.yaml"
     resources:

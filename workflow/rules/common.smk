@@ -3,12 +3,11 @@ import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from dmr.policy_name import format_policy, parse_policy
+from dmr.policy_name import ROUTERS, format_policy, parse_policy
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -16,26 +15,77 @@ validate(config, schema="../schemas/config.schema.yaml")
 # locally and on cluster nodes alike.
 shell.prefix(f'export PYTHONPATH="{workflow.basedir}:$PYTHONPATH"; ')
 
-RESULTS = "results"
+
+def cli_flags(mapping):
+    """Config keys as entry-point flags: {"max_minutes": 4} -> "--max-minutes 4"."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (mapping or {}).items())
+
+
+def as_json(obj):
+    """A config mapping as one shell-quoted JSON argument."""
+    return shlex.quote(json.dumps(obj or {}))
+
+
 THREADS = config.get("threads", 2)
+ROUTE = config.get("route", {})
+GRPO_LAMBDA = f"{config['grpo']['lambda']:g}" if "grpo" in config else "none"
+SHARDS = config["evaluate"].get("shards", 16)
+BACKEND = f"--backend {config['backend']['name']} --backend-kwargs {as_json(config['backend'].get('kwargs'))}"
+BUDGETS = " ".join(f"{k:g}" for k in ROUTE.get("budgets", [0.2, 0.4, 0.7]))
+
+# Paths, written once. A cell's results live under CELL; a rule's output is the pattern cell(PATH)
+# and an input function's path the same with wildcards and values filled in, cell(PATH, w, ...).
+# A rollout directory is RUN: run `seedN` evaluates test tasks, `train` is the bf16 KL pool of the
+# training split, `calib` the router's calibration pool, `probe` seed 0's test tasks routed by DMR
+# with each step's true KL measured (dmr.diagnose, online), `dagger` the round-0 router's routed run
+# of training tasks; policy names follow dmr.policy_name.
+RESULTS = "results"
+CELL = f"{RESULTS}/{{benchmark}}/{{model}}"
+RUN = "{quant}/rollouts/{policy}/{run}"
+KL_POOL = {"quant": "bf16", "policy": "full", "run": "train"}
+
+
+def cell(path, w=None, **values):
+    """results/{benchmark}/{model}/PATH; with wildcards `w` (or a cells entry) and `values` over
+    them, the concrete path."""
+    path = f"{CELL}/{path}"
+    return path.format(**{**(w or {}), **values}) if w or values else path
+
+
+def cell_log(name):
+    return cell(f"logs/{name}.log")
+
+
+def cell_benchmark(rule, name=None):
+    return cell(f"benchmarks/{rule}/{name or rule}.tsv")
+
+
+def run_dir(w, **values):
+    """A rollout directory of the cell: the wildcards' quant, policy and run unless `values` name them."""
+    return cell(RUN, w, **values)
+
+
+def cell_cfg(w):
+    """The config's entry of a cell; `route` defaults to all its quants."""
+    for c in config["cells"]:
+        if c["benchmark"] == w["benchmark"] and c["model"] == w["model"]:
+            return {**c, "quants": c.get("quants", []), "route": c.get("route", c.get("quants", []))}
+    return {"quants": [], "route": []}
 
 
 def _check_cells():
-    for cell in config["cells"]:
-        if cell["benchmark"] not in config["benchmarks"]:
-            raise ValueError(f"cells: unknown benchmark {cell['benchmark']!r}; defined: {sorted(config['benchmarks'])}")
-        if cell["model"] not in config["models"]:
-            raise ValueError(f"cells: unknown model {cell['model']!r}; defined: {sorted(config['models'])}")
-        model = config["models"][cell["model"]]
-        if len(set(cell.get("quants", []))) != len(cell.get("quants", [])):
-            raise ValueError(f"cells: {cell['benchmark']}/{cell['model']} lists a quant scheme twice")
-        if model["source"] == "path" and not model.get("path"):
-            raise ValueError(f"models.{cell['model']}: source 'path' needs a 'path'")
-        extra = set(cell.get("route", [])) - set(cell.get("quants", []))
+    for c in config["cells"]:
+        name = f"{c['benchmark']}/{c['model']}"
+        for key in ("benchmark", "model"):
+            if c[key] not in config[f"{key}s"]:
+                raise ValueError(f"cells: unknown {key} {c[key]!r}; defined: {sorted(config[f'{key}s'])}")
+        quants, extra = cell_cfg(c)["quants"], set(cell_cfg(c)["route"]) - set(cell_cfg(c)["quants"])
+        if len(set(quants)) != len(quants):
+            raise ValueError(f"cells: {name} lists a quant scheme twice")
+        if config["models"][c["model"]]["source"] == "path" and not config["models"][c["model"]].get("path"):
+            raise ValueError(f"models.{c['model']}: source 'path' needs a 'path'")
         if extra:
-            raise ValueError(
-                f"cells: {cell['benchmark']}/{cell['model']} routes {sorted(extra)}, which are not in its quants"
-            )
+            raise ValueError(f"cells: {name} routes {sorted(extra)}, which are not in its quants")
     for name, model in config["models"].items():
         at = model.get("select", {}).get("at", [])
         names = [f"p{f:.2f}" for f in at]
@@ -47,13 +97,12 @@ def _check_cells():
     grpo = config.get("grpo")
     if grpo and grpo["lambda"] not in grpo["lambdas"]:
         raise ValueError(f"grpo.lambda {grpo['lambda']} is not in grpo.lambdas {grpo['lambdas']}")
-    route = config.get("route", {})
-    if route.get("router", {}).get("encoder") == "proposal" and config["backend"]["name"] != "hf":
+    if ROUTE.get("router", {}).get("encoder") == "proposal" and config["backend"]["name"] != "hf":
         raise ValueError(
             f"route.router.encoder 'proposal' reads the low model's hidden states in-process: it needs backend.name "
             f"'hf', not {config['backend']['name']!r} (set route.router.encoder: text, the paper's router)"
         )
-    missing = set(route.get("baseline_budgets", [])) - set(route.get("budgets", []))
+    missing = set(ROUTE.get("baseline_budgets", [])) - set(ROUTE.get("budgets", []))
     if missing:
         raise ValueError(
             f"route.baseline_budgets {sorted(missing)} are not in route.budgets: baselines match a DMR run"
@@ -72,20 +121,22 @@ def local_path(path):
     return shipped if os.path.exists(shipped) else path
 
 
+def calibration_source(model):
+    return model.get("quantize", {}).get("calibration", {}).get("source", "expert")
+
+
 def external_paths():
     """Local files the config points at (checkpoints, calibration text) for the models its cells
     use: not rule outputs, so a dry-run plans without them; a real run checks them before any job
     starts."""
-    paths = {}
-    used = {c["model"] for c in config["cells"]}
+    paths, used = {}, {c["model"] for c in config["cells"]}
     for name, m in config["models"].items():
         if name not in used:
             continue
         if m["source"] == "path":
             paths[f"models.{name}.path"] = local_path(m["path"])
-        source = m.get("quantize", {}).get("calibration", {}).get("source", "expert")
-        if source != "expert":
-            paths[f"models.{name}.quantize.calibration.source"] = source
+        if calibration_source(m) != "expert":
+            paths[f"models.{name}.quantize.calibration.source"] = calibration_source(m)
     return paths
 
 
@@ -164,96 +215,89 @@ wildcard_constraints:
     lam=r"[0-9.]+",
 
 
-def bench(wildcards):
-    return config["benchmarks"][wildcards.benchmark]
+def bench(w):
+    return config["benchmarks"][w.benchmark]
 
 
-# Environments whose game files come from a download: their jobs depend on the `data` rule.
-DATA_ENVS = {"alfworld"}
+def model_cfg(w):
+    return config["models"][w.model]
 
 
-def env_kwargs(wildcards):
-    """The benchmark's env_kwargs; a relative data path is relative to the repository, so a run in
+def env_args(w):
+    """--env and --env-kwargs; a relative data path is relative to the repository, so a run in
     another working directory (snakemake --directory) finds the same files."""
-    kwargs = dict(bench(wildcards).get("env_kwargs") or {})
-    data = kwargs.get("data")
-    if data and not os.path.isabs(os.path.expanduser(data)):
-        kwargs["data"] = os.path.normpath(os.path.join(workflow.basedir, data))
-    return kwargs
+    kwargs = dict(bench(w).get("env_kwargs") or {})
+    if kwargs.get("data") and not os.path.isabs(os.path.expanduser(kwargs["data"])):
+        kwargs["data"] = os.path.normpath(os.path.join(workflow.basedir, kwargs["data"]))
+    return f"--env {bench(w)['env']} --env-kwargs {as_json(kwargs)}"
 
 
-def data_input(wildcards):
-    """The benchmark's data manifest, for environments that read downloaded game files."""
-    return [f"{RESULTS}/{wildcards.benchmark}/data.json"] if bench(wildcards)["env"] in DATA_ENVS else []
+def engine_args(w):
+    """Backend, decoding and concurrency of the rules that play episodes (rollout, select_rollout, grpo)."""
+    d = bench(w)["decoding"]
+    args = [
+        BACKEND,
+        f"--max-new-tokens {d.get('max_new_tokens', 32)}",
+        f"--temperature {d.get('temperature', 0.0)}",
+        f"--top-p {d.get('top_p', 1.0)}",
+        f"--prompt {as_json(bench(w)['prompt'])}",
+    ]
+    return " ".join(args + (["--constrained"] if d.get("constrained", False) else []) + [f"--shards {SHARDS}"])
 
 
-def data_need(wildcards):
+def data_input(w):
+    """The benchmark's data manifest, for environments that read downloaded game files (alfworld)."""
+    return [rules.data.output[0].format(**w)] if bench(w)["env"] == "alfworld" else []
+
+
+def data_need(w):
     """--need of the data check: the tasks of each protocol split this config plays."""
-    b = bench(wildcards)
+    b = bench(w)
     need = {"calib": b["tasks"]["calib"], "test": b["tasks"]["test"]}
-    if any(
-        cell_routes(wildcards.benchmark, c["model"]) for c in config["cells"] if c["benchmark"] == wildcards.benchmark
-    ):
-        need["train"] = route_cfg().get("kl_tasks", 1000)
+    if any(cell_cfg(c)["route"] for c in config["cells"] if c["benchmark"] == w.benchmark):
+        need["train"] = ROUTE.get("kl_tasks", 1000)
     if b.get("tasks_per_seed", "distinct") == "distinct":
         need["test"] *= max(config["evaluate"]["seeds"]) + 1
     return " ".join(f"{k}={v}" for k, v in need.items())
 
 
-def model_cfg(wildcards):
-    return config["models"][wildcards.model]
+def model_dir(w, quant="bf16"):
+    """HF checkpoint of a cell at one precision: built here, or a local path from the config."""
+    if quant == "bf16" and model_cfg(w)["source"] == "path":
+        return local_path(model_cfg(w)["path"])
+    return cell("{quant}/model", w, quant=quant)
 
 
-def cli_flags(mapping):
-    """Config keys as entry-point flags: {"max_minutes": 4} -> "--max-minutes 4"."""
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (mapping or {}).items())
+def built_models(w, *precisions):
+    """The checkpoints of `precisions` that this workflow builds (local paths are not rule outputs)."""
+    return [p for p in (model_dir(w, q) for q in precisions) if p.startswith(f"{RESULTS}/")]
 
 
-def as_json(obj):
-    """A config mapping as one shell-quoted JSON argument."""
-    return shlex.quote(json.dumps(obj or {}))
+def models_arg(w, precisions):
+    return " ".join(f"--model {q}={model_dir(w, q)}" for q in precisions)
 
 
-def model_dir(benchmark, model, quant="bf16"):
-    """HF checkpoint of a cell at one precision: trained here, or a local path from the config."""
-    cfg = config["models"][model]
-    if quant == "bf16" and cfg["source"] == "path":
-        return local_path(cfg["path"])
-    return f"{RESULTS}/{benchmark}/{model}/{quant}/model"
-
-
-def candidates(wildcards):
+def candidates(w):
     """The trained agent's candidates for selection (dmr.select): snapshots, then the final p1.00."""
-    sel = model_cfg(wildcards).get("select")
+    sel = model_cfg(w).get("select")
     return [f"p{f:.2f}" for f in sorted(sel["at"])] + ["p1.00"] if sel else ["p1.00"]
 
 
-def snapshot_args(wildcards):
-    """Snapshot flags of dmr.tiny_agent; none without selection, so those commands stay as they were."""
-    sel = model_cfg(wildcards).get("select")
-    if not sel:
-        return ""
-    out = f"{RESULTS}/{wildcards.benchmark}/{wildcards.model}/train"
-    return f" --snapshot-at {','.join(str(f) for f in sorted(sel['at']))} --snapshots {out}"
-
-
-def select_runs(wildcards):
+def select_runs(w):
     """Calibration runs of the candidates; one candidate needs none."""
-    c = candidates(wildcards)
-    return (
-        [f"{RESULTS}/{wildcards.benchmark}/{wildcards.model}/select/{n}/episodes.parquet" for n in c]
-        if len(c) > 1
-        else []
-    )
+    c = candidates(w)
+    return [rules.select_rollout.output[0].format(**w, candidate=n) for n in c] if len(c) > 1 else []
 
 
-def agent_cards(wildcards):
+def snapshot_args(w, output):
+    """Snapshot flags of dmr.tiny_agent; none without selection, so those commands stay as they were."""
+    sel = model_cfg(w).get("select")
+    return f" --snapshot-at {','.join(str(f) for f in sorted(sel['at']))} --snapshots {output[0]}" if sel else ""
+
+
+def agent_cards(w):
     """Cards of the agents this config trains (`make agents`); none where every model is a path."""
-    cards = [
-        f"{RESULTS}/{c['benchmark']}/{c['model']}/card"
-        for c in config["cells"]
-        if config["models"][c["model"]]["source"] == "train"
-    ]
+    cards = [cell("card", c) for c in config["cells"] if config["models"][c["model"]]["source"] == "train"]
     if not cards:
         raise WorkflowError(
             "no agent to build: every model in this config is a local path; `make agents` "
@@ -262,357 +306,176 @@ def agent_cards(wildcards):
     return list(dict.fromkeys(cards))
 
 
-def bf16_input(wildcards):
-    """The bf16 checkpoint as a rule input, when it is one we build (not a local path)."""
-    return built_models(wildcards, ["bf16"])
+def run_tasks(w):
+    """--split, --n and --offset of a rollout run. Seed s of a generated pool evaluates its own test
+    tasks [s*n, (s+1)*n); the DAgger run routes the training tasks after the KL pool's."""
+    b, kl_tasks = bench(w), ROUTE.get("kl_tasks", 1000)
+    split, offset = {"train": "train", "calib": "calib", "dagger": "train"}.get(w.run, "test"), 0
+    if w.run == "train":
+        n = kl_tasks
+    elif w.run == "dagger":
+        n, offset = ROUTE["dagger"]["tasks"], kl_tasks
+    elif w.run == "calib":
+        n = b["tasks"]["calib"]
+    else:
+        n = b["tasks"]["test"]
+        offset = run_seed(w) * n if b.get("tasks_per_seed", "distinct") == "distinct" else 0
+    return f"--split {split} --n {n} --offset {offset}"
 
 
-def route_cfg():
-    return config.get("route", {})
+def run_seed(w):
+    return int(w.run[4:]) if w.run.startswith("seed") else 0
 
 
-# A rollout directory is {quant}/rollouts/{policy}/{run}: run `seedN` evaluates test tasks, `train`
-# is the bf16 KL pool of the training split, `calib` the router's calibration pool, `probe` seed 0's
-# test tasks routed by DMR with each step's true KL measured (dmr.diagnose, online).
-def probe_budget():
-    """The budget of the online probe run (dmr.diagnose): the middle one, 0.4 in the paper's sweep."""
-    budgets = route_cfg().get("budgets", [0.4])
-    return budgets[len(budgets) // 2]
-
-
-def probe_run(w):
-    return f"{run_dir(w.benchmark, w.model, w.quant, format_policy('dmr', 'k', probe_budget()), 'probe')}/steps.parquet"
-
-
-def run_split(wildcards):
-    return {"train": "train", "calib": "calib", "dagger": "train"}.get(wildcards.run, "test")
-
-
-def run_seed(wildcards):
-    return int(wildcards.run[4:]) if wildcards.run.startswith("seed") else 0
-
-
-def run_n(wildcards):
-    if wildcards.run == "train":
-        return route_cfg().get("kl_tasks", 1000)
-    if wildcards.run == "dagger":
-        return dagger_cfg()["tasks"]
-    return bench(wildcards)["tasks"]["calib" if wildcards.run == "calib" else "test"]
-
-
-def run_offset(wildcards):
-    """Seed s of a generated pool evaluates its own test tasks [s*n, (s+1)*n); the DAgger run routes
-    the training tasks after the KL pool's."""
-    if wildcards.run == "dagger":
-        return route_cfg().get("kl_tasks", 1000)
-    if run_split(wildcards) != "test" or bench(wildcards).get("tasks_per_seed", "distinct") != "distinct":
-        return 0
-    return run_seed(wildcards) * bench(wildcards)["tasks"]["test"]
-
-
-def routed_steps(wildcards, kind="dmr"):
+def routed_steps(w, kind="dmr"):
     """Step types a router decides; the others run at bf16 (paper App. C.1). The GRPO router's
     (`grpo_router_steps`) default to the KL-ST router's (`router_steps`)."""
-    steps = bench(wildcards).get("router_steps", ["action"])
-    return bench(wildcards).get("grpo_router_steps", steps) if kind == "grpo" else steps
+    steps = bench(w).get("router_steps", ["action"])
+    return " ".join(bench(w).get("grpo_router_steps", steps) if kind == "grpo" else steps)
 
 
-def router_steps_arg(wildcards, kind="dmr"):
-    """--router-steps of a routed policy. Omitted for the default [action], where the learned
-    router already decides every action step, so existing runs keep their commands."""
-    steps = routed_steps(wildcards, kind)
-    return "" if steps == ["action"] else " --router-steps " + " ".join(steps)
-
-
-def decoding_args(wildcards):
-    d = bench(wildcards)["decoding"]
-    args = [
-        f"--max-new-tokens {d.get('max_new_tokens', 32)}",
-        f"--temperature {d.get('temperature', 0.0)}",
-        f"--top-p {d.get('top_p', 1.0)}",
-        f"--prompt {as_json(bench(wildcards)['prompt'])}",
-    ]
-    if d.get("constrained", False):
-        args.append("--constrained")
-    return " ".join(args)
-
-
-def run_dir(benchmark, model, quant, policy, run):
-    return f"{RESULTS}/{benchmark}/{model}/{quant}/rollouts/{policy}/{run}"
-
-
-def cell_quants(benchmark, model):
-    for c in config["cells"]:
-        if c["benchmark"] == benchmark and c["model"] == model:
-            return c.get("quants", [])
-    return []
-
-
-def rollout_precisions(wildcards):
+def rollout_precisions(w):
     """The precisions a rollout's policy can route to, high first."""
-    return {"full": ["bf16"], "quant": [wildcards.quant]}.get(wildcards.policy, ["bf16", wildcards.quant])
-
-
-def rollout_models(wildcards):
-    return " ".join(
-        f"--model {q}={model_dir(wildcards.benchmark, wildcards.model, q)}" for q in rollout_precisions(wildcards)
-    )
-
-
-def cell_dir(w):
-    return f"{RESULTS}/{w.benchmark}/{w.model}"
+    return {"full": ["bf16"], "quant": [w.quant]}.get(w.policy, ["bf16", w.quant])
 
 
 def router_dir(w, kind="dmr"):
+    """The KL-ST router (dmr0: round 0), or the GRPO router of `grpo.lambda` (a directory per lambda)."""
     if kind == "grpo":
-        return grpo_router_dir(w)
-    return f"{cell_dir(w)}/{w.quant}/{'router0' if kind == 'dmr0' else 'router'}"
+        return cell("{quant}/grpo/lam{lam}/router", w, lam=GRPO_LAMBDA)
+    return cell("{quant}/router0" if kind == "dmr0" else "{quant}/router", w)
 
 
-def pace_arg(budget):
-    """route.pace: each episode's bf16 steps held to the budget K (dmr.router.Router.pace) with
-    `burst` steps ahead of it; the calibrated threshold is then capped at the router's boundary."""
-    pace = route_cfg().get("pace")
-    return f" --pace {budget} --burst {pace['burst']:g}" if pace else ""
-
-
-def dagger_cfg():
-    """route.dagger: {tasks, budget} (the schema's defaults); tasks 0 trains on the bf16 pool alone."""
-    return route_cfg()["dagger"]
+def calib_run(w):
+    """The calibration pool's routed run of a router (stage router0/router, else GRPO) at threshold 0.5."""
+    kind = {"router": "dmr", "router0": "dmr0"}.get(w.get("stage"), "grpo")
+    return f"{run_dir(w, policy=format_policy(kind, 't', 0.5), run='calib')}/steps.parquet"
 
 
 def dagger_runs(w):
-    """The final router's extra data: the round-0 router's routed probe run of training tasks."""
-    d = dagger_cfg()
+    """The final router's extra data (route.dagger): the round-0 router's routed run of training tasks."""
+    d = ROUTE["dagger"]
     if w.stage != "router" or not d["tasks"]:
         return []
-    policy = format_policy("dmr0", "k", d["budget"])
-    return [f"{run_dir(w.benchmark, w.model, w.quant, policy, 'dagger')}/steps.parquet"]
+    return [f"{run_dir(w, policy=format_policy('dmr0', 'k', d['budget']), run='dagger')}/steps.parquet"]
 
 
-def calib_policy(w):
-    """The calibration pool's routed run of a KL-ST stage: its router at the fixed threshold 0.5."""
-    return format_policy("dmr0" if w.stage == "router0" else "dmr", "t", 0.5)
+def probe_run(w):
+    """The online probe run of dmr.diagnose, at the middle budget (0.4 in the paper's sweep)."""
+    budgets = ROUTE.get("budgets", [0.4])
+    return f"{run_dir(w, policy=format_policy('dmr', 'k', budgets[len(budgets) // 2]), run='probe')}/steps.parquet"
 
 
-def dagger_arg(w, input):
-    runs = [os.path.dirname(p) for p in input.dagger]
-    return f" --dagger {' '.join(runs)}" if runs else ""
-
-
-def kl_steps(w):
-    return f"{cell_dir(w)}/{w.quant}/kl/steps.parquet"
-
-
-def policy_inputs(wildcards):
-    """Files a routed policy needs besides the models."""
-    kind, mode, value = parse_policy(wildcards.policy)
+def policy_inputs(w):
+    """Files a routed policy needs besides the models: its router (and calibration at a budget K), or
+    the dmr-kK run a baseline matches (and the KL pool of oracle and uncertainty)."""
+    kind, mode, value = parse_policy(w.policy)
     if not mode:
         return []
-    if kind in ("dmr", "dmr0", "grpo"):
-        rd = router_dir(wildcards, kind)
+    if kind in ROUTERS:
+        rd = router_dir(w, kind)
         return [f"{rd}/router.json"] + ([f"{rd}/calibration.json"] if mode == "k" else [])
-    match = f"{run_dir(wildcards.benchmark, wildcards.model, wildcards.quant, format_policy('dmr', 'k', value), wildcards.run)}/episodes.parquet"
-    return [match] + ([kl_steps(wildcards)] if kind in ("oracle", "uncertainty") else [])
+    match = f"{run_dir(w, policy=format_policy('dmr', 'k', value))}/episodes.parquet"
+    return [match] + ([rules.kl.output[0].format(**w)] if kind in ("oracle", "uncertainty") else [])
 
 
-def policy_args(wildcards):
-    kind, mode, value = parse_policy(wildcards.policy)
+def policy_args(w):
+    kind, mode, value = parse_policy(w.policy)
     if not mode:
-        return f"--policy {wildcards.policy}"
-    steps = router_steps_arg(wildcards, "grpo" if kind == "grpo" else "dmr")
-    if kind in ("dmr", "dmr0", "grpo"):
-        rd = router_dir(wildcards, kind)
-        if mode == "t":
-            return f"--policy dmr --router {rd} --threshold {value}{steps}"
-        # The probe run: seed 0's test tasks again, with each step's true KL measured (dmr.diagnose);
-        # the DAgger run measures it on training tasks (the final router's extra labels).
-        probe = " --probe-kl" if wildcards.run in ("probe", "dagger") else ""
-        return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace_arg(value)}{steps}{probe}"
-    match, *rest = policy_inputs(wildcards)
-    kl_arg = f" --kl {rest[0]}" if rest else ""
-    return f"--policy {kind} --match {match}{kl_arg}{steps}"
+        return f"--policy {w.policy}"
+    # --router-steps only where they differ from the default [action], so those commands stay as they were.
+    steps = "" if routed_steps(w, kind) == "action" else f" --router-steps {routed_steps(w, kind)}"
+    if kind not in ROUTERS:
+        match, *kl = policy_inputs(w)
+        return f"--policy {kind} --match {match}{''.join(f' --kl {p}' for p in kl)}{steps}"
+    rd = router_dir(w, kind)
+    if mode == "t":
+        return f"--policy dmr --router {rd} --threshold {value}{steps}"
+    # route.pace: each episode's bf16 steps held to the budget K with `burst` steps ahead of it. The
+    # probe run measures each step's true KL (dmr.diagnose); the DAgger run on training tasks.
+    pace = f" --pace {value} --burst {ROUTE['pace']['burst']:g}" if ROUTE.get("pace") else ""
+    probe = " --probe-kl" if w.run in ("probe", "dagger") else ""
+    return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace}{steps}{probe}"
 
 
-def built_models(wildcards, precisions):
-    """The checkpoints of `precisions` that this workflow builds (local paths are not rule outputs)."""
-    paths = [model_dir(wildcards.benchmark, wildcards.model, q) for q in precisions]
-    return [p for p in paths if p.startswith(f"{RESULTS}/")]
-
-
-def rollout_inputs(wildcards):
-    return built_models(wildcards, rollout_precisions(wildcards)) + policy_inputs(wildcards) + data_input(wildcards)
-
-
-def kl_models(wildcards):
-    return built_models(wildcards, ["bf16", wildcards.quant])
-
-
-def seed_runs(benchmark, model, quant, policy):
+def seed_runs(w, quant, policy):
     return [
-        f"{run_dir(benchmark, model, quant, policy, f'seed{s}')}/episodes.parquet" for s in config["evaluate"]["seeds"]
+        f"{run_dir(w, quant=quant, policy=policy, run=f'seed{s}')}/episodes.parquet"
+        for s in config["evaluate"]["seeds"]
     ]
 
 
-def cell_routes(benchmark, model):
-    for c in config["cells"]:
-        if c["benchmark"] == benchmark and c["model"] == model:
-            return c.get("route", c.get("quants", []))
-    return []
-
-
-def table_methods(wildcards):
+def table_methods(w):
     """Methods of a cell's main table: Full; per scheme the always-quantized baseline, then for the
-    routed schemes DMR at each budget and the matched baselines (`NAME@K`)."""
-    b, m = wildcards.benchmark, wildcards.model
-    methods = {"Full": seed_runs(b, m, "bf16", "full")}
-    route = route_cfg()
-    routed = cell_routes(b, m)
-    for q in cell_quants(b, m):
-        methods[f"{q}/Quant"] = seed_runs(b, m, q, "quant")
-        if q not in routed:
+    routed schemes DMR (and GRPO) at each budget and the matched baselines (`NAME@K`)."""
+    methods = {"Full": seed_runs(w, "bf16", "full")}
+    budgets, matched = ROUTE.get("budgets", []), ROUTE.get("baseline_budgets", [])
+    points = [("dmr", "DMR", budgets)] + ([("grpo", "GRPO", budgets)] if "grpo" in config else [])
+    points += [(base, base.capitalize(), matched) for base in ROUTE.get("baselines", [])]
+    for q in cell_cfg(w)["quants"]:
+        methods[f"{q}/Quant"] = seed_runs(w, q, "quant")
+        if q not in cell_cfg(w)["route"]:
             continue
-        for k in route.get("budgets", []):
-            methods[f"{q}/DMR@{k:g}"] = seed_runs(b, m, q, format_policy("dmr", "k", k))
-        for k in route.get("budgets", []) if "grpo" in config else []:
-            methods[f"{q}/GRPO@{k:g}"] = seed_runs(b, m, q, format_policy("grpo", "k", k))
-        for base in route.get("baselines", []):
-            for k in route.get("baseline_budgets", []):
-                methods[f"{q}/{base.capitalize()}@{k:g}"] = seed_runs(b, m, q, format_policy(base, "k", k))
+        for kind, name, ks in points:
+            methods.update({f"{q}/{name}@{k:g}": seed_runs(w, q, format_policy(kind, "k", k)) for k in ks})
     return methods
 
 
-def table_inputs(wildcards):
-    return [p for paths in table_methods(wildcards).values() for p in paths]
+def latency_runs(w):
+    """The single-precision runs the coefficients pool, per seed: bf16 Full, then each scheme's Quant."""
+    return {
+        q: [
+            run_dir(w, quant=q, policy="full" if q == "bf16" else "quant", run=f"seed{s}")
+            for s in config["evaluate"]["seeds"]
+        ]
+        for q in ["bf16", *cell_cfg(w)["quants"]]
+    }
 
 
-def table_args(wildcards):
-    return " ".join(f"--method {name} {' '.join(paths)}" for name, paths in table_methods(wildcards).items())
-
-
-# Latency (App. A) and GRPO (Sec. 4.3).
-def latency_cfg():
-    return config.get("latency", {})
-
-
-def grpo_cfg():
-    return config.get("grpo", {})
-
-
-GRPO_LAMBDA = f"{config['grpo']['lambda']:g}" if "grpo" in config else "none"
-
-
-def grpo_router_dir(w):
-    """The GRPO router of `grpo.lambda`; one directory per lambda keeps a lambda sweep possible."""
-    return f"{cell_dir(w)}/{w.quant}/grpo/lam{GRPO_LAMBDA}/router"
-
-
-def latency_runs(wildcards):
-    """The single-precision baseline runs the coefficients pool: bf16 Full and each scheme's Quant."""
-    b, m = wildcards.benchmark, wildcards.model
-    runs = {"bf16": [run_dir(b, m, "bf16", "full", f"seed{s}") for s in config["evaluate"]["seeds"]]}
-    for q in cell_quants(b, m):
-        runs[q] = [run_dir(b, m, q, "quant", f"seed{s}") for s in config["evaluate"]["seeds"]]
-    return runs
-
-
-def latency_inputs(wildcards):
-    return [
-        f"{d}/{f}.parquet" for runs in latency_runs(wildcards).values() for d in runs for f in ("steps", "episodes")
-    ]
-
-
-def latency_args(wildcards):
-    runs = latency_runs(wildcards)
-    cfg = latency_cfg()
+def latency_args(w):
+    cfg, runs = config.get("latency", {}), latency_runs(w)
     args = [f"--high {' '.join(runs.pop('bf16'))}"] + [f"--low {q} {' '.join(r)}" for q, r in runs.items()]
     args.append(f"--source {cfg.get('source', 'measured')}")
     if cfg.get("coefficients"):
-        args.append(f"--coefficients {as_json(cell_coefficients(wildcards))}")
+        # One set for every cell, or one per cell keyed "benchmark/model" (the paper's Table 3).
+        coeffs, key = cfg["coefficients"], f"{w.benchmark}/{w.model}"
+        if any(isinstance(v, dict) for v in coeffs.values()):
+            if key not in coeffs:
+                raise ValueError(f"latency.coefficients has per-cell entries but none for {key!r}: {sorted(coeffs)}")
+            coeffs = coeffs[key]
+        args.append(f"--coefficients {as_json(coeffs)}")
     if not cfg.get("w3_projection", True):
         args.append("--no-w3-projection")
-    args.append(f"--replay {cfg.get('replay_episodes', 16)}")
-    args.append(f"--router-steps {' '.join(routed_steps(wildcards))}")
-    return " ".join(
-        args + [f"--arch {as_json(route_cfg().get('router'))}", f"--shards {config['evaluate'].get('shards', 16)}"]
-    )
+    args += [f"--replay {cfg.get('replay_episodes', 16)}", f"--router-steps {routed_steps(w)}"]
+    return " ".join(args + [f"--arch {as_json(ROUTE.get('router'))}", f"--shards {SHARDS}"])
 
 
-def cell_coefficients(wildcards):
-    """latency.coefficients: one set for every cell, or one per cell keyed "benchmark/model"
-    (the paper's Table 3 has a row per model and benchmark)."""
-    coeffs = latency_cfg()["coefficients"]
-    if not any(isinstance(v, dict) for v in coeffs.values()):
-        return coeffs
-    key = f"{wildcards.benchmark}/{wildcards.model}"
-    if key not in coeffs:
-        raise ValueError(f"latency.coefficients has per-cell entries but none for {key!r}: {sorted(coeffs)}")
-    return coeffs[key]
-
-
-def coefficients(wildcards):
-    return f"{cell_dir(wildcards)}/latency/coefficients.json"
-
-
-def grpo_args(wildcards):
+def grpo_args(w):
     """GRPO options; lambda from the path, so any lambda of a sweep can be trained."""
-    g = grpo_cfg()
+    g = config.get("grpo", {})
     keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
-    steps = routed_steps(wildcards, "grpo")
     # Only where GRPO decides other step types than KL-ST, so other cells keep their commands.
-    extra = [] if steps == routed_steps(wildcards) else [f"--router-steps {' '.join(steps)}"]
-    return " ".join([f"--lam {wildcards.lam}", cli_flags({k: g[k] for k in keys if k in g})] + extra)
+    steps = routed_steps(w, "grpo")
+    extra = [] if steps == routed_steps(w) else [f"--router-steps {steps}"]
+    return " ".join([f"--lam {w.lam}", cli_flags({k: g[k] for k in keys if k in g})] + extra)
 
 
-def grpo_targets(benchmark, model):
-    """Per routed scheme the GRPO training curve; per cell the average-rank table."""
-    if "grpo" not in config:
-        return []
-    routed = cell_routes(benchmark, model)
-    # The rank analysis compares router points: a cell without a routed scheme has none.
-    return (
-        [f"{RESULTS}/{benchmark}/{model}/figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png" for q in routed]
-        + ([f"{RESULTS}/{benchmark}/{model}/tables/rank.md"] if routed else [])
-        + [f"{RESULTS}/{benchmark}/{model}/tables/latency.md"]
-    )
+def calibration_input(w):
+    """Quantization's calibration text: the cell's expert episodes, or a local file of the config, an
+    input once it exists (a change reruns quantization); a real run checks it on start."""
+    source = calibration_source(model_cfg(w))
+    return [rules.expert_data.output[0].format(**w)] if source == "expert" else [source] * os.path.exists(source)
 
 
-def calibration_input(wildcards):
-    """The expert episodes when quantization calibrates on them. A local file is an input once it exists
-    (a change reruns quantization); a dry-run plans without it, and a real run checks it on start."""
-    source = model_cfg(wildcards).get("quantize", {}).get("calibration", {}).get("source", "expert")
-    if source == "expert":
-        return [rules.expert_data.output[0].format(**wildcards)]
-    return [source] if os.path.exists(source) else []
-
-
-def calibration_arg(wildcards):
-    source = model_cfg(wildcards).get("quantize", {}).get("calibration", {}).get("source", "expert")
-    return f"expert:{rules.expert_data.output[0].format(**wildcards)}" if source == "expert" else source
-
-
-def route_targets(benchmark, model):
-    """The KL-ST figures and the AO/AS label tables of a cell's routed schemes (the table pulls in
-    everything else)."""
-    return (
-        [
-            f"{RESULTS}/{benchmark}/{model}/figures/{name}_{q}.png"
-            for q in cell_routes(benchmark, model)
-            for name in ("kl_hist", "router_scores", "kl_step_types")
-        ]
-        + [f"{RESULTS}/{benchmark}/{model}/{q}/kl/labels.parquet" for q in cell_routes(benchmark, model)]
-        + [f"{RESULTS}/{benchmark}/{model}/tables/diagnose_{q}.md" for q in cell_routes(benchmark, model)]
-    )
+def calibration_arg(w, input):
+    source = calibration_source(model_cfg(w))
+    return f"expert:{input.calibration[0]}" if source == "expert" else source
 
 
 # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under
 # {quant}/ablation/{variant}/router; the variant equal to the cell's own router reuses it.
-def ablation_cfg():
-    return route_cfg().get("ablation", {})
-
-
 def ablation_variants():
-    cfg = ablation_cfg()
+    cfg = ROUTE.get("ablation", {})
     return (
         [f"depth{L}" for L in cfg.get("depths", [])]
         + [f"tau-{t}" for t in cfg.get("taus", [])]
@@ -621,93 +484,69 @@ def ablation_variants():
     )
 
 
-def is_cell_router(variant):
-    r = route_cfg().get("router", {})
-    encoder = r.get("encoder", "text")
-    # An encoder variant has its own window (text 50, proposal 1): the cell's router only where they agree.
-    same = r.get("window", 50) == (50 if encoder == "text" else 1)
-    return variant in (f"depth{r.get('layers', 8)}", "tau-auto", "steps-ao") or (
-        same and variant == f"encoder-{encoder}"
-    )
+def ablation_train():
+    return {**ROUTE.get("train", {}), **ROUTE.get("ablation", {}).get("train", {})}
 
 
 def ablation_router(w, variant):
     """A variant's router directory. The cell's own setting is the cell's router, unless
     `ablation.train` trains the variants on another budget: then it is trained once more on that
     budget (variant `base`), so every point of a curve had the same training."""
-    if is_cell_router(variant):
-        if ablation_train() != route_cfg().get("train", {}):
-            variant = "base"
-        else:
+    r = ROUTE.get("router", {})
+    encoder = r.get("encoder", "text")
+    # An encoder variant has its own window (text 50, proposal 1): the cell's router only where they agree.
+    same = r.get("window", 50) == (50 if encoder == "text" else 1)
+    if variant in (f"depth{r.get('layers', 8)}", "tau-auto", "steps-ao") or (same and variant == f"encoder-{encoder}"):
+        if ablation_train() == ROUTE.get("train", {}):
             return router_dir(w)
-    return f"{cell_dir(w)}/{w.quant}/ablation/{variant}/router"
+        variant = "base"
+    return cell("{quant}/ablation/{variant}/router", w, variant=variant)
 
 
-def ablation_inputs(w):
-    return [f"{ablation_router(w, v)}/metrics.json" for v in ablation_variants()]
-
-
-def ablation_args(w):
-    return " ".join(f"--router {v} {ablation_router(w, v)}" for v in ablation_variants())
-
-
-def ablation_train():
-    return {**route_cfg().get("train", {}), **ablation_cfg().get("train", {})}
-
-
-def variant_labels(w):
-    """The all-step variant is labelled with the all-step tau of dmr.labels; the others need nothing."""
-    return [f"{cell_dir(w)}/{w.quant}/kl/labels.json"] if w.variant == "steps-as" else []
-
-
-def variant_klst_args(w):
-    """dmr.klst options of a variant: the cell's, with the variant's one change."""
-    v = w.variant
-    arch = dict(route_cfg().get("router", {}))
-    steps = " ".join(routed_steps(w))
-    extra = ""
-    if v.startswith("depth"):
-        arch["layers"] = int(v[len("depth") :])
-    elif v.startswith("tau-"):
-        extra = f"--tau-point {v[len('tau-'):]}"
-    elif v == "steps-as":
-        steps = f"all --labels-summary {cell_dir(w)}/{w.quant}/kl/labels.json --label-set as"
-    elif v.startswith("encoder-"):
+def klst_args(w):
+    """dmr.klst's router options: the cell's, or an ablation variant's with its one change."""
+    variant, arch, steps, extra = w.get("variant"), dict(ROUTE.get("router", {})), routed_steps(w), []
+    if variant:
+        extra = [f"--tau-point {variant[len('tau-'):]}" if variant.startswith("tau-") else ""]
+    if variant and variant.startswith("depth"):
+        arch["layers"] = int(variant[len("depth") :])
+    elif variant == "steps-as":
+        steps = f"all --labels-summary {rules.labels.output.summary.format(**w)} --label-set as"
+    elif variant and variant.startswith("encoder-"):
         # The paper's router reads the last 50 step texts; the proposal router the current step.
-        arch["encoder"] = v[len("encoder-") :]
+        arch["encoder"] = variant[len("encoder-") :]
         arch["window"] = 50 if arch["encoder"] == "text" else 1
-    train = ablation_train()
-    return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", extra, cli_flags(train)])
+    train = ablation_train() if variant else ROUTE.get("train")
+    return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", *extra, cli_flags(train)])
 
 
-def ablation_targets(benchmark, model):
-    if not ablation_variants():
-        return []
-    return [f"{RESULTS}/{benchmark}/{model}/tables/ablation_{q}.md" for q in cell_routes(benchmark, model)]
+def targets(c):
+    """A cell's targets: the main table (which pulls in the runs), the KL-ST figures, labels and
+    diagnosis of its routed schemes, and with GRPO its curves, average ranks and latency."""
+    routed = cell_cfg(c)["route"]
+    figures = [f"figures/{name}_{q}.png" for q in routed for name in ("kl_hist", "router_scores", "kl_step_types")]
+    paths = ["tables/main.md"] + figures + [f"{q}/kl/labels.parquet" for q in routed]
+    paths += [f"tables/diagnose_{q}.md" for q in routed]
+    if "grpo" in config:
+        # The rank analysis compares router points: a cell without a routed scheme has none.
+        paths += [f"figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png" for q in routed]
+        paths += ["tables/rank.md"] * bool(routed) + ["tables/latency.md"]
+    return [cell(p, c) for p in paths]
 
 
-def cell_targets():
-    return [
-        t
-        for c in config["cells"]
-        for t in [f"{RESULTS}/{c['benchmark']}/{c['model']}/tables/main.md"]
-        + route_targets(c["benchmark"], c["model"])
-        + grpo_targets(c["benchmark"], c["model"])
-    ]
-
-
-def all_ablation_targets(wildcards=None):
+def ablation_targets(w=None):
     """`make ablations`: the router ablation tables of every routed cell, a target of their own
     (the default run leaves them out to stay within its time)."""
-    return [t for c in config["cells"] for t in ablation_targets(c["benchmark"], c["model"])]
+    cells = config["cells"] if ablation_variants() else []
+    return [cell(f"tables/ablation_{q}.md", c) for c in cells for q in cell_cfg(c)["route"]]
 
 
-def summary_inputs(wildcards):
-    """Everything else the default target builds: the summary is written last, so its timing table
-    covers the whole run."""
-    return cell_targets()
+def cell_targets(w=None):
+    return [t for c in config["cells"] for t in targets(c)]
 
 
 def all_targets():
+    """The default target: every cell's, and the summary, written last so that its timing table
+    covers the whole run."""
     _check_resources()  # called from rule all, once every rule file is included
     return cell_targets() + [f"{RESULTS}/summary.md"]

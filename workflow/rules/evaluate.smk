@@ -3,73 +3,65 @@
 
 rule rollout:
     input:
-        rollout_inputs,
+        lambda w: built_models(w, *rollout_precisions(w)) + policy_inputs(w) + data_input(w),
     output:
-        episodes=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/{{run}}/episodes.parquet",
-        steps=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/{{run}}/steps.parquet",
+        episodes=cell(f"{RUN}/episodes.parquet"),
+        steps=cell(f"{RUN}/steps.parquet"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/rollout_{{quant}}_{{policy}}_{{run}}.log",
+        cell_log("rollout_{quant}_{policy}_{run}"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rollout/rollout_{{quant}}_{{policy}}_{{run}}.tsv"
+        cell_benchmark("rollout", "rollout_{quant}_{policy}_{run}")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("rollout", THREADS),
     params:
-        env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(env_kwargs(w)),
-        split=run_split,
-        n=run_n,
-        offset=run_offset,
-        seed=run_seed,
-        models=rollout_models,
+        env=env_args,
+        tasks=run_tasks,
+        models=lambda w: models_arg(w, rollout_precisions(w)),
         policy=policy_args,
-        backend=config["backend"]["name"],
-        backend_kwargs=as_json(config["backend"].get("kwargs")),
-        decoding=decoding_args,
-        shards=config["evaluate"].get("shards", 16),
-        out=lambda w: run_dir(w.benchmark, w.model, w.quant, w.policy, w.run),
+        engine=engine_args,
+        seed=run_seed,
+        out=lambda w, output: os.path.dirname(output.episodes),
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.
-        "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split {params.split} "
-        "--n {params.n} --offset {params.offset} {params.models} {params.policy} "
-        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} "
-        "{params.decoding} --shards {params.shards} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        "python -m dmr.agent {params.env} {params.tasks} {params.models} {params.policy} "
+        "{params.engine} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        runs=table_inputs,
-        latency=coefficients,
+        runs=lambda w: [p for paths in table_methods(w).values() for p in paths],
+        latency=lambda w: rules.latency.output.coefficients.format(**w),
     output:
-        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.md",
-        latex=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.tex",
+        table=cell("tables/main.parquet"),
+        markdown=cell("tables/main.md"),
+        latex=cell("tables/main.tex"),
         html=report(
-            f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.html",
+            cell("tables/main.html"),
             caption="../report/table.rst",
             category="Table 1",
             subcategory="{benchmark}/{model}",
             labels={"result": "Table 1"},
         ),
         pareto=report(
-            f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto.png",
+            cell("figures/pareto.png"),
             caption="../report/pareto.rst",
             category="Table 1",
             subcategory="{benchmark}/{model}",
             labels={"result": "Pareto"},
         ),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate.log",
+        cell_log("evaluate"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/evaluate/evaluate.tsv"
+        cell_benchmark("evaluate")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("evaluate"),
     params:
-        methods=table_args,
+        methods=lambda w: " ".join(f"--method {name} {' '.join(paths)}" for name, paths in table_methods(w).items()),
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
@@ -79,7 +71,7 @@ rule evaluate:
 rule summary:
     # What the README quotes: the claim per cell, Table 1, figure links and per-rule timing.
     input:
-        tables=summary_inputs,
+        tables=cell_targets,
     output:
         markdown=f"{RESULTS}/summary.md",
         timing=f"{RESULTS}/timing.parquet",

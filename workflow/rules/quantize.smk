@@ -3,14 +3,14 @@
 
 rule quantize:
     input:
-        model=bf16_input,
+        model=lambda w: built_models(w, "bf16"),
         calibration=calibration_input,
     output:
-        directory(f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/model"),
+        directory(cell("{quant}/model")),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/quantize_{{quant}}.log",
+        cell_log("quantize_{quant}"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/quantize/quantize_{{quant}}.tsv"
+        cell_benchmark("quantize", "quantize_{quant}")
     wildcard_constraints:
         quant="(gptq|awq|rtn)_w[2-8]a16(_g[0-9]+)?",
     conda:
@@ -19,7 +19,7 @@ rule quantize:
     resources:
         **rule_resources("quantize", THREADS),
     params:
-        bf16=lambda w: model_dir(w.benchmark, w.model, "bf16"),
+        bf16=model_dir,
         calibration=calibration_arg,
         samples=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("samples", 128),
         max_len=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("max_seq_length", 2048),
