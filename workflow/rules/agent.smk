@@ -17,12 +17,10 @@ rule expert_data:
     params:
         env=env_args,
         n=lambda w: bench(w)["tasks"]["train"],
-        noise=lambda w: model_cfg(w).get("expert", {}).get("noise", 0.2),
-        clean=lambda w: model_cfg(w).get("expert", {}).get("clean_fraction", 0.5),
+        noise=lambda w: model_cfg(w)["expert"]["noise"],
+        clean=lambda w: model_cfg(w)["expert"]["clean_fraction"],
         # Only when set, so the commands of configs without it stay as they were.
-        repeat=lambda w: "".join(
-            f" --{k} {v}" for k, v in model_cfg(w).get("expert", {}).items() if k in ("repeat", "invalid")
-        ),
+        repeat=lambda w: "".join(f" --{k} {v}" for k, v in model_cfg(w)["expert"].items() if k in ("repeat", "invalid")),
     shell:
         "python -m dmr.expert {params.env} --episodes {params.n} "
         "--noise {params.noise} --clean-fraction {params.clean}{params.repeat} --out {output} > {log} 2>&1"
@@ -43,7 +41,7 @@ rule tokenizer:
         **rule_resources("tokenizer"),
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
-        vocab=lambda w: model_cfg(w).get("tokenizer", {}).get("vocab_size", 1024),
+        vocab=lambda w: model_cfg(w)["tokenizer"]["vocab_size"],
     shell:
         "python -m dmr.tokenizer --episodes {input} --prompt {params.prompt} --vocab-size {params.vocab} "
         "--out {output} > {log} 2>&1"
@@ -67,8 +65,8 @@ rule train_agent:
         **rule_resources("train_agent", THREADS),
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
-        arch=lambda w: as_json(model_cfg(w).get("arch")),
-        train=lambda w: cli_flags(model_cfg(w).get("train")),
+        arch=lambda w: as_json(model_cfg(w)["arch"]),
+        train=lambda w: cli_flags(model_cfg(w)["train"]),
         snapshots=snapshot_args,
     shell:
         "python -m dmr.tiny_agent --episodes {input.episodes} --tokenizer {input.tokenizer} "
@@ -146,7 +144,7 @@ rule agent_card:
     resources:
         **rule_resources("agent_card"),
     params:
-        recipe=lambda w: as_json({"model": model_cfg(w), "benchmark": bench(w)}),
+        recipe=lambda w: as_json({k: WRITTEN[f"{k}s"][w[k]] for k in ("model", "benchmark")}),
     shell:
         "python -m dmr.card build --name {wildcards.model} --benchmark {wildcards.benchmark} "
         "--model {input.model} --train-metrics {input.train}/p1.00/train_metrics.json "

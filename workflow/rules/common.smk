@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import shlex
@@ -9,6 +10,8 @@ from snakemake.utils import validate
 
 from dmr.policy_name import ROUTERS, format_policy, parse_policy
 
+# An agent card's recipe is the config as written; validation fills in the schema's defaults.
+WRITTEN = copy.deepcopy(config)
 validate(config, schema="../schemas/config.schema.yaml")
 
 # Jobs run `python -m dmr.<stage>` from this checkout, with or without an installed package,
@@ -26,12 +29,12 @@ def as_json(obj):
     return shlex.quote(json.dumps(obj or {}))
 
 
-THREADS = config.get("threads", 2)
-ROUTE = config.get("route", {})
+THREADS = config["threads"]
+ROUTE = config["route"]
 GRPO_LAMBDA = f"{config['grpo']['lambda']:g}" if "grpo" in config else "none"
-SHARDS = config["evaluate"].get("shards", 16)
-BACKEND = f"--backend {config['backend']['name']} --backend-kwargs {as_json(config['backend'].get('kwargs'))}"
-BUDGETS = " ".join(f"{k:g}" for k in ROUTE.get("budgets", [0.2, 0.4, 0.7]))
+SHARDS = config["evaluate"]["shards"]
+BACKEND = f"--backend {config['backend']['name']} --backend-kwargs {as_json(config['backend']['kwargs'])}"
+BUDGETS = " ".join(f"{k:g}" for k in ROUTE["budgets"])
 
 # Paths, written once. A cell's results live under CELL; a rule's output is the pattern cell(PATH)
 # and an input function's path the same with wildcards and values filled in, cell(PATH, w, ...).
@@ -69,7 +72,7 @@ def cell_cfg(w):
     """The config's entry of a cell; `route` defaults to all its quants."""
     for c in config["cells"]:
         if c["benchmark"] == w["benchmark"] and c["model"] == w["model"]:
-            return {**c, "quants": c.get("quants", []), "route": c.get("route", c.get("quants", []))}
+            return {**c, "route": c.get("route", c["quants"])}
     return {"quants": [], "route": []}
 
 
@@ -97,12 +100,12 @@ def _check_cells():
     grpo = config.get("grpo")
     if grpo and grpo["lambda"] not in grpo["lambdas"]:
         raise ValueError(f"grpo.lambda {grpo['lambda']} is not in grpo.lambdas {grpo['lambdas']}")
-    if ROUTE.get("router", {}).get("encoder") == "proposal" and config["backend"]["name"] != "hf":
+    if ROUTE["router"]["encoder"] == "proposal" and config["backend"]["name"] != "hf":
         raise ValueError(
             f"route.router.encoder 'proposal' reads the low model's hidden states in-process: it needs backend.name "
             f"'hf', not {config['backend']['name']!r} (set route.router.encoder: text, the paper's router)"
         )
-    missing = set(ROUTE.get("baseline_budgets", [])) - set(ROUTE.get("budgets", []))
+    missing = set(ROUTE["baseline_budgets"]) - set(ROUTE["budgets"])
     if missing:
         raise ValueError(
             f"route.baseline_budgets {sorted(missing)} are not in route.budgets: baselines match a DMR run"
@@ -121,10 +124,6 @@ def local_path(path):
     return shipped if os.path.exists(shipped) else path
 
 
-def calibration_source(model):
-    return model.get("quantize", {}).get("calibration", {}).get("source", "expert")
-
-
 def external_paths():
     """Local files the config points at (checkpoints, calibration text) for the models its cells
     use: not rule outputs, so a dry-run plans without them; a real run checks them before any job
@@ -135,8 +134,8 @@ def external_paths():
             continue
         if m["source"] == "path":
             paths[f"models.{name}.path"] = local_path(m["path"])
-        if calibration_source(m) != "expert":
-            paths[f"models.{name}.quantize.calibration.source"] = calibration_source(m)
+        if m["quantize"]["calibration"]["source"] != "expert":
+            paths[f"models.{name}.quantize.calibration.source"] = m["quantize"]["calibration"]["source"]
     return paths
 
 
@@ -153,7 +152,7 @@ def check_external_paths():
 def start_progress():
     """Called on start of a real run: a reporter (dmr.progress) that prints every rollout in flight
     and its episodes done, every `progress_every` seconds, and ends with this Snakemake process."""
-    every = config.get("progress_every", 60)
+    every = config["progress_every"]
     if not every or workflow.touch:
         return
     env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -183,7 +182,7 @@ RESOURCES = {
 
 
 def rule_resources(rule, threads=1):
-    cfg = config.get("resources", {})
+    cfg = config["resources"]
     return {
         "cpus_per_task": threads,
         **RESOURCES["default"],
@@ -194,7 +193,7 @@ def rule_resources(rule, threads=1):
 
 
 def _check_resources():
-    unknown = set(config.get("resources", {})) - {"default"} - {r.name for r in workflow.rules}
+    unknown = set(config["resources"]) - {"default"} - {r.name for r in workflow.rules}
     if unknown:
         raise ValueError(
             f"resources: {sorted(unknown)} are not rules of this workflow; "
@@ -226,7 +225,7 @@ def model_cfg(w):
 def env_args(w):
     """--env and --env-kwargs; a relative data path is relative to the repository, so a run in
     another working directory (snakemake --directory) finds the same files."""
-    kwargs = dict(bench(w).get("env_kwargs") or {})
+    kwargs = dict(bench(w)["env_kwargs"])
     if kwargs.get("data") and not os.path.isabs(os.path.expanduser(kwargs["data"])):
         kwargs["data"] = os.path.normpath(os.path.join(workflow.basedir, kwargs["data"]))
     return f"--env {bench(w)['env']} --env-kwargs {as_json(kwargs)}"
@@ -237,12 +236,12 @@ def engine_args(w):
     d = bench(w)["decoding"]
     args = [
         BACKEND,
-        f"--max-new-tokens {d.get('max_new_tokens', 32)}",
-        f"--temperature {d.get('temperature', 0.0)}",
-        f"--top-p {d.get('top_p', 1.0)}",
+        f"--max-new-tokens {d['max_new_tokens']}",
+        f"--temperature {d['temperature']}",
+        f"--top-p {d['top_p']}",
         f"--prompt {as_json(bench(w)['prompt'])}",
     ]
-    return " ".join(args + (["--constrained"] if d.get("constrained", False) else []) + [f"--shards {SHARDS}"])
+    return " ".join(args + (["--constrained"] if d["constrained"] else []) + [f"--shards {SHARDS}"])
 
 
 def data_input(w):
@@ -255,8 +254,8 @@ def data_need(w):
     b = bench(w)
     need = {"calib": b["tasks"]["calib"], "test": b["tasks"]["test"]}
     if any(cell_cfg(c)["route"] for c in config["cells"] if c["benchmark"] == w.benchmark):
-        need["train"] = ROUTE.get("kl_tasks", 1000)
-    if b.get("tasks_per_seed", "distinct") == "distinct":
+        need["train"] = ROUTE["kl_tasks"]
+    if b["tasks_per_seed"] == "distinct":
         need["test"] *= max(config["evaluate"]["seeds"]) + 1
     return " ".join(f"{k}={v}" for k, v in need.items())
 
@@ -309,7 +308,7 @@ def agent_cards(w):
 def run_tasks(w):
     """--split, --n and --offset of a rollout run. Seed s of a generated pool evaluates its own test
     tasks [s*n, (s+1)*n); the DAgger run routes the training tasks after the KL pool's."""
-    b, kl_tasks = bench(w), ROUTE.get("kl_tasks", 1000)
+    b, kl_tasks = bench(w), ROUTE["kl_tasks"]
     split, offset = {"train": "train", "calib": "calib", "dagger": "train"}.get(w.run, "test"), 0
     if w.run == "train":
         n = kl_tasks
@@ -319,7 +318,7 @@ def run_tasks(w):
         n = b["tasks"]["calib"]
     else:
         n = b["tasks"]["test"]
-        offset = run_seed(w) * n if b.get("tasks_per_seed", "distinct") == "distinct" else 0
+        offset = run_seed(w) * n if b["tasks_per_seed"] == "distinct" else 0
     return f"--split {split} --n {n} --offset {offset}"
 
 
@@ -330,7 +329,7 @@ def run_seed(w):
 def routed_steps(w, kind="dmr"):
     """Step types a router decides; the others run at bf16 (paper App. C.1). The GRPO router's
     (`grpo_router_steps`) default to the KL-ST router's (`router_steps`)."""
-    steps = bench(w).get("router_steps", ["action"])
+    steps = bench(w)["router_steps"]
     return " ".join(bench(w).get("grpo_router_steps", steps) if kind == "grpo" else steps)
 
 
@@ -362,7 +361,7 @@ def dagger_runs(w):
 
 def probe_run(w):
     """The online probe run of dmr.diagnose, at the middle budget (0.4 in the paper's sweep)."""
-    budgets = ROUTE.get("budgets", [0.4])
+    budgets = ROUTE["budgets"]
     return f"{run_dir(w, policy=format_policy('dmr', 'k', budgets[len(budgets) // 2]), run='probe')}/steps.parquet"
 
 
@@ -393,7 +392,7 @@ def policy_args(w):
         return f"--policy dmr --router {rd} --threshold {value}{steps}"
     # route.pace: each episode's bf16 steps held to the budget K with `burst` steps ahead of it. The
     # probe run measures each step's true KL (dmr.diagnose); the DAgger run on training tasks.
-    pace = f" --pace {value} --burst {ROUTE['pace']['burst']:g}" if ROUTE.get("pace") else ""
+    pace = f" --pace {value} --burst {ROUTE['pace']['burst']:g}" if ROUTE["pace"] else ""
     probe = " --probe-kl" if w.run in ("probe", "dagger") else ""
     return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace}{steps}{probe}"
 
@@ -409,9 +408,9 @@ def table_methods(w):
     """Methods of a cell's main table: Full; per scheme the always-quantized baseline, then for the
     routed schemes DMR (and GRPO) at each budget and the matched baselines (`NAME@K`)."""
     methods = {"Full": seed_runs(w, "bf16", "full")}
-    budgets, matched = ROUTE.get("budgets", []), ROUTE.get("baseline_budgets", [])
+    budgets, matched = ROUTE["budgets"], ROUTE["baseline_budgets"]
     points = [("dmr", "DMR", budgets)] + ([("grpo", "GRPO", budgets)] if "grpo" in config else [])
-    points += [(base, base.capitalize(), matched) for base in ROUTE.get("baselines", [])]
+    points += [(base, base.capitalize(), matched) for base in ROUTE["baselines"]]
     for q in cell_cfg(w)["quants"]:
         methods[f"{q}/Quant"] = seed_runs(w, q, "quant")
         if q not in cell_cfg(w)["route"]:
@@ -433,9 +432,9 @@ def latency_runs(w):
 
 
 def latency_args(w):
-    cfg, runs = config.get("latency", {}), latency_runs(w)
+    cfg, runs = config["latency"], latency_runs(w)
     args = [f"--high {' '.join(runs.pop('bf16'))}"] + [f"--low {q} {' '.join(r)}" for q, r in runs.items()]
-    args.append(f"--source {cfg.get('source', 'measured')}")
+    args.append(f"--source {cfg['source']}")
     if cfg.get("coefficients"):
         # One set for every cell, or one per cell keyed "benchmark/model" (the paper's Table 3).
         coeffs, key = cfg["coefficients"], f"{w.benchmark}/{w.model}"
@@ -444,15 +443,15 @@ def latency_args(w):
                 raise ValueError(f"latency.coefficients has per-cell entries but none for {key!r}: {sorted(coeffs)}")
             coeffs = coeffs[key]
         args.append(f"--coefficients {as_json(coeffs)}")
-    if not cfg.get("w3_projection", True):
+    if not cfg["w3_projection"]:
         args.append("--no-w3-projection")
-    args += [f"--replay {cfg.get('replay_episodes', 16)}", f"--router-steps {routed_steps(w)}"]
-    return " ".join(args + [f"--arch {as_json(ROUTE.get('router'))}", f"--shards {SHARDS}"])
+    args += [f"--replay {cfg['replay_episodes']}", f"--router-steps {routed_steps(w)}"]
+    return " ".join(args + [f"--arch {as_json(ROUTE['router'])}", f"--shards {SHARDS}"])
 
 
 def grpo_args(w):
     """GRPO options; lambda from the path, so any lambda of a sweep can be trained."""
-    g = config.get("grpo", {})
+    g = config["grpo"]
     keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
     # Only where GRPO decides other step types than KL-ST, so other cells keep their commands.
     steps = routed_steps(w, "grpo")
@@ -463,41 +462,41 @@ def grpo_args(w):
 def calibration_input(w):
     """Quantization's calibration text: the cell's expert episodes, or a local file of the config, an
     input once it exists (a change reruns quantization); a real run checks it on start."""
-    source = calibration_source(model_cfg(w))
+    source = model_cfg(w)["quantize"]["calibration"]["source"]
     return [rules.expert_data.output[0].format(**w)] if source == "expert" else [source] * os.path.exists(source)
 
 
 def calibration_arg(w, input):
-    source = calibration_source(model_cfg(w))
+    source = model_cfg(w)["quantize"]["calibration"]["source"]
     return f"expert:{input.calibration[0]}" if source == "expert" else source
 
 
 # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under
 # {quant}/ablation/{variant}/router; the variant equal to the cell's own router reuses it.
 def ablation_variants():
-    cfg = ROUTE.get("ablation", {})
+    cfg = ROUTE["ablation"]
     return (
-        [f"depth{L}" for L in cfg.get("depths", [])]
-        + [f"tau-{t}" for t in cfg.get("taus", [])]
-        + (["steps-ao", "steps-as"] if cfg.get("all_steps") else [])
-        + [f"encoder-{e}" for e in cfg.get("encoders", [])]
+        [f"depth{L}" for L in cfg["depths"]]
+        + [f"tau-{t}" for t in cfg["taus"]]
+        + (["steps-ao", "steps-as"] if cfg["all_steps"] else [])
+        + [f"encoder-{e}" for e in cfg["encoders"]]
     )
 
 
 def ablation_train():
-    return {**ROUTE.get("train", {}), **ROUTE.get("ablation", {}).get("train", {})}
+    return {**ROUTE["train"], **ROUTE["ablation"]["train"]}
 
 
 def ablation_router(w, variant):
     """A variant's router directory. The cell's own setting is the cell's router, unless
     `ablation.train` trains the variants on another budget: then it is trained once more on that
     budget (variant `base`), so every point of a curve had the same training."""
-    r = ROUTE.get("router", {})
-    encoder = r.get("encoder", "text")
+    r = ROUTE["router"]
+    encoder = r["encoder"]
     # An encoder variant has its own window (text 50, proposal 1): the cell's router only where they agree.
-    same = r.get("window", 50) == (50 if encoder == "text" else 1)
-    if variant in (f"depth{r.get('layers', 8)}", "tau-auto", "steps-ao") or (same and variant == f"encoder-{encoder}"):
-        if ablation_train() == ROUTE.get("train", {}):
+    same = r["window"] == (50 if encoder == "text" else 1)
+    if variant in (f"depth{r['layers']}", "tau-auto", "steps-ao") or (same and variant == f"encoder-{encoder}"):
+        if ablation_train() == ROUTE["train"]:
             return router_dir(w)
         variant = "base"
     return cell("{quant}/ablation/{variant}/router", w, variant=variant)
@@ -505,7 +504,7 @@ def ablation_router(w, variant):
 
 def klst_args(w):
     """dmr.klst's router options: the cell's, or an ablation variant's with its one change."""
-    variant, arch, steps, extra = w.get("variant"), dict(ROUTE.get("router", {})), routed_steps(w), []
+    variant, arch, steps, extra = w.get("variant"), dict(ROUTE["router"]), routed_steps(w), []
     if variant:
         extra = [f"--tau-point {variant[len('tau-'):]}" if variant.startswith("tau-") else ""]
     if variant and variant.startswith("depth"):
@@ -516,7 +515,7 @@ def klst_args(w):
         # The paper's router reads the last 50 step texts; the proposal router the current step.
         arch["encoder"] = variant[len("encoder-") :]
         arch["window"] = 50 if arch["encoder"] == "text" else 1
-    train = ablation_train() if variant else ROUTE.get("train")
+    train = ablation_train() if variant else ROUTE["train"]
     return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", *extra, cli_flags(train)])
 
 

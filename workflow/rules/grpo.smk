@@ -50,7 +50,7 @@ rule grpo:
         start=lambda w, input: os.path.dirname(input.router),
         env=env_args,
         # Training tasks after the KL pool's, so GRPO sees episodes KL-ST did not.
-        offset=ROUTE.get("kl_tasks", 1000),
+        offset=ROUTE["kl_tasks"],
         pool=lambda w: bench(w)["tasks"]["train"],
         models=lambda w: models_arg(w, ["bf16", w.quant]),
         engine=engine_args,

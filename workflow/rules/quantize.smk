@@ -21,8 +21,8 @@ rule quantize:
     params:
         bf16=model_dir,
         calibration=calibration_arg,
-        samples=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("samples", 128),
-        max_len=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("max_seq_length", 2048),
+        samples=lambda w: model_cfg(w)["quantize"]["calibration"]["samples"],
+        max_len=lambda w: model_cfg(w)["quantize"]["calibration"]["max_seq_length"],
         prompt=lambda w: as_json(bench(w)["prompt"]),
     shell:
         "python -m dmr.quantize --model {params.bf16} --scheme {wildcards.quant} "

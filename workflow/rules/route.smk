@@ -57,7 +57,7 @@ rule threshold:
         **rule_resources("threshold"),
     params:
         steps=routed_steps,
-        rule=cli_flags(ROUTE.get("threshold")),
+        rule=cli_flags(ROUTE["threshold"]),
     shell:
         "python -m dmr.threshold --kl {input} --step-types {params.steps} {params.rule} "
         "--out {output.threshold} --sweep {output.sweep} --figure {output.figure} > {log} 2>&1"
@@ -78,7 +78,7 @@ rule labels:
     resources:
         **rule_resources("labels"),
     params:
-        rule=cli_flags(ROUTE.get("threshold")),
+        rule=cli_flags(ROUTE["threshold"]),
         steps=routed_steps,
     shell:
         "python -m dmr.labels --kl {input} --action-types {params.steps} {params.rule} --out {output.labels} --summary {output.summary} > {log} 2>&1"
