@@ -67,7 +67,12 @@ rule train_agent:
         prompt=lambda w: as_json(bench(w)["prompt"]),
         arch=lambda w: as_json(model_cfg(w)["arch"]),
         train=lambda w: cli_flags(model_cfg(w)["train"]),
-        snapshots=snapshot_args,
+        # Snapshot flags only with selection, so the commands of configs without it stay as they were.
+        snapshots=lambda w, output: (
+            f" --snapshot-at {','.join(map(str, sorted(model_cfg(w)['select']['at'])))} --snapshots {output[0]}"
+            if "select" in model_cfg(w)
+            else ""
+        ),
     shell:
         "python -m dmr.tiny_agent --episodes {input.episodes} --tokenizer {input.tokenizer} "
         "--prompt {params.prompt} --arch {params.arch} {params.train} --threads {threads}{params.snapshots} "
@@ -103,7 +108,9 @@ rule select_rollout:
 rule select_agent:
     input:
         train=rules.train_agent.output,
-        runs=select_runs,
+        # Calibration runs of the candidates; one candidate needs none.
+        runs=lambda w: [rules.select_rollout.output[0].format(**w, candidate=c) for c in candidates(w)]
+        * (len(candidates(w)) > 1),
     output:
         model=directory(cell("bf16/model")),
         table=cell("tables/select.parquet"),

@@ -22,7 +22,7 @@ rule rollout:
         models=lambda w: models_arg(w, rollout_precisions(w)),
         policy=policy_args,
         engine=engine_args,
-        seed=run_seed,
+        seed=lambda w: int(w.run[4:]) if w.run.startswith("seed") else 0,
         out=lambda w, output: os.path.dirname(output.episodes),
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.

@@ -11,7 +11,7 @@ POOL_PARAMS = {
 
 rule kl:
     input:
-        pool=lambda w: f"{run_dir(w, **KL_POOL)}/steps.parquet",
+        pool=lambda w: f"{cell(RUN, w, **KL_POOL)}/steps.parquet",
         models=lambda w: built_models(w, "bf16", w.quant),
     output:
         cell("{quant}/kl/steps.parquet"),
