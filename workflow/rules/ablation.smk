@@ -38,7 +38,7 @@ rule klst_variant:
 
 rule ablation:
     input:
-        routers=lambda w: [f"{ablation_router(w, v)}/metrics.json" for v in ablation_variants()],
+        routers=lambda w: [f"{ablation_router(w, v)}/metrics.json" for v in ABLATION_VARIANTS],
         threshold=rules.threshold.output.threshold,
     output:
         table=cell("tables/ablation_{quant}.parquet"),
@@ -53,7 +53,7 @@ rule ablation:
     resources:
         **rule_resources("ablation"),
     params:
-        routers=lambda w: " ".join(f"--router {v} {ablation_router(w, v)}" for v in ablation_variants()),
+        routers=lambda w: " ".join(f"--router {v} {ablation_router(w, v)}" for v in ABLATION_VARIANTS),
         budgets=BUDGETS,
         steps=routed_steps,
     shell:

@@ -35,6 +35,14 @@ GRPO_LAMBDA = f"{config['grpo']['lambda']:g}" if "grpo" in config else "none"
 SHARDS = config["evaluate"]["shards"]
 BACKEND = f"--backend {config['backend']['name']} --backend-kwargs {as_json(config['backend']['kwargs'])}"
 BUDGETS = " ".join(f"{k:g}" for k in ROUTE["budgets"])
+GRPO_KEYS = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
+GRPO_FLAGS = cli_flags({k: config["grpo"][k] for k in GRPO_KEYS if k in config.get("grpo", {})})
+# Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under
+# {quant}/ablation/{variant}/router, trained on route.train with ablation.train over it.
+ABLATION = ROUTE["ablation"]
+ABLATION_VARIANTS = [f"depth{L}" for L in ABLATION["depths"]] + [f"tau-{t}" for t in ABLATION["taus"]]
+ABLATION_VARIANTS += ["steps-ao", "steps-as"] * ABLATION["all_steps"] + [f"encoder-{e}" for e in ABLATION["encoders"]]
+ABLATION_TRAIN = ROUTE["train"] | ABLATION["train"]
 
 # Paths, written once: a rule's output is the pattern cell(PATH), results/{benchmark}/{model}/PATH;
 # an input function's path is cell(PATH, w, **values), the same with wildcards (or a cells entry) and
@@ -61,10 +69,8 @@ def cell_benchmark(rule, name=None):
 
 
 def seed_runs(w, quant, policy):
-    return [
-        f"{cell(RUN, w, quant=quant, policy=policy, run=f'seed{s}')}/episodes.parquet"
-        for s in config["evaluate"]["seeds"]
-    ]
+    runs = [cell(RUN, w, quant=quant, policy=policy, run=f"seed{s}") for s in config["evaluate"]["seeds"]]
+    return [f"{r}/episodes.parquet" for r in runs]
 
 
 def cell_cfg(w):
@@ -79,8 +85,7 @@ def _check_config():
         for key in ("benchmark", "model"):
             if c[key] not in config[f"{key}s"]:
                 raise ValueError(f"cells: unknown {key} {c[key]!r}; defined: {sorted(config[f'{key}s'])}")
-        if set(cell_cfg(c)["route"]) - set(c["quants"]):
-            extra = sorted(set(cell_cfg(c)["route"]) - set(c["quants"]))
+        if extra := sorted(set(cell_cfg(c)["route"]) - set(c["quants"])):
             raise ValueError(f"cells: {c['benchmark']}/{c['model']} routes {extra}, which are not in its quants")
     for name, model in config["models"].items():
         names = [f"p{f:.2f}" for f in model.get("select", {}).get("at", [])]
@@ -96,8 +101,7 @@ def _check_config():
             f"route.router.encoder 'proposal' reads the low model's hidden states in-process: it needs backend.name "
             f"'hf', not {config['backend']['name']!r} (set route.router.encoder: text, the paper's router)"
         )
-    if set(ROUTE["baseline_budgets"]) - set(ROUTE["budgets"]):
-        missing = sorted(set(ROUTE["baseline_budgets"]) - set(ROUTE["budgets"]))
+    if missing := sorted(set(ROUTE["baseline_budgets"]) - set(ROUTE["budgets"])):
         raise ValueError(f"route.baseline_budgets {missing} are not in route.budgets: baselines match a DMR run")
 
 
@@ -105,30 +109,21 @@ _check_config()
 
 
 def local_path(path):
-    """A checkpoint path of the config: as given when it exists from the working directory (or is
-    absolute), else from this checkout, where the shipped agents/ live."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
+    """A checkpoint path of the config: as given where it exists (or is absolute), else from this
+    checkout, where the shipped agents/ live."""
     shipped = os.path.join(workflow.basedir, path)
-    return shipped if os.path.exists(shipped) else path
-
-
-def external_paths():
-    """Local files the config points at (checkpoints, calibration text) for the models its cells
-    use: not rule outputs, so a dry-run plans without them; a real run checks them on start."""
-    paths, used = {}, {c["model"] for c in config["cells"]}
-    for name, m in ((n, m) for n, m in config["models"].items() if n in used):
-        if m["source"] == "path":
-            paths[f"models.{name}.path"] = local_path(m["path"])
-        if m["quantize"]["calibration"]["source"] != "expert":
-            paths[f"models.{name}.quantize.calibration.source"] = m["quantize"]["calibration"]["source"]
-    return paths
+    return shipped if not (os.path.isabs(path) or os.path.exists(path)) and os.path.exists(shipped) else path
 
 
 def check_external_paths():
-    """Called on start of a real run (not -n, --lint or --touch): a missing checkpoint fails here,
-    naming its config key, instead of in a job hours later."""
-    missing = {k: p for k, p in external_paths().items() if not os.path.exists(p)}
+    """On start of a real run (not -n, --lint or --touch): a missing local file the config points at
+    for the models its cells use (a checkpoint, calibration text: not rule outputs, so a dry-run plans
+    without them) fails here, naming its config key, instead of in a job hours later."""
+    paths, used = {}, {c["model"] for c in config["cells"]}
+    for name, m in ((n, m) for n, m in config["models"].items() if n in used):
+        paths[f"models.{name}.path"] = local_path(m["path"]) if m["source"] == "path" else None
+        paths[f"models.{name}.quantize.calibration.source"] = m["quantize"]["calibration"]["source"]
+    missing = {k: p for k, p in paths.items() if p not in (None, "expert") and not os.path.exists(p)}
     if missing and not workflow.touch:
         raise WorkflowError(
             "missing local files named in the config: " + "; ".join(f"{k} = {p!r}" for k, p in missing.items())
@@ -136,8 +131,8 @@ def check_external_paths():
 
 
 def start_progress():
-    """Called on start of a real run: a reporter (dmr.progress) that prints every rollout in flight
-    and its episodes done, every `progress_every` seconds, and ends with this Snakemake process."""
+    """On start of a real run: a reporter (dmr.progress) that prints every rollout in flight and its
+    episodes done, every `progress_every` seconds, and ends with this Snakemake process."""
     if not config["progress_every"] or workflow.touch:
         return
     env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -146,31 +141,17 @@ def start_progress():
 
 
 # Job resources: Slurm requests, and local limits where `--resources` caps them (gpu). The defaults
-# fit the embedded CPU run; the config's `resources:` overrides them (`default`: every rule; a rule's
-# name: that rule), which is how the paper profile gives rollout, kl and quantize a GPU. Minutes, MB.
-RESOURCES = {
-    "default": {"gpu": 0, "mem_mb": 2000, "runtime": 30},
-    "train_agent": {"mem_mb": 4000, "runtime": 60},
-    "quantize": {"mem_mb": 8000, "runtime": 60},
-    "rollout": {"mem_mb": 8000, "runtime": 120},
-    "select_rollout": {"mem_mb": 8000, "runtime": 120},
-    "kl": {"mem_mb": 8000, "runtime": 60},
-    "klst": {"mem_mb": 8000, "runtime": 60},
-    "klst_variant": {"mem_mb": 8000, "runtime": 60},
-    "grpo": {"mem_mb": 8000, "runtime": 240},
-    "latency": {"mem_mb": 4000, "runtime": 30},
-}
+# (MB, minutes) fit the embedded CPU run; the config's `resources:` overrides them (`default`: every
+# rule; a rule's name: that rule), which is how the paper profile gives rollout, kl and quantize a GPU.
+MEMORY_RUNTIME = {"default": (2000, 30), "train_agent": (4000, 60), "latency": (4000, 30), "grpo": (8000, 240)}
+MEMORY_RUNTIME |= dict.fromkeys(["quantize", "kl", "klst", "klst_variant"], (8000, 60))
+MEMORY_RUNTIME |= dict.fromkeys(["rollout", "select_rollout"], (8000, 120))
 
 
 def rule_resources(rule, threads=1):
-    cfg = config["resources"]
-    return (
-        {"cpus_per_task": threads}
-        | RESOURCES["default"]
-        | RESOURCES.get(rule, {})
-        | cfg.get("default", {})
-        | cfg.get(rule, {})
-    )
+    mem_mb, runtime = MEMORY_RUNTIME.get(rule, MEMORY_RUNTIME["default"])
+    own = {"cpus_per_task": threads, "gpu": 0, "mem_mb": mem_mb, "runtime": runtime}
+    return own | config["resources"].get("default", {}) | config["resources"].get(rule, {})
 
 
 wildcard_constraints:
@@ -210,6 +191,20 @@ def engine_args(w):
     return " ".join(args + [f"--shards {SHARDS}"])
 
 
+def data_input(w):
+    """The benchmark's data manifest, for environments that read downloaded game files (alfworld)."""
+    return [rules.data.output[0].format(**w)] if bench(w)["env"] == "alfworld" else []
+
+
+def data_need(w):
+    """--need of the data check: the tasks of each protocol split this config plays."""
+    b, routed = bench(w), any(cell_cfg(c)["route"] for c in config["cells"] if c["benchmark"] == w.benchmark)
+    seeds = max(config["evaluate"]["seeds"]) + 1 if b["tasks_per_seed"] == "distinct" else 1
+    need = {"calib": b["tasks"]["calib"], "test": b["tasks"]["test"] * seeds}
+    need |= {"train": ROUTE["kl_tasks"]} if routed else {}
+    return " ".join(f"{k}={v}" for k, v in need.items())
+
+
 def model_dir(w, quant="bf16"):
     """HF checkpoint of a cell at one precision: built here, or a local path from the config."""
     if quant == "bf16" and model_cfg(w)["source"] == "path":
@@ -224,36 +219,6 @@ def built_models(w, *precisions):
 
 def models_arg(w, precisions):
     return " ".join(f"--model {q}={model_dir(w, q)}" for q in precisions)
-
-
-def routed_steps(w, kind="dmr"):
-    """Step types a router decides; the others run at bf16 (paper App. C.1). The GRPO router's
-    (`grpo_router_steps`) default to the KL-ST router's (`router_steps`)."""
-    steps = bench(w)["router_steps"]
-    return " ".join(bench(w).get("grpo_router_steps", steps) if kind == "grpo" else steps)
-
-
-def router_dir(w, kind="dmr"):
-    """The KL-ST router (dmr0: of round 0), or the GRPO router of `grpo.lambda` (a directory per lambda)."""
-    if kind == "grpo":
-        return cell("{quant}/grpo/lam{lam}/router", w, lam=GRPO_LAMBDA)
-    return cell("{quant}/router0" if kind == "dmr0" else "{quant}/router", w)
-
-
-def data_input(w):
-    """The benchmark's data manifest, for environments that read downloaded game files (alfworld)."""
-    return [rules.data.output[0].format(**w)] if bench(w)["env"] == "alfworld" else []
-
-
-def data_need(w):
-    """--need of the data check: the tasks of each protocol split this config plays."""
-    b, seeds = bench(w), max(config["evaluate"]["seeds"]) + 1
-    need = {
-        "calib": b["tasks"]["calib"],
-        "test": b["tasks"]["test"] * (seeds if b["tasks_per_seed"] == "distinct" else 1),
-    }
-    routed = any(cell_cfg(c)["route"] for c in config["cells"] if c["benchmark"] == w.benchmark)
-    return " ".join(f"{k}={v}" for k, v in (need | ({"train": ROUTE["kl_tasks"]} if routed else {})).items())
 
 
 def candidates(w):
@@ -272,23 +237,33 @@ def agent_cards(w):
     return list(dict.fromkeys(cards))
 
 
-def calibration_input(w):
-    """Quantization's calibration text: the cell's expert episodes, or a local file of the config, an
-    input once it exists (a change reruns quantization); a real run checks it on start."""
+def calibration(w):
+    """Quantization's calibration text as (inputs, flag): the cell's expert episodes, or the config's
+    local file, an input once it exists (a change reruns quantization; a real run checks it on start)."""
     source = model_cfg(w)["quantize"]["calibration"]["source"]
-    return [rules.expert_data.output[0].format(**w)] if source == "expert" else [source] * os.path.exists(source)
+    if source == "expert":
+        return [rules.expert_data.output[0].format(**w)], f"expert:{rules.expert_data.output[0].format(**w)}"
+    return [source] * os.path.exists(source), source
 
 
 def run_tasks(w):
     """--split, --n and --offset of a rollout run. Seed s of a generated pool evaluates its own test
     tasks [s*n, (s+1)*n); the DAgger run routes the training tasks after the KL pool's."""
     b, kl_tasks, seed = bench(w), ROUTE["kl_tasks"], int(w.run[4:]) if w.run.startswith("seed") else 0
+    test = ("test", b["tasks"]["test"], seed * b["tasks"]["test"] * (b["tasks_per_seed"] == "distinct"))
     split, n, offset = {
         "train": ("train", kl_tasks, 0),
         "dagger": ("train", ROUTE["dagger"]["tasks"], kl_tasks),
         "calib": ("calib", b["tasks"]["calib"], 0),
-    }.get(w.run, ("test", b["tasks"]["test"], seed * b["tasks"]["test"] * (b["tasks_per_seed"] == "distinct")))
+    }.get(w.run, test)
     return f"--split {split} --n {n} --offset {offset}"
+
+
+def routed_steps(w, kind="dmr"):
+    """Step types a router decides; the others run at bf16 (paper App. C.1). The GRPO router's
+    (`grpo_router_steps`) default to the KL-ST router's (`router_steps`)."""
+    steps = bench(w)["router_steps"]
+    return " ".join(bench(w).get("grpo_router_steps", steps) if kind == "grpo" else steps)
 
 
 def rollout_precisions(w):
@@ -296,58 +271,40 @@ def rollout_precisions(w):
     return {"full": ["bf16"], "quant": [w.quant]}.get(w.policy, ["bf16", w.quant])
 
 
-def policy_inputs(w):
-    """Files a routed policy needs besides the models: its router (and calibration at a budget K), or
-    the dmr-kK run a baseline matches (and the KL pool of oracle and uncertainty)."""
-    kind, mode, value = parse_policy(w.policy)
-    if kind in ROUTERS:
-        return [f"{router_dir(w, kind)}/{f}.json" for f in ("router", "calibration")[: 1 + (mode == "k")]]
-    match = [f"{cell(RUN, w, policy=format_policy('dmr', 'k', value))}/episodes.parquet"] if mode else []
-    return match + ([rules.kl.output[0].format(**w)] if kind in ("oracle", "uncertainty") else [])
+def router_dir(w, kind="dmr"):
+    """The KL-ST router (dmr0: of round 0), or the GRPO router of `grpo.lambda` (a directory per lambda)."""
+    if kind == "grpo":
+        return cell("{quant}/grpo/lam{lam}/router", w, lam=GRPO_LAMBDA)
+    return cell("{quant}/router0" if kind == "dmr0" else "{quant}/router", w)
 
 
-def policy_args(w):
+def routed_run(w, kind, mode, value, **values):
+    """The steps of a routed run of the cell (policy KIND-MODE VALUE), e.g. the calibration pool's."""
+    return f"{cell(RUN, w, policy=format_policy(kind, mode, value), **values)}/steps.parquet"
+
+
+def policy(w):
+    """A rollout's policy as (inputs besides the models, dmr.agent flags): a learned router (and its
+    calibration at a budget K), or a baseline with the dmr-kK run it matches (and the KL pool of
+    oracle and uncertainty); dmr.agent's own policies (full, quant) need nothing."""
     kind, mode, value = parse_policy(w.policy)
     if not mode:
-        return f"--policy {w.policy}"
+        return [], f"--policy {w.policy}"
     # --router-steps only where they differ from the default [action], so those commands stay as they were.
     steps = "" if routed_steps(w, kind) == "action" else f" --router-steps {routed_steps(w, kind)}"
     if kind not in ROUTERS:
-        match, *kl = policy_inputs(w)
-        return f"--policy {kind} --match {match}{''.join(f' --kl {p}' for p in kl)}{steps}"
+        match = f"{cell(RUN, w, policy=format_policy('dmr', 'k', value))}/episodes.parquet"
+        kl = [rules.kl.output[0].format(**w)] if kind in ("oracle", "uncertainty") else []
+        return [match, *kl], f"--policy {kind} --match {match}{''.join(f' --kl {p}' for p in kl)}{steps}"
     rd = router_dir(w, kind)
     if mode == "t":
-        return f"--policy dmr --router {rd} --threshold {value}{steps}"
+        return [f"{rd}/router.json"], f"--policy dmr --router {rd} --threshold {value}{steps}"
     # route.pace: each episode's bf16 steps held to the budget K with `burst` steps ahead of it. The
     # probe run measures each step's true KL (dmr.diagnose); the DAgger run on training tasks.
     pace = f" --pace {value} --burst {ROUTE['pace']['burst']:g}" if ROUTE["pace"] else ""
     probe = " --probe-kl" if w.run in ("probe", "dagger") else ""
-    return f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace}{steps}{probe}"
-
-
-def calibration_arg(w, input):
-    source = model_cfg(w)["quantize"]["calibration"]["source"]
-    return f"expert:{input.calibration[0]}" if source == "expert" else source
-
-
-def dagger_runs(w):
-    """The final router's extra data (route.dagger): the round-0 router's routed run of training tasks."""
-    d = ROUTE["dagger"]
-    if w.stage != "router" or not d["tasks"]:
-        return []
-    return [f"{cell(RUN, w, policy=format_policy('dmr0', 'k', d['budget']), run='dagger')}/steps.parquet"]
-
-
-def probe_run(w):
-    """The online probe run of dmr.diagnose, at the middle budget (0.4 in the paper's sweep)."""
-    k = ROUTE["budgets"][len(ROUTE["budgets"]) // 2]
-    return f"{cell(RUN, w, policy=format_policy('dmr', 'k', k), run='probe')}/steps.parquet"
-
-
-def calib_run(w):
-    """The calibration pool's routed run of a router (stage router0/router, else GRPO) at threshold 0.5."""
-    kind = {"router": "dmr", "router0": "dmr0"}.get(w.get("stage"), "grpo")
-    return f"{cell(RUN, w, policy=format_policy(kind, 't', 0.5), run='calib')}/steps.parquet"
+    args = f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace}{steps}{probe}"
+    return [f"{rd}/router.json", f"{rd}/calibration.json"], args
 
 
 def table_methods(w):
@@ -358,51 +315,29 @@ def table_methods(w):
     points += [(base, base.capitalize(), ROUTE["baseline_budgets"]) for base in ROUTE["baselines"]]
     for q in cell_cfg(w)["quants"]:
         methods[f"{q}/Quant"] = seed_runs(w, q, "quant")
-        if q in cell_cfg(w)["route"]:
-            for kind, name, ks in points:
-                methods |= {f"{q}/{name}@{k:g}": seed_runs(w, q, format_policy(kind, "k", k)) for k in ks}
+        for kind, name, ks in points * (q in cell_cfg(w)["route"]):
+            methods |= {f"{q}/{name}@{k:g}": seed_runs(w, q, format_policy(kind, "k", k)) for k in ks}
     return methods
 
 
-def latency_runs(w):
-    """The single-precision runs the coefficients pool, per seed: bf16 Full, then each scheme's Quant."""
-    seeds = [f"seed{s}" for s in config["evaluate"]["seeds"]]
+def latency(w):
+    """dmr.latency as (inputs, flags): the single-precision runs the coefficients pool, per seed: bf16
+    Full, then each scheme's Quant."""
+    cfg, seeds = config["latency"], [f"seed{s}" for s in config["evaluate"]["seeds"]]
+    high = [cell(RUN, w, quant="bf16", policy="full", run=s) for s in seeds]
     runs = {q: [cell(RUN, w, quant=q, policy="quant", run=s) for s in seeds] for q in cell_cfg(w)["quants"]}
-    return {"bf16": [cell(RUN, w, quant="bf16", policy="full", run=s) for s in seeds]} | runs
-
-
-def latency_args(w):
-    cfg, runs = config["latency"], latency_runs(w)
-    args = [f"--high {' '.join(runs.pop('bf16'))}"] + [f"--low {q} {' '.join(r)}" for q, r in runs.items()]
-    args.append(f"--source {cfg['source']}")
+    inputs = [f"{d}/{f}.parquet" for d in high + sum(runs.values(), []) for f in ("steps", "episodes")]
+    args = [f"--high {' '.join(high)}"] + [f"--low {q} {' '.join(r)}" for q, r in runs.items()]
     # latency.coefficients: one set for every cell, or one per cell keyed "benchmark/model" (Table 3).
     coeffs, key = cfg.get("coefficients"), f"{w.benchmark}/{w.model}"
     if coeffs and any(isinstance(v, dict) for v in coeffs.values()):
         if key not in coeffs:
             raise ValueError(f"latency.coefficients has per-cell entries but none for {key!r}: {sorted(coeffs)}")
         coeffs = coeffs[key]
-    args += [f"--coefficients {as_json(coeffs)}"] * bool(coeffs)
+    args += [f"--source {cfg['source']}"] + [f"--coefficients {as_json(coeffs)}"] * bool(coeffs)
     args += ["--no-w3-projection"] * (not cfg["w3_projection"]) + [f"--replay {cfg['replay_episodes']}"]
-    return " ".join(
-        args + [f"--router-steps {routed_steps(w)}", f"--arch {as_json(ROUTE['router'])}", f"--shards {SHARDS}"]
-    )
-
-
-def grpo_args(w):
-    """GRPO options; lambda from the path, so any lambda of a sweep can be trained. --router-steps only
-    where GRPO decides other step types than KL-ST, so other cells keep their commands."""
-    g, steps = config["grpo"], routed_steps(w, "grpo")
-    keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
-    extra = [] if steps == routed_steps(w) else [f"--router-steps {steps}"]
-    return " ".join([f"--lam {w.lam}", cli_flags({k: g[k] for k in keys if k in g})] + extra)
-
-
-# Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under
-# {quant}/ablation/{variant}/router; the variant equal to the cell's own router reuses it.
-def ablation_variants():
-    a = ROUTE["ablation"]
-    taus, encoders = [f"tau-{t}" for t in a["taus"]], [f"encoder-{e}" for e in a["encoders"]]
-    return [f"depth{L}" for L in a["depths"]] + taus + ["steps-ao", "steps-as"] * a["all_steps"] + encoders
+    args += [f"--router-steps {routed_steps(w)}", f"--arch {as_json(ROUTE['router'])}", f"--shards {SHARDS}"]
+    return inputs, " ".join(args)
 
 
 def ablation_router(w, variant):
@@ -413,14 +348,10 @@ def ablation_router(w, variant):
     # An encoder variant has its own window (text 50, proposal 1): the cell's router only where they agree.
     same = r["window"] == (50 if r["encoder"] == "text" else 1)
     if variant in (f"depth{r['layers']}", "tau-auto", "steps-ao") or (same and variant == f"encoder-{r['encoder']}"):
-        if ablation_train() == ROUTE["train"]:
+        if ABLATION_TRAIN == ROUTE["train"]:
             return router_dir(w)
         variant = "base"
     return cell("{quant}/ablation/{variant}/router", w, variant=variant)
-
-
-def ablation_train():
-    return ROUTE["train"] | ROUTE["ablation"]["train"]
 
 
 def klst_args(w):
@@ -435,17 +366,19 @@ def klst_args(w):
         # The paper's router reads the last 50 step texts; the proposal router the current step.
         arch["encoder"] = variant[len("encoder-") :]
         arch["window"] = 50 if arch["encoder"] == "text" else 1
-    train = ablation_train() if variant else ROUTE["train"]
+    train = ABLATION_TRAIN if variant else ROUTE["train"]
     return " ".join([f"--step-types {steps}", f"--arch {as_json(arch)}", *extra, cli_flags(train)])
 
 
-def targets(c):
-    """A cell's targets: the main table (which pulls in the runs), the KL-ST figures, labels and
-    diagnosis of its routed schemes, and with GRPO its curves, average ranks and latency."""
-    routed = cell_cfg(c)["route"]
-    paths = ["tables/main.md"] + [
-        f"figures/{n}_{q}.png" for q in routed for n in ("kl_hist", "router_scores", "kl_step_types")
-    ]
+def cell_targets(w=None):
+    """Each cell's main table (which pulls in the runs), the KL-ST figures, labels and diagnosis of
+    its routed schemes, and with GRPO its curves, average ranks and latency."""
+    return [t for c in config["cells"] for t in targets(c, cell_cfg(c)["route"])]
+
+
+def targets(c, routed):
+    figures = [f"figures/{n}_{q}.png" for q in routed for n in ("kl_hist", "router_scores", "kl_step_types")]
+    paths = ["tables/main.md"] + figures
     paths += [f"{q}/kl/labels.parquet" for q in routed] + [f"tables/diagnose_{q}.md" for q in routed]
     if "grpo" in config:
         # The rank analysis compares router points: a cell without a routed scheme has none.
@@ -454,23 +387,17 @@ def targets(c):
     return [cell(p, c) for p in paths]
 
 
-def cell_targets(w=None):
-    return [t for c in config["cells"] for t in targets(c)]
-
-
 def ablation_targets(w=None):
     """`make ablations`: the router ablation tables of every routed cell, a target of their own
     (the default run leaves them out to stay within its time)."""
-    cells = config["cells"] if ablation_variants() else []
+    cells = config["cells"] if ABLATION_VARIANTS else []
     return [cell(f"tables/ablation_{q}.md", c) for c in cells for q in cell_cfg(c)["route"]]
 
 
 def all_targets():
     """The default target: every cell's, then the summary, written last so that its timing table
-    covers the whole run."""
-    # Called from rule all, once every rule file is included.
-    unknown = set(config["resources"]) - {"default"} - {r.name for r in workflow.rules}
-    if unknown:
+    covers the whole run. Called from rule all, once every rule file is included."""
+    if unknown := set(config["resources"]) - {"default"} - {r.name for r in workflow.rules}:
         names = sorted(r.name for r in workflow.rules)
         raise ValueError(f"resources: {sorted(unknown)} are not rules of this workflow; its rules are {names}")
     return cell_targets() + [f"{RESULTS}/summary.md"]

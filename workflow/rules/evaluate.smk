@@ -3,7 +3,7 @@
 
 rule rollout:
     input:
-        lambda w: built_models(w, *rollout_precisions(w)) + policy_inputs(w) + data_input(w),
+        lambda w: built_models(w, *rollout_precisions(w)) + policy(w)[0] + data_input(w),
     output:
         episodes=cell(f"{RUN}/episodes.parquet"),
         steps=cell(f"{RUN}/steps.parquet"),
@@ -20,7 +20,7 @@ rule rollout:
         env=env_args,
         tasks=run_tasks,
         models=lambda w: models_arg(w, rollout_precisions(w)),
-        policy=policy_args,
+        policy=lambda w: policy(w)[1],
         engine=engine_args,
         seed=lambda w: int(w.run[4:]) if w.run.startswith("seed") else 0,
         out=lambda w, output: os.path.dirname(output.episodes),

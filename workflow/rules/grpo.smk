@@ -4,7 +4,7 @@
 
 rule latency:
     input:
-        lambda w: [f"{d}/{f}.parquet" for runs in latency_runs(w).values() for d in runs for f in ("steps", "episodes")],
+        lambda w: latency(w)[0],
     output:
         coefficients=cell("latency/coefficients.json"),
         table=cell("tables/latency.parquet"),
@@ -19,7 +19,7 @@ rule latency:
     resources:
         **rule_resources("latency", THREADS),
     params:
-        args=latency_args,
+        args=lambda w: latency(w)[1],
     shell:
         "python -m dmr.latency --cell {wildcards.benchmark}/{wildcards.model} {params.args} "
         "--out {output.coefficients} --table {output.table} > {log} 2>&1"
@@ -54,17 +54,21 @@ rule grpo:
         pool=lambda w: bench(w)["tasks"]["train"],
         models=lambda w: models_arg(w, ["bf16", w.quant]),
         engine=engine_args,
-        grpo=grpo_args,
+        flags=GRPO_FLAGS,
+        # --router-steps only where GRPO decides other step types than KL-ST, so other cells keep their commands.
+        steps=lambda w: (
+            "" if routed_steps(w, "grpo") == routed_steps(w) else f" --router-steps {routed_steps(w, 'grpo')}"
+        ),
         out=lambda w, output: os.path.dirname(output.curve),
     shell:
         "python -m dmr.grpo --router {params.start} --latency {input.latency} --quant {wildcards.quant} "
         "{params.env} --offset {params.offset} --pool {params.pool} {params.models} "
-        "{params.engine} {params.grpo} --out {params.out} --figure {output.figure} --quiet > {log} 2>&1"
+        "{params.engine} --lam {wildcards.lam} {params.flags}{params.steps} --out {params.out} --figure {output.figure} --quiet > {log} 2>&1"
 
 
 rule calibrate_grpo:
     input:
-        run=calib_run,
+        run=lambda w: routed_run(w, "grpo", "t", 0.5, run="calib"),
         scores=lambda w: f"{router_dir(w, 'grpo')}/train_scores.parquet",
     output:
         calibration=cell(f"{{quant}}/grpo/lam{GRPO_LAMBDA}/router/calibration.json"),

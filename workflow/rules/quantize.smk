@@ -4,7 +4,7 @@
 rule quantize:
     input:
         model=lambda w: built_models(w, "bf16"),
-        calibration=calibration_input,
+        calibration=lambda w: calibration(w)[0],
     output:
         directory(cell("{quant}/model")),
     log:
@@ -20,7 +20,7 @@ rule quantize:
         **rule_resources("quantize", THREADS),
     params:
         bf16=model_dir,
-        calibration=calibration_arg,
+        calibration=lambda w: calibration(w)[1],
         samples=lambda w: model_cfg(w)["quantize"]["calibration"]["samples"],
         max_len=lambda w: model_cfg(w)["quantize"]["calibration"]["max_seq_length"],
         prompt=lambda w: as_json(bench(w)["prompt"]),

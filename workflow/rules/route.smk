@@ -94,7 +94,9 @@ rule klst:
         # The proposal encoder replays the KL pool's rollout with the low model.
         pool=rules.kl.input.pool,
         models=rules.kl.input.models,
-        dagger=dagger_runs,
+        # The final router's extra data (route.dagger): the round-0 router's routed run of training tasks.
+        dagger=lambda w: [routed_run(w, "dmr0", "k", ROUTE["dagger"]["budget"], run="dagger")]
+        * (w.stage == "router" and ROUTE["dagger"]["tasks"] > 0),
     output:
         router=cell("{quant}/{stage}/router.json"),
         weights=cell("{quant}/{stage}/router.pt"),
@@ -125,7 +127,8 @@ CALIBRATE_PARAMS = {"run": lambda w, input: os.path.dirname(input.run), "budgets
 
 rule calibrate:
     input:
-        run=calib_run,
+        # The calibration pool's routed run of the router at the fixed threshold 0.5.
+        run=lambda w: routed_run(w, {"router": "dmr", "router0": "dmr0"}[w.stage], "t", 0.5, run="calib"),
         scores=rules.klst.output.scores,
     output:
         calibration=cell("{quant}/{stage}/calibration.json"),
@@ -181,7 +184,8 @@ rule diagnose:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
         scores=lambda w: rules.klst.output.scores.format(**w, stage="router"),
-        probe=probe_run,
+        # The online probe run at the middle budget (0.4 in the paper's sweep).
+        probe=lambda w: routed_run(w, "dmr", "k", ROUTE["budgets"][len(ROUTE["budgets"]) // 2], run="probe"),
     output:
         table=cell("tables/diagnose_{quant}.parquet"),
         markdown=cell("tables/diagnose_{quant}.md"),
