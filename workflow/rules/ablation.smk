@@ -18,9 +18,9 @@ rule klst_variant:
         metrics=cell("{quant}/ablation/{variant}/router/metrics.json"),
         scores=cell("{quant}/ablation/{variant}/router/train_scores.parquet"),
     log:
-        cell_log("klst_{quant}_{variant}"),
+        cell("logs/klst_{quant}_{variant}.log"),
     benchmark:
-        cell_benchmark("klst_variant", "klst_{quant}_{variant}")
+        cell("benchmarks/klst_variant/klst_{quant}_{variant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -45,9 +45,9 @@ rule ablation:
         markdown=cell("tables/ablation_{quant}.md"),
         figure=cell("figures/ablation_{quant}.png"),
     log:
-        cell_log("ablation_{quant}"),
+        cell("logs/ablation_{quant}.log"),
     benchmark:
-        cell_benchmark("ablation", "ablation_{quant}")
+        cell("benchmarks/ablation/ablation_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:

@@ -7,9 +7,9 @@ rule expert_data:
     output:
         cell("bc/episodes.jsonl"),
     log:
-        cell_log("expert_data"),
+        cell("logs/expert_data.log"),
     benchmark:
-        cell_benchmark("expert_data")
+        cell("benchmarks/expert_data/expert_data.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -32,9 +32,9 @@ rule tokenizer:
     output:
         directory(cell("tokenizer")),
     log:
-        cell_log("tokenizer"),
+        cell("logs/tokenizer.log"),
     benchmark:
-        cell_benchmark("tokenizer")
+        cell("benchmarks/tokenizer/tokenizer.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -55,9 +55,9 @@ rule train_agent:
         # p1.00 is the final model; p0.XX the snapshots that agent selection compares with it.
         directory(cell("train")),
     log:
-        cell_log("train_agent"),
+        cell("logs/train_agent.log"),
     benchmark:
-        cell_benchmark("train_agent")
+        cell("benchmarks/train_agent/train_agent.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -86,9 +86,9 @@ rule select_rollout:
     output:
         cell("select/{candidate}/episodes.parquet"),
     log:
-        cell_log("select_rollout_{candidate}"),
+        cell("logs/select_rollout_{candidate}.log"),
     benchmark:
-        cell_benchmark("select_rollout", "select_rollout_{candidate}")
+        cell("benchmarks/select_rollout/select_rollout_{candidate}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -116,9 +116,9 @@ rule select_agent:
         table=cell("tables/select.parquet"),
         markdown=cell("tables/select.md"),
     log:
-        cell_log("select_agent"),
+        cell("logs/select_agent.log"),
     benchmark:
-        cell_benchmark("select_agent")
+        cell("benchmarks/select_agent/select_agent.tsv")
     # Compares tables and copies a small checkpoint: no cluster job for that.
     localrule: True
     conda:
@@ -143,9 +143,9 @@ rule agent_card:
     output:
         directory(cell("card")),
     log:
-        cell_log("agent_card"),
+        cell("logs/agent_card.log"),
     benchmark:
-        cell_benchmark("agent_card")
+        cell("benchmarks/agent_card/agent_card.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:

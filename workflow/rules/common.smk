@@ -52,20 +52,11 @@ ABLATION_TRAIN = ROUTE["train"] | ABLATION["train"]
 RESULTS = "results"
 CELL = f"{RESULTS}/{{benchmark}}/{{model}}"
 RUN = "{quant}/rollouts/{policy}/{run}"
-KL_POOL = {"quant": "bf16", "policy": "full", "run": "train"}
 
 
 def cell(path, w=None, **values):
     path = f"{CELL}/{path}"
     return path.format(**{**(w or {}), **values}) if w or values else path
-
-
-def cell_log(name):
-    return cell(f"logs/{name}.log")
-
-
-def cell_benchmark(rule, name=None):
-    return cell(f"benchmarks/{rule}/{name or rule}.tsv")
 
 
 def seed_runs(w, quant, policy):
@@ -87,11 +78,10 @@ def _check_config():
                 raise ValueError(f"cells: unknown {key} {c[key]!r}; defined: {sorted(config[f'{key}s'])}")
         if extra := sorted(set(cell_cfg(c)["route"]) - set(c["quants"])):
             raise ValueError(f"cells: {c['benchmark']}/{c['model']} routes {extra}, which are not in its quants")
-    for name, model in config["models"].items():
-        names = [f"p{f:.2f}" for f in model.get("select", {}).get("at", [])]
-        if len(set(names)) != len(names) or "p1.00" in names:
+    for name, at in ((n, m.get("select", {}).get("at", [])) for n, m in config["models"].items()):
+        if len({f"p{f:.2f}" for f in at} - {"p1.00"}) != len(at):
             raise ValueError(
-                f"models.{name}.select.at {model['select']['at']}: snapshots are named by two decimals (p0.60), "
+                f"models.{name}.select.at {at}: snapshots are named by two decimals (p0.60), "
                 "so the fractions must differ there and stay below 0.995"
             )
     if "grpo" in config and config["grpo"]["lambda"] not in config["grpo"]["lambdas"]:
@@ -109,16 +99,15 @@ _check_config()
 
 
 def local_path(path):
-    """A checkpoint path of the config: as given where it exists (or is absolute), else from this
-    checkout, where the shipped agents/ live."""
+    """A checkpoint of the config: as given where it exists, else from this checkout (the shipped agents/)."""
     shipped = os.path.join(workflow.basedir, path)
     return shipped if not (os.path.isabs(path) or os.path.exists(path)) and os.path.exists(shipped) else path
 
 
-def check_external_paths():
-    """On start of a real run (not -n, --lint or --touch): a missing local file the config points at
-    for the models its cells use (a checkpoint, calibration text: not rule outputs, so a dry-run plans
-    without them) fails here, naming its config key, instead of in a job hours later."""
+def on_start():
+    """On start of a real run (not -n, --lint or --touch): a missing local file of the config (not a rule
+    output, so a dry-run plans without it) fails here, naming its config key, not in a job hours later;
+    then dmr.progress reports every rollout in flight and its episodes done every `progress_every` s."""
     paths, used = {}, {c["model"] for c in config["cells"]}
     for name, m in ((n, m) for n, m in config["models"].items() if n in used):
         paths[f"models.{name}.path"] = local_path(m["path"]) if m["source"] == "path" else None
@@ -128,11 +117,6 @@ def check_external_paths():
         raise WorkflowError(
             "missing local files named in the config: " + "; ".join(f"{k} = {p!r}" for k, p in missing.items())
         )
-
-
-def start_progress():
-    """On start of a real run: a reporter (dmr.progress) that prints every rollout in flight and its
-    episodes done, every `progress_every` seconds, and ends with this Snakemake process."""
     if not config["progress_every"] or workflow.touch:
         return
     env = {**os.environ, "PYTHONPATH": f"{workflow.basedir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -175,8 +159,7 @@ def model_cfg(w):
 
 
 def env_args(w):
-    """--env and --env-kwargs; a relative data path is relative to the repository, so a run in
-    another working directory (snakemake --directory) finds the same files."""
+    """--env and --env-kwargs; a relative data path is the repository's (for snakemake --directory)."""
     kwargs = dict(bench(w)["env_kwargs"])
     if kwargs.get("data") and not os.path.isabs(os.path.expanduser(kwargs["data"])):
         kwargs["data"] = os.path.normpath(os.path.join(workflow.basedir, kwargs["data"]))
@@ -217,10 +200,6 @@ def built_models(w, *precisions):
     return [p for p in (model_dir(w, q) for q in precisions) if p.startswith(f"{RESULTS}/")]
 
 
-def models_arg(w, precisions):
-    return " ".join(f"--model {q}={model_dir(w, q)}" for q in precisions)
-
-
 def candidates(w):
     """The trained agent's candidates for selection (dmr.select): snapshots, then the final p1.00."""
     return [f"p{f:.2f}" for f in sorted(model_cfg(w).get("select", {}).get("at", []))] + ["p1.00"]
@@ -239,7 +218,7 @@ def agent_cards(w):
 
 def calibration(w):
     """Quantization's calibration text as (inputs, flag): the cell's expert episodes, or the config's
-    local file, an input once it exists (a change reruns quantization; a real run checks it on start)."""
+    local file, an input once it exists (a change reruns quantization)."""
     source = model_cfg(w)["quantize"]["calibration"]["source"]
     if source == "expert":
         return [rules.expert_data.output[0].format(**w)], f"expert:{rules.expert_data.output[0].format(**w)}"
@@ -247,28 +226,21 @@ def calibration(w):
 
 
 def run_tasks(w):
-    """--split, --n and --offset of a rollout run. Seed s of a generated pool evaluates its own test
-    tasks [s*n, (s+1)*n); the DAgger run routes the training tasks after the KL pool's."""
+    """--split, --n, --offset of a run: seed s of a generated pool plays test tasks [s*n, (s+1)*n)."""
     b, kl_tasks, seed = bench(w), ROUTE["kl_tasks"], int(w.run[4:]) if w.run.startswith("seed") else 0
     test = ("test", b["tasks"]["test"], seed * b["tasks"]["test"] * (b["tasks_per_seed"] == "distinct"))
     split, n, offset = {
         "train": ("train", kl_tasks, 0),
-        "dagger": ("train", ROUTE["dagger"]["tasks"], kl_tasks),
+        "dagger": ("train", ROUTE["dagger"]["tasks"], kl_tasks),  # the training tasks after the KL pool's
         "calib": ("calib", b["tasks"]["calib"], 0),
     }.get(w.run, test)
     return f"--split {split} --n {n} --offset {offset}"
 
 
 def routed_steps(w, kind="dmr"):
-    """Step types a router decides; the others run at bf16 (paper App. C.1). The GRPO router's
-    (`grpo_router_steps`) default to the KL-ST router's (`router_steps`)."""
+    """Step types a router decides, the others run at bf16 (App. C.1); GRPO's default to KL-ST's."""
     steps = bench(w)["router_steps"]
     return " ".join(bench(w).get("grpo_router_steps", steps) if kind == "grpo" else steps)
-
-
-def rollout_precisions(w):
-    """The precisions a rollout's policy can route to, high first."""
-    return {"full": ["bf16"], "quant": [w.quant]}.get(w.policy, ["bf16", w.quant])
 
 
 def router_dir(w, kind="dmr"):
@@ -283,33 +255,37 @@ def routed_run(w, kind, mode, value, **values):
     return f"{cell(RUN, w, policy=format_policy(kind, mode, value), **values)}/steps.parquet"
 
 
-def policy(w):
-    """A rollout's policy as (inputs besides the models, dmr.agent flags): a learned router (and its
-    calibration at a budget K), or a baseline with the dmr-kK run it matches (and the KL pool of
-    oracle and uncertainty); dmr.agent's own policies (full, quant) need nothing."""
+def rollout_spec(w):
+    """A rollout's models and policy as (inputs, dmr.agent flags). The models: those the policy routes
+    to, high first. The policy: a learned router (and its calibration at a budget K), a baseline with
+    the dmr-kK run it matches (and the KL pool of oracle and uncertainty), or dmr.agent's own (full, quant)."""
     kind, mode, value = parse_policy(w.policy)
-    if not mode:
-        return [], f"--policy {w.policy}"
+    precisions = {"full": ["bf16"], "quant": [w.quant]}.get(w.policy, ["bf16", w.quant])
     # --router-steps only where they differ from the default [action], so those commands stay as they were.
     steps = "" if routed_steps(w, kind) == "action" else f" --router-steps {routed_steps(w, kind)}"
-    if kind not in ROUTERS:
+    rd = router_dir(w, kind) if kind in ROUTERS else None
+    if not mode:
+        inputs, args = [], f"--policy {w.policy}"
+    elif not rd:
         match = f"{cell(RUN, w, policy=format_policy('dmr', 'k', value))}/episodes.parquet"
         kl = [rules.kl.output[0].format(**w)] if kind in ("oracle", "uncertainty") else []
-        return [match, *kl], f"--policy {kind} --match {match}{''.join(f' --kl {p}' for p in kl)}{steps}"
-    rd = router_dir(w, kind)
-    if mode == "t":
-        return [f"{rd}/router.json"], f"--policy dmr --router {rd} --threshold {value}{steps}"
-    # route.pace: each episode's bf16 steps held to the budget K with `burst` steps ahead of it. The
-    # probe run measures each step's true KL (dmr.diagnose); the DAgger run on training tasks.
-    pace = f" --pace {value} --burst {ROUTE['pace']['burst']:g}" if ROUTE["pace"] else ""
-    probe = " --probe-kl" if w.run in ("probe", "dagger") else ""
-    args = f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace}{steps}{probe}"
-    return [f"{rd}/router.json", f"{rd}/calibration.json"], args
+        inputs, args = [match, *kl], f"--policy {kind} --match {match}{''.join(f' --kl {p}' for p in kl)}{steps}"
+    elif mode == "t":
+        inputs, args = [f"{rd}/router.json"], f"--policy dmr --router {rd} --threshold {value}{steps}"
+    else:
+        # route.pace: each episode's bf16 steps held to the budget K with `burst` steps ahead of it. The
+        # probe run measures each step's true KL (dmr.diagnose); the DAgger run on training tasks.
+        pace = f" --pace {value} --burst {ROUTE['pace']['burst']:g}" if ROUTE["pace"] else ""
+        probe = " --probe-kl" if w.run in ("probe", "dagger") else ""
+        inputs = [f"{rd}/router.json", f"{rd}/calibration.json"]
+        args = f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace}{steps}{probe}"
+    models = " ".join(f"--model {q}={model_dir(w, q)}" for q in precisions)
+    return built_models(w, *precisions) + inputs + data_input(w), f"{models} {args}"
 
 
 def table_methods(w):
-    """Methods of a cell's main table: Full; per scheme the always-quantized baseline, then for the
-    routed schemes DMR (and GRPO) at each budget and the matched baselines (`NAME@K`)."""
+    """A cell's main table: Full; per scheme Quant, and where routed DMR and GRPO at each budget K and
+    the matched baselines (`NAME@K`)."""
     methods = {"Full": seed_runs(w, "bf16", "full")}
     points = [("dmr", "DMR", ROUTE["budgets"])] + [("grpo", "GRPO", ROUTE["budgets"])] * ("grpo" in config)
     points += [(base, base.capitalize(), ROUTE["baseline_budgets"]) for base in ROUTE["baselines"]]
@@ -321,8 +297,7 @@ def table_methods(w):
 
 
 def latency(w):
-    """dmr.latency as (inputs, flags): the single-precision runs the coefficients pool, per seed: bf16
-    Full, then each scheme's Quant."""
+    """dmr.latency as (inputs, flags): its pool is the single-precision runs, bf16 Full and each Quant."""
     cfg, seeds = config["latency"], [f"seed{s}" for s in config["evaluate"]["seeds"]]
     high = [cell(RUN, w, quant="bf16", policy="full", run=s) for s in seeds]
     runs = {q: [cell(RUN, w, quant=q, policy="quant", run=s) for s in seeds] for q in cell_cfg(w)["quants"]}
@@ -341,9 +316,8 @@ def latency(w):
 
 
 def ablation_router(w, variant):
-    """A variant's router directory. The cell's own setting is the cell's router, unless
-    `ablation.train` trains the variants on another budget: then it is trained once more on that
-    budget (variant `base`), so every point of a curve had the same training."""
+    """A variant's router: with the cell's own setting the cell's router, unless `ablation.train` differs:
+    then the variant `base`, trained once more on that budget, so every point had the same training."""
     r = ROUTE["router"]
     # An encoder variant has its own window (text 50, proposal 1): the cell's router only where they agree.
     same = r["window"] == (50 if r["encoder"] == "text" else 1)
@@ -371,32 +345,29 @@ def klst_args(w):
 
 
 def cell_targets(w=None):
-    """Each cell's main table (which pulls in the runs), the KL-ST figures, labels and diagnosis of
-    its routed schemes, and with GRPO its curves, average ranks and latency."""
-    return [t for c in config["cells"] for t in targets(c, cell_cfg(c)["route"])]
-
-
-def targets(c, routed):
-    figures = [f"figures/{n}_{q}.png" for q in routed for n in ("kl_hist", "router_scores", "kl_step_types")]
-    paths = ["tables/main.md"] + figures
-    paths += [f"{q}/kl/labels.parquet" for q in routed] + [f"tables/diagnose_{q}.md" for q in routed]
-    if "grpo" in config:
-        # The rank analysis compares router points: a cell without a routed scheme has none.
-        paths += [f"figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png" for q in routed]
-        paths += ["tables/rank.md"] * bool(routed) + ["tables/latency.md"]
-    return [cell(p, c) for p in paths]
+    """Each cell's main table (which pulls in the runs), the KL-ST figures, labels and diagnosis of its
+    routed schemes, and with GRPO its curves, average ranks (none without a routed scheme) and latency."""
+    targets = []
+    for c, routed in ((c, cell_cfg(c)["route"]) for c in config["cells"]):
+        figures = [f"figures/{n}_{q}.png" for q in routed for n in ("kl_hist", "router_scores", "kl_step_types")]
+        paths = ["tables/main.md"] + figures + [f"{q}/kl/labels.parquet" for q in routed]
+        paths += [f"tables/diagnose_{q}.md" for q in routed]
+        if "grpo" in config:
+            paths += [f"figures/grpo_curve_{q}_lam{GRPO_LAMBDA}.png" for q in routed]
+            paths += ["tables/rank.md"] * bool(routed) + ["tables/latency.md"]
+        targets += [cell(p, c) for p in paths]
+    return targets
 
 
 def ablation_targets(w=None):
-    """`make ablations`: the router ablation tables of every routed cell, a target of their own
-    (the default run leaves them out to stay within its time)."""
+    """`make ablations`: every routed cell's ablation tables, outside the default run (its time)."""
     cells = config["cells"] if ABLATION_VARIANTS else []
     return [cell(f"tables/ablation_{q}.md", c) for c in cells for q in cell_cfg(c)["route"]]
 
 
 def all_targets():
-    """The default target: every cell's, then the summary, written last so that its timing table
-    covers the whole run. Called from rule all, once every rule file is included."""
+    """The default target (called once all rules are included): every cell's, then the summary, written
+    last so that its timing table covers the run."""
     if unknown := set(config["resources"]) - {"default"} - {r.name for r in workflow.rules}:
         names = sorted(r.name for r in workflow.rules)
         raise ValueError(f"resources: {sorted(unknown)} are not rules of this workflow; its rules are {names}")

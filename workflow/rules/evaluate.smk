@@ -3,14 +3,14 @@
 
 rule rollout:
     input:
-        lambda w: built_models(w, *rollout_precisions(w)) + policy(w)[0] + data_input(w),
+        lambda w: rollout_spec(w)[0],
     output:
         episodes=cell(f"{RUN}/episodes.parquet"),
         steps=cell(f"{RUN}/steps.parquet"),
     log:
-        cell_log("rollout_{quant}_{policy}_{run}"),
+        cell("logs/rollout_{quant}_{policy}_{run}.log"),
     benchmark:
-        cell_benchmark("rollout", "rollout_{quant}_{policy}_{run}")
+        cell("benchmarks/rollout/rollout_{quant}_{policy}_{run}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -19,14 +19,13 @@ rule rollout:
     params:
         env=env_args,
         tasks=run_tasks,
-        models=lambda w: models_arg(w, rollout_precisions(w)),
-        policy=lambda w: policy(w)[1],
+        policy=lambda w: rollout_spec(w)[1],
         engine=engine_args,
         seed=lambda w: int(w.run[4:]) if w.run.startswith("seed") else 0,
         out=lambda w, output: os.path.dirname(output.episodes),
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.
-        "python -m dmr.agent {params.env} {params.tasks} {params.models} {params.policy} "
+        "python -m dmr.agent {params.env} {params.tasks} {params.policy} "
         "{params.engine} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
@@ -53,9 +52,9 @@ rule evaluate:
             labels={"result": "Pareto"},
         ),
     log:
-        cell_log("evaluate"),
+        cell("logs/evaluate.log"),
     benchmark:
-        cell_benchmark("evaluate")
+        cell("benchmarks/evaluate/evaluate.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:

@@ -10,9 +10,9 @@ rule latency:
         table=cell("tables/latency.parquet"),
         markdown=cell("tables/latency.md"),
     log:
-        cell_log("latency"),
+        cell("logs/latency.log"),
     benchmark:
-        cell_benchmark("latency")
+        cell("benchmarks/latency/latency.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -38,9 +38,9 @@ rule grpo:
         curve=cell("{quant}/grpo/lam{lam}/curve.parquet"),
         figure=cell("figures/grpo_curve_{quant}_lam{lam}.png"),
     log:
-        cell_log("grpo_{quant}_lam{lam}"),
+        cell("logs/grpo_{quant}_lam{lam}.log"),
     benchmark:
-        cell_benchmark("grpo", "grpo_{quant}_lam{lam}")
+        cell("benchmarks/grpo/grpo_{quant}_lam{lam}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -52,7 +52,7 @@ rule grpo:
         # Training tasks after the KL pool's, so GRPO sees episodes KL-ST did not.
         offset=ROUTE["kl_tasks"],
         pool=lambda w: bench(w)["tasks"]["train"],
-        models=lambda w: models_arg(w, ["bf16", w.quant]),
+        models=lambda w: " ".join(f"--model {q}={model_dir(w, q)}" for q in ("bf16", w.quant)),
         engine=engine_args,
         flags=GRPO_FLAGS,
         # --router-steps only where GRPO decides other step types than KL-ST, so other cells keep their commands.
@@ -74,9 +74,9 @@ rule calibrate_grpo:
         calibration=cell(f"{{quant}}/grpo/lam{GRPO_LAMBDA}/router/calibration.json"),
         figure=cell(f"figures/router_scores_{{quant}}_grpo_lam{GRPO_LAMBDA}.png"),
     log:
-        cell_log("calibrate_{quant}_grpo"),
+        cell("logs/calibrate_{quant}_grpo.log"),
     benchmark:
-        cell_benchmark("calibrate_grpo", "calibrate_{quant}_grpo")
+        cell("benchmarks/calibrate_grpo/calibrate_{quant}_grpo.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -98,9 +98,9 @@ rule rank:
         markdown=cell("tables/rank.md"),
         figure=cell("figures/pareto_rank.png"),
     log:
-        cell_log("rank"),
+        cell("logs/rank.log"),
     benchmark:
-        cell_benchmark("rank")
+        cell("benchmarks/rank/rank.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:

@@ -8,9 +8,9 @@ rule quantize:
     output:
         directory(cell("{quant}/model")),
     log:
-        cell_log("quantize_{quant}"),
+        cell("logs/quantize_{quant}.log"),
     benchmark:
-        cell_benchmark("quantize", "quantize_{quant}")
+        cell("benchmarks/quantize/quantize_{quant}.tsv")
     wildcard_constraints:
         quant="(gptq|awq|rtn)_w[2-8]a16(_g[0-9]+)?",
     conda:

@@ -11,14 +11,14 @@ POOL_PARAMS = {
 
 rule kl:
     input:
-        pool=lambda w: f"{cell(RUN, w, **KL_POOL)}/steps.parquet",
+        pool=lambda w: f"{cell(RUN, w, quant='bf16', policy='full', run='train')}/steps.parquet",
         models=lambda w: built_models(w, "bf16", w.quant),
     output:
         cell("{quant}/kl/steps.parquet"),
     log:
-        cell_log("kl_{quant}"),
+        cell("logs/kl_{quant}.log"),
     benchmark:
-        cell_benchmark("kl", "kl_{quant}")
+        cell("benchmarks/kl/kl_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -48,9 +48,9 @@ rule threshold:
             labels={"result": "KL histogram", "scheme": "{quant}"},
         ),
     log:
-        cell_log("threshold_{quant}"),
+        cell("logs/threshold_{quant}.log"),
     benchmark:
-        cell_benchmark("threshold", "threshold_{quant}")
+        cell("benchmarks/threshold/threshold_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -70,9 +70,9 @@ rule labels:
         labels=cell("{quant}/kl/labels.parquet"),
         summary=cell("{quant}/kl/labels.json"),
     log:
-        cell_log("labels_{quant}"),
+        cell("logs/labels_{quant}.log"),
     benchmark:
-        cell_benchmark("labels", "labels_{quant}")
+        cell("benchmarks/labels/labels_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -103,9 +103,9 @@ rule klst:
         metrics=cell("{quant}/{stage}/metrics.json"),
         scores=cell("{quant}/{stage}/train_scores.parquet"),
     log:
-        cell_log("klst_{quant}_{stage}"),
+        cell("logs/klst_{quant}_{stage}.log"),
     benchmark:
-        cell_benchmark("klst", "klst_{quant}_{stage}")
+        cell("benchmarks/klst/klst_{quant}_{stage}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
@@ -140,9 +140,9 @@ rule calibrate:
             labels={"result": "{stage} scores", "scheme": "{quant}"},
         ),
     log:
-        cell_log("calibrate_{quant}_{stage}"),
+        cell("logs/calibrate_{quant}_{stage}.log"),
     benchmark:
-        cell_benchmark("calibrate", "calibrate_{quant}_{stage}")
+        cell("benchmarks/calibrate/calibrate_{quant}_{stage}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -163,9 +163,9 @@ rule step_types:
         markdown=cell("{quant}/kl/step_types.md"),
         figure=cell("figures/kl_step_types_{quant}.png"),
     log:
-        cell_log("step_types_{quant}"),
+        cell("logs/step_types_{quant}.log"),
     benchmark:
-        cell_benchmark("step_types", "step_types_{quant}")
+        cell("benchmarks/step_types/step_types_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -190,9 +190,9 @@ rule diagnose:
         table=cell("tables/diagnose_{quant}.parquet"),
         markdown=cell("tables/diagnose_{quant}.md"),
     log:
-        cell_log("diagnose_{quant}"),
+        cell("logs/diagnose_{quant}.log"),
     benchmark:
-        cell_benchmark("diagnose", "diagnose_{quant}")
+        cell("benchmarks/diagnose/diagnose_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
