@@ -44,11 +44,10 @@ ABLATION_VARIANTS = [f"depth{L}" for L in ABLATION["depths"]] + [f"tau-{t}" for 
 ABLATION_VARIANTS += ["steps-ao", "steps-as"] * ABLATION["all_steps"] + [f"encoder-{e}" for e in ABLATION["encoders"]]
 ABLATION_TRAIN = ROUTE["train"] | ABLATION["train"]
 
-# Paths, written once: a rule's output is the pattern cell(PATH), results/{benchmark}/{model}/PATH;
-# an input function's path is cell(PATH, w, **values), the same with wildcards (or a cells entry) and
-# values filled in. A rollout directory is RUN; its policy names follow dmr.policy_name, and its run
-# is `seedN` (test tasks), `train` (the bf16 KL pool), `calib` (the router's calibration pool),
-# `probe` (seed 0's tasks routed with each step's true KL measured) or `dagger` (route.dagger).
+# Paths, written once: a rule's output is cell(PATH), the pattern results/{benchmark}/{model}/PATH; an
+# input function's is cell(PATH, w, **values), with wildcards (or a cells entry) and values filled in.
+# A rollout directory is RUN, policies named by dmr.policy_name: run seedN plays test tasks, train the
+# bf16 KL pool, calib the calibration pool, probe seed 0's tasks measuring each step's KL, dagger route.dagger.
 RESULTS = "results"
 CELL = f"{RESULTS}/{{benchmark}}/{{model}}"
 RUN = "{quant}/rollouts/{policy}/{run}"
@@ -105,9 +104,8 @@ def local_path(path):
 
 
 def on_start():
-    """On start of a real run (not -n, --lint or --touch): a missing local file of the config (not a rule
-    output, so a dry-run plans without it) fails here, naming its config key, not in a job hours later;
-    then dmr.progress reports every rollout in flight and its episodes done every `progress_every` s."""
+    """On start of a real run (not -n, --lint, --touch): a missing local file of the config fails here, not in
+    a job hours later; then dmr.progress reports the rollouts in flight every `progress_every` seconds."""
     paths, used = {}, {c["model"] for c in config["cells"]}
     for name, m in ((n, m) for n, m in config["models"].items() if n in used):
         paths[f"models.{name}.path"] = local_path(m["path"]) if m["source"] == "path" else None
@@ -209,20 +207,15 @@ def agent_cards(w):
     """Cards of the agents this config trains (`make agents`); none where every model is a path."""
     cards = [cell("card", c) for c in config["cells"] if config["models"][c["model"]]["source"] == "train"]
     if not cards:
-        raise WorkflowError(
-            "no agent to build: every model in this config is a local path; `make agents` "
-            "adds config/agents.yaml, which trains them"
-        )
+        raise WorkflowError("no agent to build: every model is a local path (`make agents` adds config/agents.yaml)")
     return list(dict.fromkeys(cards))
 
 
 def calibration(w):
     """Quantization's calibration text as (inputs, flag): the cell's expert episodes, or the config's
     local file, an input once it exists (a change reruns quantization)."""
-    source = model_cfg(w)["quantize"]["calibration"]["source"]
-    if source == "expert":
-        return [rules.expert_data.output[0].format(**w)], f"expert:{rules.expert_data.output[0].format(**w)}"
-    return [source] * os.path.exists(source), source
+    source, expert = model_cfg(w)["quantize"]["calibration"]["source"], rules.expert_data.output[0].format(**w)
+    return ([expert], f"expert:{expert}") if source == "expert" else ([source] * os.path.exists(source), source)
 
 
 def run_tasks(w):
@@ -284,8 +277,7 @@ def rollout_spec(w):
 
 
 def table_methods(w):
-    """A cell's main table: Full; per scheme Quant, and where routed DMR and GRPO at each budget K and
-    the matched baselines (`NAME@K`)."""
+    """A cell's main table: Full; per scheme Quant, where routed DMR, GRPO and the baselines (`NAME@K`)."""
     methods = {"Full": seed_runs(w, "bf16", "full")}
     points = [("dmr", "DMR", ROUTE["budgets"])] + [("grpo", "GRPO", ROUTE["budgets"])] * ("grpo" in config)
     points += [(base, base.capitalize(), ROUTE["baseline_budgets"]) for base in ROUTE["baselines"]]
@@ -359,15 +351,8 @@ def cell_targets(w=None):
     return targets
 
 
-def ablation_targets(w=None):
-    """`make ablations`: every routed cell's ablation tables, outside the default run (its time)."""
-    cells = config["cells"] if ABLATION_VARIANTS else []
-    return [cell(f"tables/ablation_{q}.md", c) for c in cells for q in cell_cfg(c)["route"]]
-
-
 def all_targets():
-    """The default target (called once all rules are included): every cell's, then the summary, written
-    last so that its timing table covers the run."""
+    """The default target (once all rules are included): every cell's, then the summary, written last."""
     if unknown := set(config["resources"]) - {"default"} - {r.name for r in workflow.rules}:
         names = sorted(r.name for r in workflow.rules)
         raise ValueError(f"resources: {sorted(unknown)} are not rules of this workflow; its rules are {names}")
