@@ -17,13 +17,10 @@ rule expert_data:
     params:
         env=env_args,
         n=lambda w: bench(w)["tasks"]["train"],
-        noise=lambda w: model_cfg(w)["expert"]["noise"],
-        clean=lambda w: model_cfg(w)["expert"]["clean_fraction"],
-        # Only when set, so the commands of configs without it stay as they were.
-        repeat=lambda w: "".join(f" --{k} {v}" for k, v in model_cfg(w)["expert"].items() if k in ("repeat", "invalid")),
+        # noise and clean_fraction first, then repeat and invalid where set, so commands stay as they were.
+        expert=lambda w: cli_flags(dict.fromkeys(["noise", "clean_fraction"]) | model_cfg(w)["expert"]),
     shell:
-        "python -m dmr.expert {params.env} --episodes {params.n} "
-        "--noise {params.noise} --clean-fraction {params.clean}{params.repeat} --out {output} > {log} 2>&1"
+        "python -m dmr.expert {params.env} --episodes {params.n} " "{params.expert} --out {output} > {log} 2>&1"
 
 
 rule tokenizer:
@@ -41,9 +38,9 @@ rule tokenizer:
         **rule_resources("tokenizer"),
     params:
         prompt=lambda w: as_json(bench(w)["prompt"]),
-        vocab=lambda w: model_cfg(w)["tokenizer"]["vocab_size"],
+        tokenizer=lambda w: cli_flags(model_cfg(w)["tokenizer"]),
     shell:
-        "python -m dmr.tokenizer --episodes {input} --prompt {params.prompt} --vocab-size {params.vocab} "
+        "python -m dmr.tokenizer --episodes {input} --prompt {params.prompt} {params.tokenizer} "
         "--out {output} > {log} 2>&1"
 
 

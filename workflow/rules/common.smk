@@ -167,7 +167,7 @@ def env_args(w):
 def engine_args(w):
     """Backend, decoding and concurrency of the rules that play episodes (rollout, select_rollout, grpo)."""
     d = bench(w)["decoding"]
-    args = [BACKEND, f"--max-new-tokens {d['max_new_tokens']} --temperature {d['temperature']} --top-p {d['top_p']}"]
+    args = [BACKEND, cli_flags({k: d[k] for k in ("max_new_tokens", "temperature", "top_p")})]
     args += [f"--prompt {as_json(bench(w)['prompt'])}"] + ["--constrained"] * d["constrained"]
     return " ".join(args + [f"--shards {SHARDS}"])
 

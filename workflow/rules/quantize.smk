@@ -21,10 +21,11 @@ rule quantize:
     params:
         bf16=model_dir,
         calibration=lambda w: calibration(w)[1],
-        samples=lambda w: model_cfg(w)["quantize"]["calibration"]["samples"],
-        max_len=lambda w: model_cfg(w)["quantize"]["calibration"]["max_seq_length"],
+        sizes=lambda w: cli_flags(
+            {k: model_cfg(w)["quantize"]["calibration"][k] for k in ("samples", "max_seq_length")}
+        ),
         prompt=lambda w: as_json(bench(w)["prompt"]),
     shell:
         "python -m dmr.quantize --model {params.bf16} --scheme {wildcards.quant} "
-        "--calibration {params.calibration} --samples {params.samples} --max-seq-length {params.max_len} "
+        "--calibration {params.calibration} {params.sizes} "
         "--prompt {params.prompt} --out {output} > {log} 2>&1"
