@@ -95,8 +95,11 @@ rule klst:
         pool=rules.kl.input.pool,
         models=rules.kl.input.models,
         # The final router's extra data (route.dagger): the round-0 router's routed run of training tasks.
-        dagger=lambda w: [routed_run(w, "dmr0", "k", ROUTE["dagger"]["budget"], run="dagger")]
-        * (w.stage == "router" and ROUTE["dagger"]["tasks"] > 0),
+        dagger=lambda w: (
+            [routed_run(w, "dmr0", "k", ROUTE["dagger"]["budget"], run="dagger")]
+            if w.stage == "router" and ROUTE["dagger"]["tasks"]
+            else []
+        ),
     output:
         router=cell("{quant}/{stage}/router.json"),
         weights=cell("{quant}/{stage}/router.pt"),
