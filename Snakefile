@@ -22,8 +22,7 @@ include: "workflow/rules/grpo.smk"
 
 
 onstart:
-    check_external_paths()
-    start_progress()
+    on_start()
 
 
 rule all:

@@ -15,9 +15,7 @@ rule data:
     resources:
         **rule_resources("data"),
     params:
-        env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(env_kwargs(w)),
+        env=env_args,
         need=data_need,
     shell:
-        "python -m dmr.data --env {params.env} --env-kwargs {params.env_kwargs} --need {params.need} "
-        "--out {output} > {log} 2>&1"
+        "python -m dmr.data {params.env} --need {params.need} --out {output} > {log} 2>&1"

@@ -3,73 +3,64 @@
 
 rule rollout:
     input:
-        rollout_inputs,
+        lambda w: rollout_spec(w)[0],
     output:
-        episodes=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/{{run}}/episodes.parquet",
-        steps=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/{{policy}}/{{run}}/steps.parquet",
+        episodes=cell(f"{RUN}/episodes.parquet"),
+        steps=cell(f"{RUN}/steps.parquet"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/rollout_{{quant}}_{{policy}}_{{run}}.log",
+        cell("logs/rollout_{quant}_{policy}_{run}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rollout/rollout_{{quant}}_{{policy}}_{{run}}.tsv"
+        cell("benchmarks/rollout/rollout_{quant}_{policy}_{run}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("rollout", THREADS),
     params:
-        env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(env_kwargs(w)),
-        split=run_split,
-        n=run_n,
-        offset=run_offset,
-        seed=run_seed,
-        models=rollout_models,
-        policy=policy_args,
-        backend=config["backend"]["name"],
-        backend_kwargs=as_json(config["backend"].get("kwargs")),
-        decoding=decoding_args,
-        shards=config["evaluate"].get("shards", 16),
-        out=lambda w: run_dir(w.benchmark, w.model, w.quant, w.policy, w.run),
+        env=env_args,
+        tasks=run_tasks,
+        policy=lambda w: rollout_spec(w)[1],
+        engine=engine_args,
+        seed=lambda w: int(w.run[4:]) if w.run.startswith("seed") else 0,
+        out=lambda w, output: os.path.dirname(output.episodes),
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.
-        "python -m dmr.agent --env {params.env} --env-kwargs {params.env_kwargs} --split {params.split} "
-        "--n {params.n} --offset {params.offset} {params.models} {params.policy} "
-        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} "
-        "{params.decoding} --shards {params.shards} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        "python -m dmr.agent {params.env} {params.tasks} {params.policy} "
+        "{params.engine} --seed {params.seed} --out {params.out} > {log} 2>&1"
 
 
 rule evaluate:
     input:
-        runs=table_inputs,
-        latency=coefficients,
+        runs=lambda w: [p for paths in table_methods(w).values() for p in paths],
+        latency=lambda w: rules.latency.output.coefficients.format(**w),
     output:
-        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.md",
-        latex=f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.tex",
+        table=cell("tables/main.parquet"),
+        markdown=cell("tables/main.md"),
+        latex=cell("tables/main.tex"),
         html=report(
-            f"{RESULTS}/{{benchmark}}/{{model}}/tables/main.html",
+            cell("tables/main.html"),
             caption="../report/table.rst",
             category="Table 1",
             subcategory="{benchmark}/{model}",
             labels={"result": "Table 1"},
         ),
         pareto=report(
-            f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto.png",
+            cell("figures/pareto.png"),
             caption="../report/pareto.rst",
             category="Table 1",
             subcategory="{benchmark}/{model}",
             labels={"result": "Pareto"},
         ),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/evaluate.log",
+        cell("logs/evaluate.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/evaluate/evaluate.tsv"
+        cell("benchmarks/evaluate/evaluate.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("evaluate"),
     params:
-        methods=table_args,
+        methods=lambda w: " ".join(f"--method {name} {' '.join(paths)}" for name, paths in table_methods(w).items()),
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
@@ -79,7 +70,7 @@ rule evaluate:
 rule summary:
     # What the README quotes: the claim per cell, Table 1, figure links and per-rule timing.
     input:
-        tables=summary_inputs,
+        tables=cell_targets,
     output:
         markdown=f"{RESULTS}/summary.md",
         timing=f"{RESULTS}/timing.parquet",

@@ -4,22 +4,22 @@
 
 rule latency:
     input:
-        latency_inputs,
+        lambda w: latency(w)[0],
     output:
-        coefficients=f"{RESULTS}/{{benchmark}}/{{model}}/latency/coefficients.json",
-        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/latency.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/latency.md",
+        coefficients=cell("latency/coefficients.json"),
+        table=cell("tables/latency.parquet"),
+        markdown=cell("tables/latency.md"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/latency.log",
+        cell("logs/latency.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/latency/latency.tsv"
+        cell("benchmarks/latency/latency.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("latency", THREADS),
     params:
-        args=latency_args,
+        args=lambda w: latency(w)[1],
     shell:
         "python -m dmr.latency --cell {wildcards.benchmark}/{wildcards.model} {params.args} "
         "--out {output.coefficients} --table {output.table} > {log} 2>&1"
@@ -27,64 +27,62 @@ rule latency:
 
 rule grpo:
     input:
-        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.json",
-        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/router.pt",
+        router=cell("{quant}/router/router.json"),
+        weights=cell("{quant}/router/router.pt"),
         latency=rules.latency.output.coefficients,
-        models=kl_models,
+        models=rules.kl.input.models,
     output:
-        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/grpo/lam{{lam}}/router/router.json",
-        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/grpo/lam{{lam}}/router/router.pt",
-        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/grpo/lam{{lam}}/router/train_scores.parquet",
-        curve=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/grpo/lam{{lam}}/curve.parquet",
-        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/grpo_curve_{{quant}}_lam{{lam}}.png",
+        router=cell("{quant}/grpo/lam{lam}/router/router.json"),
+        weights=cell("{quant}/grpo/lam{lam}/router/router.pt"),
+        scores=cell("{quant}/grpo/lam{lam}/router/train_scores.parquet"),
+        curve=cell("{quant}/grpo/lam{lam}/curve.parquet"),
+        figure=cell("figures/grpo_curve_{quant}_lam{lam}.png"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/grpo_{{quant}}_lam{{lam}}.log",
+        cell("logs/grpo_{quant}_lam{lam}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/grpo/grpo_{{quant}}_lam{{lam}}.tsv"
+        cell("benchmarks/grpo/grpo_{quant}_lam{lam}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("grpo", THREADS),
     params:
-        start=router_dir,
-        env=lambda w: bench(w)["env"],
-        env_kwargs=lambda w: as_json(env_kwargs(w)),
+        start=lambda w, input: os.path.dirname(input.router),
+        env=env_args,
         # Training tasks after the KL pool's, so GRPO sees episodes KL-ST did not.
-        offset=route_cfg().get("kl_tasks", 1000),
+        offset=ROUTE["kl_tasks"],
         pool=lambda w: bench(w)["tasks"]["train"],
-        models=lambda w: " ".join(f"--model {q}={model_dir(w.benchmark, w.model, q)}" for q in ("bf16", w.quant)),
-        backend=config["backend"]["name"],
-        backend_kwargs=as_json(config["backend"].get("kwargs")),
-        decoding=decoding_args,
-        shards=config["evaluate"].get("shards", 16),
-        grpo=grpo_args,
-        out=lambda w: f"{cell_dir(w)}/{w.quant}/grpo/lam{w.lam}",
+        models=lambda w: " ".join(f"--model {q}={model_dir(w, q)}" for q in ("bf16", w.quant)),
+        engine=engine_args,
+        flags=GRPO_FLAGS,
+        # --router-steps only where GRPO decides other step types than KL-ST, so other cells keep their commands.
+        steps=lambda w: (
+            "" if routed_steps(w, "grpo") == routed_steps(w) else f" --router-steps {routed_steps(w, 'grpo')}"
+        ),
+        out=lambda w, output: os.path.dirname(output.curve),
     shell:
         "python -m dmr.grpo --router {params.start} --latency {input.latency} --quant {wildcards.quant} "
-        "--env {params.env} --env-kwargs {params.env_kwargs} --offset {params.offset} --pool {params.pool} {params.models} "
-        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} {params.decoding} "
-        "--shards {params.shards} {params.grpo} --out {params.out} --figure {output.figure} --quiet > {log} 2>&1"
+        "{params.env} --offset {params.offset} --pool {params.pool} {params.models} "
+        "{params.engine} --lam {wildcards.lam} {params.flags}{params.steps} --out {params.out} --figure {output.figure} --quiet > {log} 2>&1"
 
 
 rule calibrate_grpo:
     input:
-        run=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/rollouts/grpo-t0.5/calib/steps.parquet",
-        scores=lambda w: f"{grpo_router_dir(w)}/train_scores.parquet",
+        run=lambda w: routed_run(w, "grpo", "t", 0.5, run="calib"),
+        scores=lambda w: f"{router_dir(w, 'grpo')}/train_scores.parquet",
     output:
-        calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/grpo/lam{GRPO_LAMBDA}/router/calibration.json",
-        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/router_scores_{{quant}}_grpo_lam{GRPO_LAMBDA}.png",
+        calibration=cell(f"{{quant}}/grpo/lam{GRPO_LAMBDA}/router/calibration.json"),
+        figure=cell(f"figures/router_scores_{{quant}}_grpo_lam{GRPO_LAMBDA}.png"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}_grpo.log",
+        cell("logs/calibrate_{quant}_grpo.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate_grpo/calibrate_{{quant}}_grpo.tsv"
+        cell("benchmarks/calibrate_grpo/calibrate_{quant}_grpo.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("calibrate_grpo"),
     params:
-        run=lambda w: run_dir(w.benchmark, w.model, w.quant, "grpo-t0.5", "calib"),
-        budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+        **CALIBRATE_PARAMS,
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
         "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
@@ -95,14 +93,14 @@ rule rank:
         table=rules.evaluate.output.table,
         latency=rules.latency.output.coefficients,
     output:
-        ranks=f"{RESULTS}/{{benchmark}}/{{model}}/tables/rank.parquet",
-        summary=f"{RESULTS}/{{benchmark}}/{{model}}/tables/rank_summary.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/rank.md",
-        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/pareto_rank.png",
+        ranks=cell("tables/rank.parquet"),
+        summary=cell("tables/rank_summary.parquet"),
+        markdown=cell("tables/rank.md"),
+        figure=cell("figures/pareto_rank.png"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/rank.log",
+        cell("logs/rank.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/rank/rank.tsv"
+        cell("benchmarks/rank/rank.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:

@@ -3,14 +3,14 @@
 
 rule quantize:
     input:
-        model=bf16_input,
-        calibration=calibration_input,
+        model=lambda w: built_models(w, "bf16"),
+        calibration=lambda w: calibration(w)[0],
     output:
-        directory(f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/model"),
+        directory(cell("{quant}/model")),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/quantize_{{quant}}.log",
+        cell("logs/quantize_{quant}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/quantize/quantize_{{quant}}.tsv"
+        cell("benchmarks/quantize/quantize_{quant}.tsv")
     wildcard_constraints:
         quant="(gptq|awq|rtn)_w[2-8]a16(_g[0-9]+)?",
     conda:
@@ -19,12 +19,13 @@ rule quantize:
     resources:
         **rule_resources("quantize", THREADS),
     params:
-        bf16=lambda w: model_dir(w.benchmark, w.model, "bf16"),
-        calibration=calibration_arg,
-        samples=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("samples", 128),
-        max_len=lambda w: model_cfg(w).get("quantize", {}).get("calibration", {}).get("max_seq_length", 2048),
+        bf16=model_dir,
+        calibration=lambda w: calibration(w)[1],
+        sizes=lambda w: cli_flags(
+            {k: model_cfg(w)["quantize"]["calibration"][k] for k in ("samples", "max_seq_length")}
+        ),
         prompt=lambda w: as_json(bench(w)["prompt"]),
     shell:
         "python -m dmr.quantize --model {params.bf16} --scheme {wildcards.quant} "
-        "--calibration {params.calibration} --samples {params.samples} --max-seq-length {params.max_len} "
+        "--calibration {params.calibration} {params.sizes} "
         "--prompt {params.prompt} --out {output} > {log} 2>&1"

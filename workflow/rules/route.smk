@@ -1,32 +1,36 @@
 # KL-ST (paper Sec. 4.2): step KL on bf16 rollouts of the training pool -> threshold tau -> router
 # trained on 1[KL > tau] -> deployment thresholds calibrated on the calibration pool.
 
+# params of the rules that read the KL pool with the cell's two models (kl, klst, klst_variant)
+POOL_PARAMS = {
+    "pool": lambda w, input: os.path.dirname(input.pool),
+    "high": model_dir,
+    "low": lambda w: model_dir(w, w.quant),
+}
+
 
 rule kl:
     input:
-        pool=f"{RESULTS}/{{benchmark}}/{{model}}/bf16/rollouts/full/train/steps.parquet",
-        models=kl_models,
+        pool=lambda w: f"{cell(RUN, w, quant='bf16', policy='full', run='train')}/steps.parquet",
+        models=lambda w: built_models(w, "bf16", w.quant),
     output:
-        f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/steps.parquet",
+        cell("{quant}/kl/steps.parquet"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/kl_{{quant}}.log",
+        cell("logs/kl_{quant}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/kl/kl_{{quant}}.tsv"
+        cell("benchmarks/kl/kl_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("kl", THREADS),
     params:
-        pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
-        high=lambda w: model_dir(w.benchmark, w.model, "bf16"),
-        low=lambda w: model_dir(w.benchmark, w.model, w.quant),
-        backend=config["backend"]["name"],
-        backend_kwargs=as_json(config["backend"].get("kwargs")),
-        batch=config["evaluate"].get("shards", 16),
+        **POOL_PARAMS,
+        backend=BACKEND,
+        batch=SHARDS,
     shell:
         "python -m dmr.kl --rollout {params.pool} --high {params.high} --low {params.low} --quant {wildcards.quant} "
-        "--backend {params.backend} --backend-kwargs {params.backend_kwargs} --batch {params.batch} "
+        "{params.backend} --batch {params.batch} "
         "--out {output} > {log} 2>&1"
 
 
@@ -34,26 +38,26 @@ rule threshold:
     input:
         rules.kl.output,
     output:
-        threshold=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/threshold.json",
-        sweep=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/sweep.parquet",
+        threshold=cell("{quant}/kl/threshold.json"),
+        sweep=cell("{quant}/kl/sweep.parquet"),
         figure=report(
-            f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_hist_{{quant}}.png",
+            cell("figures/kl_hist_{quant}.png"),
             caption="../report/kl_hist.rst",
             category="KL-ST",
             subcategory="{benchmark}/{model}",
             labels={"result": "KL histogram", "scheme": "{quant}"},
         ),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/threshold_{{quant}}.log",
+        cell("logs/threshold_{quant}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/threshold/threshold_{{quant}}.tsv"
+        cell("benchmarks/threshold/threshold_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("threshold"),
     params:
-        steps=lambda w: " ".join(routed_steps(w)),
-        rule=lambda w: cli_flags(route_cfg().get("threshold")),
+        steps=routed_steps,
+        rule=cli_flags(ROUTE["threshold"]),
     shell:
         "python -m dmr.threshold --kl {input} --step-types {params.steps} {params.rule} "
         "--out {output.threshold} --sweep {output.sweep} --figure {output.figure} > {log} 2>&1"
@@ -63,19 +67,19 @@ rule labels:
     input:
         rules.kl.output,
     output:
-        labels=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/labels.parquet",
-        summary=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/labels.json",
+        labels=cell("{quant}/kl/labels.parquet"),
+        summary=cell("{quant}/kl/labels.json"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/labels_{{quant}}.log",
+        cell("logs/labels_{quant}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/labels/labels_{{quant}}.tsv"
+        cell("benchmarks/labels/labels_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("labels"),
     params:
-        rule=lambda w: cli_flags(route_cfg().get("threshold")),
-        steps=lambda w: " ".join(routed_steps(w)),
+        rule=cli_flags(ROUTE["threshold"]),
+        steps=routed_steps,
     shell:
         "python -m dmr.labels --kl {input} --action-types {params.steps} {params.rule} --out {output.labels} --summary {output.summary} > {log} 2>&1"
 
@@ -86,64 +90,68 @@ rule klst:
     input:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
-        llm=bf16_input,
+        llm=lambda w: built_models(w, "bf16"),
         # The proposal encoder replays the KL pool's rollout with the low model.
         pool=rules.kl.input.pool,
-        models=kl_models,
-        dagger=dagger_runs,
+        models=rules.kl.input.models,
+        # The final router's extra data (route.dagger): the round-0 router's routed run of training tasks.
+        dagger=lambda w: (
+            [routed_run(w, "dmr0", "k", ROUTE["dagger"]["budget"], run="dagger")]
+            if w.stage == "router" and ROUTE["dagger"]["tasks"]
+            else []
+        ),
     output:
-        router=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/router.json",
-        weights=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/router.pt",
-        metrics=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/metrics.json",
-        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/train_scores.parquet",
+        router=cell("{quant}/{stage}/router.json"),
+        weights=cell("{quant}/{stage}/router.pt"),
+        metrics=cell("{quant}/{stage}/metrics.json"),
+        scores=cell("{quant}/{stage}/train_scores.parquet"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/klst_{{quant}}_{{stage}}.log",
+        cell("logs/klst_{quant}_{stage}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/klst/klst_{{quant}}_{{stage}}.tsv"
+        cell("benchmarks/klst/klst_{quant}_{stage}.tsv")
     conda:
         "../../envs/cpu.yaml"
     threads: THREADS
     resources:
         **rule_resources("klst", THREADS),
     params:
-        steps=lambda w: " ".join(routed_steps(w)),
-        llm=lambda w: model_dir(w.benchmark, w.model, "bf16"),
-        arch=as_json(route_cfg().get("router")),
-        train=cli_flags(route_cfg().get("train")),
-        pool=lambda w: run_dir(w.benchmark, w.model, "bf16", "full", "train"),
-        low=lambda w: model_dir(w.benchmark, w.model, w.quant),
-        dagger=dagger_arg,
+        **POOL_PARAMS,
+        args=klst_args,
+        dagger=lambda w, input: f" --dagger {' '.join(map(os.path.dirname, input.dagger))}" if input.dagger else "",
         out=lambda w, output: os.path.dirname(output.router),
     shell:
         "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --precisions bf16 {wildcards.quant} "
-        "--llm {params.llm} --step-types {params.steps} --arch {params.arch} {params.train} "
-        "--rollout {params.pool} --low {params.low}{params.dagger} --out {params.out} > {log} 2>&1"
+        "--llm {params.high} {params.args} --rollout {params.pool} --low {params.low}{params.dagger} --out {params.out} > {log} 2>&1"
+
+
+# params of the calibration of a router's deployment thresholds (calibrate, calibrate_grpo)
+CALIBRATE_PARAMS = {"run": lambda w, input: os.path.dirname(input.run), "budgets": BUDGETS}
 
 
 rule calibrate:
     input:
-        run=lambda w: f"{run_dir(w.benchmark, w.model, w.quant, calib_policy(w), 'calib')}/steps.parquet",
+        # The calibration pool's routed run of the router at the fixed threshold 0.5.
+        run=lambda w: routed_run(w, {"router": "dmr", "router0": "dmr0"}[w.stage], "t", 0.5, run="calib"),
         scores=rules.klst.output.scores,
     output:
-        calibration=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/{{stage}}/calibration.json",
+        calibration=cell("{quant}/{stage}/calibration.json"),
         figure=report(
-            f"{RESULTS}/{{benchmark}}/{{model}}/figures/{{stage}}_scores_{{quant}}.png",
+            cell("figures/{stage}_scores_{quant}.png"),
             caption="../report/router_scores.rst",
             category="KL-ST",
             subcategory="{benchmark}/{model}",
             labels={"result": "{stage} scores", "scheme": "{quant}"},
         ),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/calibrate_{{quant}}_{{stage}}.log",
+        cell("logs/calibrate_{quant}_{stage}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/calibrate/calibrate_{{quant}}_{{stage}}.tsv"
+        cell("benchmarks/calibrate/calibrate_{quant}_{stage}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("calibrate"),
     params:
-        run=lambda w, input: os.path.dirname(input.run),
-        budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
+        **CALIBRATE_PARAMS,
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
         "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
@@ -154,13 +162,13 @@ rule step_types:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
     output:
-        table=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/step_types.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/kl/step_types.md",
-        figure=f"{RESULTS}/{{benchmark}}/{{model}}/figures/kl_step_types_{{quant}}.png",
+        table=cell("{quant}/kl/step_types.parquet"),
+        markdown=cell("{quant}/kl/step_types.md"),
+        figure=cell("figures/kl_step_types_{quant}.png"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/step_types_{{quant}}.log",
+        cell("logs/step_types_{quant}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/step_types/step_types_{{quant}}.tsv"
+        cell("benchmarks/step_types/step_types_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
@@ -178,23 +186,24 @@ rule diagnose:
     input:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
-        scores=f"{RESULTS}/{{benchmark}}/{{model}}/{{quant}}/router/train_scores.parquet",
-        probe=probe_run,
+        scores=lambda w: rules.klst.output.scores.format(**w, stage="router"),
+        # The online probe run at the middle budget (0.4 in the paper's sweep).
+        probe=lambda w: routed_run(w, "dmr", "k", ROUTE["budgets"][len(ROUTE["budgets"]) // 2], run="probe"),
     output:
-        table=f"{RESULTS}/{{benchmark}}/{{model}}/tables/diagnose_{{quant}}.parquet",
-        markdown=f"{RESULTS}/{{benchmark}}/{{model}}/tables/diagnose_{{quant}}.md",
+        table=cell("tables/diagnose_{quant}.parquet"),
+        markdown=cell("tables/diagnose_{quant}.md"),
     log:
-        f"{RESULTS}/{{benchmark}}/{{model}}/logs/diagnose_{{quant}}.log",
+        cell("logs/diagnose_{quant}.log"),
     benchmark:
-        f"{RESULTS}/{{benchmark}}/{{model}}/benchmarks/diagnose/diagnose_{{quant}}.tsv"
+        cell("benchmarks/diagnose/diagnose_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
     resources:
         **rule_resources("diagnose"),
     params:
         router=lambda w, input: os.path.dirname(input.scores),
-        budgets=" ".join(f"{k:g}" for k in route_cfg().get("budgets", [0.2, 0.4, 0.7])),
-        steps=lambda w: " ".join(routed_steps(w)),
+        budgets=BUDGETS,
+        steps=routed_steps,
     shell:
         "python -m dmr.diagnose --kl {input.kl} --router {params.router} --threshold {input.threshold} "
         "--budgets {params.budgets} --online {input.probe} --step-types {params.steps} "
