@@ -35,7 +35,7 @@ GRPO_LAMBDA = f"{config['grpo']['lambda']:g}" if "grpo" in config else "none"
 SHARDS = config["evaluate"]["shards"]
 BACKEND = f"--backend {config['backend']['name']} --backend-kwargs {as_json(config['backend']['kwargs'])}"
 BUDGETS = " ".join(f"{k:g}" for k in ROUTE["budgets"])
-GRPO_KEYS = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "seed")
+GRPO_KEYS = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "advantage", "seed")
 GRPO_FLAGS = cli_flags({k: config["grpo"][k] for k in GRPO_KEYS if k in config.get("grpo", {})})
 # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under
 # {quant}/ablation/{variant}/router, trained on route.train with ablation.train over it.
