@@ -124,6 +124,28 @@ def test_dagger_and_pace_plan_the_rounds_they_name(tmp_path):
     assert "--budget" in r.stdout and "--pace" not in r.stdout and "router0" not in r.stdout
 
 
+def test_regime_target_checks_the_schemes_it_names(tmp_path):
+    """`make regime`: one dmr.regime table per cell over its `regime` schemes, routed or not: each
+    scheme's KL pool and Quant runs; the oracle at K = 0.4 only where the scheme is routed."""
+    def edit(c):
+        c["cells"][0]["regime"] = [c["cells"][0]["quants"][0], "rtn_w3a16_g32"]  # routed (route = quants), not
+        c["route"]["baselines"], c["route"]["baseline_budgets"] = ["random", "oracle"], [0.4]
+        c["route"]["budgets"] = sorted(set(c["route"]["budgets"]) | {0.4})
+    cfg = write_config(tmp_path, edit)
+    routed, extra = yaml.safe_load(cfg.read_text())["cells"][0]["regime"]
+    r = snakemake("-n", "-p", "regime", "--configfile", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
+    (table,) = [c for c in cmds if "python -m dmr.regime " in c and "results/household/" in c]
+    assert f"--schemes {routed} {extra} " in table and "--cell results/household/tiny " in table
+    cell = "results/household/tiny"
+    assert any(f"--out {cell}/{extra}/kl/steps.parquet" in c for c in cmds)
+    assert any(f"--out {cell}/{extra}/rollouts/quant/seed0 " in c for c in cmds)
+    assert any(f"--out {cell}/{routed}/rollouts/oracle-k0.4/seed0 " in c for c in cmds)
+    assert not any(f"{cell}/{extra}/rollouts/oracle" in c for c in cmds)
+    assert "dmr.regime" not in snakemake("-n", "-p", "--configfile", str(cfg), cwd=tmp_path).stdout
+
+
 @pytest.mark.slow
 def test_micro_end_to_end(tmp_path):
     """The whole DAG of the micro config, for real, then a rerun that has nothing to do."""

@@ -248,6 +248,22 @@ def routed_run(w, kind, mode, value, **values):
     return f"{cell(RUN, w, policy=format_policy(kind, mode, value), **values)}/steps.parquet"
 
 
+def regime_schemes(w):
+    return cell_cfg(w).get("regime") or cell_cfg(w)["quants"]
+
+
+def regime_inputs(w):
+    """What dmr.regime reads per scheme: its KL pool and threshold, Full and Quant at every seed, and
+    the oracle at K = 0.4 where the scheme is routed and the oracle runs there."""
+    oracle = "oracle" in ROUTE["baselines"] and 0.4 in ROUTE["baseline_budgets"]
+    ins = {"full": seed_runs(w, "bf16", "full")}
+    for q in regime_schemes(w):
+        ins[q] = [cell(f"{q}/kl/{f}", w) for f in ("steps.parquet", "threshold.json")] + seed_runs(w, q, "quant")
+        if oracle and q in cell_cfg(w)["route"]:
+            ins[q] += seed_runs(w, q, format_policy("oracle", "k", 0.4))
+    return ins
+
+
 def rollout_spec(w):
     """A rollout's models and policy as (inputs, dmr.agent flags). The models: those the policy routes
     to, high first. The policy: a learned router (and its calibration at a budget K), a baseline with

@@ -209,3 +209,37 @@ rule diagnose:
         "--budgets {params.budgets} --online {input.probe} --step-types {params.steps} "
         "--title '{wildcards.benchmark}/{wildcards.model} {wildcards.quant}: routing signal' "
         "--out {output.table} > {log} 2>&1"
+
+
+rule regime_table:
+    # Is the cell in the paper's regime? Per scheme of `cells[].regime` (default its quants): (a) the
+    # Full - Quant gap, (b) a sparse plateau, (c) the oracle at K = 0.4 where routed (dmr.regime).
+    input:
+        unpack(regime_inputs),
+    output:
+        table=cell("tables/regime.parquet"),
+        markdown=cell("tables/regime.md"),
+    log:
+        cell("logs/regime.log"),
+    benchmark:
+        cell("benchmarks/regime/regime.tsv")
+    conda:
+        "../../envs/cpu.yaml"
+    resources:
+        **rule_resources("regime"),
+    params:
+        cell=lambda w: cell("", w).rstrip("/"),
+        schemes=lambda w: " ".join(regime_schemes(w)),
+        seeds=" ".join(str(s) for s in config["evaluate"]["seeds"]),
+        steps=routed_steps,
+    shell:
+        "python -m dmr.regime --cell {params.cell} --schemes {params.schemes} --seeds {params.seeds} "
+        "--step-types {params.steps} --out {output.table} > {log} 2>&1"
+
+
+rule regime:
+    # `make regime`: every cell's regime table, outside the default run (each scheme costs its
+    # quantization, a KL pool and Quant rollouts at every seed).
+    input:
+        lambda w: [cell("tables/regime.md", c) for c in config["cells"]],
+    localrule: True
