@@ -296,10 +296,12 @@ def main():
         results[w] = run_once(w, serve_args, a, a.work)
     s0, s1 = summary(results[0.0]), summary(results[window])
     name = f"window {window:g} ms"
-    print(f"\n{'':<26}{'window 0':>12}{name:>14}{'ratio':>8}")
+    print(f"\n{'':<26}{'window 0':>12}{name:>14}{'batched / 0':>13}")
     for k in s0:
-        ratio = s1[k] / s0[k] if s0[k] else float("nan")
-        print(f"{k:<26}{s0[k]:>12.2f}{s1[k]:>14.2f}{ratio:>8.2f}")
+        counted = k.startswith(("valid", "malformed", "episodes"))  # counts: side by side, no ratio
+        ratio = "" if counted or not s0[k] else f"{s1[k] / s0[k]:.2f}"
+        fmt = "d" if counted else ".2f"
+        print(f"{k:<26}{s0[k]:>12{fmt}}{s1[k]:>14{fmt}}{ratio:>13}")
     problems = []
     for w, r in results.items():
         m = r["metrics"]
