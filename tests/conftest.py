@@ -58,7 +58,9 @@ def noisy_model(tiny_world, tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """The end-to-end DAGs first: under `-n 2` (the Makefile's test command) they then overlap the
-    many short tests instead of running alone at the end. The real-Slurm run leads: it mostly waits
-    on Slurm, so the DAG beside it has the CPU to itself meanwhile."""
+    many short tests instead of running alone at the end. The real-Slurm runs lead: they mostly wait
+    on Slurm, so the DAG beside them has the CPU to itself meanwhile. xdist hands each worker a first
+    chunk of two tests, so the two real-Slurm tests run one after the other on one worker (their
+    fixture's lock would make them take turns anyway: one Slurm per machine)."""
     items.sort(key=lambda item: 0 if "slurm" in getattr(item, "fixturenames", ())
                else 1 if item.get_closest_marker("slow") else 2)

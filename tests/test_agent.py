@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -20,6 +21,8 @@ from dmr.prompts import Episode, get
 from dmr.prompts.instruct import format_answer, parse_action
 from dmr.routing import StepContext
 from dmr.rundir import finalize
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -199,6 +202,44 @@ def test_resume_after_kill_loses_and_repeats_nothing(tiny_world, tmp_path, pytho
     kept = [e["task"] for e in eps][:len(first)]
     assert kept == first, "finished episodes survive the resume untouched"
     assert (out / "episodes.parquet").exists()
+
+
+def test_backends_generate_concurrently_as_alone():
+    """The routing proxy (dmr.serve) runs its in-process backends in request threads at once: each
+    answers as it does alone. (A module-level cache of the GQA-folded attention mask once let one
+    thread's prefill take another's mask: a shape error, or at equal shapes a wrong answer.)"""
+    import threading
+
+    # The shipped agent: its 4 layers of grouped-query attention fold the mask in every forward.
+    backends = [load("hf", str(ROOT / "agents/tiny")) for _ in range(4)]
+    env, style = envs.make("household", max_steps=8), get("react")
+    prompts = []
+    for t in env.tasks("test", 8):
+        first = env.reset(t)
+        prompts.append(style.render(backends[0].tokenizer, Episode(first.goal, first.text, [], first.admissible)))
+    # Batches of different lengths and sizes (padded: the mask is folded), so the threads' masks differ in shape.
+    batches = [prompts[:2], prompts[1:4], [prompts[4] * 3, prompts[3]], prompts[2:7], [prompts[5] + prompts[0], prompts[1]],
+               [prompts[7] * 2, prompts[6]]]
+    sampling = Sampling(2, 0.0, 1.0, seed=0)  # mostly prefills, where the mask is folded
+    alone = [[[g.text for g in b.generate(batch, sampling)] for batch in batches] for b in backends]
+    wrong, errors = [], []
+
+    def work(i):
+        try:
+            for r in range(12):
+                for k in range(len(batches)):
+                    j = (k + 3 * i + r) % len(batches)
+                    if [g.text for g in backends[i].generate(batches[j], sampling)] != alone[i][j]:
+                        wrong.append((i, j))
+        except Exception as e:  # reported below
+            errors.append((i, repr(e)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(backends))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong, (errors[:3], wrong[:3])
 
 
 def test_prefix_cache_matches_uncached_generation(tiny_world):

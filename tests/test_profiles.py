@@ -3,12 +3,16 @@ reproduction at cluster scale that can be checked without GPUs (dry-runs over th
 rerun scope, the HTML report), plus a real single-node Slurm run of a small part of the micro config."""
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -277,13 +281,26 @@ def slurm_unavailable() -> str | None:
 def slurm(tmp_path):
     if reason := slurm_unavailable():
         pytest.skip(reason)
-    state = tmp_path / "slurm"
-    up = subprocess.run([str(ROOT / ".ci/slurm.sh"), "up", str(state)], capture_output=True, text=True, timeout=600)
-    try:
-        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-        yield state
-    finally:
-        subprocess.run([str(ROOT / ".ci/slurm.sh"), "down", str(state)], capture_output=True, timeout=120)
+    # One Slurm at a time on this machine (/etc/slurm/slurm.conf and the daemons' ports are
+    # machine-wide): the real-Slurm tests of two pytest-xdist workers take turns.
+    with open(Path(tempfile.gettempdir()) / "dmr-test-slurm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        state = tmp_path / "slurm"
+        up = subprocess.run([str(ROOT / ".ci/slurm.sh"), "up", str(state)], capture_output=True, text=True, timeout=600)
+        try:
+            assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+            yield state
+        finally:
+            subprocess.run([str(ROOT / ".ci/slurm.sh"), "down", str(state)], capture_output=True, timeout=120)
+
+
+def slurm_snakemake(work: Path, configfile: Path, *targets: str) -> list[str]:
+    """A Snakemake command line that submits to the test Slurm through the Slurm profile."""
+    return ["timeout", "-k", "30", "900", *SNAKEMAKE, "--directory", str(work),
+            "--configfile", str(configfile), "--workflow-profile", str(SLURM_PROFILE),
+            "--jobs", "2", "--default-resources", "slurm_account=none", "slurm_partition=debug",
+            # accounting is off on the test Slurm: squeue instead of sacct for job status
+            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", *targets]
 
 
 @pytest.mark.slow
@@ -293,12 +310,8 @@ def test_micro_through_real_slurm(slurm, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     target = "results/household/tiny/bf16/rollouts/full/seed0/episodes.parquet"
-    cmd = ["timeout", "-k", "30", "900", *SNAKEMAKE, "--directory", str(work),
-           "--configfile", str(ROOT / "config/micro.yaml"), "--workflow-profile", str(SLURM_PROFILE),
-           "--jobs", "2", "--default-resources", "slurm_account=none", "slurm_partition=debug",
-           # accounting is off on the test Slurm: squeue instead of sacct for job status
-           "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2", target]
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1000)
+    r = subprocess.run(slurm_snakemake(work, ROOT / "config/micro.yaml", target), capture_output=True, text=True,
+                       cwd=ROOT, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert pl.read_parquet(work / target).height == 4
     # The plugin deletes the Slurm logs of successful jobs; its submission messages remain.
@@ -306,6 +319,75 @@ def test_micro_through_real_slurm(slurm, tmp_path):
     # select_agent is a local rule; the micro config selects between two candidates.
     assert sorted(submitted) == ["expert_data", "rollout", "select_rollout", "select_rollout", "tokenizer",
                                  "train_agent"]
+
+
+def episodes_and_actions(run: Path) -> dict[str, tuple]:
+    """Per finished episode of a run directory: (won, steps, the actions in order)."""
+    eps = pl.read_parquet(run / "episodes.parquet")
+    steps = pl.read_parquet(run / "steps.parquet").sort("task", "step")
+    actions = {t: tuple(zip(g["output"], g["action"])) for (t,), g in steps.group_by("task")}
+    return {e["task"]: (e["won"], e["steps"], actions[e["task"]]) for e in eps.iter_rows(named=True)}
+
+
+@pytest.mark.slow
+def test_cancelled_rollout_resumes_through_real_slurm(slurm, tmp_path):
+    """A rollout cancelled mid-run on Slurm (scancel, as preemption or a node failure ends a job) is
+    resubmitted by the profile's `retries: 1` and resumes from its run directory's JSONL: every episode
+    once, and the same episodes as an uninterrupted run. The shipped agent (agents/tiny) makes the
+    rollout the only job, and 240 episodes (~15 s) give the cancel time to land mid-run."""
+    n = 240
+    cfg = yaml.safe_load((ROOT / "config/micro.yaml").read_text())
+    cfg["models"]["tiny"] = {"source": "path", "path": str(ROOT / "agents/tiny")}
+    cfg["benchmarks"]["household"]["tasks"]["test"] = n
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    target = "results/household/tiny/bf16/rollouts/full/seed0/episodes.parquet"
+    work, ref = tmp_path / "work", tmp_path / "ref"
+    work.mkdir()
+    ref.mkdir()
+    log, local_log = tmp_path / "snakemake.log", tmp_path / "local.log"
+    with log.open("w") as f, local_log.open("w") as lf:
+        # Sessions of their own, to end them whole should the test fail midway.
+        proc = subprocess.Popen(slurm_snakemake(work, configfile, target), stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=True)
+        # The uninterrupted run of the same job, locally, while Slurm starts the other one.
+        local = subprocess.Popen([*SNAKEMAKE, "--directory", str(ref), "--configfile", str(configfile), "--cores", "1",
+                                  target], stdout=lf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    run = work / Path(target).parent
+    try:
+        deadline, done = time.time() + 300, 0
+        while time.time() < deadline and proc.poll() is None:
+            done = (run / "episodes.jsonl").read_text().count("\n") if (run / "episodes.jsonl").exists() else 0
+            if done >= 10:
+                break
+            time.sleep(0.2)
+        jobs = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        assert done >= 10 and len(jobs) == 1, (done, jobs, log.read_text()[-3000:])
+        subprocess.run(["scancel", jobs[0]], check=True)
+        # What the cancelled job left: read once Slurm has ended it, before the retry can start.
+        while subprocess.run(["squeue", "-h", "-j", jobs[0], "-o", "%T"], capture_output=True,
+                             text=True).stdout.strip() in ("RUNNING", "COMPLETING"):
+            time.sleep(0.2)
+        first = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines() if x.endswith("}")]
+        assert 10 <= len(first) < n, f"the cancel should land mid-run, {len(first)}/{n} episodes were done"
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        assert local.wait(timeout=600) == 0, local_log.read_text()[-3000:]
+    finally:
+        for p in (proc, local):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    out = log.read_text()
+    assert len(re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/rule_rollout/", out)) == 2, out[-3000:]
+    assert f"SLURM-job '{jobs[0]}' failed" in out
+    # Each episode once in the resumed JSONL, and once per step in the steps. The episodes done before
+    # the cancel were kept as they were, measured times included: resumed, not replayed.
+    rows = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
+    assert len({r["task"] for r in rows}) == len(rows) == n and rows[:len(first)] == first
+    steps = pl.read_parquet(run / "steps.parquet")
+    assert steps.select("task", "step").is_unique().all()
+    resumed, uninterrupted = episodes_and_actions(run), episodes_and_actions(ref / Path(target).parent)
+    assert len(resumed) == n and resumed == uninterrupted
 
 
 def test_paper_grpo_routes_webshop_search_steps_and_klst_does_not(tmp_path):

@@ -5,6 +5,7 @@ there; on a GPU it uses bf16. Compressed-tensors (llmcompressor) checkpoints loa
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -32,7 +33,10 @@ def _additive_mask(*args, dtype: torch.dtype | None = None, **kwargs):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-_folded: list = [None, None]  # (mask, its GQA-folded copy): every layer of a forward shares the mask
+# (mask, its GQA-folded copy): every layer of a forward shares the mask. Per thread: the routing proxy
+# (dmr.serve) runs its two in-process backends in request threads at once, and a shared cache let one
+# forward take the other's folded mask between setting and reading it.
+_folded = threading.local()
 
 
 def _gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -50,10 +54,11 @@ def _gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     mask = attention_mask
     if q > 1:
         # Folding copies the mask; the reference kept to the original makes the identity test exact.
-        if _folded[0] is not mask:
+        cached = getattr(_folded, "pair", None)
+        if cached is None or cached[0] is not mask:
             m = mask.shape[1]
-            _folded[:] = mask, mask[:, :, None].expand(B, m, rep, q, L).reshape(B, m, rep * q, L)
-        mask = _folded[1]
+            cached = _folded.pair = mask, mask[:, :, None].expand(B, m, rep, q, L).reshape(B, m, rep * q, L)
+        mask = cached[1]
     out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(B, H, q, D).transpose(1, 2).contiguous(), None
 
