@@ -68,13 +68,17 @@ class MatchedCut:
 
 
 class _CutRouter:
-    """What the two signal baselines share: the backends, decoding and a MatchedCut."""
+    """What the two signal baselines share: the backends, decoding and a MatchedCut. `counted`: the
+    step types whose signal the cut's running quantile counts (the routed ones, App. C.1: under a
+    StepTypeGate the other steps run high whatever the cut says, so counting them would skew the
+    share the routed steps realise); None counts every step."""
 
     def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False,
-                 target: float | None = None, warmup: int = 50):
+                 target: float | None = None, warmup: int = 50, counted=None):
         self.backends, self.high, self.low = backends, high, low
         self.style, self.sampling, self.constrained = style, sampling, constrained
         self.cut = MatchedCut(tau, target, warmup)
+        self.counted = None if counted is None else frozenset(counted)
         self.generations: dict = {}
         self.last_scores: list | None = None
 
@@ -88,6 +92,10 @@ class _CutRouter:
 
     def current_tau(self) -> float:
         return self.cut.current()
+
+    def see(self, contexts: list[StepContext], values: list[float]) -> float:
+        """The cut for these steps; then the counted ones are seen."""
+        return self.cut.see([v for c, v in zip(contexts, values) if self.counted is None or c.step_type in self.counted])
 
 
 class OracleRouter(_CutRouter):
@@ -109,7 +117,7 @@ class OracleRouter(_CutRouter):
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
         gens, kls = self.step_kls(contexts)
-        tau = self.cut.see(kls)
+        tau = self.see(contexts, kls)
         self.generations = {(c.episode, c.step): g for c, g, k in zip(contexts, gens, kls) if k > tau}
         self.last_scores = kls
         return [self.high if k > tau else self.low for k in kls]
@@ -132,7 +140,7 @@ class UncertaintyRouter(_CutRouter):
         ents = [action_entropy(s) for s in lb.score(texts, [g.text for g in gens], sessions=keys)]
         if any(e is None for e in ents):
             raise ValueError("the uncertainty policy needs full distributions from the low backend (the HF backend)")
-        tau = self.cut.see(ents)
+        tau = self.see(contexts, ents)
         self.generations = {(c.episode, c.step): g for c, g, e in zip(contexts, gens, ents) if e <= tau}
         self.last_scores = ents
         return [self.high if e > tau else self.low for e in ents]
@@ -284,4 +292,5 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
     share = realised_fraction(match, router_steps, precisions[0])
     tau = float(np.quantile(pool[column].to_numpy(), 1.0 - share))
     cls = OracleRouter if policy == "oracle" else UncertaintyRouter
-    return cls(backends, precisions[0], precisions[1], style, sampling, tau, constrained, target=share)
+    return cls(backends, precisions[0], precisions[1], style, sampling, tau, constrained, target=share,
+               counted=router_steps or None)

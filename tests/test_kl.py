@@ -169,6 +169,14 @@ def test_matched_cut_realises_the_share_it_is_matched_to():
         high += list(batch > c)
     assert np.mean(high) == pytest.approx(0.3, abs=0.03)
     assert MatchedCut(tau=1.0).see([5.0, 0.5]) == 1.0 and MatchedCut(tau=1.0).seen == []  # unmatched: tau
+    # Gated (App. C.1): only the routed step types count toward the share; forced ones run high anyway.
+    from dmr.policies import OracleRouter
+    from dmr.routing import StepContext
+
+    o = OracleRouter({}, "bf16", "low", None, None, tau=9.0, target=0.5, warmup=1, counted=["click"])
+    ctx = [StepContext("e", i, "g", [], "o", [], step_type=t) for i, t in enumerate(["search"] + ["click"] * 4)]
+    o.see(ctx, [100.0, 1.0, 2.0, 3.0, 4.0])
+    assert o.cut.seen == [1.0, 2.0, 3.0, 4.0] and o.current_tau() == 2.0  # counting the search step: 3.0
     with pytest.raises(ValueError, match="share"):
         MatchedCut(tau=1.0, target=1.5)
 
