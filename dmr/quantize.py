@@ -94,8 +94,12 @@ def quantize(model_dir: Path, scheme: str, texts: list[str], max_seq_length: int
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     rec = recipe(scheme)
+    # In the given order: llmcompressor shuffles calibration samples with torch's unseeded global RNG
+    # by default, and GPTQ's and AWQ's float sums then differ run to run, and with them the rounding
+    # of borderline weights: two builds of the same scheme gave different checkpoints.
     oneshot(model=model, tokenizer=tok, dataset=Dataset.from_dict({"text": texts}), recipe=rec,
-            max_seq_length=max_seq_length, num_calibration_samples=len(texts), text_column="text")
+            max_seq_length=max_seq_length, num_calibration_samples=len(texts), text_column="text",
+            shuffle_calibration_samples=False)
     model.to(torch.bfloat16)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, save_compressed=True)

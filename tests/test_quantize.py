@@ -50,6 +50,20 @@ def test_scheme_roundtrip(tiny_world, prompt_and_bf16, tmp_path, scheme, bits):
     assert torch.isfinite(kl).all() and kl.sum() > 0, "quantization must change the distribution"
 
 
+@pytest.mark.parametrize("scheme", ["gptq_w4a16", "awq_w4a16"])
+def test_quantization_is_deterministic(tiny_world, tmp_path, scheme):
+    # The same inputs give the same checkpoint, whatever the global RNG's state (llmcompressor
+    # would shuffle the calibration samples with it).
+    eps, _, model = tiny_world
+    texts = quantize.calibration_texts(f"expert:{eps}", 32, {"style": "react"})
+    weights = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        quantize.quantize(model, scheme, texts, 256, tmp_path / f"q{seed}")
+        weights.append((tmp_path / f"q{seed}" / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
 def test_calibration_sources(tmp_path, tiny_world):
     eps, _, _ = tiny_world
     txt = tmp_path / "c.txt"
