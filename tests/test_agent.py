@@ -225,10 +225,10 @@ def test_prefix_cache_matches_uncached_generation(tiny_world):
             e.history.append((style.parse(g.text), f"You arrive at nowhere {step}."))
             e.admissible = e.admissible[1:] + e.admissible[:1]
     ids = b.encode(style.render(b.tokenizer, eps[0]))
-    held = b._usable(ids, "a", 1)
+    held = b.kv._usable(ids, "a", 1)
     assert held is not None and held[0] > 100
     b.end_session("a")
-    assert b._usable(ids, "a", 1) is None
+    assert b.kv._usable(ids, "a", 1) is None
 
 
 def test_prompt_ids_of_a_session_equal_a_full_encoding_at_every_cut(tiny_world):
@@ -344,7 +344,7 @@ def test_kept_batch_matches_cold_generation_under_any_call_pattern(tiny_world, t
     kept = {"steady": 0, "switch": 0}
 
     def check(keys):
-        before = b._group
+        before = b.kv._group
         warm = b.generate([style.render(b.tokenizer, eps[k]) for k in keys], sampling, sessions=keys)
         cold = b.generate([style.render(b.tokenizer, eps[k]) for k in keys], sampling)
         assert [g.text for g in warm] == [g.text for g in cold], keys
@@ -354,7 +354,7 @@ def test_kept_batch_matches_cold_generation_under_any_call_pattern(tiny_world, t
             # long observations now and then, past the kept batch's headroom
             obs = "You arrive at nowhere." + (" On it, you see a mug 1." * 30 if rng.random() < 0.15 else "")
             eps[k].history.append((style.parse(g.text) or "look", obs))
-        return b._group is before
+        return b.kv._group is before
 
     for step in range(30):
         pattern = step % 6
