@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dmr import envs, llm, prompts
+from dmr import cli, envs, llm, prompts
 from dmr.llm import Backend, Sampling
 from dmr.prompts import Episode, constraint
 from dmr.policies import KLProbe, OracleRouter, make_router
@@ -245,9 +245,8 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--env", required=True)
-    p.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments of the environment")
+    p = argparse.ArgumentParser(description=__doc__, parents=[cli.env(), cli.backend(), cli.decoding(AgentConfig()),
+                                                               cli.pacing()])
     p.add_argument("--split", default="test", choices=envs.SPLITS)
     p.add_argument("--n", type=int, required=True, help="number of tasks")
     p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
@@ -261,24 +260,9 @@ def main(argv=None):
     p.add_argument("--calibration", default=None, help="dmr: calibration.json (dmr.calibrate), with --budget")
     p.add_argument("--budget", type=float, default=None, help="dmr: high-precision budget K")
     p.add_argument("--kl", default=None, help="oracle: KL pool steps.parquet (dmr.kl)")
-    p.add_argument("--pace", type=float, default=None,
-                   help="dmr: per-episode budget; a step goes high only while the episode's high steps stay "
-                        "within PACE x its routed steps so far + --burst, and the threshold is capped at the router's "
-                        "decision boundary 0.5 (dmr.router.Router.set_pace)")
-    p.add_argument("--burst", type=float, default=0.0, help="dmr with --pace: high steps allowed ahead of the pace")
     p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
                    help="step types routed policies decide (e.g. click); other steps are forced to the first "
                         "--model (paper App. C.1: WebShop search steps run bf16). Default: every step")
-    p.add_argument("--backend", default="hf")
-    p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
-    p.add_argument("--prompt", type=json.loads, default={"style": "react"},
-                   help='JSON prompt spec, e.g. \'{"style": "instruct", "window": 4}\'')
-    p.add_argument("--max-new-tokens", type=int, default=AgentConfig.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=AgentConfig.temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=AgentConfig.top_p)
-    p.add_argument("--constrained", action="store_true", help="decode only admissible actions")
-    p.add_argument("--shards", type=int, default=AgentConfig.shards, help="concurrent episodes")
-    p.add_argument("--seed", type=int, default=AgentConfig.seed)
     p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it exists)")
     p.add_argument("--probe-kl", action="store_true",
                    help="diagnostics: measure each step's true KL as the KL oracle does (bf16 proposes, both "

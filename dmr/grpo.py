@@ -37,7 +37,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from dmr import envs, llm, plots
+from dmr import cli, envs, llm, plots
 from dmr.agent import AgentConfig, parse_models, run
 from dmr.envs.base import Task
 from dmr.latency import describe, pair
@@ -244,23 +244,14 @@ def iteration_tasks(env, n: int, start: int, pool: int | None) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[cli.env(), cli.backend(), cli.decoding(AgentConfig())])
     p.add_argument("--router", required=True, type=Path, help="KL-ST router directory (the start and the KL reference)")
     p.add_argument("--latency", required=True, type=Path, help="coefficients.json written by dmr.latency")
     p.add_argument("--quant", required=True, help="the low-precision scheme routed")
-    p.add_argument("--env", required=True)
-    p.add_argument("--env-kwargs", default="{}")
     p.add_argument("--offset", type=int, default=0, help="first training task (after the KL pool's)")
     p.add_argument("--pool", type=int, default=None, help="tasks in the training split: later tasks wrap around")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH", help="high first")
-    p.add_argument("--backend", default="hf")
-    p.add_argument("--backend-kwargs", default="{}")
-    p.add_argument("--prompt", type=json.loads, default={"style": "react"})
-    p.add_argument("--max-new-tokens", type=int, default=AgentConfig.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--constrained", action="store_true")
-    p.add_argument("--shards", type=int, default=16)
     p.add_argument("--lam", type=float, required=True, help="lambda of Eq. 8")
     p.add_argument("--tasks", type=int, required=True, help="tasks per iteration")
     p.add_argument("--group-size", type=int, required=True, help="G trajectories per task")
@@ -271,7 +262,6 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="policy-gradient steps per iteration")
     p.add_argument("--advantage", choices=ADVANTAGES, default="std",
                    help="std: (R - mean) / std per group, the paper's GRPO; mean: R - mean only (Dr. GRPO)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
                    help="step types the GRPO router decides (default: the KL-ST router's); others stay high")
     p.add_argument("--out", required=True, type=Path,
