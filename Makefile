@@ -31,7 +31,7 @@ agents: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake agents $(ARGS) --cores $(CORES) --configfile config/config.yaml config/agents.yaml
 
 test: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 $(ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 --dist loadgroup $(ARGS)
 
 lint: $(VENV)/.installed
 	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint

@@ -11,12 +11,13 @@ import argparse
 import json
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dmr import envs, llm, prompts
+from dmr import cli, envs, llm, prompts
 from dmr.llm import Backend, Sampling
 from dmr.prompts import Episode, constraint
 from dmr.policies import KLProbe, OracleRouter, make_router
@@ -47,104 +48,188 @@ class _Shard:
     step_type: str = "action"  # the upcoming step's type, as the environment announced it
 
 
+class _Scheduler:
+    """Which episode each shard plays: the unfinished tasks, handed to shards as they free up."""
+
+    def __init__(self, env_factory, tasks, done: set, shards: int, progress: bool):
+        self.pending = deque(t for t in tasks if t.key not in done)
+        self.shards = [_Shard(env_factory()) for _ in range(min(shards, len(self.pending)))]
+        self.bar = tqdm(total=len(tasks), initial=len(tasks) - len(self.pending), desc="episodes", disable=not progress)
+
+    def active(self) -> list[_Shard]:
+        """The shards with an episode this step, after free ones have started the next pending task."""
+        for s in self.shards:
+            if s.task is None and self.pending:
+                s.task = self.pending.popleft()
+                first = s.env.reset(s.task)
+                s.ep = Episode(first.goal, first.text, [], first.admissible)
+                s.step_type = first.info.get("next_step_type", "action")
+                s.step, s.time, s.tokens, s.calls = 0, 0.0, {}, {}
+        return [s for s in self.shards if s.task is not None]
+
+    def finish(self, s: _Shard) -> None:
+        s.task = None
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass
+class _Step:
+    """One shard's step as executed: what the recorder writes."""
+    precision: str
+    gen: object  # llm.Generation
+    parsed: str | None
+    tr: object  # the environment's transition
+    route_score: float | None
+    true_kl: float | None
+    llm_time: float
+    router_time: float
+    env_time: float
+
+    @property
+    def action(self) -> str:
+        # A malformed answer is sent as-is: the environment answers "Nothing happens.".
+        return self.parsed if self.parsed is not None else self.gen.text.strip()
+
+    @property
+    def step_time(self) -> float:
+        return self.llm_time + self.router_time + self.env_time
+
+
+class _Executor:
+    """One step of all active shards: the router decides, each precision decodes its shards in one
+    backend call, and every shard acts in its environment."""
+
+    def __init__(self, backends: dict[str, Backend], router, cfg: AgentConfig):
+        self.backends, self.router, self.cfg = backends, router, cfg
+        self.style = prompts.get(**cfg.prompt)
+        self.call = 0  # backend calls so far: each call's sampling seed
+
+    def __call__(self, active: list[_Shard]) -> Iterator[_Step]:
+        router, cfg, style = self.router, self.cfg, self.style
+        # The step type is known before generation (WebShop: a search page asks for a query), so
+        # routing can force types it does not decide (App. C.1) to the high precision.
+        contexts = [StepContext(s.task.key, s.step, s.ep.goal, s.ep.history, s.ep.observation, s.ep.admissible,
+                                step_type=s.step_type, first=s.ep.first) for s in active]
+        t0 = time.perf_counter()
+        decisions = router.decide(contexts)
+        router_time = (time.perf_counter() - t0) / len(active)
+        scores = getattr(router, "last_scores", None)
+        probed = getattr(router, "last_kl", None)  # dmr.policies.KLProbe: measured, not acted on
+        # A router that already decoded a step (the KL oracle's bf16 proposal) hands it over.
+        ready = getattr(router, "generations", None) or {}
+        outputs, call_time = {}, {}
+        for i, c in enumerate(contexts):
+            if (c.episode, c.step) in ready:
+                outputs[i], call_time[i] = ready[(c.episode, c.step)], 0.0
+        for precision in dict.fromkeys(decisions):
+            group = [i for i, d in enumerate(decisions) if d == precision and i not in outputs]
+            if not group:
+                continue
+            backend = self.backends[precision]
+            texts = [style.render(backend.tokenizer, active[i].ep) for i in group]
+            allowed = [constraint(style, active[i].ep.admissible) for i in group] if cfg.constrained else None
+            sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed * 1_000_003 + self.call,
+                                stop=style.stop)
+            self.call += 1
+            t0 = time.perf_counter()
+            gens = backend.generate(texts, sampling, allowed, sessions=[active[i].task.key for i in group])
+            elapsed = time.perf_counter() - t0
+            for i, g in zip(group, gens):
+                outputs[i], call_time[i] = g, elapsed
+        # Lazily: each shard acts once the previous one's step is recorded, its episode ended.
+        for i, s in enumerate(active):
+            yield self._act(s, outputs[i], decisions[i], None if scores is None else scores[i],
+                            None if probed is None else probed[i], call_time[i], router_time)
+
+    def _act(self, s: _Shard, g, precision, score, kl, llm_time, router_time) -> _Step:
+        parsed = self.style.parse(g.text)
+        t0 = time.perf_counter()
+        tr = s.env.step(parsed if parsed is not None else g.text.strip())
+        return _Step(precision, g, parsed, tr, score, kl, llm_time, router_time, time.perf_counter() - t0)
+
+    @staticmethod
+    def advance(s: _Shard, st: _Step) -> None:
+        """The shard's episode after the step (its costs included)."""
+        s.time += st.step_time
+        s.tokens[st.precision] = s.tokens.get(st.precision, 0) + st.gen.completion_tokens
+        s.calls[st.precision] = s.calls.get(st.precision, 0) + 1
+        s.ep.history.append((st.action, st.tr.text))
+        s.ep.admissible, s.step = st.tr.admissible, s.step + 1
+        s.step_type = st.tr.info.get("next_step_type", "action")
+
+    def end(self, key: str) -> None:
+        for b in self.backends.values():
+            b.end_session(key)
+        if hasattr(self.router, "end_session"):
+            self.router.end_session(key)
+
+
+class _Recorder:
+    """Appends every step to out/steps.jsonl and every finished episode to out/episodes.jsonl."""
+
+    def __init__(self, out: Path, seed: int, high: str | None):
+        self.seed, self.high = seed, high
+        self.steps_f, self.eps_f = (out / STEPS).open("a"), (out / EPISODES).open("a")
+
+    def step(self, s: _Shard, st: _Step) -> None:
+        """A step row, written before the shard advances (its state is the one the step saw)."""
+        g, tr = st.gen, st.tr
+        self.steps_f.write(json.dumps({
+            "task": s.task.key, "step": s.step, "precision": st.precision,
+            "prev_action": s.ep.history[-1][0] if s.ep.history else "", "observation": s.ep.observation,
+            "admissible": s.ep.admissible,
+            "output": g.text, "action": st.parsed, "malformed": st.parsed is None, "valid": tr.valid,
+            "step_type": tr.info.get("step_type", s.step_type),
+            "route_score": st.route_score, "true_kl": st.true_kl,
+            "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+            "llm_time": st.llm_time, "router_time": st.router_time, "env_time": st.env_time,
+            "step_time": st.step_time, "done": tr.done, "won": tr.won}) + "\n")
+
+    def episode(self, s: _Shard, tr) -> None:
+        """The episode row of a finished shard; its steps reach the disk first."""
+        self.steps_f.flush()
+        self.eps_f.write(json.dumps({
+            "task": s.task.key, "split": s.task.split, "index": s.task.index,
+            "task_type": s.task.task_type, "goal": s.ep.goal, "seed": self.seed, "won": tr.won,
+            "score": tr.score,
+            "steps": s.step, "time": s.time,
+            "high_calls": s.calls.get(self.high, 0), "calls": sum(s.calls.values()),
+            "high_tokens": s.tokens.get(self.high, 0), "tokens": sum(s.tokens.values())}) + "\n")
+        self.eps_f.flush()
+
+    def flush(self) -> None:
+        self.steps_f.flush()
+
+    def close(self) -> None:
+        self.steps_f.close()
+        self.eps_f.close()
+
+
 def run(env_factory, tasks, backends: dict[str, Backend], router, cfg: AgentConfig, out: Path,
         progress: bool = True, high: str | None = "") -> list[dict]:
     """Run `tasks`, appending to out/steps.jsonl and out/episodes.jsonl. Returns the episode rows.
 
     `high` names the high-precision backend (default: the first); None when there is none."""
     out.mkdir(parents=True, exist_ok=True)
-    done = resume(out)
-    pending = deque(t for t in tasks if t.key not in done)
-    shards = [_Shard(env_factory()) for _ in range(min(cfg.shards, len(pending)))]
-    bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="episodes", disable=not progress)
-    high = next(iter(backends)) if high == "" else high
-    style = prompts.get(**cfg.prompt)
-    call = 0
-    with (out / STEPS).open("a") as steps_f, (out / EPISODES).open("a") as eps_f:
-        while True:
-            for s in shards:
-                if s.task is None and pending:
-                    s.task = pending.popleft()
-                    first = s.env.reset(s.task)
-                    s.ep = Episode(first.goal, first.text, [], first.admissible)
-                    s.step_type = first.info.get("next_step_type", "action")
-                    s.step, s.time, s.tokens, s.calls = 0, 0.0, {}, {}
-            active = [s for s in shards if s.task is not None]
-            if not active:
-                break
-            # The step type is known before generation (WebShop: a search page asks for a query), so
-            # routing can force types it does not decide (App. C.1) to the high precision.
-            contexts = [StepContext(s.task.key, s.step, s.ep.goal, s.ep.history, s.ep.observation, s.ep.admissible,
-                                    step_type=s.step_type, first=s.ep.first) for s in active]
-            t0 = time.perf_counter()
-            decisions = router.decide(contexts)
-            router_time = (time.perf_counter() - t0) / len(active)
-            scores = getattr(router, "last_scores", None)
-            probed = getattr(router, "last_kl", None)  # dmr.policies.KLProbe: measured, not acted on
-            # A router that already decoded a step (the KL oracle's bf16 proposal) hands it over.
-            ready = getattr(router, "generations", None) or {}
-            outputs, call_time = {}, {}
-            for i, c in enumerate(contexts):
-                if (c.episode, c.step) in ready:
-                    outputs[i], call_time[i] = ready[(c.episode, c.step)], 0.0
-            for precision in dict.fromkeys(decisions):
-                group = [i for i, d in enumerate(decisions) if d == precision and i not in outputs]
-                if not group:
-                    continue
-                backend = backends[precision]
-                texts = [style.render(backend.tokenizer, active[i].ep) for i in group]
-                allowed = [constraint(style, active[i].ep.admissible) for i in group] if cfg.constrained else None
-                sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed * 1_000_003 + call,
-                                    stop=style.stop)
-                call += 1
-                t0 = time.perf_counter()
-                gens = backend.generate(texts, sampling, allowed, sessions=[active[i].task.key for i in group])
-                elapsed = time.perf_counter() - t0
-                for i, g in zip(group, gens):
-                    outputs[i], call_time[i] = g, elapsed
-            for i, s in enumerate(active):
-                g, precision = outputs[i], decisions[i]
-                parsed = style.parse(g.text)
-                t0 = time.perf_counter()
-                # A malformed answer is sent as-is: the environment answers "Nothing happens.".
-                tr = s.env.step(parsed if parsed is not None else g.text.strip())
-                env_time = time.perf_counter() - t0
-                step_time = call_time[i] + router_time + env_time
-                s.time += step_time
-                s.tokens[precision] = s.tokens.get(precision, 0) + g.completion_tokens
-                s.calls[precision] = s.calls.get(precision, 0) + 1
-                steps_f.write(json.dumps({
-                    "task": s.task.key, "step": s.step, "precision": precision,
-                    "prev_action": s.ep.history[-1][0] if s.ep.history else "", "observation": s.ep.observation,
-                    "admissible": s.ep.admissible,
-                    "output": g.text, "action": parsed, "malformed": parsed is None, "valid": tr.valid,
-                    "step_type": tr.info.get("step_type", s.step_type),
-                    "route_score": None if scores is None else scores[i],
-                    "true_kl": None if probed is None else probed[i],
-                    "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
-                    "llm_time": call_time[i], "router_time": router_time, "env_time": env_time,
-                    "step_time": step_time, "done": tr.done, "won": tr.won}) + "\n")
-                s.ep.history.append((parsed if parsed is not None else g.text.strip(), tr.text))
-                s.ep.admissible, s.step = tr.admissible, s.step + 1
-                s.step_type = tr.info.get("next_step_type", "action")
-                if tr.done:
-                    steps_f.flush()
-                    eps_f.write(json.dumps({
-                        "task": s.task.key, "split": s.task.split, "index": s.task.index,
-                        "task_type": s.task.task_type, "goal": s.ep.goal, "seed": cfg.seed, "won": tr.won,
-                        "score": tr.score,
-                        "steps": s.step, "time": s.time,
-                        "high_calls": s.calls.get(high, 0), "calls": sum(s.calls.values()),
-                        "high_tokens": s.tokens.get(high, 0), "tokens": sum(s.tokens.values())}) + "\n")
-                    eps_f.flush()
-                    for b in backends.values():
-                        b.end_session(s.task.key)
-                    if hasattr(router, "end_session"):
-                        router.end_session(s.task.key)
-                    s.task = None
-                    bar.update(1)
-            steps_f.flush()
-    bar.close()
+    scheduler = _Scheduler(env_factory, tasks, resume(out), cfg.shards, progress)
+    execute = _Executor(backends, router, cfg)
+    recorder = _Recorder(out, cfg.seed, next(iter(backends)) if high == "" else high)
+    try:
+        while active := scheduler.active():
+            for s, st in zip(active, execute(active)):
+                recorder.step(s, st)
+                execute.advance(s, st)
+                if st.tr.done:
+                    recorder.episode(s, st.tr)
+                    execute.end(s.task.key)
+                    scheduler.finish(s)
+            recorder.flush()
+    finally:
+        recorder.close()
+    scheduler.close()
     return read_jsonl(out / EPISODES)
 
 
@@ -160,9 +245,8 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--env", required=True)
-    p.add_argument("--env-kwargs", default="{}", help="JSON keyword arguments of the environment")
+    p = argparse.ArgumentParser(description=__doc__, parents=[cli.env(), cli.backend(), cli.decoding(AgentConfig()),
+                                                               cli.pacing()])
     p.add_argument("--split", default="test", choices=envs.SPLITS)
     p.add_argument("--n", type=int, required=True, help="number of tasks")
     p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
@@ -176,24 +260,9 @@ def main(argv=None):
     p.add_argument("--calibration", default=None, help="dmr: calibration.json (dmr.calibrate), with --budget")
     p.add_argument("--budget", type=float, default=None, help="dmr: high-precision budget K")
     p.add_argument("--kl", default=None, help="oracle: KL pool steps.parquet (dmr.kl)")
-    p.add_argument("--pace", type=float, default=None,
-                   help="dmr: per-episode budget; a step goes high only while the episode's high steps stay "
-                        "within PACE x its routed steps so far + --burst, and the threshold is capped at the router's "
-                        "decision boundary 0.5 (dmr.router.Router.set_pace)")
-    p.add_argument("--burst", type=float, default=0.0, help="dmr with --pace: high steps allowed ahead of the pace")
     p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
                    help="step types routed policies decide (e.g. click); other steps are forced to the first "
                         "--model (paper App. C.1: WebShop search steps run bf16). Default: every step")
-    p.add_argument("--backend", default="hf")
-    p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
-    p.add_argument("--prompt", type=json.loads, default={"style": "react"},
-                   help='JSON prompt spec, e.g. \'{"style": "instruct", "window": 4}\'')
-    p.add_argument("--max-new-tokens", type=int, default=AgentConfig.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=AgentConfig.temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=AgentConfig.top_p)
-    p.add_argument("--constrained", action="store_true", help="decode only admissible actions")
-    p.add_argument("--shards", type=int, default=AgentConfig.shards, help="concurrent episodes")
-    p.add_argument("--seed", type=int, default=AgentConfig.seed)
     p.add_argument("--out", required=True, type=Path, help="run directory (resumed if it exists)")
     p.add_argument("--probe-kl", action="store_true",
                    help="diagnostics: measure each step's true KL as the KL oracle does (bf16 proposes, both "

@@ -37,7 +37,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from dmr import envs, llm, plots
+from dmr import cli, envs, llm, plots
 from dmr.agent import AgentConfig, parse_models, run
 from dmr.envs.base import Task
 from dmr.latency import describe, pair
@@ -244,23 +244,14 @@ def iteration_tasks(env, n: int, start: int, pool: int | None) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[cli.env(), cli.backend(), cli.decoding(AgentConfig())])
     p.add_argument("--router", required=True, type=Path, help="KL-ST router directory (the start and the KL reference)")
     p.add_argument("--latency", required=True, type=Path, help="coefficients.json written by dmr.latency")
     p.add_argument("--quant", required=True, help="the low-precision scheme routed")
-    p.add_argument("--env", required=True)
-    p.add_argument("--env-kwargs", default="{}")
     p.add_argument("--offset", type=int, default=0, help="first training task (after the KL pool's)")
     p.add_argument("--pool", type=int, default=None, help="tasks in the training split: later tasks wrap around")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH", help="high first")
-    p.add_argument("--backend", default="hf")
-    p.add_argument("--backend-kwargs", default="{}")
-    p.add_argument("--prompt", type=json.loads, default={"style": "react"})
-    p.add_argument("--max-new-tokens", type=int, default=AgentConfig.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--constrained", action="store_true")
-    p.add_argument("--shards", type=int, default=16)
     p.add_argument("--lam", type=float, required=True, help="lambda of Eq. 8")
     p.add_argument("--tasks", type=int, required=True, help="tasks per iteration")
     p.add_argument("--group-size", type=int, required=True, help="G trajectories per task")
@@ -271,66 +262,75 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="policy-gradient steps per iteration")
     p.add_argument("--advantage", choices=ADVANTAGES, default="std",
                    help="std: (R - mean) / std per group, the paper's GRPO; mean: R - mean only (Dr. GRPO)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--router-steps", nargs="+", default=None, metavar="TYPE",
                    help="step types the GRPO router decides (default: the KL-ST router's); others stay high")
     p.add_argument("--out", required=True, type=Path,
                    help="GRPO directory: router/, checkpoints/, curve.parquet, trajectories.parquet")
     p.add_argument("--figure", required=True, type=Path, help="training-curve figure (.png and .pdf)")
     p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    if a.group_size < 2:
+    train(**vars(p.parse_args(argv)))
+
+
+def train(*, router: Path, latency: Path, quant: str, env: str, env_kwargs: str, offset: int, pool: int | None,
+          model: list[str], backend: str, backend_kwargs: str, prompt: dict, max_new_tokens: int, temperature: float,
+          top_p: float, constrained: bool, shards: int, lam: float, tasks: int, group_size: int, iterations: int,
+          lr: float, clip: float, kl_coef: float, epochs: int, advantage: str, seed: int, router_steps: list[str] | None,
+          out: Path, figure: Path, quiet: bool) -> None:
+    """GRPO from the KL-ST router `router` (see the module and main's flags, of the same names:
+    `env_kwargs` and `backend_kwargs` are JSON, `model` the PRECISION=PATH items)."""
+    # The arguments as given, in the flags' order: each checkpoint's router.json records them.
+    grpo_cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    if group_size < 2:
         raise SystemExit("--group-size must be at least 2: advantages are relative to the group")
-    coef = json.loads(a.latency.read_text())
-    c = pair(coef, a.quant)
-    models = parse_models(a.model)
-    if list(models) != ["bf16", a.quant]:
-        raise SystemExit(f"--model: give bf16=PATH then {a.quant}=PATH, got {list(models)}")
-    torch.manual_seed(a.seed)
-    env_kwargs = json.loads(a.env_kwargs)
-    env = envs.make(a.env, **env_kwargs)
-    backends = {name: llm.load(a.backend, path, **json.loads(a.backend_kwargs)) for name, path in models.items()}
-    cfg = AgentConfig(prompt=a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                      constrained=a.constrained, shards=a.shards, seed=a.seed)
+    coef = json.loads(latency.read_text())
+    c = pair(coef, quant)
+    models = parse_models(model)
+    if list(models) != ["bf16", quant]:
+        raise SystemExit(f"--model: give bf16=PATH then {quant}=PATH, got {list(models)}")
+    torch.manual_seed(seed)
+    kwargs = json.loads(env_kwargs)
+    environment = envs.make(env, **kwargs)
+    backends = {name: llm.load(backend, path, **json.loads(backend_kwargs)) for name, path in models.items()}
+    cfg = AgentConfig(prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      constrained=constrained, shards=shards, seed=seed)
     style = prompts.get(**cfg.prompt)
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop)
-    router = load_router(a.router, eligible=tuple(a.router_steps) if a.router_steps else None, backends=backends,
-                         style=style, sampling=sampling, constrained=cfg.constrained)
-    if router.precisions != list(models):
-        raise SystemExit(f"{a.router} routes {router.precisions}, the run has {list(models)}")
-    ref, _ = load_net(a.router)
+    learner = load_router(router, eligible=tuple(router_steps) if router_steps else None, backends=backends,
+                          style=style, sampling=sampling, constrained=cfg.constrained)
+    if learner.precisions != list(models):
+        raise SystemExit(f"{router} routes {learner.precisions}, the run has {list(models)}")
+    ref, _ = load_net(router)
     ref.requires_grad_(False)
-    net = router.net
-    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
+    net = learner.net
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
     t_ref = coef["t_ref"]
-    grpo_cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     rows, seen, returns = [], [], []
-    work = a.out / "rollouts"
-    for it in range(a.iterations):
-        tasks = iteration_tasks(env, a.tasks, a.offset + it * a.tasks, a.pool)
+    work = out / "rollouts"
+    for it in range(iterations):
+        batch = iteration_tasks(environment, tasks, offset + it * tasks, pool)
         members = [Member(**{k: getattr(t, k) for k in ("benchmark", "split", "index", "seed", "task_type")}, member=g)
-                   for t in tasks for g in range(a.group_size)]
-        policy = SamplingRouter(router, seed=a.seed * 1_000_003 + it)
-        out = work / f"iter{it}"
-        shutil.rmtree(out, ignore_errors=True)  # the router has moved on since a killed iteration
-        router.cache.clear()
-        episodes = run(lambda: envs.make(a.env, **env_kwargs), members, backends, policy, cfg, out, not a.quiet)
-        steps = read_jsonl(out / STEPS)
-        ret = trajectory_returns(episodes, steps, c, coef["high"], a.lam, t_ref)
-        adv = group_advantages(ret["reward"].to_list(), ret["group"].to_list(), scale=a.advantage)
+                   for t in batch for g in range(group_size)]
+        policy = SamplingRouter(learner, seed=seed * 1_000_003 + it)
+        iter_dir = work / f"iter{it}"
+        shutil.rmtree(iter_dir, ignore_errors=True)  # the router has moved on since a killed iteration
+        learner.cache.clear()
+        episodes = run(lambda: envs.make(env, **kwargs), members, backends, policy, cfg, iter_dir, not quiet)
+        steps = read_jsonl(iter_dir / STEPS)
+        ret = trajectory_returns(episodes, steps, c, coef["high"], lam, t_ref)
+        adv = group_advantages(ret["reward"].to_list(), ret["group"].to_list(), scale=advantage)
         returns.append(ret.with_columns(iteration=pl.lit(it), advantage=adv.numpy()))
         adv_of = dict(zip(ret["task"].to_list(), adv.tolist()))
         decisions = [(e, act, lp, key) for (key, _), (e, act, lp) in policy.decisions.items()]
-        stats = update(net, ref, decisions, adv_of, a.clip, a.kl_coef, opt, a.epochs) if decisions else {}
+        stats = update(net, ref, decisions, adv_of, clip, kl_coef, opt, epochs) if decisions else {}
         seen += [(key, step, e) for (key, step), (e, _, _) in policy.decisions.items()]
         row = {"iteration": it, "episodes": ret.height, "reward": ret["reward"].mean(),
                "success": 100 * ret["won"].mean(), "cost": ret["cost"].mean(), "cost_rel": ret["cost"].mean() / t_ref,
                "high_frac": sum(d[1] == 0 for d in decisions) / max(1, len(decisions)), "decisions": len(decisions),
                "adv_abs": float(adv.abs().mean()), **stats}
         rows.append(row)
-        router.save(a.out / "checkpoints" / f"iter{it}", {"grpo": grpo_cfg | {"iteration": it}})
+        learner.save(out / "checkpoints" / f"iter{it}", {"grpo": grpo_cfg | {"iteration": it}})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
-    router.save(a.out / "router", {"grpo": grpo_cfg, "start": str(a.router), "latency": describe(coef)})
+    learner.save(out / "router", {"grpo": grpo_cfg, "start": str(router), "latency": describe(coef)})
     # Scores of the final router on the states GRPO visited: dmr.calibrate contrasts them with the
     # calibration pool, as it does with the KL-ST training pool for a KL-ST router.
     with torch.inference_mode():
@@ -340,12 +340,12 @@ def main(argv=None):
             scores += net.probs(*pad_windows([e for _, _, e in chunk], net.window))[:, 0].tolist()
     pl.DataFrame({"task": [s[0] for s in seen], "step": [s[1] for s in seen], "score": scores,
                   "split": ["grpo"] * len(seen)}, schema_overrides={"score": pl.Float64}
-                 ).write_parquet(a.out / "router" / "train_scores.parquet")
-    curve = pl.DataFrame(rows).with_columns(lam=pl.lit(a.lam), quant=pl.lit(a.quant))
-    curve.write_parquet(a.out / "curve.parquet")
-    pl.concat(returns).write_parquet(a.out / "trajectories.parquet")
-    curve_figure(curve, f"GRPO on {a.quant}, lambda={a.lam:g}, G={a.group_size} (latency coefficients: {coef['source']})",
-                 a.figure)
+                 ).write_parquet(out / "router" / "train_scores.parquet")
+    curve = pl.DataFrame(rows).with_columns(lam=pl.lit(lam), quant=pl.lit(quant))
+    curve.write_parquet(out / "curve.parquet")
+    pl.concat(returns).write_parquet(out / "trajectories.parquet")
+    curve_figure(curve, f"GRPO on {quant}, lambda={lam:g}, G={group_size} (latency coefficients: {coef['source']})",
+                 figure)
     print(curve)
     shutil.rmtree(work, ignore_errors=True)  # trajectories.parquet keeps what the update used
 

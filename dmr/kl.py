@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dmr import llm, prompts
+from dmr import cli, llm, prompts
 from dmr.llm import Scored
 from dmr.prompts import Episode
 from dmr.rundir import read_jsonl, rewrite
@@ -167,13 +167,12 @@ def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progr
 def main(argv=None):
     import polars as pl
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[cli.backend()])
     p.add_argument("--rollout", required=True, type=Path, help="finished high-precision rollout directory (dmr.agent)")
     p.add_argument("--high", required=True, help="high-precision checkpoint (the one that rolled out)")
     p.add_argument("--low", required=True, help="low-precision checkpoint")
     p.add_argument("--quant", required=True, help="name of the low precision, stored with every row")
-    p.add_argument("--backend", default="hf")
-    p.add_argument("--backend-kwargs", default="{}", help="JSON keyword arguments of the backend")
     p.add_argument("--batch", type=int, default=16, help="episodes replayed concurrently")
     p.add_argument("--out", required=True, type=Path, help="output steps.parquet (kl.jsonl beside it resumes)")
     p.add_argument("--quiet", action="store_true")

@@ -209,8 +209,6 @@ def llm_params(model_dir: str) -> int | None:
 
 
 def main(argv=None):
-    import polars as pl
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kl", required=True, type=Path, help="steps.parquet written by dmr.kl")
     p.add_argument("--threshold", required=True, type=Path, help="threshold.json written by dmr.threshold")
@@ -246,63 +244,75 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="router directory")
     p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
-    if len(a.precisions) != 2:
+    train_router(**vars(p.parse_args(argv)))
+
+
+def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | None, tau_point: str | None,
+                 labels_summary: Path | None, label_set: str | None, precisions: list[str], llm: str | None,
+                 step_types: list[str], arch: dict, rollout: Path | None, low: str | None, backend_kwargs: str | None,
+                 dagger: list[Path], epochs: int, batch_size: int, lr: float, val_fraction: float,
+                 max_minutes: float | None, seed: int, out: Path, quiet: bool) -> None:
+    """Train a KL-ST router on the KL table `kl` into `out` (arguments as main's flags of the same
+    names; `backend_kwargs` is JSON)."""
+    import polars as pl
+
+    if len(precisions) != 2:
         raise SystemExit("KL-ST labels are binary (high vs one low precision): give exactly two --precisions")
-    tau = a.tau if a.tau is not None else json.loads(a.threshold.read_text())["tau"]
-    if a.tau_point:
-        if a.sweep is None:
+    tau = tau if tau is not None else json.loads(threshold.read_text())["tau"]
+    if tau_point:
+        if sweep is None:
             raise SystemExit("--tau-point needs --sweep (the sweep.parquet of dmr.threshold)")
-        points = dict(pl.read_parquet(a.sweep).select("name", "tau").iter_rows())
-        if a.tau_point not in points:
-            raise SystemExit(f"--tau-point {a.tau_point!r}: {a.sweep} has the points {sorted(points)}")
-        tau = points[a.tau_point]
-    if a.label_set:
-        if a.labels_summary is None:
+        points = dict(pl.read_parquet(sweep).select("name", "tau").iter_rows())
+        if tau_point not in points:
+            raise SystemExit(f"--tau-point {tau_point!r}: {sweep} has the points {sorted(points)}")
+        tau = points[tau_point]
+    if label_set:
+        if labels_summary is None:
             raise SystemExit("--label-set needs --labels-summary (the labels.json of dmr.labels)")
-        tau = json.loads(a.labels_summary.read_text())[a.label_set]["tau"]
-    df = pl.read_parquet(a.kl).sort("task", "step")
-    if a.step_types == ["all"]:
-        a.step_types = sorted(df["step_type"].unique().to_list())
-    arch = dict(a.arch)
+        tau = json.loads(labels_summary.read_text())[label_set]["tau"]
+    df = pl.read_parquet(kl).sort("task", "step")
+    if step_types == ["all"]:
+        step_types = sorted(df["step_type"].unique().to_list())
+    arch = dict(arch)
     kind = arch.pop("encoder", "text")
     if kind not in ENCODERS:
         raise SystemExit(f"--arch encoder {kind!r}: expected one of {ENCODERS}")
     if kind == PROPOSAL:
-        if a.rollout is None or a.low is None:
+        if rollout is None or low is None:
             raise SystemExit("the proposal encoder needs --rollout (the KL table's bf16 rollout) and --low (the checkpoint)")
-        from dmr import llm, prompts
+        from dmr import prompts
+        from dmr.llm import load
         from dmr.llm.base import Sampling
 
-        spec = json.loads((a.rollout / "spec.json").read_text())
+        spec = json.loads((rollout / "spec.json").read_text())
         style = prompts.get(**spec["agent"]["prompt"])
         ag = spec["agent"]
         sampling = Sampling(ag["max_new_tokens"], ag["temperature"], ag["top_p"], seed=ag["seed"], stop=style.stop)
-        kwargs = json.loads(a.backend_kwargs) if a.backend_kwargs else spec.get("backend_kwargs", {})
-        encoder = ProposalEncoder(llm.load("hf", a.low, **kwargs), style, sampling, ag.get("constrained", False),
-                                  precision=a.precisions[1])
+        kwargs = json.loads(backend_kwargs) if backend_kwargs else spec.get("backend_kwargs", {})
+        encoder = ProposalEncoder(load("hf", low, **kwargs), style, sampling, ag.get("constrained", False),
+                                  precision=precisions[1])
     else:
         encoder = StepEncoder()
     cols = ["task", "step", "step_type", "kl", "goal", "prev_action", "observation"]
     df = df.select(cols).with_columns(source=pl.lit("pool"))
-    emb = features(encoder, kind, a.rollout, df, not a.quiet)
-    for run in a.dagger:
+    emb = features(encoder, kind, rollout, df, not quiet)
+    for run in dagger:
         extra = dagger_table(run)
         clash = set(extra["task"].unique()) & set(df["task"].unique())
         if clash:
             raise SystemExit(f"--dagger {run}: its tasks must not be the KL pool's or another run's "
                              f"(e.g. {sorted(clash)[0]}); route other training tasks")
-        emb = torch.cat([emb, features(encoder, kind, run, extra, not a.quiet)])
+        emb = torch.cat([emb, features(encoder, kind, run, extra, not quiet)])
         df = pl.concat([df, extra.with_columns(source=pl.lit(f"dagger:{run}"))])
     arch = {"n_classes": 2, "in_dim": encoder.dim, **arch}
-    torch.manual_seed(a.seed)  # the initial weights, not whatever loading the encoder left in the global RNG
+    torch.manual_seed(seed)  # the initial weights, not whatever loading the encoder left in the global RNG
     net = RouterNet(**arch)
     window = net.window
-    wins, rows = windows(df, window, a.step_types)
+    wins, rows = windows(df, window, step_types)
     if not rows:
-        raise SystemExit(f"{a.kl}: no steps of type {a.step_types}")
-    kl = df["kl"].to_numpy()[rows]
-    y = [0 if v > tau else 1 for v in kl]  # class 0 = high precision = KL above tau
+        raise SystemExit(f"{kl}: no steps of type {step_types}")
+    step_kl = df["kl"].to_numpy()[rows]
+    y = [0 if v > tau else 1 for v in step_kl]  # class 0 = high precision = KL above tau
     tasks = df["task"].to_numpy()[rows]
     source = df["source"].to_numpy()[rows]
     # The pool's validation episodes do not depend on --dagger (ablations and diagnostics compare
@@ -310,20 +320,20 @@ def main(argv=None):
     val_eps, episodes = set(), []
     for src in dict.fromkeys(source):
         eps = sorted(set(tasks[source == src]))
-        random.Random(a.seed).shuffle(eps)
-        val_eps |= set(eps[:int(round(a.val_fraction * len(eps)))])
+        random.Random(seed).shuffle(eps)
+        val_eps |= set(eps[:int(round(val_fraction * len(eps)))])
         episodes += eps
     train_idx = [i for i, t in enumerate(tasks) if t not in val_eps]
     val_idx = [i for i, t in enumerate(tasks) if t in val_eps]
-    fit = train(net, emb, wins, y, train_idx, val_idx, a.epochs, a.batch_size, a.lr, a.seed, a.max_minutes, not a.quiet)
+    fit = train(net, emb, wins, y, train_idx, val_idx, epochs, batch_size, lr, seed, max_minutes, not quiet)
     probs = predict(net, emb, wins)
     pred = probs.argmax(-1).numpy()
     yy = np.asarray(y)
     split = np.array(["val" if t in val_eps else "train" for t in tasks])
-    router = Router(net, encoder, a.precisions, threshold=0.5, eligible=tuple(a.step_types))
-    a.out.mkdir(parents=True, exist_ok=True)
-    router.save(a.out, {"low": a.low} if kind == PROPOSAL else None)
-    n_llm = llm_params(a.llm) if a.llm else None
+    router = Router(net, encoder, precisions, threshold=0.5, eligible=tuple(step_types))
+    out.mkdir(parents=True, exist_ok=True)
+    router.save(out, {"low": low} if kind == PROPOSAL else None)
+    n_llm = llm_params(llm) if llm else None
     n_router = param_count(net)
     # The proposal encoder is the low model the run serves anyway: no parameters of its own.
     n_encoder = 0 if kind == PROPOSAL else sum(p.numel() for p in encoder.model.parameters())
@@ -333,21 +343,21 @@ def main(argv=None):
         "val_bacc": balanced_accuracy(pred[split == "val"], yy[split == "val"]),
         "val_bacc_pool": balanced_accuracy(pred[(split == "val") & (source == "pool")],
                                            yy[(split == "val") & (source == "pool")]),
-        "dagger": {str(r): int((source == f"dagger:{r}").sum()) for r in a.dagger},
+        "dagger": {str(r): int((source == f"dagger:{r}").sum()) for r in dagger},
         "best_epoch": fit["epoch"], "class_weights": fit["class_weights"], "history": fit["history"],
         "minutes": fit["minutes"], "capped": fit["capped"], "arch": arch, "encoder": kind,
         "params": {"router": n_router, "encoder": n_encoder, "llm": n_llm,
                    "router_vs_llm": n_router / n_llm if n_llm else None,
                    "router_and_encoder_vs_llm": (n_router + n_encoder) / n_llm if n_llm else None}}
-    (a.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     pl.DataFrame({"task": df["task"].to_numpy()[rows], "step": df["step"].to_numpy()[rows],
-                  "step_type": df["step_type"].to_numpy()[rows], "kl": kl,
+                  "step_type": df["step_type"].to_numpy()[rows], "kl": step_kl,
                   "label": (yy == 0).astype(int), "score": probs[:, 0].numpy(), "split": split, "source": source}
-                 ).write_parquet(a.out / "train_scores.parquet")
+                 ).write_parquet(out / "train_scores.parquet")
     rel = f"{100 * metrics['params']['router_vs_llm']:.0f}% of the LLM" if n_llm else "LLM size unknown"
     print(f"router: {n_router:,} parameters ({rel}; frozen encoder {n_encoder:,}); tau {tau:.3e}, "
           f"{100 * metrics['positive_fraction']:.1f}% positive; balanced accuracy train {metrics['train_bacc']:.3f}, "
-          f"val {metrics['val_bacc']:.3f} (epoch {fit['epoch']}) -> {a.out}")
+          f"val {metrics['val_bacc']:.3f} (epoch {fit['epoch']}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from pathlib import Path
 
-from dmr import llm
+from dmr import cli, llm
 from dmr.batcher import Batcher
 from dmr.calibrate import budget_threshold
 from dmr.llm import Sampling
@@ -500,16 +500,14 @@ def build(router_dir: str, high: str, low: str, budget: float | None = None, cal
 def main(argv=None):
     import uvicorn
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[cli.backend(choose=False), cli.pacing()])
     p.add_argument("--router", required=True, help="trained router directory (dmr.klst)")
     p.add_argument("--high", required=True, help="high-precision backend: URL of an OpenAI-compatible server, or a checkpoint")
     p.add_argument("--low", required=True, help="low-precision backend: URL or checkpoint")
     p.add_argument("--budget", type=float, default=None, help="high-precision budget K (threshold from calibration.json)")
     p.add_argument("--calibration", default=None, help="calibration.json (default: the router directory's)")
     p.add_argument("--threshold", type=float, default=None, help="a fixed router threshold instead of --budget")
-    p.add_argument("--pace", type=float, default=None,
-                   help="per-episode pacing at this budget (the workflow's route.pace: --pace K with --budget K)")
-    p.add_argument("--burst", type=float, default=0.0, help="with --pace: bf16 steps an episode may take ahead of it")
     p.add_argument("--prefix", default="", help="few-shot prefix the agent's ReAct prompts start with")
     p.add_argument("--instruct-window", type=int, default=4,
                    help="steps the agent's instruction-style (WebShop) prompts show, its prompt.window (the instruct style's "
@@ -517,7 +515,6 @@ def main(argv=None):
     p.add_argument("--batch-window-ms", type=float, default=BATCH_WINDOW_MS,
                    help="concurrent requests arriving within this window share one router call (one context per "
                         "episode per call); 0: each request's decision is its own call")
-    p.add_argument("--backend-kwargs", default="{}", help="JSON kwargs of in-process HF backends")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every request but /health (default: $DMR_API_KEY; "
                         "unset: no key, as for a proxy reachable from this machine only)")

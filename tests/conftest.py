@@ -56,6 +56,44 @@ def noisy_model(tiny_world, tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="session")
+def rollout_pool():
+    """pool(model, out, n, max_steps): a bf16 household rollout of n training tasks (dmr.agent), the
+    KL pool that dmr.kl replays."""
+    import json
+
+    from dmr import agent
+
+    def _pool(model, out, n=4, max_steps=6):
+        agent.main(["--env", "household", "--env-kwargs", json.dumps({"max_steps": max_steps}), "--split", "train",
+                    "--n", str(n), "--model", f"bf16={model}", "--max-new-tokens", "12", "--shards", "3",
+                    "--out", str(out), "--quiet"])
+        return out
+    return _pool
+
+
+@pytest.fixture
+def household_run(tiny_world, noisy_model):
+    """Both precisions of a routed household run on three short test tasks: (backends, style, play)
+    where play(router, out) runs the agent loop and returns its step rows."""
+    import json
+
+    from dmr import envs, prompts
+    from dmr.agent import AgentConfig, run
+    from dmr.llm import load
+
+    _, _, model = tiny_world
+    backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
+    style = prompts.get("react")
+    cfg = AgentConfig(max_new_tokens=12, shards=3)
+    tasks = envs.make("household", max_steps=5).tasks("test", 3)
+
+    def play(router, out):
+        run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
+        return [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    return backends, style, play
+
+
 def pytest_collection_modifyitems(config, items):
     """The end-to-end DAGs first: under `-n 2` (the Makefile's test command) they then overlap the
     many short tests instead of running alone at the end. The real-Slurm runs lead: they mostly wait

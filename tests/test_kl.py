@@ -1,27 +1,19 @@
-"""Step KL (dmr.kl), the threshold rule (dmr.threshold) and quantile calibration (dmr.calibrate)."""
+"""Step KL (dmr.kl), and KL-ST routers trained on it (dmr.klst: the proposal encoder, DAgger)."""
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import polars as pl
 import pytest
 import torch
 
-from dmr import agent, calibrate, kl, threshold
+from dmr import agent, kl
 from dmr.llm import Scored, load
 
 
-def _pool(model, out, n=4, max_steps=6):
-    agent.main(["--env", "household", "--env-kwargs", json.dumps({"max_steps": max_steps}), "--split", "train",
-                "--n", str(n), "--model", f"bf16={model}", "--max-new-tokens", "12", "--shards", "3",
-                "--out", str(out), "--quiet"])
-    return out
-
-
-def test_kl_of_identical_models_is_zero(tiny_world, tmp_path):
+def test_kl_of_identical_models_is_zero(tiny_world, tmp_path, rollout_pool):
     _, _, model = tiny_world
-    pool = _pool(model, tmp_path / "pool")
+    pool = rollout_pool(model, tmp_path / "pool")
     kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(model), "--quant", "same",
              "--out", str(tmp_path / "kl.parquet"), "--quiet"])
     df = pl.read_parquet(tmp_path / "kl.parquet")
@@ -31,10 +23,10 @@ def test_kl_of_identical_models_is_zero(tiny_world, tmp_path):
     assert {"step_type", "step", "prev_action", "observation", "goal"} <= set(df.columns)
 
 
-def test_replay_kl_matches_uncached_scoring(tiny_world, noisy_model, tmp_path):
+def test_replay_kl_matches_uncached_scoring(tiny_world, noisy_model, tmp_path, rollout_pool):
     """The replay's per-episode prefix caches must not change the numbers."""
     _, _, model = tiny_world
-    pool = _pool(model, tmp_path / "pool", n=3)
+    pool = rollout_pool(model, tmp_path / "pool", n=3)
     kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "noisy",
              "--batch", "2", "--out", str(tmp_path / "kl.parquet"), "--quiet"])
     df = pl.read_parquet(tmp_path / "kl.parquet").sort("task", "step")
@@ -78,210 +70,7 @@ def test_topk_kl_bounds_exact_kl():
         kl.token_kl(_scored(h, ids), _scored(l, [1, 1, 1, 1, 1]))
 
 
-def test_threshold_sits_in_the_sparse_plateau(tmp_path):
-    r = np.random.default_rng(0)
-    kls = np.concatenate([10 ** r.normal(-4, 0.4, 9000), 10 ** r.normal(-1, 0.3, 1000)])
-    c = threshold.choose(kls)
-    assert 10 ** -2.9 < c["tau"] < 10 ** -1.7
-    assert c["positive_fraction"] == pytest.approx(0.1, abs=0.005)
-    rows = {x["name"]: x for x in threshold.sweep(kls, c)}
-    assert rows["dense"]["region"] == "dense" and rows["dense"]["density"] > 5 * rows["auto"]["density"]
-    assert rows["plateau-left"]["tau"] < c["tau"] < rows["plateau-right"]["tau"]
-    # The paper's tau_1 sits at the far-left edge of the low mode: nearly every step is positive.
-    assert rows["low-edge"]["tau"] < rows["low-mass"]["tau"] < rows["plateau-left"]["tau"]
-    assert rows["low-edge"]["positive_fraction"] == pytest.approx(0.95, abs=0.005)
-    assert c["plateau_found"] and rows["auto"]["region"] == "sparse"
-    # A unimodal histogram has no plateau: tau falls back to labelling fallback_positive of the steps.
-    c1 = threshold.choose(10 ** r.normal(-3, 1, 5000), fallback_positive=0.25)
-    assert not c1["plateau_found"] and c1["positive_fraction"] == pytest.approx(0.25, abs=0.002)
-    pl.DataFrame({"task": ["t"] * len(kls), "step": range(len(kls)), "kl": kls, "quant": "w4",
-                  "step_type": ["action"] * len(kls)}).write_parquet(tmp_path / "kl.parquet")
-    threshold.main(["--kl", str(tmp_path / "kl.parquet"), "--out", str(tmp_path / "t.json"),
-                    "--sweep", str(tmp_path / "s.parquet"), "--figure", str(tmp_path / "fig" / "h.png")])
-    assert json.loads((tmp_path / "t.json").read_text())["tau"] == pytest.approx(c["tau"])
-    assert (tmp_path / "fig" / "h.png").exists() and (tmp_path / "fig" / "h.pdf").exists()
-
-
-@pytest.mark.parametrize("n", [200, 3000])
-def test_quantile_calibration_hits_the_budget(n):
-    scores = np.random.default_rng(n).beta(0.5, 2.0, n)
-    for k, tau in calibrate.thresholds(scores, [0.2, 0.4, 0.7]).items():
-        assert abs(calibrate.high_fraction(scores, tau) - float(k)) <= 0.01, k
-    with pytest.raises(ValueError, match="budget"):
-        calibrate.thresholds(scores, [1.5])
-
-
-def _household_run(tiny_world, noisy_model):
-    """Both precisions of a routed household run on three short test tasks: (backends, style, play)
-    where play(router, out) runs the agent loop and returns its step rows."""
-    from dmr import envs, prompts
-    from dmr.agent import AgentConfig, run
-
-    _, _, model = tiny_world
-    backends = {"bf16": load("hf", str(model)), "low": load("hf", str(noisy_model))}
-    style = prompts.get("react")
-    cfg = AgentConfig(max_new_tokens=12, shards=3)
-    tasks = envs.make("household", max_steps=5).tasks("test", 3)
-
-    def play(router, out):
-        run(lambda: envs.make("household", max_steps=5), tasks, backends, router, cfg, out, progress=False)
-        return [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
-    return backends, style, play
-
-
-def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path):
-    from dmr.llm import Sampling
-    from dmr.policies import OracleRouter
-
-    backends, style, play = _household_run(tiny_world, noisy_model)
-
-    def routed(tau, out):
-        steps = play(OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau), out)
-        assert all(s["route_score"] is not None for s in steps)
-        for s in steps:
-            assert (s["precision"] == "bf16") == (s["route_score"] > tau)
-            if s["precision"] == "bf16":
-                assert s["llm_time"] == 0.0  # bf16's proposal was reused, not decoded again
-        return steps
-
-    first = routed(-1.0, tmp_path / "all-high")
-    assert {s["precision"] for s in first} == {"bf16"}
-    mid = float(np.median([s["route_score"] for s in first]))
-    assert {s["precision"] for s in routed(mid, tmp_path / "mid")} == {"bf16", "low"}
-    # Matched to a share, the cut follows the run's own KLs: a pool cut that routes nothing high
-    # (tau = inf) still realises about half bf16 steps after the warm-up.
-    matched = play(OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=float("inf"),
-                                target=0.5, warmup=3), tmp_path / "matched")
-    late = [s for s in matched if s["step"] >= 2]
-    assert 0.2 <= np.mean([s["precision"] == "bf16" for s in late]) <= 0.8
-
-
-def test_matched_cut_realises_the_share_it_is_matched_to():
-    from dmr.policies import MatchedCut
-
-    cut = MatchedCut(tau=9.0, target=0.3, warmup=3)
-    assert cut.see([1.0, 2.0, 3.0]) == 9.0  # warm-up: the pool's cut
-    assert cut.current() == 2.0  # one of the three seen lies above it (round(0.9) = 1)
-    values = np.random.default_rng(0).lognormal(size=2000) + 5.0  # not distributed as the pool
-    high = []
-    for batch in values.reshape(200, 10):
-        c = cut.see(list(batch))
-        high += list(batch > c)
-    assert np.mean(high) == pytest.approx(0.3, abs=0.03)
-    assert MatchedCut(tau=1.0).see([5.0, 0.5]) == 1.0 and MatchedCut(tau=1.0).seen == []  # unmatched: tau
-    # Gated (App. C.1): only the routed step types count toward the share; forced ones run high anyway.
-    from dmr.policies import OracleRouter
-    from dmr.routing import StepContext
-
-    o = OracleRouter({}, "bf16", "low", None, None, tau=9.0, target=0.5, warmup=1, counted=["click"])
-    ctx = [StepContext("e", i, "g", [], "o", [], step_type=t) for i, t in enumerate(["search"] + ["click"] * 4)]
-    o.see(ctx, [100.0, 1.0, 2.0, 3.0, 4.0])
-    assert o.cut.seen == [1.0, 2.0, 3.0, 4.0] and o.current_tau() == 2.0  # counting the search step: 3.0
-    with pytest.raises(ValueError, match="share"):
-        MatchedCut(tau=1.0, target=1.5)
-
-
-def test_kl_probe_measures_without_acting(tiny_world, noisy_model, tmp_path):
-    """--probe-kl: the wrapped router's decisions and actions are unchanged; every step carries the
-    true KL the oracle would have measured there."""
-    from dmr.llm import Sampling
-    from dmr.policies import KLProbe, OracleRouter, RandomRouter
-
-    backends, style, steps = _household_run(tiny_world, noisy_model)
-    plain = steps(RandomRouter("bf16", "low", 0.5), tmp_path / "plain")
-    oracle = OracleRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=float("inf"))
-    probed = steps(KLProbe(RandomRouter("bf16", "low", 0.5), oracle), tmp_path / "probed")
-    key = lambda s: (s["task"], s["step"])  # noqa: E731
-    assert [(key(s), s["precision"], s["action"]) for s in sorted(plain, key=key)] == \
-        [(key(s), s["precision"], s["action"]) for s in sorted(probed, key=key)]
-    assert all(s["true_kl"] is None for s in plain)
-    assert all(s["true_kl"] is not None and s["true_kl"] >= 0 for s in probed)
-    assert max(s["true_kl"] for s in probed) > 0
-
-
-def test_oracle_proposals_obey_the_agents_constraint(tiny_world, noisy_model, tmp_path):
-    # A constrained agent (the shop's click steps) must get constrained proposals from the oracle
-    # too: its high steps take bf16's proposal as the action.
-    from dmr import envs, prompts
-    from dmr.agent import AgentConfig, run
-    from dmr.llm import Sampling
-    from dmr.policies import make_router
-
-    _, _, model = tiny_world
-    backends = {"bf16": load("hf", str(noisy_model)), "low": load("hf", str(model))}
-    style = prompts.get("react")
-    kl = tmp_path / "kl.parquet"
-    pl.DataFrame({"kl": [0.0, 0.0]}).write_parquet(kl)  # tau 0: every step goes high
-    eps = tmp_path / "e.parquet"
-    pl.DataFrame({"high_calls": [1], "calls": [1]}).write_parquet(eps)
-    router = make_router("oracle", ["bf16", "low"], match=str(eps), kl=str(kl), backends=backends, style=style,
-                         sampling=Sampling(12, stop=style.stop), constrained=True)
-    cfg = AgentConfig(max_new_tokens=12, shards=3, constrained=True)
-    tasks = envs.make("household", max_steps=6).tasks("test", 3)
-    run(lambda: envs.make("household", max_steps=6), tasks, backends, router, cfg, tmp_path / "run", progress=False)
-    steps = [json.loads(x) for x in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
-    high = [s for s in steps if s["precision"] == "bf16"]
-    assert high and all(s["action"] in s["admissible"] for s in high)
-
-
-def test_make_router_names_what_is_missing(tmp_path):
-    from dmr.policies import make_router
-
-    with pytest.raises(ValueError, match="--router"):
-        make_router("dmr", ["bf16", "w4"], threshold=0.5)
-    with pytest.raises(ValueError, match="exactly one of --threshold and --budget"):
-        make_router("dmr", ["bf16", "w4"], router=str(tmp_path))
-    with pytest.raises(ValueError, match="exactly one"):
-        make_router("random", ["bf16", "w4"])
-    eps = tmp_path / "e.parquet"
-    pl.DataFrame({"high_calls": [1, 3], "calls": [4, 4]}).write_parquet(eps)
-    assert make_router("random", ["bf16", "w4"], match=str(eps)).p == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="--kl"):
-        make_router("oracle", ["bf16", "w4"], match=str(eps))
-
-
-def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_model, tmp_path):
-    from dmr.llm import Sampling
-    from dmr.policies import UncertaintyRouter, make_router
-
-    _, _, model = tiny_world
-    backends, style, play = _household_run(tiny_world, noisy_model)
-
-    def routed(tau, out):
-        steps = play(UncertaintyRouter(backends, "bf16", "low", style, Sampling(12, stop=style.stop), tau=tau), out)
-        for s in steps:
-            assert s["route_score"] is not None and s["route_score"] >= 0
-            assert (s["precision"] == "bf16") == (s["route_score"] > tau)
-            if s["precision"] == "low":
-                assert s["llm_time"] == 0.0  # the low proposal was the action, not decoded again
-        return steps
-
-    assert {s["precision"] for s in routed(-1.0, tmp_path / "all-high")} == {"bf16"}
-    low = routed(float("inf"), tmp_path / "all-low")
-    assert {s["precision"] for s in low} == {"low"}
-    mid = float(np.median([s["route_score"] for s in low]))
-    assert {s["precision"] for s in routed(mid, tmp_path / "mid")} == {"bf16", "low"}
-    # Matched like the oracle, on the pool's low_entropy; a pool without it is refused by name.
-    from dmr.rundir import read_jsonl
-
-    pl.DataFrame(read_jsonl(tmp_path / "mid/episodes.jsonl")).write_parquet(tmp_path / "mid/episodes.parquet")
-    pool = _pool(model, tmp_path / "pool", n=3)
-    kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "low",
-             "--out", str(tmp_path / "kl.parquet"), "--quiet"])
-    r = make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
-                    kl=str(tmp_path / "kl.parquet"), backends=backends, style=style, sampling=Sampling(12, stop=style.stop))
-    assert isinstance(r, UncertaintyRouter) and r.tau > 0 and 0 < r.target < 1
-    # Matched online: after the warm-up the threshold is the running quantile of what it has seen.
-    r.cut.warmup, r.cut.seen = 4, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    r.cut.target = 0.3
-    assert r.current_tau() == 0.7  # three of the ten seen lie above it
-    pl.read_parquet(tmp_path / "kl.parquet").drop("low_entropy").write_parquet(tmp_path / "old.parquet")
-    with pytest.raises(ValueError, match="low_entropy"):
-        make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
-                    kl=str(tmp_path / "old.parquet"), backends=backends, style=style, sampling=Sampling(12))
-
-
-def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_model, tmp_path):
+def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_model, tmp_path, household_run, rollout_pool):
     """route.router.encoder: proposal. KL-ST trains on the low model's proposals over the KL pool's
     bf16 rollout; deployed, the router computes the same embedding of the same step, a step kept low
     takes the low model's proposal (no second decode, the quant run's very action) and a router
@@ -293,7 +82,7 @@ def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_
     from dmr.routing import StepContext
 
     _, _, model = tiny_world
-    pool = _pool(model, tmp_path / "pool", n=3)
+    pool = rollout_pool(model, tmp_path / "pool", n=3)
     kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "low",
              "--out", str(tmp_path / "kl.parquet"), "--quiet"])
     df = pl.read_parquet(tmp_path / "kl.parquet").sort("task", "step")
@@ -304,7 +93,7 @@ def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_
                "--rollout", str(pool), "--low", str(noisy_model), "--epochs", "2", "--out", str(r), "--quiet"])
     assert json.loads((r / "router.json").read_text())["encoder"] == PROPOSAL
     assert json.loads((r / "metrics.json").read_text())["encoder"] == PROPOSAL
-    backends, style, play = _household_run(tiny_world, noisy_model)
+    backends, style, play = household_run
     sampling = Sampling(12, stop=style.stop)
     # Training features = deployment features: the pool's step 1 of its first episode, re-embedded.
     enc = ProposalEncoder(backends["low"], style, Sampling(24, stop=style.stop), precision="low")
@@ -336,14 +125,14 @@ def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_
         make_router("dmr", ["bf16", "low"], router=str(r), threshold=0.5)
 
 
-def test_dagger_adds_the_routed_states_labelled_by_their_true_kl(tiny_world, noisy_model, tmp_path):
+def test_dagger_adds_the_routed_states_labelled_by_their_true_kl(tiny_world, noisy_model, tmp_path, rollout_pool):
     """dmr.klst --dagger: a routed probe run of other training tasks joins the training set, its
     steps labelled 1[true_kl > tau]; the KL pool's validation episodes stay those of a router
     trained without it; a run without measured KL, or one that replays the pool's tasks, is refused."""
     from dmr import klst
 
     _, _, model = tiny_world
-    pool = _pool(model, tmp_path / "pool", n=4)
+    pool = rollout_pool(model, tmp_path / "pool", n=4)
     kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "low",
              "--out", str(tmp_path / "kl.parquet"), "--quiet"])
     tau = float(pl.read_parquet(tmp_path / "kl.parquet")["kl"].median())

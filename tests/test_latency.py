@@ -85,16 +85,6 @@ def test_router_coefficient_charges_batches_to_decided_steps_only():
     assert out["decided"] == 4 and out["batches"] == 3 and sorted(clock.ended) == ["a", "b", "c"]
 
 
-def test_replay_contexts_rebuild_what_the_agent_showed():
-    s = pl.DataFrame({"task": ["t"] * 3, "step": [0, 1, 2], "prev_action": ["", "go", "take"],
-                      "observation": ["room", "at desk", "got it"], "step_type": ["action"] * 3})
-    e = pl.DataFrame({"task": ["t"], "goal": ["get it"]})
-    [ctx] = latency.replay_contexts(s, e)
-    assert [c.step for c in ctx] == [0, 1, 2]
-    assert ctx[2].history == [("go", "at desk"), ("take", "got it")]
-    assert ctx[2].observation == "got it" and ctx[0].first == "room" and ctx[1].history == [("go", "at desk")]
-
-
 def test_table3_names_its_coefficients(tmp_path):
     coef = {"cell": "x/y", "source": "config", "high": "bf16", "quants": ["q"], "measured": {"bf16": {"coef": 0.03}},
             "per_token": {"bf16": 0.025, "q": 0.015}, "router": 0.02, "projected": {}, "t_ref": 1.0}

@@ -146,32 +146,67 @@ def test_regime_target_checks_the_schemes_it_names(tmp_path):
     assert "dmr.regime" not in snakemake("-n", "-p", "--configfile", str(cfg), cwd=tmp_path).stdout
 
 
-@pytest.mark.slow
-def test_micro_end_to_end(tmp_path):
-    """The whole DAG of the micro config, for real, then a rerun that has nothing to do."""
+# The micro DAG runs once (module scope; one xdist worker, as `make test` distributes by
+# loadgroup); each test below checks one stage of it, so that one failure does not hide the rest.
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    """The working directory of the whole DAG of the micro config, run for real."""
+    tmp_path = tmp_path_factory.mktemp("micro")
     r = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    cell = tmp_path / "results/household/tiny"
-    table = pl.read_parquet(cell / "tables/main.parquet")
-    # Agent selection on calibration episodes: the chosen candidate is the bf16 checkpoint.
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_selects_the_bf16_checkpoint(micro):
+    """Agent selection on calibration episodes: the chosen candidate is the bf16 checkpoint."""
+    cell = micro / "results/household/tiny"
     sel = pl.read_parquet(cell / "tables/select.parquet")
     assert sel["candidate"].to_list() == ["p0.50", "p1.00"] and sel["episodes"].to_list() == [3, 3]
     chosen = json.loads((cell / "bf16/model/selection.json").read_text())["chosen"]
     assert sel.filter(pl.col("chosen"))["candidate"].to_list() == [chosen]
     assert (cell / "bf16/model/model.safetensors").read_bytes() == \
         (cell / "train" / chosen / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_table_1(micro):
+    """Table 1 of the household cell: its rows, budgets, seeds, formats and paired comparison."""
+    cell = micro / "results/household/tiny"
+    table = pl.read_parquet(cell / "tables/main.parquet")
     assert table["method"].to_list() == ["Full", "Quant", "DMR", "DMR", "DMR", "GRPO", "GRPO", "GRPO", "Random", "Oracle",
                                          "Uncertainty"]
     assert table["quant"].to_list() == ["bf16"] + ["gptq_w4a16"] * 10
     assert table["budget"].to_list()[1:] == [None, 0.2, 0.4, 0.7, 0.2, 0.4, 0.7, 0.4, 0.4, 0.4]
-    # Latency (App. A): measured coefficients, Table 3, and the modelled time in Table 1.
+    assert set(table["seeds"]) == {1} and set(table["episodes"]) == {4}
+    assert table["high_frac"].to_list()[:2] == [1.0, 0.0]
+    assert (cell / "tables/main.md").read_text().startswith("# household/tiny")
+    assert r"\begin{tabular}" in (cell / "tables/main.tex").read_text()
+    row = table.filter(pl.col("method") == "DMR").row(1, named=True)
+    assert row["vs_random"] is not None and row["paired_tasks"] == 4 and row["vs_random_verdict"] in ("win", "tie", "loss")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_latency(micro):
+    """Latency (App. A): measured coefficients, Table 3, and the modelled time in Table 1."""
+    cell = micro / "results/household/tiny"
+    table = pl.read_parquet(cell / "tables/main.parquet")
     coef = json.loads((cell / "latency/coefficients.json").read_text())
     assert coef["source"] == "measured" and coef["router"] > 0 and coef["router_replay"]["decided"] > 0
     assert set(coef["per_token"]) == {"bf16", "gptq_w4a16"} and coef["t_ref"] > 0
     assert pl.read_parquet(cell / "tables/latency.parquet")["quant"].to_list() == ["gptq_w4a16"]
     assert "cost" in table.columns  # null here: the micro agent wins no episode, and time counts wins only
     assert "Latency: coefficients measured here" in (cell / "tables/main.md").read_text()
-    # GRPO (Sec. 4.3): started from the KL-ST router, moved it, calibrated and evaluated like it.
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_grpo(micro):
+    """GRPO (Sec. 4.3): started from the KL-ST router, moved it, calibrated and evaluated like it."""
+    cell = micro / "results/household/tiny"
     grpo = cell / "gptq_w4a16/grpo/lam0.1"
     curve = pl.read_parquet(grpo / "curve.parquet")
     assert curve.height == 1 and curve["episodes"].to_list() == [4]
@@ -183,19 +218,34 @@ def test_micro_end_to_end(tmp_path):
     assert set(json.loads((grpo / "router/calibration.json").read_text())["thresholds"]) == {"0.2", "0.4", "0.7"}
     grpo_steps = pl.read_parquet(cell / "gptq_w4a16/rollouts/grpo-k0.4/seed0/steps.parquet")
     assert grpo_steps["route_score"].null_count() == 0
-    # Average rank (Sec. 5.3): the eight-point pool and its attribution.
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_average_rank(micro):
+    """Average rank (Sec. 5.3): the eight-point pool and its attribution."""
+    cell = micro / "results/household/tiny"
     ranks = pl.read_parquet(cell / "tables/rank.parquet")
     assert ranks.height == 8 and sorted(set(ranks["method"])) == ["DMR", "Full", "GRPO", "Quant"]
     summary = pl.read_parquet(cell / "tables/rank_summary.parquet")
     assert summary["winner"][0] in ("KL-ST", "GRPO", "tie") and summary["time_axis"][0] == "cost"
-    assert set(table["seeds"]) == {1} and set(table["episodes"]) == {4}
-    assert table["high_frac"].to_list()[:2] == [1.0, 0.0]
-    assert (cell / "tables/main.md").read_text().startswith("# household/tiny")
-    assert r"\begin{tabular}" in (cell / "tables/main.tex").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_figures(micro):
+    """Every figure of the cell, as .png and .pdf."""
+    cell = micro / "results/household/tiny"
     for fig in ("pareto", "kl_hist_gptq_w4a16", "router_scores_gptq_w4a16", "grpo_curve_gptq_w4a16_lam0.1",
                 "router_scores_gptq_w4a16_grpo_lam0.1", "pareto_rank"):
         assert (cell / f"figures/{fig}.png").exists() and (cell / f"figures/{fig}.pdf").exists(), fig
-    # KL-ST stage: KL pool of the configured size, one KL row per pool step, a router and budgets.
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_klst_stage(micro):
+    """KL-ST stage: KL pool of the configured size, one KL row per pool step, a router and budgets."""
+    cell = micro / "results/household/tiny"
     pool = pl.read_parquet(cell / "bf16/rollouts/full/train/episodes.parquet")
     assert pool.height == 10 and set(pool["split"]) == {"train"}
     kls = pl.read_parquet(cell / "gptq_w4a16/kl/steps.parquet")
@@ -206,9 +256,16 @@ def test_micro_end_to_end(tmp_path):
     assert json.loads((cell / "gptq_w4a16/router/metrics.json").read_text())["params"]["router"] > 0
     calib = pl.read_parquet(cell / "gptq_w4a16/rollouts/dmr-t0.5/calib/episodes.parquet")
     assert calib.height == 8 and set(calib["split"]) == {"calib"}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_paced_dmr_run(micro):
+    """Paced (route.pace, burst 2): the threshold is capped at 0.5, and a step goes high only while
+    the episode's high steps stay within 0.4 x its steps so far + 2."""
+    cell = micro / "results/household/tiny"
+    cal = json.loads((cell / "gptq_w4a16/router/calibration.json").read_text())
     dmr_steps = pl.read_parquet(cell / "gptq_w4a16/rollouts/dmr-k0.4/seed0/steps.parquet")
-    # Paced (route.pace, burst 2): the threshold is capped at 0.5, and a step goes high only while the
-    # episode's high steps stay within 0.4 x its steps so far + 2.
     tau = min(cal["thresholds"]["0.4"], 0.5)
     assert dmr_steps["route_score"].null_count() == 0
     for _, ep in dmr_steps.sort("task", "step").group_by("task", maintain_order=True):
@@ -217,6 +274,13 @@ def test_micro_end_to_end(tmp_path):
             want = r["route_score"] >= tau and high + 1 <= 0.4 * (n + 1) + 2
             assert (r["precision"] == "bf16") == want, (r["task"], r["step"])
             high += want
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_rollouts_and_checkpoints(micro):
+    """The Full and Quant rollouts, the quantized checkpoint's metadata and the step-type table."""
+    cell = micro / "results/household/tiny"
     for run in ("bf16/rollouts/full", "gptq_w4a16/rollouts/quant"):
         eps = pl.read_parquet(cell / f"{run}/seed0/episodes.parquet")
         assert eps.height == 4 and set(eps["index"]) == set(range(4))
@@ -226,7 +290,13 @@ def test_micro_end_to_end(tmp_path):
     assert '"Qwen3ForCausalLM"' in cfg and '"bfloat16"' in cfg
     steps_by_type = pl.read_parquet(cell / "gptq_w4a16/kl/step_types.parquet")
     assert steps_by_type["step_type"].to_list() == ["action", "all"]
-    # The shop cell: the embedded WebShop through expert data, training, quantization and rollouts.
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_shop_cell(micro):
+    """The shop cell: the embedded WebShop through expert data, training, quantization and rollouts."""
+    tmp_path = micro
     shop = tmp_path / "results/shop/tiny"
     st = pl.read_parquet(shop / "tables/main.parquet")
     assert st["method"].to_list() == ["Full", "Quant"] and set(st["episodes"]) == {2}
@@ -236,7 +306,13 @@ def test_micro_end_to_end(tmp_path):
         assert (steps.filter(pl.col("step") == 0)["step_type"] == "search").all()
         eps = pl.read_parquet(shop / f"{run}/seed0/episodes.parquet")
         assert eps["score"].is_between(0.0, 1.0).all() and (eps["steps"] <= 5).all()
-    # The summary the README quotes, and where the time went: one benchmark file per job, per rule.
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_summary_and_timing(micro):
+    """The summary the README quotes, and where the time went: one benchmark file per job, per rule."""
+    tmp_path = micro
     text = (tmp_path / "results/summary.md").read_text()
     assert "## household/tiny" in text and "Δ vs Random (95% CI)" in text and "## Where the time goes" in text
     assert "Critical path (" in text and "| train_agent |" in text
@@ -245,11 +321,15 @@ def test_micro_end_to_end(tmp_path):
     # Every job's benchmark file but the summary's own, written after it ran.
     tsvs = [p for p in (tmp_path / "results").glob("**/benchmarks/*/*.tsv") if p.parent.name != "summary"]
     assert (timing["minutes"] > 0).all() and timing["jobs"].sum() == len(tsvs)
-    row = table.filter(pl.col("method") == "DMR").row(1, named=True)
-    assert row["vs_random"] is not None and row["paired_tasks"] == 4 and row["vs_random_verdict"] in ("win", "tie", "loss")
-    # Determinism: a second run from clean (the household cell, up to the KL-ST router) gives the
-    # same expert data, agent, quantized checkpoint, KL pool, step KL, KL-ST router and Full
-    # rollout; rollouts, calibration and Table 1 are functions of those and the seeds.
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_is_deterministic(micro):
+    """Determinism: a second run from clean (the household cell, up to the KL-ST router) gives the
+    same expert data, agent, quantized checkpoint, KL pool, step KL, KL-ST router and Full
+    rollout; rollouts, calibration and Table 1 are functions of those and the seeds."""
+    tmp_path = micro
     clean = tmp_path / "clean"
     clean.mkdir()
     cfg = write_config(clean, lambda c: c.__setitem__("cells", c["cells"][:1]))
@@ -269,9 +349,23 @@ def test_micro_end_to_end(tmp_path):
         cols = ["task", "step", "output", "precision", "route_score"]
         assert pl.read_parquet(clean / run).select(cols).sort("task", "step").equals(
             pl.read_parquet(tmp_path / run).select(cols).sort("task", "step")), run
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_rerun_has_nothing_to_do(micro):
+    """A rerun of the finished DAG has nothing to do."""
+    tmp_path = micro
     again = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", "-n", cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
-    # The Snakemake report of the finished run: Table 1 as HTML, the figures, their captions.
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_report(micro):
+    """The Snakemake report of the finished run: Table 1 as HTML, the figures, their captions."""
+    tmp_path = micro
+    cell = micro / "results/household/tiny"
     assert "<td>Full</td>" in (cell / "tables/main.html").read_text()
     report = snakemake("--configfile", str(ROOT / "config/micro.yaml"), "--report", str(tmp_path / "report.html"),
                        cwd=tmp_path)

@@ -6,16 +6,15 @@ there; on a GPU it uses bf16. Compressed-tensors (llmcompressor) checkpoints loa
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from dmr.llm.base import Generation, Sampling, Scored, cut_at_stop
+from dmr.llm.kv import LRU, KVSessions
 from dmr.llm.trie import Trie
 
 _ATTENTION = "dmr_gqa"
@@ -67,68 +66,6 @@ AttentionInterface.register(_ATTENTION, _gqa_attention)
 AttentionMaskInterface.register(_ATTENTION, _additive_mask)
 
 
-class _Slab(DynamicLayer):
-    """One layer's KV in a buffer allocated once per call: appending a token writes in place, where
-    transformers' DynamicLayer concatenates (copies) the whole cache for every generated token."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        super().__init__()
-        self._k, self._v, self._n = keys, values, length
-        self.dtype, self.device = keys.dtype, keys.device
-        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
-        self.is_initialized = True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        n = key_states.shape[-2]
-        if self._n + n > self._k.shape[-2]:
-            grow = (*self._k.shape[:-2], max(n, self._k.shape[-2]), self._k.shape[-1])
-            self._k = torch.cat([self._k, self._k.new_zeros(grow)], dim=-2)
-            self._v = torch.cat([self._v, self._v.new_zeros(grow)], dim=-2)
-        self._k[..., self._n:self._n + n, :] = key_states
-        self._v[..., self._n:self._n + n, :] = value_states
-        self._n += n
-        self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self._n
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists (slice compares run in C)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-class _Group:
-    """The KV slab of the last call with sessions, kept for the next one. While a rollout's shards
-    call with the same sessions in the same order, every call appends its rows' new tokens in
-    place; copying each row's cache into a fresh slab and back out was a fifth of a batched call.
-    Rows end at column `used`; pads and finished rows' decode slots are holes the mask hides."""
-
-    def __init__(self, sessions, ids, keys, values, mask, used):
-        self.sessions, self.ids = list(sessions), [list(x) for x in ids]
-        self.keys, self.values, self.mask, self.used = keys, values, mask, used
-
-    def row(self, session):
-        return self.sessions.index(session) if session in self.sessions else None
-
-    def row_kv(self, i):
-        """(ids, per-layer KV) of row i with the holes squeezed out (a copy)."""
-        valid = self.mask[i, :self.used].bool()
-        return self.ids[i], [(k[i:i + 1, :, :self.used][..., valid, :], v[i:i + 1, :, :self.used][..., valid, :])
-                             for k, v in zip(self.keys, self.values)]
-
-
 def _decompressed(path: str) -> dict:
     """Load llmcompressor (compressed-tensors) checkpoints decompressed: dense fake-quantized
     weights run every scheme on any device, and faster on a CPU than per-call unpacking."""
@@ -169,17 +106,15 @@ class HFBackend:
                 # would fake-quantize them again on every forward (idempotent, 15% of a rollout).
                 m.quantization_enabled = False
         self.eos_id = self.tokenizer.eos_token_id
-        self._sessions: OrderedDict = OrderedDict()  # session -> (token ids, per-layer KV)
-        self._prompts: OrderedDict = OrderedDict()   # session -> (last prompt text, its token ids)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.kv = KVSessions(self.model.config, self.model.dtype, self.device, self.pad_id, max_sessions)
+        self._prompts = LRU(max_sessions)  # session -> (last prompt text, its token ids)
         self._options: dict[str, list[int]] = {}
         self._pieces: dict[int, str] = {}
         from tokenizers import decoders
 
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         self._byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
-        self._group: _Group | None = None
-        self.max_sessions = max_sessions
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -215,15 +150,8 @@ class HFBackend:
             out[i] = ids
         for text, key, ids in zip(texts, keys, out):
             if key is not None:
-                self._keep(self._prompts, key, (text, ids))
+                self._prompts.put(key, (text, ids))
         return out
-
-    def _keep(self, cache: OrderedDict, session: str, entry) -> None:
-        """Store a session's entry, most recent last, and drop the least recent past max_sessions."""
-        cache[session] = entry
-        cache.move_to_end(session)
-        while len(cache) > self.max_sessions:
-            cache.popitem(last=False)
 
     def _encode_option(self, text: str) -> list[int]:
         # Admissible actions repeat from step to step; encoding them dominated constrained calls.
@@ -234,40 +162,6 @@ class HFBackend:
             ids = self._options[text] = self.encode(text)
         return ids
 
-    def _usable(self, ids: list[int], session: str | None, min_new: int):
-        """(n, where) of the session's cache that shares the longest prefix with `ids`, at most
-        len(ids) - min_new tokens: where is "group" (its row of the kept batch) or "store". A
-        prefix of a cache serves too: a completion re-encoded in the next prompt may end in other
-        tokens than were generated. None when nothing is shared."""
-        if session is None:
-            return None
-        limit = ids[:max(0, len(ids) - min_new)]
-        best = None
-        i = self._group.row(session) if self._group is not None else None
-        if i is not None:
-            n = _common(self._group.ids[i], limit)
-            best = (n, "group") if n else None
-        hit = self._sessions.get(session)
-        if hit is not None:
-            n = _common(hit[0], limit)
-            if n > (best[0] if best else 0):
-                best = (n, "store")
-        return best
-
-    def _cached(self, ids: list[int], session: str | None, min_new: int):
-        """The session's cached (ids, per-layer KV) that `ids` extends by at least `min_new`
-        tokens, else None. A group row is copied out: for rebuilding the batch."""
-        use = self._usable(ids, session, min_new)
-        if use is None:
-            return None
-        n, where = use
-        held, kv = (self._group.row_kv(self._group.row(session)) if where == "group" else self._sessions[session])
-        return held[:n], [(k[..., :n, :], v[..., :n, :]) for k, v in kv]
-
-    def _cached_len(self, ids: list[int], session: str | None, min_new: int) -> int:
-        use = self._usable(ids, session, min_new)
-        return use[0] if use else 0
-
     @torch.inference_mode()
     def _catch_up(self, seqs: list[list[int]], sessions: list[str] | None, min_new: list[int], slack: int = 32):
         """Advance, one row at a time, the sessions whose uncached part is much longer than the
@@ -275,140 +169,15 @@ class HFBackend:
         every row would be padded to that longest gap; alone, each costs only its own tokens."""
         if not sessions or len(seqs) < 2:
             return
-        gaps = [len(ids) - self._cached_len(ids, key, m) for ids, key, m in zip(seqs, sessions, min_new)]
+        gaps = [len(ids) - self.kv.cached_len(ids, key, m) for ids, key, m in zip(seqs, sessions, min_new)]
         typical = sorted(gaps)[len(gaps) // 2]
         for i, gap in enumerate(gaps):
             if gap > typical + slack:
                 upto = len(seqs[i]) - max(min_new[i], typical)
-                cache, mask, ids, _ = self._prefill([seqs[i][:upto]], [sessions[i]], [1])
+                cache, mask, ids, _ = self.kv.prefill([seqs[i][:upto]], [sessions[i]], [1])
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
                 self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-                self._remember([sessions[i]], [seqs[i][:upto]], mask, cache)
-
-    def _kv_shape(self):
-        cfg = self.model.config
-        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cfg.num_key_value_heads, dim
-
-    def _chunk(self, new: list[list[int]]):
-        """The new tokens of each row, left-padded to one width, and their mask."""
-        B, width = len(new), max(map(len, new))
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long, device=self.device)
-        chunk_mask = torch.zeros((B, width), dtype=torch.long, device=self.device)
-        for i, n in enumerate(new):
-            if n:
-                ids[i, width - len(n):] = torch.tensor(n, device=self.device)
-                chunk_mask[i, width - len(n):] = 1
-        return ids, chunk_mask
-
-    def _slab_cache(self, keys, values, used):
-        cache = DynamicCache(config=self.model.config)
-        cache.layers = [_Slab(k, v, used) for k, v in zip(keys, values)]
-        return cache
-
-    def _in_place(self, seqs, sessions, min_new, extra):
-        """The rows' new tokens when this call can extend the group in place (same sessions in the
-        same order; a row may switch to a session the group does not hold, as a shard does when its
-        episode ends), else None. Refilled rows are loaded into their row here."""
-        g = self._group
-        if g is None or len(g.sessions) != len(seqs):
-            return None
-        hits, trim, held = {}, {}, []
-        for i, (ids, key) in enumerate(zip(seqs, sessions)):
-            use = self._usable(ids, key, min_new[i])
-            if g.sessions[i] == key and use and use[1] == "group":
-                if use[0] < len(g.ids[i]):
-                    trim[i] = use[0]
-                held.append(use[0])
-                continue  # extends (a prefix of) its own row
-            if (g.sessions[i] != key and key in g.sessions) or (g.sessions[i] not in (None, key)
-                                                                and g.sessions[i] in sessions):
-                return None  # rows moved: rebuild
-            # A row switching session refills from the stored entry, if the session has one.
-            hits[i] = self._cached(ids, key, min_new[i]) if use else None
-            held.append(len(hits[i][0]) if hits[i] else 0)
-        # A refill longer than the rows so far (a session caught up alone) moves the end of all
-        # rows to its length; the columns it skips are holes.
-        used = max([g.used] + [len(h[0]) for h in hits.values() if h is not None])
-        if used + max(len(ids) - n for ids, n in zip(seqs, held)) + extra > g.keys[0].shape[-2] \
-                or used > 2 * max(held) + 256:
-            return None  # no room, or mostly holes: rebuild compacts
-        g.mask[:, g.used:used] = 0
-        g.used = used
-        for i, n in trim.items():
-            cols = g.mask[i, :g.used].nonzero()[:, 0]
-            g.mask[i, cols[n:]] = 0
-            g.ids[i] = g.ids[i][:n]
-        for i, hit in hits.items():
-            if g.sessions[i] != sessions[i]:
-                self._stash(g, i)
-            g.mask[i, :g.used] = 0
-            g.sessions[i], g.ids[i] = sessions[i], []
-            if hit is not None:
-                n = len(hit[0])
-                for layer, (k, v) in enumerate(hit[1]):
-                    g.keys[layer][i, :, g.used - n:g.used] = k[0]
-                    g.values[layer][i, :, g.used - n:g.used] = v[0]
-                g.mask[i, g.used - n:g.used] = 1
-                g.ids[i] = list(hit[0])
-        return [ids[len(g.ids[i]):] for i, ids in enumerate(seqs)]
-
-    def _stash(self, g: _Group, i: int) -> None:
-        """A live session leaving row i of the group keeps its KV in the store (routed elsewhere
-        this step, it comes back later)."""
-        if g.sessions[i] is not None:
-            self._keep(self._sessions, g.sessions[i], g.row_kv(i))
-
-    def _prefill(self, seqs: list[list[int]], sessions: list[str] | None, min_new: list[int], extra: int = 0,
-                 keep: bool = False):
-        """A batch over `seqs` that starts from each session's cached KV where the sequence extends
-        it by at least `min_new[i]` tokens. Returns the cache, the attention mask over cache + new
-        chunk, and the left-padded new chunks with their mask: pads may sit between a row's cache
-        and its new tokens; the mask hides them and positions count only real tokens. The cache
-        has room for `extra` more tokens per row (the tokens a generate call will add). With
-        `keep`, the batch becomes the group that the next call extends in place."""
-        if keep and sessions:
-            new = self._in_place(seqs, sessions, min_new, extra)
-            if new is not None:
-                g = self._group
-                ids, chunk_mask = self._chunk(new)
-                return (self._slab_cache(g.keys, g.values, g.used), torch.cat([g.mask[:, :g.used], chunk_mask], 1),
-                        ids, chunk_mask)
-        B = len(seqs)
-        past, new, held = [], [], []
-        for i, ids in enumerate(seqs):
-            hit = self._cached(ids, sessions[i], min_new[i]) if sessions else None
-            past.append(hit[1] if hit is not None else None)
-            held.append(list(hit[0]) if hit is not None else [])
-            new.append(ids[len(held[-1]):])
-        heads, dim = self._kv_shape()
-        past_len = max((kv[0][0].shape[-2] for kv in past if kv is not None), default=0)
-        ids, chunk_mask = self._chunk(new)
-        # A kept group gets headroom for the next calls' tokens (about 30 a ReAct step).
-        cap = past_len + ids.shape[1] + extra + (512 if keep and sessions else 0)
-        mask = torch.zeros((B, cap), dtype=torch.long, device=self.device)
-        for i, kv in enumerate(past):
-            if kv is not None:
-                mask[i, past_len - kv[0][0].shape[-2]:past_len] = 1
-        keys, values = [], []
-        for layer in range(self.model.config.num_hidden_layers):
-            k = torch.zeros((B, heads, cap, dim), dtype=self.model.dtype, device=self.device)
-            v = torch.zeros_like(k)
-            for i, kv in enumerate(past):
-                if kv is not None:
-                    n = kv[layer][0].shape[-2]
-                    k[i, :, past_len - n:past_len] = kv[layer][0][0]
-                    v[i, :, past_len - n:past_len] = kv[layer][1][0]
-            keys.append(k)
-            values.append(v)
-        if keep and sessions:
-            old = self._group
-            if old is not None:
-                for i, key in enumerate(old.sessions):
-                    if key not in sessions:
-                        self._stash(old, i)
-            self._group = _Group(sessions, held, keys, values, mask, past_len)
-        return self._slab_cache(keys, values, past_len), torch.cat([mask[:, :past_len], chunk_mask], 1), ids, chunk_mask
+                self.kv.remember([sessions[i]], [seqs[i][:upto]], mask, cache)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], sampling: Sampling, allowed: list[list[str]] | None = None,
@@ -421,7 +190,7 @@ class HFBackend:
         prompt_ids = self._encode_prompts(prompts, sessions)
         B = len(prompts)
         self._catch_up(prompt_ids, sessions, [1] * B)
-        cache, mask, ids, chunk_mask = self._prefill(prompt_ids, sessions, min_new=[1] * B,
+        cache, mask, ids, chunk_mask = self.kv.prefill(prompt_ids, sessions, min_new=[1] * B,
                                                       extra=sampling.max_new_tokens, keep=True)
         tries = ([None if options is None else Trie([self._encode_option(c) for c in options]) for options in allowed]
                  if allowed is not None else None)
@@ -477,7 +246,7 @@ class HFBackend:
             mask = torch.cat([mask, alive[:, None]], dim=1)
         if sessions:
             # All but the last generated token were fed to the model.
-            self._remember(sessions, [p + o[:-1] for p, o in zip(prompt_ids, out_tokens)], mask, cache, keep=True)
+            self.kv.remember(sessions, [p + o[:-1] for p, o in zip(prompt_ids, out_tokens)], mask, cache, keep=True)
         results = []
         for i, p in enumerate(prompt_ids):
             toks = out_tokens[i]
@@ -503,40 +272,9 @@ class HFBackend:
         text = "".join(pieces)
         return self.tokenizer.decode(tokens[-8:], skip_special_tokens=False) if "\ufffd" in text else text
 
-    def _remember(self, sessions, fed, mask, cache, keep: bool = False):
-        """Keep each row's KV of the tokens `fed[i]` that went through the model: in place as the
-        group (`keep`, after a `_prefill` with `keep`), else copied out per session."""
-        used = cache.layers[0].get_seq_length()
-        # Cache positions fed so far: the mask minus the slot of the last sampled token, if any.
-        mask = mask[:, :used]
-        counts = mask.sum(1).tolist()
-        if keep:
-            g = self._group
-            if cache.layers[0]._k is not g.keys[0]:  # the slab grew past its headroom
-                g.keys, g.values = [c._k for c in cache.layers], [c._v for c in cache.layers]
-                g.mask = torch.zeros((len(sessions), g.keys[0].shape[-2]), dtype=torch.long, device=self.device)
-            g.mask[:, :used] = mask
-            g.used = used
-            for i, key in enumerate(sessions):
-                # A misaligned row should not happen; never serve one.
-                g.sessions[i], g.ids[i] = (key, fed[i]) if counts[i] == len(fed[i]) else (None, [])
-                self._sessions.pop(key, None)  # the row is newer
-            return
-        for i, key in enumerate(sessions):
-            if counts[i] != len(fed[i]):
-                self._sessions.pop(key, None)
-                continue
-            valid = mask[i].bool()
-            kv = [(c.keys[i:i + 1, ..., valid, :], c.values[i:i + 1, ..., valid, :]) for c in cache.layers]
-            self._keep(self._sessions, key, (fed[i], kv))
-
     def end_session(self, key: str) -> None:
-        self._sessions.pop(key, None)
+        self.kv.end(key)
         self._prompts.pop(key, None)
-        g = self._group
-        if g is not None and key in g.sessions:
-            i = g.sessions.index(key)
-            g.sessions[i], g.ids[i] = None, []
 
     @torch.inference_mode()
     def score(self, prompts: list[str], continuations: list[str], full: bool = True,
@@ -551,7 +289,7 @@ class HFBackend:
         # The logits predicting c[0] come from the last prompt token, so that one must be new too.
         min_new = [len(c) + 1 for _, c in pairs]
         self._catch_up(seqs, sessions, min_new)
-        cache, mask, ids, _ = self._prefill(seqs, sessions, min_new=min_new, keep=True)
+        cache, mask, ids, _ = self.kv.prefill(seqs, sessions, min_new=min_new, keep=True)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         keep = max(min_new)  # only the positions that predict a continuation token
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -564,7 +302,7 @@ class HFBackend:
             chosen = lp.gather(-1, torch.tensor(c, device=lp.device)[:, None])[:, 0]
             results.append(Scored(token_ids=c, logprobs=chosen.tolist(), dist=lp.cpu() if full else None))
         if sessions:
-            self._remember(sessions, seqs, mask, cache, keep=True)
+            self.kv.remember(sessions, seqs, mask, cache, keep=True)
         return results
 
     def close(self) -> None:
