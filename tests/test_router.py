@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dmr.router import (Router, RouterNet, StepEncoder, episode_texts, load_net, load_router, pad_windows,
                         param_count, save_router)
@@ -312,3 +313,49 @@ def test_recent_positions_hide_the_step_index():
     assert "positions" not in RouterNet().kwargs  # earlier router.json files stay loadable as they were
     with pytest.raises(ValueError, match="positions"):
         RouterNet(positions="relative")
+
+
+def test_encoder_quant_round_trips_through_router_json(encoder, tmp_path):
+    """A router trained on a bf16 encoder records it, and load_router deploys that encoder; an fp32
+    router's router.json has no encoder_quant (as before the option) and loads the fp32 encoder."""
+    net = net_(window=6)
+    contexts = [context(k, 3, episode(k, 4)) for k in range(3)]
+    bf16 = Router(net, StepEncoder(quant="bf16"), ["bf16", "int4"])
+    want = bf16.scores(contexts)
+    bf16.save(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "router.json").read_text())["encoder_quant"] == "bf16"
+    loaded = load_router(tmp_path / "b")
+    assert loaded.encoder.quant == "bf16" and loaded.scores(contexts) == want
+    Router(net, encoder, ["bf16", "int4"]).save(tmp_path / "f")
+    assert "encoder_quant" not in json.loads((tmp_path / "f" / "router.json").read_text())
+    assert load_router(tmp_path / "f", encoder=encoder).encoder.quant == "none"
+
+
+def test_an_encoder_in_another_arithmetic_is_refused(encoder, tmp_path):
+    net = net_(window=6)
+    save_router(net, tmp_path / "i", ["bf16", "int4"], encoder_quant="int8")
+    with pytest.raises(ValueError, match="encoder_quant 'int8'.*given encoder is 'none'"):
+        load_router(tmp_path / "i", encoder=encoder)
+    save_router(net, tmp_path / "f", ["bf16", "int4"])
+    with pytest.raises(ValueError, match="encoder_quant 'none'.*given encoder is 'int8'"):
+        load_router(tmp_path / "f", encoder=StepEncoder(quant="int8"))
+    meta = json.loads((tmp_path / "i" / "router.json").read_text())
+    (tmp_path / "i" / "router.json").write_text(json.dumps({**meta, "encoder_quant": "fp8"}))
+    with pytest.raises(ValueError, match="encoder_quant 'fp8'"):
+        load_net(tmp_path / "i")
+    with pytest.raises(ValueError, match="encoder_quant must be one of"):
+        StepEncoder(quant="fp8")
+    with pytest.raises(ValueError, match="none for a proposal router"):
+        save_router(net, tmp_path / "p", ["bf16", "int4"], encoder="proposal", encoder_quant="bf16")
+
+
+def test_cheaper_encoders_stay_close_to_fp32(encoder):
+    """bf16 embeddings are fp32's to rounding; int8 (dynamic quantization of every Linear) moves them
+    more, which is why it is not the default (benchmarks/encoder_speed.py: its decisions)."""
+    texts = ["> go to fridge 1\nThe fridge 1 is closed.", "> open drawer 1\nNothing happens.",
+             "Your task is to: heat some egg and put it in garbagecan.\nYou are in the middle of a room.",
+             "> take mug 2 from countertop 1\nYou pick up the mug 2 from the countertop 1."]
+    ref = encoder.encode(texts)
+    cos = {q: F.cosine_similarity(ref, StepEncoder(quant=q).encode(texts)) for q in ("bf16", "int8")}
+    assert cos["bf16"].min() > 0.999, cos
+    assert cos["int8"].min() > 0.95 and cos["int8"].mean() > 0.97, cos
