@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dmr.router import ENCODERS, PROPOSAL, ProposalEncoder, Router, RouterNet, StepEncoder, pad_windows, param_count
+from dmr.router import (ENCODER_QUANTS, ENCODERS, PROPOSAL, ProposalEncoder, Router, RouterNet, StepEncoder, pad_windows,
+                        param_count)
 from dmr.routing import replay_contexts, step_text
 
 
@@ -226,7 +227,8 @@ def main(argv=None):
     p.add_argument("--arch", type=json.loads, default={},
                    help="JSON RouterNet kwargs (layers, d_model, heads, ff, window, dropout, positions) and the "
                         "step encoder: encoder 'text' (the paper's sentence encoder) or 'proposal' (the low model's "
-                        "proposal, dmr.router.ProposalEncoder; needs --rollout and --low)")
+                        "proposal, dmr.router.ProposalEncoder; needs --rollout and --low), and encoder_quant, the text "
+                        f"encoder's arithmetic {ENCODER_QUANTS} (none: fp32; recorded in router.json for deployment)")
     p.add_argument("--rollout", type=Path, default=None,
                    help="proposal encoder: the bf16 rollout the KL table was scored on (dmr.kl --rollout)")
     p.add_argument("--low", default=None, help="proposal encoder: the low-precision checkpoint")
@@ -277,6 +279,11 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
     kind = arch.pop("encoder", "text")
     if kind not in ENCODERS:
         raise SystemExit(f"--arch encoder {kind!r}: expected one of {ENCODERS}")
+    # The text encoder's arithmetic; a proposal router has no sentence encoder, so it does not apply
+    # (route.router.encoder_quant stays set for the text routers of an encoder ablation).
+    quant = arch.pop("encoder_quant", "none")
+    if quant not in ENCODER_QUANTS:
+        raise SystemExit(f"--arch encoder_quant {quant!r}: expected one of {ENCODER_QUANTS}")
     if kind == PROPOSAL:
         if rollout is None or low is None:
             raise SystemExit("the proposal encoder needs --rollout (the KL table's bf16 rollout) and --low (the checkpoint)")
@@ -292,7 +299,7 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
         encoder = ProposalEncoder(load("hf", low, **kwargs), style, sampling, ag.get("constrained", False),
                                   precision=precisions[1])
     else:
-        encoder = StepEncoder()
+        encoder = StepEncoder(quant=quant)
     cols = ["task", "step", "step_type", "kl", "goal", "prev_action", "observation"]
     df = df.select(cols).with_columns(source=pl.lit("pool"))
     emb = features(encoder, kind, rollout, df, not quiet)
@@ -346,6 +353,7 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
         "dagger": {str(r): int((source == f"dagger:{r}").sum()) for r in dagger},
         "best_epoch": fit["epoch"], "class_weights": fit["class_weights"], "history": fit["history"],
         "minutes": fit["minutes"], "capped": fit["capped"], "arch": arch, "encoder": kind,
+        "encoder_quant": "none" if kind == PROPOSAL else quant,
         "params": {"router": n_router, "encoder": n_encoder, "llm": n_llm,
                    "router_vs_llm": n_router / n_llm if n_llm else None,
                    "router_and_encoder_vs_llm": (n_router + n_encoder) / n_llm if n_llm else None}}

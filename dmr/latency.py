@@ -212,7 +212,8 @@ def main(argv=None):
                 per[q] = value
                 coef["projected"][q] = src
         torch.manual_seed(a.seed)
-        encoder = StepEncoder()
+        # The arithmetic the routers' text encoder runs in (route.router.encoder_quant), as they deploy.
+        encoder = StepEncoder(quant=a.arch.get("encoder_quant", "none"))
         ctx = replay_contexts(read(a.high[0]), pl.read_parquet(a.high[0] / "episodes.parquet"))
         eligible = tuple(a.router_steps)
         seen = {c.step_type for ep in ctx for c in ep}
@@ -225,7 +226,7 @@ def main(argv=None):
             coef["router_steps_fallback"] = list(eligible)
         # Timed with the text encoder whatever route.router.encoder says: a proposal router's cost is
         # the low model's decode (already in c_low for the steps it keeps low) plus one forward.
-        arch = {k: v for k, v in a.arch.items() if k != "encoder"}
+        arch = {k: v for k, v in a.arch.items() if k not in ("encoder", "encoder_quant")}
         router = Router(RouterNet(n_classes=2, in_dim=encoder.dim, **arch), encoder, ["bf16", quants[0]],
                         eligible=eligible)
         replay = router_coefficient(router, ctx, a.shards, a.replay)

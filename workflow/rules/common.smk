@@ -29,6 +29,12 @@ def as_json(obj):
     return shlex.quote(json.dumps(obj or {}))
 
 
+def router_arch(arch):
+    """route.router as the --arch of dmr.klst and dmr.latency: encoder_quant only when not none, so
+    the commands of fp32-encoder routers are what they were before the option existed."""
+    return {k: v for k, v in arch.items() if (k, v) != ("encoder_quant", "none")}
+
+
 THREADS = config["threads"]
 ROUTE = config["route"]
 GRPO_LAMBDA = f"{config['grpo']['lambda']:g}" if "grpo" in config else "none"
@@ -319,7 +325,8 @@ def latency(w):
         coeffs = coeffs[key]
     args += [f"--source {cfg['source']}"] + [f"--coefficients {as_json(coeffs)}"] * bool(coeffs)
     args += ["--no-w3-projection"] * (not cfg["w3_projection"]) + [f"--replay {cfg['replay_episodes']}"]
-    args += [f"--router-steps {routed_steps(w)}", f"--arch {as_json(ROUTE['router'])}", f"--shards {SHARDS}"]
+    arch = as_json(router_arch(ROUTE["router"]))
+    args += [f"--router-steps {routed_steps(w)}", f"--arch {arch}", f"--shards {SHARDS}"]
     return inputs, " ".join(args)
 
 
@@ -338,7 +345,7 @@ def ablation_router(w, variant):
 
 def klst_args(w):
     """dmr.klst's router options: the cell's, or an ablation variant's with its one change."""
-    variant, arch, steps = w.get("variant") or "", dict(ROUTE["router"]), routed_steps(w)
+    variant, arch, steps = w.get("variant") or "", router_arch(ROUTE["router"]), routed_steps(w)
     extra = [f"--tau-point {variant[len('tau-'):]}" if variant.startswith("tau-") else ""] * bool(variant)
     if variant.startswith("depth"):
         arch["layers"] = int(variant[len("depth") :])
