@@ -5,9 +5,9 @@ few critical ones. A cell is in that regime when (docs/regime.md):
 
 - (a) quantization hurts: Full - Quant >= 15 success points;
 - (b) the log-KL histogram has a sparse plateau between a dense low mode and a high-divergence
-  tail: `dmr.threshold` finds one (`plateau_found`, not the fallback quantile) *and* it labels more
-  than the rule's `min_positive` share (a "plateau" at that cap is only the falling edge of one
-  mode's tail, not a valley between two modes);
+  mode: `dmr.threshold` finds one (`plateau_found`, not the fallback quantile), the histogram has
+  two modes, and the plateau labels more than the rule's `min_positive` share (a "plateau" at that
+  cap is only the falling edge of a tail, not a valley between two modes);
 - (c) the step-KL oracle at K = 0.4 recovers >= 80% of the Full - Quant gap.
 
 Per scheme: the top-1 agreement of the two precisions on the KL pool (the share of steps where
@@ -66,9 +66,10 @@ def row(cell: Path, scheme: str, seeds: list[int], step_types: list[str] | None)
            "shape": form, "valley": valley, "plateau_found": bool(th["plateau_found"]),
            "plateau_density": float(th["plateau_density"]), "tau": float(th["tau"]),
            "positive_fraction": float(th["positive_fraction"])}
-    # (b): a plateau at the min_positive cap is the edge of a tail, not a valley between modes.
+    # (b): a plateau at the min_positive cap, or in a histogram of one mode, is the edge of a tail,
+    # not a valley between modes.
     cap = th["rule"]["min_positive"] + 0.005
-    out["sparse_plateau"] = bool(out["plateau_found"] and out["positive_fraction"] > cap)
+    out["sparse_plateau"] = bool(out["plateau_found"] and form == "two modes" and out["positive_fraction"] > cap)
     runs = {name: [cell / prec / "rollouts" / name / f"seed{s}" for s in seeds]
             for name, prec in (("full", "bf16"), ("quant", scheme), ("oracle-k0.4", scheme))}
     got = {k: _success(v) for k, v in runs.items()}
@@ -119,8 +120,9 @@ def markdown(df: pl.DataFrame, title: str) -> str:
             r["scheme"], _fmt(r["top1_agreement"]), f"{r['kl_p50']:.2g} / {r['kl_p90']:.2g} / {r['kl_p99']:.2g}", hist,
             plateau, _fmt(r["full"], True), _fmt(r["quant"], True), oracle,
             " ".join(_fmt(r[k]) for k in ("a_gap", "b_plateau", "c_oracle"))]) + " |")
-    lines += ["", f"(a) Full − Quant ≥ {GAP:g} points; (b) a sparse plateau: the plateau rule finds one and it labels "
-              "more than its min_positive cap (a plateau at the cap is the edge of one mode's tail); (c) the KL oracle "
+    lines += ["", f"(a) Full − Quant ≥ {GAP:g} points; (b) a sparse plateau: the plateau rule finds one, the histogram has "
+              "two modes, and the plateau labels more than the rule's min_positive cap (a plateau at the cap is the "
+              "edge of a tail); (c) the KL oracle "
               f"at K = 0.4 recovers ≥ {RECOVERED:.0%} of the gap (routed schemes only). Success in % on the same "
               "(seed, task) pairs; top-1 agree: share of the KL pool's steps where the two precisions' argmax "
               "tokens agree at every position of bf16's action.",

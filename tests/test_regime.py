@@ -35,13 +35,15 @@ def test_regime_table_tells_a_valley_from_the_edge_of_a_tail(tmp_path):
     one_mode = 10 ** r.normal(-3, 0.6, 10000)
     full, quant, oracle = [True] * 90 + [False] * 10, [True] * 50 + [False] * 50, [True] * 88 + [False] * 12
     _scheme(tmp_path, "good", bimodal, {"full": full, "quant": quant, "oracle-k0.4": oracle})
-    # As the rule reports a one-mode histogram whose tail falls below `sparse` just before the 98th
-    # percentile: "found", labelling the min_positive cap.
+    # One mode: whatever the rule's flag says, there is no valley between modes.
     _scheme(tmp_path, "mild", one_mode, {"full": full, "quant": [True] * 85 + [False] * 15},
-            plateau_found=True, positive_fraction=0.018)
-    df = regime.table(tmp_path, ["good", "mild", "absent"], seeds=[0])
-    good, mild = df.row(0, named=True), df.row(1, named=True)
-    assert df.height == 2  # a scheme without a KL pool is skipped
+            plateau_found=True, positive_fraction=0.05)
+    # Two modes, but the plateau found at the min_positive cap: the edge of the high mode's tail.
+    _scheme(tmp_path, "edge", bimodal, {"full": full, "quant": quant}, plateau_found=True, positive_fraction=0.018)
+    df = regime.table(tmp_path, ["good", "mild", "edge", "absent"], seeds=[0])
+    good, mild, edge = (df.row(i, named=True) for i in range(3))
+    assert df.height == 3  # a scheme without a KL pool is skipped
+    assert edge["shape"] == "two modes" and edge["plateau_found"] and not edge["b_plateau"] and edge["a_gap"]
     assert good["shape"] == "two modes" and good["plateau_found"] and good["sparse_plateau"]
     assert good["gap"] == pytest.approx(40.0) and good["oracle_recovered"] == pytest.approx(38 / 40)
     assert good["a_gap"] and good["b_plateau"] and good["c_oracle"]
