@@ -57,6 +57,20 @@ def test_missing_install_names_what_to_install():
         assert hint in str(err.value), hint
 
 
+def test_a_goal_file_shorter_than_a_split_is_named():
+    # WebShop's train split starts at goal 1500: a subset goal file (1000 goals) has none, and the
+    # error says so instead of counting -500 goals. No WebShop install needed.
+    from types import SimpleNamespace
+
+    from dmr.envs.webshop import WebShopEnv
+
+    env = object.__new__(WebShopEnv)
+    env.server = SimpleNamespace(goals=[{"query": "q"}] * 1000)
+    assert len(env.tasks("calib", 3)) == 3
+    with pytest.raises(ValueError, match="has 1000 goals, but its train split starts at goal 1500"):
+        env.tasks("train", 1)
+
+
 def test_instruction_is_stripped_from_pages():
     page = "WebShop [SEP] Instruction: [SEP] i need a red shirt [SEP] Search"
     assert webshop.strip_instruction(page) == "WebShop [SEP] Search"

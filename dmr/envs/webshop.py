@@ -89,6 +89,16 @@ class WebShopEnv:
             # Loading products, goals and the index takes minutes: every env of a process shares one server.
             self.env = cls(observation_mode="text", num_products=num_products, human_goals=human_goals,
                            server=_SERVERS.get(key), session_prefix=f"dmr{next(_ENV_IDS)}-")
+        except Exception as e:
+            # pyserini's Java side fails with a bare IllegalArgumentException when the Lucene index of the
+            # product set is missing (WebShop's search_engine/indexes*, built by its run_indexing.sh).
+            if "IllegalArgument" in type(e).__name__ + str(e) or "indexes" in str(e):
+                raise RuntimeError(
+                    f"WebShop could not open its search index for num_products={num_products}: {e}. Build it "
+                    "with WebShop's search_engine/run_indexing.sh (indexes for the full product set; "
+                    "indexes_1k etc. for num_products=1000), or set env_kwargs.num_products to an indexed size"
+                ) from e
+            raise
         finally:
             random.setstate(state)
         _SERVERS[key] = self.env.server
@@ -99,7 +109,12 @@ class WebShopEnv:
     def tasks(self, split: str, n: int, offset: int = 0) -> list[Task]:
         split_seed(split, 0)  # validates the split name
         lo, hi = FILE_SPLITS[split]
-        hi = len(self.server.goals) if hi is None else min(hi, len(self.server.goals))
+        have = len(self.server.goals)
+        if have <= lo:
+            raise ValueError(f"WebShop's goal file has {have} goals, but its {split} split starts at goal {lo} "
+                             f"(splits by goal index: {FILE_SPLITS}); use WebShop's full human goal file "
+                             "(items_human_ins.json, 12087 goals), not a subset")
+        hi = have if hi is None else min(hi, have)
         if offset < 0 or lo + offset + n > hi:
             raise ValueError(f"WebShop's {split} split has {hi - lo} goals; asked for {offset}..{offset + n - 1}")
         return [Task(self.name, split, i, lo + i, self.server.goals[lo + i].get("query", ""))
