@@ -183,6 +183,10 @@ class _Recorder:
             "admissible": s.ep.admissible,
             "output": g.text, "action": st.parsed, "malformed": st.parsed is None, "valid": tr.valid,
             "step_type": tr.info.get("step_type", s.step_type),
+            # The type the environment announced before generation: all that routing, calibration,
+            # matching and the budget can know of a step (an ALFWorld think step is announced as
+            # an action; it shows itself only in what the model writes).
+            "announced_type": s.step_type,
             "route_score": st.route_score, "true_kl": st.true_kl,
             "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
             "llm_time": st.llm_time, "router_time": st.router_time, "env_time": st.env_time,

@@ -201,14 +201,17 @@ class StepTypeGate:
 
 def realised_fraction(episodes_parquet, step_types=None, high: str = "bf16") -> float:
     """High-precision share of the routed steps of a finished run (what matched baselines match).
-    With `step_types`, the share of `high` among steps of those types only (from the run's
-    steps.parquet), so a baseline gated to the same types matches what the router decided."""
+    With `step_types`, the share of `high` among the steps announced as those types (from the run's
+    steps.parquet), so a baseline gated to the same types matches what the router decided: the
+    gate sees the announced type, never the one a step turns out to have (docs/method.md)."""
     import polars as pl
 
     if not step_types:
         return high_fraction(pl.read_parquet(episodes_parquet))
     steps = pl.read_parquet(Path(episodes_parquet).parent / "steps.parquet")
-    steps = steps.filter(pl.col("step_type").is_in(list(step_types)))
+    # Runs recorded before `announced_type` existed: their step_type is the best there is.
+    col = "announced_type" if "announced_type" in steps.columns else "step_type"
+    steps = steps.filter(pl.col(col).is_in(list(step_types)))
     if steps.height == 0:
         raise ValueError(f"{episodes_parquet}: the run has no steps of type {list(step_types)} to match")
     return float((steps["precision"] == high).mean())

@@ -100,6 +100,8 @@ def test_agent_loop_forces_search_steps_to_bf16(tiny_world, noisy_model, tmp_pat
     # forced ones.
     assert realised_fraction(tmp_path / "gated/episodes.parquet", ["click"], "bf16") == 0.0
     assert realised_fraction(tmp_path / "gated/episodes.parquet") > 0.0
+    # The shop announces every step's type before it is generated.
+    assert steps["announced_type"].to_list() == steps["step_type"].to_list()
     ungated, _ = drive(tmp_path / "ungated", None, backends)
     assert (ungated["precision"] == "w4").all()
 
@@ -131,3 +133,17 @@ def test_table4_and_fig6(tmp_path):
     md = (tmp_path / "t.md").read_text()
     assert md.startswith("# shop/tiny w4") and "| search | 50 |" in md and "click steps" in md
     assert (tmp_path / "fig/kl_step_types.png").exists() and (tmp_path / "fig/kl_step_types.pdf").exists()
+
+
+def test_matching_counts_the_steps_the_gate_saw(tmp_path):
+    """An ALFWorld think step is announced as an action (its type shows only in what the model
+    writes), so the gate let the router decide it: the matched share counts it too."""
+    steps = pl.DataFrame({"precision": ["bf16", "w4", "bf16", "w4", "bf16"],
+                          "step_type": ["think", "action", "action", "action", "search"],
+                          "announced_type": ["action", "action", "action", "action", "search"]})
+    steps.write_parquet(tmp_path / "steps.parquet")
+    pl.DataFrame({"high_calls": [3], "calls": [5]}).write_parquet(tmp_path / "episodes.parquet")
+    assert realised_fraction(tmp_path / "episodes.parquet", ["action"], "bf16") == 0.5
+    # A run recorded before announced types existed falls back to the recorded type.
+    steps.drop("announced_type").write_parquet(tmp_path / "steps.parquet")
+    assert realised_fraction(tmp_path / "episodes.parquet", ["action"], "bf16") == pytest.approx(1 / 3)
