@@ -250,7 +250,7 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, parents=[cli.env(), cli.backend(), cli.decoding(AgentConfig()),
-                                                               cli.pacing()])
+                                                               cli.pacing(), cli.kl_block()])
     p.add_argument("--split", default="test", choices=envs.SPLITS)
     p.add_argument("--n", type=int, required=True, help="number of tasks")
     p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
@@ -291,12 +291,14 @@ def main(argv=None):
             raise SystemExit("--probe-kl needs a high and a low --model")
         names = list(models)
         router = KLProbe(router, OracleRouter(backends, names[0], names[1], style, Sampling(
-            cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop), float("inf"), cfg.constrained))
+            cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, stop=style.stop), float("inf"), cfg.constrained,
+            kl_block=a.kl_block))
     # An always-low run loads only the low model: it has no high-precision steps.
     high = None if a.policy == "quant" else next(iter(models))
     spec = {"env": a.env, "env_kwargs": env_kwargs, "split": a.split, "n": a.n, "offset": a.offset,
             "models": {k: fingerprint(v) for k, v in models.items()}, "policy": a.policy, "backend": a.backend,
             "backend_kwargs": backend_kwargs, "agent": asdict(cfg), "probe_kl": a.probe_kl,
+            **({"kl_block": a.kl_block} if a.probe_kl else {}),
             "routing": {k: getattr(a, k) for k in ("p", "threshold", "budget")}
             | ({"pace": a.pace, "burst": a.burst} if a.pace is not None else {})
             | ({"router_steps": a.router_steps} if a.router_steps else {})

@@ -53,3 +53,13 @@ def pacing() -> argparse.ArgumentParser:
                         "boundary 0.5 (dmr.router.Router.set_pace; the workflow's route.pace: --pace K with --budget K)")
     p.add_argument("--burst", type=float, default=0.0, help="with --pace: high steps an episode may take ahead of the pace")
     return p
+
+
+def kl_block() -> argparse.ArgumentParser:
+    """--kl-block: which part of a step's output the step KL scores (dmr.kl; the KL oracle and the
+    online probe of dmr.agent measure it the same way, so their KL compares with the pool's)."""
+    p = _parent()
+    p.add_argument("--kl-block", choices=("action", "output"), default="action",
+                   help="action: the action block, the output without its <think> reasoning (App. C.1); "
+                        "output: the whole output. They differ only where an output has reasoning")
+    return p

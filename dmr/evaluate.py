@@ -31,17 +31,33 @@ def seed_metrics(episodes: pl.DataFrame, cost: pl.Series | None = None) -> dict:
     return out
 
 
+def run_steps(episodes_parquet: Path) -> pl.DataFrame:
+    """The steps table beside a run's episodes.parquet, for Eq. 9's router calls. A random run
+    recorded before random routing recorded its score has none on its routed steps: its router calls
+    cannot be counted, so it is refused by name."""
+    d = Path(episodes_parquet).parent
+    steps = pl.read_parquet(d / "steps.parquet")
+    spec = json.loads((d / "spec.json").read_text()) if (d / "spec.json").exists() else {}
+    if str(spec.get("policy", "")).startswith("random") and steps.height:
+        types = (spec.get("routing") or {}).get("router_steps")
+        routed = steps if not types else steps.filter(pl.col("step_type").is_in(types))
+        if routed.height and routed["route_score"].null_count() == routed.height:
+            raise ValueError(f"{d}: a random run whose routed steps have no route_score (recorded before random "
+                             "routing recorded its probability); its router calls (Eq. 9) cannot be counted: rerun it")
+    return steps
+
+
 def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) -> pl.DataFrame:
     """One row per method: mean and std over its seed runs. With latency coefficients (dmr.latency)
-    also `cost`, the modelled EP time of successful episodes (Eq. 9)."""
+    also `cost`, the modelled EP time of successful episodes (Eq. 9; its router calls counted from
+    each run's steps.parquet beside the episodes, dmr.latency.router_calls)."""
     rows, episodes = [], {}
     for method, paths in runs.items():
         quant, _, name = method.rpartition("/")
         name, _, k = name.partition("@")
         eps = episodes[method] = [pl.read_parquet(p) for p in paths]
-        routed = name not in ("Full", "Quant")
-        per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, coef, quant or "bf16", routed) if coef else None)
-                                 for e in eps])
+        per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, run_steps(p), coef, quant or "bf16") if coef else None)
+                                 for e, p in zip(eps, paths)])
         row = {"cell": cell, "quant": quant or "bf16", "method": name, "budget": float(k) if k else None,
                "seeds": len(paths)}
         for col in ("success", "score", "steps", "ep_time", "high_frac") + (("cost",) if coef else ()):

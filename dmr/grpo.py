@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dmr import cli, envs, llm, plots
 from dmr.agent import AgentConfig, parse_models, run
 from dmr.envs.base import Task
-from dmr.latency import describe, pair
+from dmr.latency import describe, pair, router_calls
 from dmr.llm import Sampling
 from dmr import prompts
 from dmr.router import load_net, load_router, pad_windows
@@ -163,13 +163,14 @@ class SamplingRouter:
 
 def trajectory_returns(episodes: list[dict], steps: list[dict], c: dict, high: str, lam: float,
                        t_ref: float) -> pl.DataFrame:
-    """Per episode: success, modelled time T (Eq. 9; n = router-decided steps, c = dmr.latency.pair)
-    and the return R (Eq. 8)."""
+    """Per episode: success, modelled time T (Eq. 9; n = router-decided steps, dmr.latency.router_calls,
+    as Table 1 counts them; c = dmr.latency.pair) and the return R (Eq. 8)."""
     by = {}
     for s in steps:
         d = by.setdefault(s["task"], {"n": 0, "hi": 0, "lo": 0})
-        d["n"] += s["route_score"] is not None
         d["hi" if s["precision"] == high else "lo"] += s["completion_tokens"]
+    for task, n in router_calls(steps).items():
+        by[task]["n"] = n
     rows = []
     for e in episodes:
         d = by.get(e["task"], {"n": 0, "hi": 0, "lo": 0})

@@ -3,8 +3,18 @@
 Protocol: the high-precision (bf16) model rolls out the training pool and only its actions are
 executed (a `full` rollout, dmr.agent). This module replays every step of those episodes: the
 continuation bf16 sampled at the step is scored teacher-forced under both models, and the step's KL
-is the mean over the continuation's tokens of KL(p_high || p_low) at each position (the "action
-block"; `kl_sum` and `kl_max` are kept too).
+is the mean of KL(p_high || p_low) over the tokens of its action block (`kl_sum` and `kl_max` are
+kept too).
+
+The action block (App. C.1's "per-step action-block KL"; `--kl-block action`, the default) is the
+output without its reasoning: under the instruct protocol (WebShop) a step answers
+`<think>...</think><action>...</action>`, and the up to 512 reasoning tokens would otherwise dominate
+the per-token mean. The prompt style says where the reasoning is (`PromptStyle.reasoning`); the
+tokens outside it are scored. An output without reasoning (a ReAct action line, or an instruct
+answer with no `<think>` block, as the embedded agents emit) is its own action block, scored whole,
+exactly as `--kl-block output`. An output that is all reasoning (cut off before `</think>`) has no
+action block and is scored whole too. Each row keeps the option (`kl_block`), the scored tokens
+(`tokens`) and the output's (`output_tokens`).
 
 Exact vs top-k. The HF backend returns full-vocabulary distributions, so the KL is exact. The vLLM
 backend returns only the top-k log-probs of each position (`prompt_logprobs`); the KL is then taken
@@ -92,6 +102,49 @@ def uncertainty(high: Scored, low: Scored) -> dict:
             "greedy_mismatch": bool((h.argmax(-1) != lo.argmax(-1)).any())}
 
 
+BLOCKS = ("action", "output")
+
+
+def action_positions(tokenizer, style, text: str, token_ids: list[int]) -> list[int] | None:
+    """The positions of `text`'s tokens (`token_ids`, its encoding) that lie in its action block:
+    those with a character outside the style's reasoning spans. None where the whole output is the
+    block (no reasoning), and also where nothing is left (an output that is all reasoning)."""
+    spans = style.reasoning(text)
+    if not spans:
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) != list(token_ids):
+        raise ValueError("the scored continuation's tokens differ from the tokenizer's encoding of its text: "
+                         "cannot locate the action block (a fast tokenizer with offsets is needed)")
+
+    def reasoning(start, end):
+        if end <= start:  # an empty offset (a trimmed whitespace token): where it starts
+            return any(a <= start < b for a, b in spans)
+        return any(a <= start and end <= b for a, b in spans)
+
+    keep = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if not reasoning(a, b)]
+    return keep or None
+
+
+def restrict(scored: Scored, positions: list[int]) -> Scored:
+    """`scored` at the given continuation positions only."""
+    dist = None if scored.dist is None else torch.as_tensor(scored.dist)[torch.tensor(positions, dtype=torch.long)]
+    return Scored(token_ids=[scored.token_ids[i] for i in positions], logprobs=[scored.logprobs[i] for i in positions],
+                  dist=dist, topk=None if scored.topk is None else [scored.topk[i] for i in positions])
+
+
+def scored_block(high: Scored, low: Scored, text: str, tokenizer, style, block: str = "action") -> tuple[Scored, Scored]:
+    """Both scores of the continuation `text` restricted to the part the step KL measures: its action
+    block (`block` "action") or all of it ("output"); see the module docstring. Unchanged where the
+    output has no reasoning."""
+    if block not in BLOCKS:
+        raise ValueError(f"unknown KL block {block!r}; expected one of {BLOCKS}")
+    positions = action_positions(tokenizer, style, text, high.token_ids) if block == "action" else None
+    if positions is None:
+        return high, low
+    return restrict(high, positions), restrict(low, positions)
+
+
 def step_kl(high: Scored, low: Scored) -> dict:
     kls, missing = token_kl(high, low)
     n = max(1, len(kls))
@@ -116,8 +169,10 @@ def executed(step: dict) -> str:
     return step["action"] if step["action"] is not None else step["output"].strip()
 
 
-def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progress: bool = True) -> None:
-    """Score every step of `episodes` under `high` and `low`; one JSON row per step to `out_f`.
+def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progress: bool = True,
+           block: str = "action") -> None:
+    """Score every step of `episodes` under `high` and `low`; one JSON row per step to `out_f`, its KL
+    over the step's action block or (`block` "output") its whole output.
 
     Episodes run concurrently, `batch` at a time, so each call scores one step of many episodes and
     both backends keep a prefix cache per episode."""
@@ -141,12 +196,15 @@ def replay(episodes, style, high, low, quant: str, out_f, batch: int = 16, progr
         scored_h = high.score(texts, conts, sessions=keys)
         scored_l = low.score(texts, conts, sessions=keys)
         still = []
-        for slot, h, l in zip(active, scored_h, scored_l):
+        for slot, h, l, cont in zip(active, scored_h, scored_l, conts):
             ep, steps, t, view = slot
             s = steps[t]
+            n_output = len(h.token_ids)
+            h, l = scored_block(h, l, cont, high.tokenizer, style, block)
             out_f.write(json.dumps({
                 "task": ep["task"], "step": t, "quant": quant, "step_type": s.get("step_type", "action"),
-                **step_kl(h, l), **uncertainty(h, l), "goal": ep["goal"], "prev_action": s["prev_action"],
+                **step_kl(h, l), **uncertainty(h, l), "kl_block": block, "output_tokens": n_output,
+                "goal": ep["goal"], "prev_action": s["prev_action"],
                 "observation": s["observation"],
                 "action": executed(s), "won": ep["won"], "steps": ep["steps"]}) + "\n")
             if t + 1 < len(steps):
@@ -168,7 +226,7 @@ def main(argv=None):
     import polars as pl
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                parents=[cli.backend()])
+                                parents=[cli.backend(), cli.kl_block()])
     p.add_argument("--rollout", required=True, type=Path, help="finished high-precision rollout directory (dmr.agent)")
     p.add_argument("--high", required=True, help="high-precision checkpoint (the one that rolled out)")
     p.add_argument("--low", required=True, help="low-precision checkpoint")
@@ -187,8 +245,8 @@ def main(argv=None):
     episodes = episodes_of(a.rollout)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     jsonl = a.out.with_suffix(".jsonl")
-    # Resume: keep the steps of fully replayed episodes, redo the rest.
-    rows = read_jsonl(jsonl)
+    # Resume: keep the steps of fully replayed episodes scored on the same block, redo the rest.
+    rows = [r for r in read_jsonl(jsonl) if r.get("kl_block") == a.kl_block]
     n_steps = {e["task"]: len(s) for e, s in episodes}
     counts: dict[str, int] = {}
     for r in rows:
@@ -199,7 +257,7 @@ def main(argv=None):
     high, low = llm.load(a.backend, a.high, **kwargs), llm.load(a.backend, a.low, **kwargs)
     with jsonl.open("a") as f:
         replay([(e, s) for e, s in episodes if e["task"] not in done], style, high, low, a.quant, f, a.batch,
-               not a.quiet)
+               not a.quiet, a.kl_block)
     df = pl.DataFrame(read_jsonl(jsonl), infer_schema_length=None).sort("task", "step")
     df.write_parquet(a.out)
     q = df["kl"].quantile

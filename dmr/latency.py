@@ -20,7 +20,12 @@ Where the quantized models run dequantized (this CPU path), measured coefficient
 `source: config` takes the coefficients from the config instead (e.g. the paper's Table 3). Either
 way coefficients.json records which, and every table built from it says so.
 
-Cost model (Eq. 9): T = n * c_router + c_hi * N_hi + c_lo * N_lo.
+Cost model (Eq. 9): T = n * c_router + c_hi * N_hi + c_lo * N_lo. n counts the router-decided
+steps of the episode, as App. A.2 counts them for c_router: a step forced to the high precision by
+an exogenous rule (WebShop's search steps under a KL-ST router, App. C.1) is not a router call, and
+a single-precision run (Full, Quant) has none. One function, `router_calls`, gives n to Table 1's
+modelled time (dmr.evaluate) and to the GRPO reward (dmr.grpo). A step the router decided is one
+with a route score (dmr.routing: `last_scores` is None where the router did not decide).
 """
 from __future__ import annotations
 
@@ -66,11 +71,27 @@ def episode_cost(n: int, n_hi: int, n_lo: int, c_router: float, c_hi: float, c_l
     return n * c_router + c_hi * n_hi + c_lo * n_lo
 
 
-def episodes_cost(episodes: pl.DataFrame, coef: dict, quant: str, routed: bool) -> pl.Series:
-    """Eq. 9 for every row of an episodes table. n counts router decisions: all calls of a routed
-    run, none of a single-precision run (no router runs there)."""
+def router_decided(step: dict) -> bool:
+    """Whether the router decided a step (a router call of Eq. 9): the step has a route score. Forced
+    steps and the steps of single-precision runs have none."""
+    return step.get("route_score") is not None
+
+
+def router_calls(steps) -> dict[str, int]:
+    """Eq. 9's n per episode (task key): the router-decided steps among `steps` (step rows: dicts
+    with `task` and `route_score`, or a steps table), forced ones excluded (App. A.2)."""
+    rows = steps.select("task", "route_score").iter_rows(named=True) if isinstance(steps, pl.DataFrame) else steps
+    n: dict[str, int] = {}
+    for s in rows:
+        n[s["task"]] = n.get(s["task"], 0) + router_decided(s)
+    return n
+
+
+def episodes_cost(episodes: pl.DataFrame, steps: pl.DataFrame, coef: dict, quant: str) -> pl.Series:
+    """Eq. 9 for every row of an episodes table, with n from its steps table (`router_calls`)."""
     c = pair(coef, quant)
-    n = episodes["calls"] if routed else pl.Series([0] * episodes.height)
+    calls = router_calls(steps)
+    n = pl.Series([calls.get(t, 0) for t in episodes["task"]], dtype=pl.Float64)
     n_hi = episodes["high_tokens"]
     return n * c["router"] + c["high"] * n_hi + c["low"] * (episodes["tokens"] - n_hi)
 
@@ -112,7 +133,7 @@ def router_coefficient(router, episodes_ctx, shards: int, limit: int | None = No
         router.decide(contexts)
         elapsed = time.perf_counter() - t0
         calls += 1
-        n = sum(c.step_type in router.eligible for c in contexts)
+        n = sum(router_decided({"route_score": x}) for x in router.last_scores)  # forced steps have no score
         total, decided = total + elapsed * n, decided + n
         for a in active:
             a[1] += 1

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 from dmr.calibrate import budget_threshold
-from dmr.kl import action_entropy, step_kl
+from dmr.kl import action_entropy, scored_block, step_kl
 from dmr.router import load_router
 from dmr.routing import StepContext, propose
 from dmr.rundir import high_fraction
@@ -26,14 +26,18 @@ class Fixed:
 
 
 class RandomRouter:
-    """High precision with probability p, seeded per (episode, step) so it does not depend on batching."""
+    """High precision with probability p, seeded per (episode, step) so it does not depend on batching.
+    Its score is p (as the learned router's is its probability of high): every step it decides has
+    one, so its router calls count in Eq. 9 as the learned router's do (dmr.latency.router_calls)."""
 
     def __init__(self, high: str, low: str, p: float, seed: int = 0):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"random router probability must be in [0, 1], got {p}")
         self.high, self.low, self.p, self.seed = high, low, p, seed
+        self.last_scores: list | None = None
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
+        self.last_scores = [self.p] * len(contexts)
         return [self.high if random.Random(f"{self.seed}/{c.episode}/{c.step}").random() < self.p else self.low
                 for c in contexts]
 
@@ -71,11 +75,12 @@ class _CutRouter:
     """What the two signal baselines share: the backends, decoding and a MatchedCut. `counted`: the
     step types whose signal the cut's running quantile counts (the routed ones, App. C.1: under a
     StepTypeGate the other steps run high whatever the cut says, so counting them would skew the
-    share the routed steps realise); None counts every step."""
+    share the routed steps realise); None counts every step. `kl_block`: the part of an output the
+    signal is measured on (dmr.kl: the action block, or the whole output), as in the KL pool."""
 
     def __init__(self, backends: dict, high: str, low: str, style, sampling, tau: float, constrained: bool = False,
-                 target: float | None = None, warmup: int = 50, counted=None):
-        self.backends, self.high, self.low = backends, high, low
+                 target: float | None = None, warmup: int = 50, counted=None, kl_block: str = "action"):
+        self.backends, self.high, self.low, self.kl_block = backends, high, low, kl_block
         self.style, self.sampling, self.constrained = style, sampling, constrained
         self.cut = MatchedCut(tau, target, warmup)
         self.counted = None if counted is None else frozenset(counted)
@@ -112,7 +117,8 @@ class OracleRouter(_CutRouter):
         hb, lb = self.backends[self.high], self.backends[self.low]
         texts, keys, gens = propose(hb, self.style, self.sampling, contexts, self.constrained)
         conts = [g.text for g in gens]
-        kls = [step_kl(h, l)["kl"] for h, l in zip(hb.score(texts, conts), lb.score(texts, conts, sessions=keys))]
+        kls = [step_kl(*scored_block(h, l, c, hb.tokenizer, self.style, self.kl_block))["kl"]
+               for h, l, c in zip(hb.score(texts, conts), lb.score(texts, conts, sessions=keys), conts)]
         return gens, kls
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
@@ -137,7 +143,9 @@ class UncertaintyRouter(_CutRouter):
     def decide(self, contexts: list[StepContext]) -> list[str]:
         lb = self.backends[self.low]
         texts, keys, gens = propose(lb, self.style, self.sampling, contexts, self.constrained)
-        ents = [action_entropy(s) for s in lb.score(texts, [g.text for g in gens], sessions=keys)]
+        conts = [g.text for g in gens]
+        ents = [action_entropy(scored_block(s, s, c, lb.tokenizer, self.style, self.kl_block)[0])
+                for s, c in zip(lb.score(texts, conts, sessions=keys), conts)]
         if any(e is None for e in ents):
             raise ValueError("the uncertainty policy needs full distributions from the low backend (the HF backend)")
         tau = self.see(contexts, ents)
@@ -227,7 +235,8 @@ def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float |
     full | quant: fixed. random: high with probability `p`, or with the realised high fraction of
     the run `match` (an episodes.parquet). dmr: the learned router in `router` at `threshold`, or
     at the calibrated threshold of `budget` from `calibration`. oracle: true step KL above the
-    quantile of the KL pool `kl` that routes the fraction of `match` high. uncertainty: the low
+    quantile of the KL pool `kl` that routes the fraction of `match` high, measured on the part of
+    an output the pool's KL was (its `kl_block`). uncertainty: the low
     model's entropy over its own proposed action above the same kind of quantile of the pool's
     `low_entropy` (UncertaintyRouter). `random:P` is short for
     random with p=P. `router_steps`: the step types routed policies decide; the others are forced
@@ -295,5 +304,8 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
     share = realised_fraction(match, router_steps, precisions[0])
     tau = float(np.quantile(pool[column].to_numpy(), 1.0 - share))
     cls = OracleRouter if policy == "oracle" else UncertaintyRouter
+    # The signal is measured online on the part of an output the pool measured it on (a pool built
+    # before dmr.kl recorded it scored whole outputs).
+    block = pool["kl_block"][0] if "kl_block" in pool.columns and pool.height else "output"
     return cls(backends, precisions[0], precisions[1], style, sampling, tau, constrained, target=share,
-               counted=router_steps or None)
+               counted=router_steps or None, kl_block=block)

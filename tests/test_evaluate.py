@@ -73,23 +73,38 @@ def test_graded_benchmark_gets_a_score_column(tmp_path):
 def test_modelled_time_uses_the_cost_model_and_names_the_coefficients(tmp_path):
     import json
 
-    def eps(path, won, calls, high_tokens, tokens):
-        pl.DataFrame({"task": [f"t{i}" for i in range(len(won))], "won": won, "score": [float(w) for w in won],
+    def eps(run, won, calls, high_tokens, tokens, decided=None, policy="full"):
+        """A run directory: episodes, steps (`decided[i]` of episode i's steps with a route score) and spec."""
+        run.mkdir()
+        tasks = [f"t{i}" for i in range(len(won))]
+        pl.DataFrame({"task": tasks, "won": won, "score": [float(w) for w in won],
                       "steps": calls, "time": [1.0] * len(won), "high_calls": [0] * len(won), "calls": calls,
-                      "high_tokens": high_tokens, "tokens": tokens}).write_parquet(path)
-        return path
+                      "high_tokens": high_tokens, "tokens": tokens}).write_parquet(run / "episodes.parquet")
+        decided = decided or [0] * len(won)
+        pl.DataFrame({"task": [t for t, n in zip(tasks, calls) for _ in range(n)],
+                      "step_type": ["action"] * sum(calls),
+                      "route_score": [0.5 if j < d else None for n, d in zip(calls, decided) for j in range(n)]},
+                     schema_overrides={"route_score": pl.Float64}).write_parquet(run / "steps.parquet")
+        (run / "spec.json").write_text(json.dumps({"policy": policy}))
+        return run / "episodes.parquet"
 
     coef = {"cell": "house/tiny", "source": "config", "high": "bf16", "quants": ["w3"], "projected": {},
             "per_token": {"bf16": 0.02, "w3": 0.01}, "router": 0.005, "t_ref": 1.0}
     (tmp_path / "c.json").write_text(json.dumps(coef))
-    f = eps(tmp_path / "f.parquet", [True, False], [10, 10], [50, 50], [50, 50])
-    d = eps(tmp_path / "d.parquet", [True, True], [10, 4], [20, 0], [50, 20])
+    f = eps(tmp_path / "f", [True, False], [10, 10], [50, 50], [50, 50])
+    # GRPO's first episode: 10 steps, 8 of them router-decided (2 forced to bf16).
+    d = eps(tmp_path / "d", [True, True], [10, 4], [20, 0], [50, 20], decided=[8, 4], policy="grpo-k0.4")
     main(["--cell", "house/tiny", "--method", "Full", str(f), "--method", "w3/GRPO@0.4", str(d),
           "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md"), "--latency", str(tmp_path / "c.json"),
           "--pareto", str(tmp_path / "p.png")])
     t = pl.read_parquet(tmp_path / "t.parquet")
-    # Full: no router, 50 bf16 tokens = 1.0 s. GRPO: (10*0.005 + 20*0.02 + 30*0.01 + 4*0.005 + 20*0.01) / 2
-    assert t["cost"].to_list() == pytest.approx([1.0, (0.75 + 0.22) / 2])
+    # Full: no router, 50 bf16 tokens = 1.0 s. GRPO: (8*0.005 + 20*0.02 + 30*0.01 + 4*0.005 + 20*0.01) / 2
+    assert t["cost"].to_list() == pytest.approx([1.0, (0.74 + 0.22) / 2])
+    # A random run recorded before random routing recorded its score: its router calls are unknown.
+    r = eps(tmp_path / "r", [True], [3], [0], [30], policy="random-k0.4")
+    with pytest.raises(ValueError, match="no route_score"):
+        main(["--cell", "house/tiny", "--method", "w3/Random@0.4", str(r), "--out", str(tmp_path / "u.parquet"),
+              "--markdown", str(tmp_path / "u.md"), "--latency", str(tmp_path / "c.json")])
     assert t["method"].to_list() == ["Full", "GRPO"] and (tmp_path / "p.png").exists()
     md = (tmp_path / "t.md").read_text()
     assert "Modelled time" in md and "given in the config" in md

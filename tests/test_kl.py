@@ -166,3 +166,75 @@ def test_dagger_adds_the_routed_states_labelled_by_their_true_kl(tiny_world, noi
         train(tmp_path / "bad", routed(tmp_path / "plain", offset=7, probe=False))
     with pytest.raises(SystemExit, match="must not be the KL pool's"):
         train(tmp_path / "clash", routed(tmp_path / "again", offset=0))
+
+
+THOUGHT = "<think>the cabinet is closed so I should open it before I take the mug</think>"
+ANSWER = "<action>open cabinet 1</action>"
+
+
+def _instruct_pool(tiny_world):
+    """One WebShop-style episode of two steps whose outputs reason before they act."""
+    ep = {"task": "shop/train/0", "goal": "put a mug in the cabinet", "won": False, "steps": 2}
+    steps = [{"observation": "You are in the kitchen.", "admissible": ["open cabinet 1", "go to table 1"],
+              "output": THOUGHT + ANSWER, "action": "open cabinet 1", "prev_action": "", "step_type": "click"},
+             {"observation": "The cabinet is open.", "admissible": ["take mug 1"], "output": "<action>take mug 1</action>",
+              "action": "take mug 1", "prev_action": "open cabinet 1", "step_type": "click"}]
+    return ep, steps
+
+
+def test_kl_scores_the_action_block_by_default_and_the_whole_output_as_an_option(tiny_world, noisy_model):
+    """App. C.1: the step KL of an instruct answer is over its <action> block, not its reasoning: the
+    same KL as scoring the action block alone after the reasoning as context. `--kl-block output`
+    scores every token. An output without reasoning (the embedded agents') gets the same numbers
+    either way, byte for byte."""
+    import io
+
+    from dmr import prompts
+    from dmr.prompts import Episode
+
+    _, _, model = tiny_world
+    hi, lo = load("hf", str(model)), load("hf", str(noisy_model))
+    style = prompts.get("instruct")
+    ep, steps = _instruct_pool(tiny_world)
+    rows = {}
+    for block in kl.BLOCKS:
+        f = io.StringIO()  # fresh backends: each replay's caches start as the other's did
+        kl.replay([(ep, steps)], style, load("hf", str(model)), load("hf", str(noisy_model)), "noisy", f,
+                  progress=False, block=block)
+        rows[block] = [json.loads(line) for line in f.getvalue().splitlines()]
+    act, out = rows["action"], rows["output"]
+    prompt = style.render(hi.tokenizer, Episode(ep["goal"], steps[0]["observation"], [], steps[0]["admissible"]))
+    # Step 0: the action block is the answer scored after the reasoning.
+    alone = kl.step_kl(hi.score([prompt + THOUGHT], [ANSWER])[0], lo.score([prompt + THOUGHT], [ANSWER])[0])
+    whole = kl.step_kl(hi.score([prompt], [THOUGHT + ANSWER])[0], lo.score([prompt], [THOUGHT + ANSWER])[0])
+    assert act[0]["tokens"] == alone["tokens"] < act[0]["output_tokens"] == out[0]["tokens"] == whole["tokens"]
+    assert act[0]["kl"] == pytest.approx(alone["kl"], rel=1e-4, abs=1e-7)
+    assert out[0]["kl"] == pytest.approx(whole["kl"], rel=1e-4, abs=1e-7)
+    assert abs(act[0]["kl"] - out[0]["kl"]) > 1e-6, "the reasoning tokens must change the whole-output mean"
+    assert act[0]["kl_block"] == "action" and out[0]["kl_block"] == "output"
+    # Step 1 has no reasoning: identical rows but for the option's name.
+    same = lambda r: {k: v for k, v in r.items() if k != "kl_block"}  # noqa: E731
+    assert same(act[1]) == same(out[1]) and act[1]["tokens"] == act[1]["output_tokens"]
+
+
+def test_action_block_positions(tiny_world, noisy_model):
+    """Which tokens the action block keeps; outputs without a (closed or open) reasoning block, and
+    ReAct answers, are left whole: the very Scored objects, so their KL is the whole output's."""
+    from dmr import prompts
+
+    _, _, model = tiny_world
+    hi, lo = load("hf", str(model)), load("hf", str(noisy_model))
+    instruct, react = prompts.get("instruct"), prompts.get("react")
+    tok = hi.tokenizer
+    text = THOUGHT + ANSWER
+    ids = tok.encode(text, add_special_tokens=False)
+    keep = kl.action_positions(tok, instruct, text, ids)
+    assert tok.decode([ids[i] for i in keep]) == ANSWER and keep == list(range(len(ids) - len(keep), len(ids)))
+    for style, text in ((instruct, ANSWER), (instruct, "<think>cut off before it acts"), (react, " open cabinet 1")):
+        h, l = hi.score(["x"], [text])[0], lo.score(["x"], [text])[0]
+        got = kl.scored_block(h, l, text, tok, style, "action")
+        assert got[0] is h and got[1] is l
+    with pytest.raises(ValueError, match="unknown KL block"):
+        kl.scored_block(h, l, text, tok, react, "reasoning")
+    with pytest.raises(ValueError, match="differ from the tokenizer"):
+        kl.action_positions(tok, instruct, THOUGHT + ANSWER, ids[:-1])

@@ -32,10 +32,63 @@ def test_cost_model_matches_hand_computation():
     # 12 decisions at 20 ms, 30 bf16 tokens at 25 ms, 50 low tokens at 15 ms = 0.24 + 0.75 + 0.75 s.
     assert latency.episode_cost(12, 30, 50, 0.020, 0.025, 0.015) == pytest.approx(1.74)
     coef = {"high": "bf16", "per_token": {"bf16": 0.025, "q": 0.015}, "router": 0.020}
-    eps = pl.DataFrame({"calls": [12, 4], "high_tokens": [30, 0], "tokens": [80, 10]})
-    assert latency.episodes_cost(eps, coef, "q", routed=True).to_list() == pytest.approx([1.74, 0.08 + 0.15])
-    # A single-precision run has no router: n = 0.
-    assert latency.episodes_cost(eps, coef, "q", routed=False).to_list() == pytest.approx([1.5, 0.15])
+    eps = pl.DataFrame({"task": ["a", "b"], "calls": [12, 4], "high_tokens": [30, 0], "tokens": [80, 10]})
+    routed = pl.DataFrame({"task": ["a"] * 12 + ["b"] * 4, "route_score": [0.5] * 16})
+    assert latency.episodes_cost(eps, routed, coef, "q").to_list() == pytest.approx([1.74, 0.08 + 0.15])
+    # A single-precision run has no router: no step has a route score, n = 0.
+    fixed = routed.with_columns(pl.lit(None, pl.Float64).alias("route_score"))
+    assert latency.episodes_cost(eps, fixed, coef, "q").to_list() == pytest.approx([1.5, 0.15])
+
+
+def _webshop_episode(router, key="shop/test/0"):
+    """A WebShop-like episode played through `router` as the agent loop records it: its step rows
+    (task, step type, precision, route_score, completion tokens). Search steps come first and again
+    after a 'back to search'; the step type is known before the router decides (App. C.1)."""
+    from dmr.routing import StepContext
+
+    types = ["search", "click", "click", "click", "search", "click", "click"]
+    rows = []
+    for i, t in enumerate(types):
+        ctx = StepContext(key, i, "buy a red mug under 20 dollars", [], "page", [], step_type=t)
+        precision = router.decide([ctx])[0]
+        score = (getattr(router, "last_scores", None) or [None])[0]
+        rows.append({"task": key, "step": i, "step_type": t, "precision": precision, "route_score": score,
+                     "completion_tokens": 40 if t == "search" else 10})
+    return rows
+
+
+def test_router_calls_exclude_forced_search_steps_in_table1_and_the_grpo_reward():
+    """App. A.2: n counts router-decided steps, not steps forced to bf16 by the step-type protocol.
+    One count (latency.router_calls) for Table 1's modelled time and GRPO's reward: a KL-ST-style run
+    gated to click steps has 5 router calls in 7 steps, a router that decides both types (GRPO's) 7,
+    a single-precision run 0; Table 1 and the GRPO return charge the same n."""
+    from dmr import grpo
+    from dmr.policies import Fixed, RandomRouter, StepTypeGate
+
+    gated = _webshop_episode(StepTypeGate(RandomRouter("bf16", "q", 0.5, seed=1), ["click"], "bf16"))
+    both = _webshop_episode(RandomRouter("bf16", "q", 0.5, seed=1))
+    full = _webshop_episode(Fixed("bf16"))
+    assert [r["precision"] for r in gated if r["step_type"] == "search"] == ["bf16", "bf16"]  # forced
+    assert latency.router_calls(gated) == {"shop/test/0": 5}
+    assert latency.router_calls(both) == {"shop/test/0": 7}
+    assert latency.router_calls(full) == {"shop/test/0": 0}
+    assert latency.router_calls(pl.DataFrame(gated)) == {"shop/test/0": 5}
+
+    coef = {"high": "bf16", "per_token": {"bf16": 0.025, "q": 0.015}, "router": 0.020}
+    c = latency.pair(coef, "q")
+    for rows, n in ((gated, 5), (both, 7), (full, 0)):
+        hi = sum(r["completion_tokens"] for r in rows if r["precision"] == "bf16")
+        lo = sum(r["completion_tokens"] for r in rows if r["precision"] != "bf16")
+        expect = latency.episode_cost(n, hi, lo, c["router"], c["high"], c["low"])
+        eps = pl.DataFrame({"task": ["shop/test/0"], "won": [True], "steps": [7], "high_tokens": [hi],
+                            "tokens": [hi + lo]})
+        table1 = latency.episodes_cost(eps, pl.DataFrame(rows), coef, "q")[0]
+        reward = grpo.trajectory_returns(eps.to_dicts(), rows, c, "bf16", lam=1.0, t_ref=1.0)
+        assert table1 == pytest.approx(expect) and reward["cost"][0] == pytest.approx(expect)
+        assert reward["decided"][0] == n
+    # Every call counted (the old Table 1 rule) would charge the gated run 2 router calls more.
+    assert latency.episodes_cost(eps, pl.DataFrame(gated), coef, "q")[0] != pytest.approx(
+        latency.episodes_cost(eps, pl.DataFrame(both), coef, "q")[0])
 
 
 def test_w3_is_projected_from_w4_of_the_same_method():
@@ -65,10 +118,12 @@ def test_router_coefficient_charges_batches_to_decided_steps_only():
         eligible = ("action",)
 
         def __init__(self):
-            self.batches, self.ended = [], []
+            self.batches, self.ended, self.last_scores = [], [], None
 
         def decide(self, contexts):
+            # As dmr.router.Router: a score where it decided, None on a forced step.
             self.batches.append([c.step_type for c in contexts])
+            self.last_scores = [0.5 if c.step_type in self.eligible else None for c in contexts]
             return ["bf16"] * len(contexts)
 
         def end_session(self, key):

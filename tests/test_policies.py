@@ -23,6 +23,8 @@ def test_routers():
     assert picks == r.decide(ctx) and 20 < picks.count("bf16") < 80
     # decisions do not depend on how steps are batched together
     assert r.decide(ctx[:7]) == picks[:7]
+    # Its score is p on every step it decides (Eq. 9 counts those as router calls, dmr.latency).
+    assert r.last_scores == [0.5] * 7
     assert set(make_router("quant", ["w3"]).decide(ctx)) == {"w3"}
     with pytest.raises(ValueError, match="needs a low-precision"):
         make_router("random:0.2", ["bf16"])
@@ -180,3 +182,19 @@ def test_uncertainty_policy_routes_on_the_low_models_entropy(tiny_world, noisy_m
     with pytest.raises(ValueError, match="low_entropy"):
         make_router("uncertainty", ["bf16", "low"], match=str(tmp_path / "mid/episodes.parquet"),
                     kl=str(tmp_path / "old.parquet"), backends=backends, style=style, sampling=Sampling(12))
+
+
+def test_signal_baselines_measure_the_kl_on_the_pools_block(tmp_path):
+    """The oracle and the uncertainty baseline cut their online signal at a quantile of the KL pool's,
+    so they measure it on the part of an output the pool did (its kl_block; a pool from before the
+    column scored whole outputs)."""
+    eps = tmp_path / "e.parquet"
+    pl.DataFrame({"high_calls": [1, 3], "calls": [4, 4]}).write_parquet(eps)
+    base = {"kl": [0.1, 0.2, 0.3], "low_entropy": [1.0, 2.0, 3.0], "step_type": ["action"] * 3}
+    for block, cols in (("action", {"kl_block": ["action"] * 3}), ("output", {"kl_block": ["output"] * 3}),
+                        ("output", {})):
+        pool = tmp_path / f"pool-{block}-{len(cols)}.parquet"
+        pl.DataFrame(base | cols).write_parquet(pool)
+        for policy in ("oracle", "uncertainty"):
+            r = make_router(policy, ["bf16", "w4"], match=str(eps), kl=str(pool), backends={})
+            assert r.kl_block == block

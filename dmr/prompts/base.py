@@ -32,6 +32,10 @@ class PromptStyle(Protocol):
     def parse(self, text: str) -> str | None:
         """The action in a completion, or None when it is malformed."""
 
+    def reasoning(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of a completion's reasoning (instruct: its `<think>...</think>` blocks);
+        the rest is the action block, which the step KL scores by default (dmr.kl)."""
+
     def segments(self, tokenizer, goal: str, first: str, steps: list[dict]) -> list[list[tuple[str, bool]]]:
         """Behaviour-cloning sequences of one recorded episode: lists of (text, supervised)."""
 

@@ -6,6 +6,8 @@ import re
 from dmr.prompts.base import Episode
 
 _ACTION_RE = re.compile(r"<action>(.*?)</action>", re.DOTALL)
+# A reasoning block; an unclosed one (the step ran out of tokens while thinking) runs to the end.
+_THINK_RE = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL)
 ADMISSIBLE = "Admissible actions:"  # the prompt's last line starts with it
 
 
@@ -19,6 +21,12 @@ def parse_action(text: str) -> str | None:
         return None
     action = " ".join(found[-1].split())
     return action or None
+
+
+def reasoning_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the `<think>...</think>` blocks of a completion, tags included: what the
+    action-block KL (dmr.kl) leaves out. An unclosed block runs to the end of the text."""
+    return [m.span() for m in _THINK_RE.finditer(text)]
 
 
 def format_answer(action: str, think: str | None = None) -> str:
@@ -75,6 +83,9 @@ class Instruct:
 
     def parse(self, text: str) -> str | None:
         return parse_action(text)
+
+    def reasoning(self, text: str) -> list[tuple[int, int]]:
+        return reasoning_spans(text)
 
     def segments(self, tokenizer, goal, first, steps):
         ep, out = Episode(goal, first), []

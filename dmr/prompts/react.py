@@ -65,6 +65,10 @@ class React:
         action = " ".join(line.split())
         return action or None
 
+    def reasoning(self, text: str) -> list[tuple[int, int]]:
+        # A ReAct answer is one action line; ALFWorld's thinking is a step of its own (`think: ...`).
+        return []
+
     def segments(self, tokenizer, goal, first, steps):
         """One sequence per episode. A step whose executed action was injected noise is shown as
         executed but not supervised; the expert labels of the steps after it teach the recovery."""

@@ -292,6 +292,8 @@ def rollout_spec(w):
         # probe run measures each step's true KL (dmr.diagnose); the DAgger run on training tasks.
         pace = f" --pace {value} --burst {ROUTE['pace']['burst']:g}" if ROUTE["pace"] else ""
         probe = " --probe-kl" if w.run in ("probe", "dagger") else ""
+        # The probe's KL on the pool's block; --kl-block only where it differs from dmr.agent's default.
+        probe += f" --kl-block {ROUTE['kl_block']}" if probe and ROUTE["kl_block"] != "action" else ""
         inputs = [f"{rd}/router.json", f"{rd}/calibration.json"]
         args = f"--policy dmr --router {rd} --calibration {rd}/calibration.json --budget {value}{pace}{steps}{probe}"
     models = " ".join(f"--model {q}={model_dir(w, q)}" for q in precisions)

@@ -32,6 +32,10 @@ rule rollout:
 rule evaluate:
     input:
         runs=lambda w: [p for paths in table_methods(w).values() for p in paths],
+        # Eq. 9 counts each episode's router calls from its steps (dmr.latency.router_calls).
+        steps=lambda w: [
+            p.replace("episodes.parquet", "steps.parquet") for paths in table_methods(w).values() for p in paths
+        ],
         latency=lambda w: rules.latency.output.coefficients.format(**w),
     output:
         table=cell("tables/main.parquet"),

@@ -28,9 +28,10 @@ rule kl:
         **POOL_PARAMS,
         backend=BACKEND,
         batch=SHARDS,
+        block=ROUTE["kl_block"],
     shell:
         "python -m dmr.kl --rollout {params.pool} --high {params.high} --low {params.low} --quant {wildcards.quant} "
-        "{params.backend} --batch {params.batch} "
+        "{params.backend} --batch {params.batch} --kl-block {params.block} "
         "--out {output} > {log} 2>&1"
 
 
