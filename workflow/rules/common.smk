@@ -188,7 +188,12 @@ def data_need(w):
     b, routed = bench(w), any(cell_cfg(c)["route"] for c in config["cells"] if c["benchmark"] == w.benchmark)
     seeds = max(config["evaluate"]["seeds"]) + 1 if b["tasks_per_seed"] == "distinct" else 1
     test = b["tasks"]["test"]
-    need = {"calib": b["tasks"]["calib"], "test": test if test == "all" else test * seeds}
+    # Agent selection (models trained here) plays calibration tasks too.
+    cells = [c for c in config["cells"] if c["benchmark"] == w.benchmark]
+    models = [config["models"][c["model"]] for c in cells]
+    select = [m.get("select", {}).get("tasks", 0) for m in models if m["source"] == "train"]
+    calib = max([b["tasks"]["calib"], *select])
+    need = {"calib": calib, "test": test if test == "all" else test * seeds}
     need |= {"train": ROUTE["kl_tasks"]} if routed else {}
     return " ".join(f"{k}={v}" for k, v in need.items())
 
