@@ -238,13 +238,14 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def split_root(tmp_path_factory):
-    """A root that has a split: DATA where it has it, else one built by ensure_data from
-    $ALFWORLD_DATA or the shared copy (train is unpacked from its archive); skips when none has it."""
+    """A root that has a split: DATA, $ALFWORLD_DATA or the shared copy where one has its folder, else
+    one built by ensure_data (train unpacked from the shared archive); skips when none has it."""
     from dmr.envs import alfworld
 
     def root(split):
-        if (DATA / "json_2.1.1" / split).is_dir():
-            return DATA
+        for c in (DATA, os.environ.get("ALFWORLD_DATA"), SHARED):
+            if c and (Path(c) / "json_2.1.1" / split).is_dir():
+                return Path(c)
         built = tmp_path_factory.getbasetemp() / "alfworld-splits"
         try:
             return alfworld.ensure_data(str(built), {split: split}, fetch=False)
