@@ -248,11 +248,22 @@ def parse_models(items: list[str]) -> dict[str, str]:
     return models
 
 
+def _count(text: str) -> int | None:
+    """--n: a number of tasks, or `all` (None)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tasks or `all`, got {text!r}") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, parents=[cli.env(), cli.backend(), cli.decoding(AgentConfig()),
                                                                cli.pacing(), cli.kl_block()])
     p.add_argument("--split", default="test", choices=envs.SPLITS)
-    p.add_argument("--n", type=int, required=True, help="number of tasks")
+    p.add_argument("--n", type=_count, required=True, help="number of tasks, or `all` (every task of the split "
+                   "from --offset on: a fixed benchmark split whose size depends on the data)")
     p.add_argument("--offset", type=int, default=0, help="index of the first task of the split")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH",
                    help="repeatable; the first is the high-precision reference")
@@ -277,6 +288,8 @@ def main(argv=None):
     models = parse_models(a.model)
     env_kwargs = json.loads(a.env_kwargs)
     env = envs.make(a.env, **env_kwargs)
+    if a.n is None and not hasattr(env, "split_size"):
+        raise SystemExit(f"--n all needs a benchmark with fixed splits; {a.env} generates its tasks")
     tasks = env.tasks(a.split, a.n, a.offset)
     backend_kwargs = json.loads(a.backend_kwargs)
     backends = {name: llm.load(a.backend, path, **backend_kwargs) for name, path in models.items()}
@@ -307,6 +320,9 @@ def main(argv=None):
     if getattr(env, "versions", None):
         # The game package's version is part of what a result is (ALFWorld 0.3 and 0.4 differ in grammar).
         spec["env_versions"] = env.versions
+    if getattr(env, "resolved_splits", None):
+        # So is the benchmark split a protocol split resolved to (ALFWorld: test -> valid_unseen or valid_seen).
+        spec["env_splits"] = env.resolved_splits
     claim(a.out, spec)
     rows = run(lambda: envs.make(a.env, **env_kwargs), tasks, backends, router, cfg, a.out, not a.quiet, high)
     finalize(a.out, {**spec, "models": models})

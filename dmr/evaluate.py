@@ -213,6 +213,25 @@ def env_versions(runs: dict[str, list[Path]]) -> dict:
     return json.loads(next(iter(seen))) if seen else {}
 
 
+def env_splits(runs: dict[str, list[Path]]) -> dict[str, str]:
+    """The benchmark split each protocol split of the runs resolved to (`env_splits` and `split` of
+    the run.json beside each episodes.parquet; ALFWorld's test split is valid_unseen where the data
+    has it, else part of valid_seen). One table never mixes two resolutions of one split."""
+    seen: dict[str, dict[str, str]] = {}
+    for paths in runs.values():
+        for path in paths:
+            meta = Path(path).parent / "run.json"
+            run = json.loads(meta.read_text()) if meta.exists() else {}
+            split, resolved = run.get("split"), run.get("env_splits") or {}
+            if split in resolved:
+                seen.setdefault(split, {}).setdefault(resolved[split], str(path))
+    mixed = {k: v for k, v in seen.items() if len(v) > 1}
+    if mixed:
+        raise SystemExit("runs of different benchmark splits in one table: "
+                         + "; ".join(f"{k}: " + ", ".join(f"{s} ({p})" for s, p in v.items()) for k, v in mixed.items()))
+    return {k: next(iter(v)) for k, v in seen.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cell", required=True, help="cell name for the table, e.g. household/tiny")
@@ -234,12 +253,14 @@ def main(argv=None):
         runs[name] = [Path(x) for x in paths]
     coef = json.loads(a.latency.read_text()) if a.latency else None
     df = summarize(runs, a.cell, coef)
-    versions = env_versions(runs)
+    versions, splits = env_versions(runs), env_splits(runs)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
     text = markdown(df, a.cell, describe(coef) if coef else None)
     if versions:
         text += "Game versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".\n"
+    if splits:
+        text += "Benchmark splits: " + ", ".join(f"{k} = {v}" for k, v in splits.items()) + ".\n"
     a.markdown.write_text(text)
     if a.latex:
         a.latex.write_text(latex(df, a.cell))

@@ -94,6 +94,12 @@ def household_run(tiny_world, noisy_model):
     return backends, style, play
 
 
+def pytest_addoption(parser):
+    parser.addoption("--alfworld-splits", default="valid_seen,valid_train",
+                     help="comma-separated ALFWorld splits the expert sweeps (-m sweep) play every game of; any "
+                          "split the data has, e.g. valid_unseen or train (unpacked from the shared archive)")
+
+
 def pytest_collection_modifyitems(config, items):
     """The end-to-end DAGs first: under `-n 2` (the Makefile's test command) they then overlap the
     many short tests instead of running alone at the end. The real-Slurm runs lead: they mostly wait

@@ -24,9 +24,13 @@ import pytest
 from dmr import envs
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared/data/alfworld"
+
+
 def _find_data() -> Path | None:
-    candidates = [os.environ.get("ALFWORLD_DATA"), Path(__file__).resolve().parents[2] / "shared/data/alfworld"]
-    for c in candidates:
+    """A root with valid_seen and valid_train (both the shared copy and `alfworld-download` have
+    them): $ALFWORLD_DATA where it has both, else the shared copy."""
+    for c in (os.environ.get("ALFWORLD_DATA"), SHARED):
         if c and all((Path(c) / "json_2.1.1" / s).is_dir() for s in ("valid_seen", "valid_train")):
             return Path(c)
     return None
@@ -36,9 +40,28 @@ DATA = _find_data()
 pytestmark = pytest.mark.skipif(
     DATA is None, reason="ALFWorld game files not found: set ALFWORLD_DATA or provide ../shared/data/alfworld "
                          "(json_2.1.1/valid_seen and valid_train; `alfworld-download` fetches them)")
-# The shared copy has no train / valid_unseen: map the protocol splits onto what it has.
+# Most tests map the protocol splits onto the two small splits every layout has.
 SPLITS = {"train": "valid_train", "calib": "valid_seen[::2]", "test": "valid_seen[1::2]"}
+# config/alfworld.yaml's mapping: the paper's protocol where the data has valid_unseen.
+PAPER_SPLITS = {"train": "train", "calib": "valid_seen[::2]", "test": ["valid_unseen", "valid_seen[1::2]"]}
 N_GAMES = {"valid_seen": 140, "valid_train": 200}
+
+
+def _layout(root: Path, **splits) -> Path:
+    """A data root of our own: json_2.1.1/<split> linked to a folder, or made of links to the first
+    n game folders (trials) of one, e.g. _layout(tmp, valid_seen=DATA_VS, valid_unseen=(DATA_VS, 134))."""
+    games = root / "json_2.1.1"
+    games.mkdir(parents=True, exist_ok=True)
+    for split, src in splits.items():
+        if isinstance(src, tuple):
+            src, n = src
+            for trial in sorted(Path(src).glob("*/*/game.tw-pddl"))[:n]:
+                dest = games / split / trial.parent.parent.name / trial.parent.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.symlink_to(trial.parent.resolve(), target_is_directory=True)
+        else:
+            (games / split).symlink_to(Path(src).resolve(), target_is_directory=True)
+    return root
 
 
 def make(**kw):
@@ -69,12 +92,21 @@ def test_missing_data_says_how_to_get_it(monkeypatch, tmp_path):
         AlfWorldEnv()
     with pytest.raises(FileNotFoundError, match="does not exist.*alfworld-download"):
         AlfWorldEnv(data=str(tmp_path / "nowhere"))
-    monkeypatch.setenv("ALFWORLD_DATA", str(DATA))
-    e = AlfWorldEnv()  # the default mapping: test -> valid_unseen, which the shared copy lacks
-    assert e.root == DATA / "json_2.1.1"
+    # A root of our own without valid_unseen, reached through a symlink as ../shared may be.
+    (tmp_path / "link").symlink_to(_layout(tmp_path / "data", valid_seen=DATA / "json_2.1.1/valid_seen"))
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "link"))
+    e = AlfWorldEnv()  # the default mapping: test -> valid_unseen, which this root lacks
+    assert e.root == (tmp_path / "data/json_2.1.1").resolve()
     with pytest.raises(FileNotFoundError, match="valid_unseen.*alfworld-download"):
         e.tasks("test", 1)
     assert len(e.tasks("calib")) == 140  # calib -> valid_seen
+    # Alternatives: the first split the root has; resolved_splits says which.
+    alt = AlfWorldEnv(splits={"test": ["valid_unseen", "valid_seen[1::2]"]})
+    assert alt.resolved_splits == {"test": "valid_seen[1::2]"} and len(alt.tasks("test")) == 70
+    _layout(tmp_path / "data", valid_unseen=(DATA / "json_2.1.1/valid_seen", 5))
+    assert alt.resolved_splits == {"test": "valid_unseen"} and len(alt.tasks("test")) == 5
+    with pytest.raises(ValueError, match="unknown ALFWorld split"):
+        AlfWorldEnv(splits={"test": ["valid_unseen", "seen"]})
 
 
 def test_tasks_splits_and_bounds(env):
@@ -176,9 +208,9 @@ def _drive(env, task, noise=0.0, rng=None):
             return tr.won, labels
 
 
-def _sweep(expert, split, per_type=None):
+def _sweep(expert, split, per_type=None, data=None):
     """The expert on every game of `split`, or on a seeded pick of `per_type` games of each task type."""
-    e = make(expert=expert)
+    e = make(expert=expert, **({"data": str(data)} if data else {}))
     tasks = e.tasks(split)
     if per_type:
         rng, by_type = random.Random(f"{expert}/{split}"), {}
@@ -198,11 +230,34 @@ def test_expert_wins_sample(expert, split):
     _sweep(expert, split, per_type=1)
 
 
+def pytest_generate_tests(metafunc):
+    """The sweeps run on the splits of `--alfworld-splits` (tests/conftest.py)."""
+    if "sweep_split" in metafunc.fixturenames:
+        metafunc.parametrize("sweep_split", [s for s in metafunc.config.getoption("alfworld_splits").split(",") if s])
+
+
+@pytest.fixture(scope="session")
+def split_root(tmp_path_factory):
+    """A root that has a split: DATA, $ALFWORLD_DATA or the shared copy where one has its folder, else
+    one built by ensure_data (train unpacked from the shared archive); skips when none has it."""
+    from dmr.envs import alfworld
+
+    def root(split):
+        for c in (DATA, os.environ.get("ALFWORLD_DATA"), SHARED):
+            if c and (Path(c) / "json_2.1.1" / split).is_dir():
+                return Path(c)
+        built = tmp_path_factory.getbasetemp() / "alfworld-splits"
+        try:
+            return alfworld.ensure_data(str(built), {split: split}, fetch=False)
+        except SystemExit as e:
+            pytest.skip(f"no ALFWorld {split} here: {e}")
+    return root
+
+
 @pytest.mark.sweep
 @pytest.mark.parametrize("expert", ["planner", "handcoded"])
-@pytest.mark.parametrize("split", ["valid_seen", "valid_train"])
-def test_expert_wins_every_game(expert, split):
-    _sweep(expert, split)
+def test_expert_wins_every_game(expert, sweep_split, split_root):
+    _sweep(expert, sweep_split, data=split_root(sweep_split))
 
 
 def test_walkthrough_is_the_clean_planner_episode():
@@ -311,6 +366,9 @@ def test_data_missing_says_how_to_provide_it(tmp_path, monkeypatch):
     from dmr import data
     from dmr.envs import alfworld
 
+    # No source has anything: no ALFWORLD_DATA, and an empty shared copy.
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    monkeypatch.setattr(alfworld, "SHARED_DATA", tmp_path / "shared")
     kw = json.dumps({"data": str(tmp_path / "alfworld"), "splits": SPLITS})
     out = tmp_path / "data.json"
     with pytest.raises(SystemExit, match=r"missing: .*valid_seen.*fetching is off.*alfworld-download.*"
@@ -321,10 +379,63 @@ def test_data_missing_says_how_to_provide_it(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="github.com is not reachable.*ALFWORLD_DATA"):
         data.main(["--env", "alfworld", "--env-kwargs", kw, "--out", str(out)])
     assert not out.exists() and not (tmp_path / "alfworld").exists()
-    # The default mapping needs train and valid_unseen, which the shared copy lacks.
-    with pytest.raises(SystemExit, match=r"missing: .*\{train,valid_unseen\}"):
-        alfworld.ensure_data(str(DATA), None, fetch=False)
+    # The default mapping needs train and valid_unseen, which this root (valid_seen only) lacks: the
+    # message names them; asked for calib only, it checks calib only.
+    root = _layout(tmp_path / "own", valid_seen=DATA / "json_2.1.1/valid_seen")
+    with pytest.raises(SystemExit, match=r"missing: .*\{train,valid_unseen\} \(split train -> train, test -> "
+                                         r"valid_unseen\).*alfworld-download"):
+        alfworld.ensure_data(str(root), None, fetch=False)
+    assert alfworld.ensure_data(str(root), None, fetch=False, keys=["calib"]) == root.resolve()
+    data.main(["--env", "alfworld", "--env-kwargs", json.dumps({"data": str(root)}), "--no-fetch",
+               "--need", "calib=140", "--out", str(out)])
+    assert json.loads(out.read_text())["splits"] == {"calib": {"tasks": 140, "games": 140, "maps_to": "valid_seen"}}
     assert alfworld.ensure_data(str(DATA), SPLITS, fetch=False) == DATA.resolve()
+
+
+@pytest.mark.skipif(not (SHARED / "train.tar.xz").is_file(), reason="needs the shared copy's train.tar.xz")
+def test_data_builds_one_root_from_the_shared_copy(tmp_path, monkeypatch):
+    """config/alfworld.yaml's data: train unpacked from the shared archive and valid_seen linked into
+    a root of our own (idempotent, counted), the test split resolved to valid_unseen only where a
+    source has it, and what the check found recorded in data.json."""
+    from dmr import data
+    from dmr.envs import alfworld
+
+    monkeypatch.delenv("ALFWORLD_DATA", raising=False)
+    monkeypatch.setattr(alfworld, "SHARED_DATA", SHARED)
+    root, out = tmp_path / "data/alfworld", tmp_path / "data.json"
+    args = ["--env", "alfworld", "--env-kwargs", json.dumps({"data": str(root), "splits": PAPER_SPLITS}),
+            "--no-fetch", "--need", "train=1000", "calib=70", "test=all", "--out", str(out)]
+    data.main(args)
+    m = json.loads(out.read_text())
+    assert m["splits"] == {"train": {"tasks": 1000, "games": 3553, "maps_to": "train"},
+                           "calib": {"tasks": 70, "games": 70, "maps_to": "valid_seen[::2]"},
+                           "test": {"tasks": 70, "games": 70, "maps_to": "valid_seen[1::2]"}}
+    games = root / "json_2.1.1"
+    assert not games.joinpath("train").is_symlink() and games.joinpath("valid_seen").is_symlink()
+    assert m["origins"]["train"] == f"unpacked from {SHARED / 'train.tar.xz'}"
+    assert sorted(p.name for p in games.iterdir()) == ["train", "valid_seen"]  # nothing else, no temp folder
+    stamp = games.joinpath("train").stat().st_mtime_ns
+    data.main(args)  # idempotent: nothing unpacked again
+    assert games.joinpath("train").stat().st_mtime_ns == stamp and json.loads(out.read_text()) == m
+    # An unpack found incomplete is redone; a linked split with the wrong count is refused.
+    for trial in sorted(games.glob("train/*/*"))[:3]:
+        import shutil
+
+        shutil.rmtree(trial)
+    assert alfworld.ensure_data(str(root), PAPER_SPLITS, fetch=False) and alfworld.count_games(games / "train") == 3553
+    user = _layout(tmp_path / "user", valid_unseen=(DATA / "json_2.1.1/valid_seen", 5))
+    monkeypatch.setenv("ALFWORLD_DATA", str(user))
+    with pytest.raises(SystemExit, match="'valid_unseen' at .* has 5 playable games, not 134"):
+        data.main(args)
+    # A user's valid_unseen (here 134 games made from valid_seen's) becomes the test split.
+    user = _layout(tmp_path / "user2", valid_unseen=(DATA / "json_2.1.1/valid_seen", 134))
+    monkeypatch.setenv("ALFWORLD_DATA", str(user))
+    data.main(args)
+    m = json.loads(out.read_text())
+    assert m["splits"]["test"] == {"tasks": 134, "games": 134, "maps_to": "valid_unseen"}
+    assert (games / "valid_unseen").resolve() == (user / "json_2.1.1/valid_unseen").resolve()
+    with pytest.raises(SystemExit, match="asks for 71 calib tasks"):
+        data.main(args[:-5] + ["calib=71", "--out", str(out)])
 
 
 def test_fewshot_prefix_by_name():
@@ -401,8 +512,9 @@ def test_alfworld_config_dry_run(tmp_path):
     out = r.stdout + r.stderr
     for rule in ("data", "expert_data", "train_agent", "quantize", "rollout", "kl", "labels", "klst", "evaluate"):
         assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
-    assert "--need calib=70 test=70 train=200" in out
-    assert f"{ROOT.parent / 'shared/data/alfworld'}" in out  # the data path resolved against the repository
+    assert "--need calib=70 test=all train=1000" in out
+    assert "--split test --n all --offset 0" in out and '"test": ["valid_unseen", "valid_seen[1::2]"]' in out
+    assert f'"data": "{ROOT / "data/alfworld"}"' in out  # the data root resolved against the repository
 
 
 @pytest.mark.slow
@@ -417,6 +529,8 @@ def test_micro_alfworld_end_to_end(tmp_path):
     cell = tmp_path / "results/alfworld/tiny"
     manifest = json.loads((tmp_path / "results/alfworld/data.json").read_text())
     assert manifest["versions"]["alfworld"] == importlib.metadata.version("alfworld")
+    test_split = manifest["splits"]["test"]["maps_to"]
+    assert manifest["splits"]["train"]["maps_to"] == "train" and test_split in ("valid_unseen", "valid_seen[1::2]")
     eps = [json.loads(x) for x in (cell / "bc/episodes.jsonl").read_text().splitlines()]
     assert len(eps) == 8 and all(e["steps"][0]["label"].startswith("think: ") for e in eps)
     pool = pl.read_parquet(cell / "bf16/rollouts/full/train/episodes.parquet")
@@ -441,6 +555,8 @@ def test_micro_alfworld_end_to_end(tmp_path):
     assert table["method"].to_list() == ["Full", "Quant", "DMR", "GRPO", "Random"]
     assert set(table["episodes"]) == {3}
     assert f"Game versions: alfworld {manifest['versions']['alfworld']}" in (cell / "tables/main.md").read_text()
+    assert f"Benchmark splits: test = {test_split}." in (cell / "tables/main.md").read_text()
+    assert run["env_splits"]["test"] == test_split
 
 
 def test_tables_never_mix_game_versions(tmp_path):
@@ -459,3 +575,30 @@ def test_tables_never_mix_game_versions(tmp_path):
     c = run("c", {"alfworld": "0.3.5", "textworld": "1.6.1"})
     with pytest.raises(SystemExit, match="different game versions in one table.*0.3.5"):
         env_versions({"Full": [a], "Quant": [c]})
+
+
+def test_tables_name_and_never_mix_benchmark_splits(tmp_path):
+    from dmr.evaluate import env_splits
+
+    def run(name, split, resolved):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "run.json").write_text(json.dumps({"env": "alfworld", "split": split}
+                                               | ({"env_splits": resolved} if resolved else {})))
+        return d / "episodes.parquet"
+
+    unseen = {"train": "train", "calib": "valid_seen[::2]", "test": "valid_unseen"}
+    a, b, household = run("a", "test", unseen), run("b", "test", dict(unseen)), run("h", "test", None)
+    assert env_splits({"Full": [a], "Quant": [b, household]}) == {"test": "valid_unseen"}
+    assert env_splits({"Full": [household]}) == {}
+    c = run("c", "test", unseen | {"test": "valid_seen[1::2]"})
+    with pytest.raises(SystemExit, match=r"different benchmark splits in one table: test: valid_unseen .*valid_seen\[1::2\]"):
+        env_splits({"Full": [a], "Quant": [c]})
+
+
+def test_all_tasks_needs_a_fixed_split(tmp_path):
+    """`--n all` (tasks.test: all) plays every task of a fixed split; a generated benchmark refuses it."""
+    from dmr import agent
+
+    with pytest.raises(SystemExit, match="--n all needs a benchmark with fixed splits; household"):
+        agent.main(["--env", "household", "--n", "all", "--model", "bf16=nowhere", "--out", str(tmp_path / "r")])

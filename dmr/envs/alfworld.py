@@ -20,7 +20,9 @@ order: by a hash of their relative path (default `order="hash"`, so any prefix o
 six task types) or by path (`order="path"`). The protocol splits map onto ALFWorld's with `splits`
 (default train -> train, calib -> valid_seen, test -> valid_unseen, the paper's out-of-distribution
 test split of 134 games). A mapped value may be a Python slice of a split, e.g.
-`{"calib": "valid_seen[:70]", "test": "valid_seen[70:]"}`; mapped splits that share a game are
+`{"calib": "valid_seen[:70]", "test": "valid_seen[70:]"}`, or a list of alternatives of which the
+first one the data root has is used, e.g. `{"test": ["valid_unseen", "valid_seen[1::2]"]}`
+(`resolved_splits` says which, and results record it); mapped splits that share a game are
 refused. ALFWorld's own split names can also be passed to `tasks()` directly.
 
 Episodes. `reset` returns the room description (the "-= Welcome ... =-" banner and the goal line
@@ -53,9 +55,12 @@ few-shot examples (`plan_thought`), then it acts as above: behaviour-cloned agen
 first, as the paper's ReAct agents do, and their KL pools hold think steps for the action-only vs
 all-step calibration.
 
-Data. `ensure_data` checks the game folders of the mapped splits and, where they are missing,
-fetches them with `alfworld-download` if github.com is reachable, else fails saying how to
-provide them (`python -m dmr.data`, the workflow's `data` rule).
+Data. `ensure_data` (`python -m dmr.data`, the workflow's `data` rule) builds one root holding every
+split the mapping uses: a split folder already there is kept, a missing one is linked from
+$ALFWORLD_DATA, else from the shared copy (../shared/data/alfworld: valid_seen and valid_train
+folders, train as train.tar.xz, unpacked), and each is checked against ALFWorld's game count
+(GAMES). A split no source has is fetched with `alfworld-download` where github.com is reachable,
+else the check fails naming the split and how to get it.
 
 Versions. ALFWorld 0.3 and 0.4 differ in the action grammar (`put X in/on Y` vs `move X to Y`) and
 text, so results are not comparable across them: the version is recorded (`alfworld_version`
@@ -107,10 +112,18 @@ _POOL: list = []
 MEMENTO_LIMIT = 20_000  # TextWorld environments of closed AlfWorldEnvs, for reuse (see AlfWorldEnv.close)
 _SLICE = re.compile(r"^(\w+)\[(-?\d*):(-?\d*)(?::(-?\d*))?\]$")
 
+# Playable games per split (AlfredTWEnv's filter), as `alfworld-download` and the shared copy give them.
+GAMES = {"train": 3553, "valid_seen": 140, "valid_unseen": 134, "valid_train": 200}
+# The shared copy beside the project (../shared/data/alfworld): valid_seen and valid_train folders and
+# train.tar.xz, read-only; ensure_data links or unpacks from it into a root of the project's own.
+SHARED_DATA = Path(__file__).absolute().parents[2].parent / "shared" / "data" / "alfworld"
+UNPACKED = ".dmr-unpacked"  # marks a split folder ensure_data unpacked (redone if found incomplete)
+
 HOW_TO_GET_DATA = (
     "ALFWorld's game files are needed: run `alfworld-download` (needs internet; it fills "
-    "$ALFWORLD_DATA, default ~/.cache/alfworld), or point ALFWORLD_DATA (or the env's `data` "
-    "argument) at an existing copy such as ../shared/data/alfworld (relative to the project root).")
+    "$ALFWORLD_DATA, default ~/.cache/alfworld) and point ALFWORLD_DATA (or the env's `data` "
+    "argument) at it, or build a root from the shared copy with `python -m dmr.data` (the workflow's "
+    "`data` rule; it has valid_seen, valid_train and train, not valid_unseen).")
 
 
 def alfworld_version() -> str | None:
@@ -132,7 +145,7 @@ def versions() -> dict:
 
 
 def data_root(data: str | os.PathLike | None = None) -> Path:
-    """The folder `alfworld-download` fills: `data`, else $ALFWORLD_DATA, else alfworld's default
+    """The root the games are read from: `data`, else $ALFWORLD_DATA, else alfworld's default
     (~/.cache/alfworld). It need not exist yet."""
     raw = data if data is not None else os.environ.get("ALFWORLD_DATA") or "~/.cache/alfworld"
     return Path(os.path.expandvars(os.path.expanduser(str(raw)))).resolve()
@@ -148,35 +161,169 @@ def _online(host: str = "github.com", timeout: float = 5.0) -> bool:
         return False
 
 
-def ensure_data(data: str | os.PathLike | None = None, splits: dict | None = None, fetch: bool = True) -> Path:
-    """Make sure the game folders of the mapped `splits` exist under the data root: present ones are
-    only checked; missing ones are fetched with `alfworld-download` where github.com is reachable,
-    and otherwise this fails with how to provide them. Returns the root."""
+def _games_dir(root: Path) -> Path:
+    """A root's split folders: `root/json_2.1.1`, or `root` itself when it is given as json_2.1.1."""
+    return root if root.name == "json_2.1.1" else root / "json_2.1.1"
+
+
+def _sources() -> list[Path]:
+    """Where a missing split is provided from, in order: $ALFWORLD_DATA, then the shared copy."""
+    env = os.environ.get("ALFWORLD_DATA")
+    out = [Path(os.path.expandvars(os.path.expanduser(env)))] if env else []
+    return out + [SHARED_DATA]
+
+
+def alternatives(spec) -> list[str]:
+    """The ALFWorld splits a mapped value names, in order of preference: a split ('valid_seen'), a
+    slice of one ('valid_seen[:70]') or a list of them (the first one the data has is used)."""
+    specs = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not specs:
+        raise ValueError("an ALFWorld split mapping value must name at least one split")
+    for s in specs:
+        AlfWorldEnv._parse_split(s)  # a malformed value fails here, naming itself
+    return specs
+
+
+def count_games(folder: str | os.PathLike) -> int:
+    """Playable games of a split folder (filtered as AlfredTWEnv does)."""
+    return len(_index(str(Path(folder).resolve()), "path"))
+
+
+def _check_count(folder: Path, split: str, origin: str) -> None:
+    n, want = count_games(folder), GAMES.get(split)
+    if want is not None and n != want:
+        raise SystemExit(
+            f"ALFWorld split {split!r} at {folder} ({origin}) has {n} playable games, not {want}: a partial "
+            f"download or unpack, or another ALFWorld release. Remove it and run `alfworld-download` again "
+            f"(or let `python -m dmr.data` unpack the shared archive).")
+
+
+def _unpack(archive: Path, target: Path, split: str) -> None:
+    """Unpack `archive` (json_2.1.1/<split>/... inside) into `target` = <games dir>/<split>, atomically:
+    into a temporary folder beside it, then one rename, so an interrupted unpack leaves no split."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    print(f"unpacking ALFWorld {split} from {archive} into {target}", flush=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".unpack-{split}-", dir=target.parent))
+    except OSError as e:
+        raise SystemExit(f"cannot unpack ALFWorld {split} into {target.parent}: {e}. Point "
+                         "`benchmarks.<name>.env_kwargs.data` at a writable folder (the configs use data/alfworld).")
+    try:
+        with tarfile.open(archive) as tf:
+            tf.extractall(tmp, filter="data")
+        inner = next((p for p in (tmp / "json_2.1.1" / split, tmp / split) if p.is_dir()), None)
+        if inner is None:
+            raise SystemExit(f"{archive} holds no json_2.1.1/{split} folder")
+        (inner / UNPACKED).write_text(f"{archive}\n")
+        try:
+            inner.rename(target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent unpack that got there first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _provide(games: Path, split: str, sources: list[Path]) -> str | None:
+    """Make `games/<split>` a complete split folder: present (counted), else a link to a source's
+    folder, else unpacked from a source's `<split>.tar.xz`. Returns where it came from, None when
+    no source has it."""
+    import shutil
+
+    target = games / split
+    if target.is_dir():
+        origin = f"link to {target.resolve()}" if target.is_symlink() else "present"
+        if (target / UNPACKED).is_file() and split in GAMES and count_games(target) != GAMES[split]:
+            shutil.rmtree(target)  # ours, and incomplete: unpack it again below
+            _index.cache_clear()
+        else:
+            _check_count(target, split, origin)
+            return origin
+    for src in sources:
+        folder = _games_dir(src.resolve()) / split
+        if folder.is_dir() and folder.resolve() != target.resolve():
+            _check_count(folder, split, f"from {src}")
+            try:
+                if target.is_symlink():
+                    target.unlink()  # a link to a folder that is gone
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(folder.resolve(), target_is_directory=True)
+            except OSError as e:
+                raise SystemExit(f"cannot link ALFWorld {split} into {games}: {e}. Point "
+                                 "`benchmarks.<name>.env_kwargs.data` at a writable folder.")
+            return f"link to {folder.resolve()}"
+        archive = src / f"{split}.tar.xz"
+        if archive.is_file():
+            _unpack(archive, target, split)
+            _index.cache_clear()
+            _check_count(target, split, f"unpacked from {archive}")
+            return f"unpacked from {archive.resolve()}"
+    return None
+
+
+def ensure_data(data: str | os.PathLike | None = None, splits: dict | None = None, fetch: bool = True,
+                keys=None, sources: list | None = None) -> Path:
+    """Build one root that holds every ALFWorld split the mapping `splits` (default DEFAULT_SPLITS)
+    uses, or only those of the protocol splits `keys` (ALFWorld split names are taken as they are).
+
+    Each split folder is taken from the root when it is there, else linked from $ALFWORLD_DATA, else
+    from the shared copy (linked, or unpacked from its `<split>.tar.xz`), and its playable games are
+    counted against ALFWorld's (GAMES). A mapped value that lists alternatives uses the first one
+    some source has. Only when a split is nowhere: fetched with `alfworld-download` where github.com
+    is reachable and `fetch` is on, else SystemExit naming the missing splits and how to get them.
+    Idempotent: a second call finds everything in place. Returns the root."""
     import subprocess
 
     root = data_root(data)
-    # The root may also be given as its json_2.1.1 folder (as AlfWorldEnv accepts).
-    games = root if root.name == "json_2.1.1" else root / "json_2.1.1"
-    needed = sorted({AlfWorldEnv._parse_split(v)[0] for v in (DEFAULT_SPLITS if splits is None else splits).values()})
-    missing = [s for s in needed if not (games / s).is_dir()]
-    if not missing:
-        return root
-    where = f"{root}/json_2.1.1/{{{','.join(missing)}}}"
-    if not fetch or not _online():
+    games = _games_dir(root)
+    mapping = dict(DEFAULT_SPLITS if splits is None else splits)
+    keys = list(mapping) if keys is None else list(keys)
+    wanted = {}
+    for k in keys:
+        if k not in mapping and AlfWorldEnv._parse_split(k)[0] != k:
+            raise ValueError(f"unknown split {k!r}; mapped: {sorted(mapping)}")
+        wanted[k] = [AlfWorldEnv._parse_split(s)[0] for s in alternatives(mapping.get(k, k))]
+    sources = _sources() if sources is None else [Path(s) for s in sources]
+
+    def provide_all(srcs):
+        return {k: names for k, names in wanted.items() if not any(_provide(games, n, srcs) for n in names)}
+
+    missing = provide_all(sources)
+    if missing and fetch and _online():
+        target = data_root(None)  # alfworld-download's own folder, linked from there
+        print(f"fetching ALFWorld game files into {target} (alfworld-download)", flush=True)
+        subprocess.run(["alfworld-download", "--data-dir", str(target)], check=True)
+        missing = provide_all([target, *sources])
+        if missing:
+            raise SystemExit(f"alfworld-download finished but {_games_dir(target)} lacks {missing}")
+    if missing:
+        names = sorted({n for ns in missing.values() for n in ns})
+        why = "fetching is off" if not fetch else ("github.com is not reachable, so alfworld-download cannot "
+                                                   "fetch them")
         raise SystemExit(
-            f"ALFWorld game files are missing: {where} (splits {missing}), and "
-            f"{'fetching is off' if not fetch else 'github.com is not reachable, so alfworld-download cannot fetch them'}. "
-            "Provide them: run `alfworld-download --data-dir DIR` on a machine with internet and copy DIR here, "
-            "then point ALFWORLD_DATA at it or set `benchmarks.<name>.env_kwargs.data` in the config "
-            "(relative paths are relative to the repository; the shared copy is ../shared/data/alfworld, "
-            "which has valid_seen and valid_train only: map the splits onto those with env_kwargs.splits).")
-    print(f"fetching ALFWorld game files into {root} (alfworld-download)", flush=True)
-    subprocess.run(["alfworld-download", "--data-dir", str(root.parent if root.name == "json_2.1.1" else root)],
-                   check=True)
-    still = [s for s in needed if not (games / s).is_dir()]
-    if still:
-        raise SystemExit(f"alfworld-download finished but {games} lacks {still}")
+            f"ALFWorld game files are missing: {games}/{{{','.join(names)}}} (split "
+            + ", ".join(f"{k} -> {'|'.join(ns)}" for k, ns in missing.items())
+            + f"), no source has them (looked in: root, {', '.join(map(str, sources))}), and {why}. "
+            "Provide them: run `alfworld-download --data-dir DIR` (valid_unseen, the paper's test split, "
+            "comes only from there) on a machine with internet, copy DIR here, then point ALFWORLD_DATA at "
+            "it (or set `benchmarks.<name>.env_kwargs.data`; relative paths are relative to the repository). "
+            f"The shared copy {SHARED_DATA} has valid_seen, valid_train and train ({SHARED_DATA}/train.tar.xz).")
     return root
+
+
+def split_origins(root: str | os.PathLike) -> dict[str, str]:
+    """Where each split folder of a root comes from: the archive it was unpacked from, or the folder
+    (a link's target)."""
+    games, out = _games_dir(Path(root)), {}
+    for s in ALFWORLD_SPLITS:
+        if (games / s).is_dir():
+            marker = games / s / UNPACKED
+            out[s] = f"unpacked from {marker.read_text().strip()}" if marker.is_file() else str((games / s).resolve())
+    return out
 
 
 def fewshot(path: str | Path = FEWSHOT_PATH) -> str:
@@ -330,8 +477,8 @@ class AlfWorldEnv:
                 raise ValueError(f"task_types must be a non-empty subset of {sorted(TASK_TYPES.values())}, "
                                  f"got {task_types!r}")
         self.splits = dict(DEFAULT_SPLITS if splits is None else splits)
-        for k, v in self.splits.items():
-            self._parse_split(v)  # fail early on a malformed mapping
+        for v in self.splits.values():
+            alternatives(v)  # fail early on a malformed mapping
         self.root = _resolve_root(data)
         self.alfworld_version = alfworld_version()
         self.versions = versions()
@@ -357,10 +504,22 @@ class AlfWorldEnv:
                              "optionally sliced, e.g. 'valid_seen[:70]'")
         return name, sl
 
+    def mapped(self, split: str) -> str:
+        """The mapped value a protocol split resolves to: of a list of alternatives, the first whose
+        folder the data root has (the first when none has one, so its absence is what is reported)."""
+        specs = alternatives(self.splits[split])
+        return next((s for s in specs if (self.root / self._parse_split(s)[0]).is_dir()), specs[0])
+
+    @property
+    def resolved_splits(self) -> dict[str, str]:
+        """Each protocol split's resolved mapping, e.g. {"test": "valid_unseen", ...}: recorded with
+        results, since a mapping with alternatives depends on the data."""
+        return {k: self.mapped(k) for k in self.splits}
+
     def resolve(self, split: str) -> tuple[str, slice]:
         """The ALFWorld split (and slice of it) that a protocol or ALFWorld split name refers to."""
         if split in self.splits:
-            return self._parse_split(self.splits[split])
+            return self._parse_split(self.mapped(split))
         if split in ALFWORLD_SPLITS:
             return split, slice(None)
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(self.splits)} "
@@ -371,9 +530,10 @@ class AlfWorldEnv:
         name, sl = self.resolve(split)
         folder = self.root / name
         if not folder.is_dir():
+            spec = "|".join(alternatives(self.splits[split])) if split in self.splits else split
             raise FileNotFoundError(f"ALFWorld split folder {str(folder)!r} is missing (split {split!r} -> "
-                                    f"{name!r}). {HOW_TO_GET_DATA} The shared copy has only valid_seen and "
-                                    "valid_train; map the protocol splits onto those with `splits=`.")
+                                    f"{spec}). {HOW_TO_GET_DATA} Or map the protocol splits onto the splits "
+                                    "the data has with `splits=`.")
         games = list(_index(str(folder), self.order))
         if self.task_types is not None:
             games = [g for g in games if task_type_of(g) in self.task_types]

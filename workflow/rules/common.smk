@@ -187,7 +187,13 @@ def data_need(w):
     """--need of the data check: the tasks of each protocol split this config plays."""
     b, routed = bench(w), any(cell_cfg(c)["route"] for c in config["cells"] if c["benchmark"] == w.benchmark)
     seeds = max(config["evaluate"]["seeds"]) + 1 if b["tasks_per_seed"] == "distinct" else 1
-    need = {"calib": b["tasks"]["calib"], "test": b["tasks"]["test"] * seeds}
+    test = b["tasks"]["test"]
+    # Agent selection (models trained here) plays calibration tasks too.
+    cells = [c for c in config["cells"] if c["benchmark"] == w.benchmark]
+    models = [config["models"][c["model"]] for c in cells]
+    select = [m.get("select", {}).get("tasks", 0) for m in models if m["source"] == "train"]
+    calib = max([b["tasks"]["calib"], *select])
+    need = {"calib": calib, "test": test if test == "all" else test * seeds}
     need |= {"train": ROUTE["kl_tasks"]} if routed else {}
     return " ".join(f"{k}={v}" for k, v in need.items())
 
@@ -227,7 +233,8 @@ def calibration(w):
 def run_tasks(w):
     """--split, --n, --offset of a run: seed s of a generated pool plays test tasks [s*n, (s+1)*n)."""
     b, kl_tasks, seed = bench(w), ROUTE["kl_tasks"], int(w.run[4:]) if w.run.startswith("seed") else 0
-    test = ("test", b["tasks"]["test"], seed * b["tasks"]["test"] * (b["tasks_per_seed"] == "distinct"))
+    n = b["tasks"]["test"]  # `all` only with tasks_per_seed: same (checked at load)
+    test = ("test", n, 0 if n == "all" else seed * n * (b["tasks_per_seed"] == "distinct"))
     split, n, offset = {
         "train": ("train", kl_tasks, 0),
         "dagger": ("train", ROUTE["dagger"]["tasks"], kl_tasks),  # the training tasks after the KL pool's
