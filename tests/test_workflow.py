@@ -54,6 +54,15 @@ def test_cells_must_name_defined_benchmarks(tmp_path):
     assert r.returncode != 0 and "unknown benchmark 'houshold'" in r.stdout + r.stderr
 
 
+def test_router_width_must_split_into_heads(tmp_path):
+    """A model's router width (models.NAME.router over route.router) is checked before any job runs."""
+    cfg = write_config(tmp_path, lambda c: c["models"]["tiny"].__setitem__("router", {"d_model": 130}))
+    r = snakemake("-n", "--configfile", str(cfg), cwd=tmp_path)
+    assert r.returncode != 0
+    assert "the router of model 'tiny' (route.router, models.tiny.router): d_model 130 is not a multiple of heads 4" \
+        in r.stdout + r.stderr
+
+
 def test_lint_is_clean():
     r = subprocess.run([*SNAKEMAKE, "--lint"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr

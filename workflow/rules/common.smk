@@ -98,6 +98,13 @@ def _check_config():
         )
     if missing := sorted(set(ROUTE["baseline_budgets"]) - set(ROUTE["budgets"])):
         raise ValueError(f"route.baseline_budgets {missing} are not in route.budgets: baselines match a DMR run")
+    for name in sorted({c["model"] for c in config["cells"]}):
+        r = ROUTE["router"] | config["models"][name].get("router", {})
+        if "d_model" in r and "heads" in r and r["d_model"] % r["heads"]:
+            raise ValueError(
+                f"the router of model {name!r} (route.router, models.{name}.router): d_model {r['d_model']} "
+                f"is not a multiple of heads {r['heads']}"
+            )
 
 
 _check_config()
@@ -334,15 +341,20 @@ def latency(w):
         coeffs = coeffs[key]
     args += [f"--source {cfg['source']}"] + [f"--coefficients {as_json(coeffs)}"] * bool(coeffs)
     args += ["--no-w3-projection"] * (not cfg["w3_projection"]) + [f"--replay {cfg['replay_episodes']}"]
-    arch = as_json(router_arch(ROUTE["router"]))
+    arch = as_json(router_arch(router_cfg(w)))
     args += [f"--router-steps {routed_steps(w)}", f"--arch {arch}", f"--shards {SHARDS}"]
     return inputs, " ".join(args)
+
+
+def router_cfg(w):
+    """route.router of a cell: its model's `router` width (models.NAME.router) over route.router."""
+    return ROUTE["router"] | model_cfg(w).get("router", {})
 
 
 def ablation_router(w, variant):
     """A variant's router: with the cell's own setting the cell's router, unless `ablation.train` differs:
     then the variant `base`, trained once more on that budget, so every point had the same training."""
-    r = ROUTE["router"]
+    r = router_cfg(w)
     # An encoder variant has its own window (text 50, proposal 1): the cell's router only where they agree.
     same = r["window"] == (50 if r["encoder"] == "text" else 1)
     if variant in (f"depth{r['layers']}", "tau-auto", "steps-ao") or (same and variant == f"encoder-{r['encoder']}"):
@@ -354,7 +366,7 @@ def ablation_router(w, variant):
 
 def klst_args(w):
     """dmr.klst's router options: the cell's, or an ablation variant's with its one change."""
-    variant, arch, steps = w.get("variant") or "", router_arch(ROUTE["router"]), routed_steps(w)
+    variant, arch, steps = w.get("variant") or "", router_arch(router_cfg(w)), routed_steps(w)
     extra = [f"--tau-point {variant[len('tau-'):]}" if variant.startswith("tau-") else ""] * bool(variant)
     if variant.startswith("depth"):
         arch["layers"] = int(variant[len("depth") :])
