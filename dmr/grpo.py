@@ -230,9 +230,11 @@ def curve_figure(curve: pl.DataFrame, title: str, path: Path) -> None:
 
 def iteration_tasks(env, n: int, start: int, pool: int | None) -> list:
     """n training tasks from `start`, wrapping around a training split of `pool` tasks: iterations
-    after the KL pool may ask for more tasks than the split has left."""
-    if hasattr(env, "split_size"):  # a fixed benchmark split (ALFWorld games) is what it is
-        pool = min(pool or env.split_size("train"), env.split_size("train"))
+    after the KL pool may ask for more tasks than the split has left. A fixed benchmark split
+    (ALFWorld's games) wraps at its own size, not at `pool`: the config's training-task count is
+    what the agent and the KL pool use, and wrapping there would replay the KL pool's games."""
+    if hasattr(env, "split_size"):
+        pool = env.split_size("train")
     if not pool:
         return env.tasks("train", n, start)
     out = []

@@ -165,6 +165,22 @@ def test_iteration_tasks_wrap_around_the_training_split():
     assert [t.index for t in iteration_tasks(env, 3, 25, pool=12)] == [t.index for t in env.tasks("train", 3, 1)]
 
 
+def test_iteration_tasks_of_a_fixed_split_skip_the_kl_pool():
+    """A fixed split (ALFWorld: 3553 train games) with a KL pool of its first 1000 tasks: GRPO's
+    tasks start after the pool and wrap at the split's size, never back into the pool early."""
+    from dmr.grpo import iteration_tasks
+
+    class Fixed:
+        def split_size(self, split):
+            return 30
+
+        def tasks(self, split, n, offset=0):
+            return list(range(offset, offset + n))
+
+    assert iteration_tasks(Fixed(), 4, 10, pool=10) == [10, 11, 12, 13]
+    assert iteration_tasks(Fixed(), 4, 28, pool=10) == [28, 29, 0, 1]
+
+
 def test_grpo_router_decides_the_step_types_it_is_given(tmp_path):
     """App. C.1: KL-ST routes WebShop's click steps only; GRPO, given search and click, samples a
     precision for both, and its saved router keeps those types for evaluation."""
