@@ -2,7 +2,8 @@
 
 The agent talks to this server as to any OpenAI-compatible LLM. For each request the proxy rebuilds
 the episode's step context from the request itself, asks the router, and forwards the request to
-the high-precision or the low-precision backend; the chosen precision comes back in the
+the backend of the precision it chose (bf16 and one low precision, or more with a router of more
+classes: one `--upstream NAME=URL` per precision); the chosen precision comes back in the
 `X-DMR-Precision` header (with `X-DMR-Score`, the router's high-precision score, `X-DMR-Router-Ms`
 the router call's time, `X-DMR-Batch` its number of contexts and `X-DMR-Wait-Ms` the time the
 request waited for it) and in the body's `dmr` field. Concurrent requests arriving within
@@ -260,10 +261,15 @@ def step_type(admissible: list[str]) -> str:
 class Proxy:
     """Routing state shared by all requests: the router, its per-episode cache, the metrics."""
 
-    def __init__(self, router, high, low, style: "React | None" = None, max_episodes: int = 4096,
+    def __init__(self, router, upstreams: list, style: "React | None" = None, max_episodes: int = 4096,
                  instruct: Instruct | None = None, batch_window_ms: float = BATCH_WINDOW_MS):
-        self.router, self.high, self.low = router, high, low
+        """`upstreams`: one backend per router precision, in the router's order (bf16 first)."""
+        self.router = router
         self.precisions = list(router.precisions)
+        if len(upstreams) != len(self.precisions):
+            raise ValueError(f"the router chooses among {self.precisions}: give one upstream per precision, "
+                             f"got {len(upstreams)}")
+        self.upstreams = dict(zip(self.precisions, upstreams))
         self.style = style or React()
         self.instruct = instruct or Instruct()
         if self.instruct.window <= 0:
@@ -329,7 +335,7 @@ class Proxy:
         t0 = time.perf_counter()
         precision, score, ms, batch, started = self.batcher.submit(ctx) if self.batcher else self.decide([ctx])[0]
         wait = 1000 * (started - t0)
-        target = self.high if precision == self.precisions[0] else self.low
+        target = self.upstreams[precision]
         headers = {"X-DMR-Precision": precision, "X-DMR-Score": "" if score is None else f"{score:.6f}",
                    "X-DMR-Router-Ms": f"{ms:.3f}", "X-DMR-Batch": str(batch), "X-DMR-Wait-Ms": f"{wait:.3f}",
                    "X-DMR-Episode": ctx.episode}
@@ -358,7 +364,7 @@ class Proxy:
             while len(self.episodes) > self.max_episodes:  # bound the caches of abandoned episodes
                 old = self.episodes.popleft()
                 self.router.end_session(old)
-                for u in (self.high, self.low):
+                for u in self.upstreams.values():
                     u.end(old)
         return [(precision, score, ms, len(contexts), t0) for precision, score in zip(choice, scores)]
 
@@ -452,7 +458,7 @@ def app(proxy: Proxy, api_key: str | None = None):
 
     @api.get("/health")
     async def health():
-        ok = proxy.high.healthy() and proxy.low.healthy()
+        ok = all(u.healthy() for u in proxy.upstreams.values())
         return JSONResponse({"status": "ok" if ok else "degraded"}, status_code=200 if ok else 503)
 
     @api.get("/metrics")
@@ -477,9 +483,41 @@ def start_background(proxy: Proxy, host: str = "127.0.0.1", api_key: str | None 
     return f"http://{host}:{port}", server
 
 
-def build(router_dir: str, high: str, low: str, budget: float | None = None, calibration: str | None = None,
-          threshold: float | None = None, prefix: str = "", pace: float | None = None, burst: float = 0.0,
-          instruct_window: int = 4, batch_window_ms: float = BATCH_WINDOW_MS, **backend_kwargs) -> Proxy:
+def upstream_specs(router_precisions: list[str], high: str | None = None, low: str | None = None,
+                   named: list[str] | None = None) -> list[str]:
+    """One backend spec per router precision, in the router's order: from `--upstream NAME=SPEC`
+    (repeated; any number of precisions) or the two-precision shorthand `--high`/`--low`."""
+    if named and (high or low):
+        raise SystemExit("give --upstream NAME=URL per precision, or --high and --low, not both")
+    if not named:
+        if not (high and low):
+            raise SystemExit(f"give --upstream NAME=URL for each of the router's precisions {router_precisions} "
+                             "(or --high and --low for a two-precision router)")
+        if len(router_precisions) != 2:
+            raise SystemExit(f"the router chooses among {router_precisions}: --high/--low name two backends; "
+                             "give --upstream NAME=URL for each precision")
+        return [high, low]
+    by_name = {}
+    for item in named:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise SystemExit(f"--upstream {item!r}: expected NAME=URL or NAME=CHECKPOINT")
+        if name in by_name:
+            raise SystemExit(f"--upstream {name} given twice")
+        by_name[name] = spec
+    if set(by_name) != set(router_precisions):
+        missing, extra = sorted(set(router_precisions) - set(by_name)), sorted(set(by_name) - set(router_precisions))
+        raise SystemExit(f"the router chooses among {router_precisions}: "
+                         + "; ".join(x for x in (f"no --upstream for {missing}" if missing else "",
+                                                 f"--upstream for unknown precisions {extra}" if extra else "") if x))
+    return [by_name[p] for p in router_precisions]
+
+
+def build(router_dir: str, high: str | None = None, low: str | None = None, budget: float | None = None,
+          calibration: str | None = None, threshold: float | None = None, prefix: str = "", pace: float | None = None,
+          burst: float = 0.0, instruct_window: int = 4, batch_window_ms: float = BATCH_WINDOW_MS,
+          upstreams: list[str] | None = None, **backend_kwargs) -> Proxy:
+    """`upstreams`: NAME=SPEC per router precision; `high`/`low`: the two-precision shorthand."""
     if (threshold is None) == (budget is None):
         raise SystemExit("give exactly one of --budget (with the router's calibration.json) and --threshold")
     if budget is not None:
@@ -493,7 +531,8 @@ def build(router_dir: str, high: str, low: str, budget: float | None = None, cal
     router = load_router(router_dir, threshold=threshold)
     if pace is not None:
         router.set_pace(pace, burst)
-    return Proxy(router, upstream(high, **backend_kwargs), upstream(low, **backend_kwargs), React(prefix=prefix),
+    specs = upstream_specs(list(router.precisions), high, low, upstreams)
+    return Proxy(router, [upstream(spec, **backend_kwargs) for spec in specs], React(prefix=prefix),
                  instruct=Instruct(window=instruct_window), batch_window_ms=batch_window_ms)
 
 
@@ -503,8 +542,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 parents=[cli.backend(choose=False), cli.pacing()])
     p.add_argument("--router", required=True, help="trained router directory (dmr.klst)")
-    p.add_argument("--high", required=True, help="high-precision backend: URL of an OpenAI-compatible server, or a checkpoint")
-    p.add_argument("--low", required=True, help="low-precision backend: URL or checkpoint")
+    p.add_argument("--upstream", action="append", default=None, metavar="NAME=URL",
+                   help="the backend of one router precision (repeat for each: bf16=http://..., w4=..., w3=...): URL of "
+                        "an OpenAI-compatible server, or a checkpoint")
+    p.add_argument("--high", default=None, help="two-precision shorthand: the high-precision backend (URL or checkpoint)")
+    p.add_argument("--low", default=None, help="two-precision shorthand: the low-precision backend (URL or checkpoint)")
     p.add_argument("--budget", type=float, default=None, help="high-precision budget K (threshold from calibration.json)")
     p.add_argument("--calibration", default=None, help="calibration.json (default: the router directory's)")
     p.add_argument("--threshold", type=float, default=None, help="a fixed router threshold instead of --budget")
@@ -523,7 +565,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     api_key = api_key_of(a.api_key)
     proxy = build(a.router, a.high, a.low, a.budget, a.calibration, a.threshold, a.prefix, a.pace, a.burst,
-                  a.instruct_window, a.batch_window_ms, **json.loads(a.backend_kwargs))
+                  a.instruct_window, a.batch_window_ms, a.upstream, **json.loads(a.backend_kwargs))
     print(f"routing between {proxy.precisions} at threshold {proxy.router.threshold:.4f} on http://{a.host}:{a.port}"
           f" ({'API key required' if api_key else 'no API key'})")
     if not api_key and a.host not in ("127.0.0.1", "localhost", "::1"):

@@ -160,12 +160,12 @@ def test_streaming_through_openai_client_equals_the_whole_answer(proxy_url):
 
 
 def _events(text: str) -> list:
-    """The events of a stream, each chunk without its per-request id."""
+    """The events of a stream, each chunk without its per-request id and creation second."""
     out = []
     for e in text.split("\n\n"):
         if e:
             data = e.removeprefix("data: ")
-            out.append(data if data == "[DONE]" else {k: v for k, v in json.loads(data).items() if k != "id"})
+            out.append(data if data == "[DONE]" else {k: v for k, v in json.loads(data).items() if k not in ("id", "created")})
     return out
 
 
@@ -174,7 +174,7 @@ def test_an_http_backend_stream_is_passed_through(proxy_url):
     from dmr.serve import HTTPUpstream, Proxy, start_background
 
     url, router_dir, _ = proxy_url
-    front = Proxy(load_router(router_dir, threshold=0.5), HTTPUpstream(url), HTTPUpstream(url))
+    front = Proxy(load_router(router_dir, threshold=0.5), [HTTPUpstream(url), HTTPUpstream(url)])
     front_url, server = start_background(front)
     try:
         for headers in _streamed(front_url):
@@ -254,7 +254,7 @@ def test_shop_episode_through_instruct_chat_matches_in_process_router(proxy_url,
     probe = load_router(tmp_path)
     clicks = sorted(s for c in contexts for s in probe.scores([c]) if c.step_type == "click")
     threshold = (clicks[len(clicks) // 2 - 1] + clicks[len(clicks) // 2]) / 2  # both precisions get used
-    proxy = Proxy(load_router(tmp_path, threshold=threshold), base.high, base.low, instruct=Instruct(window=2))
+    proxy = Proxy(load_router(tmp_path, threshold=threshold), list(base.upstreams.values()), instruct=Instruct(window=2))
     url, server = start_background(proxy)
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     style = prompts.get("instruct", window=2)
@@ -339,7 +339,7 @@ def test_concurrent_requests_share_one_router_call(proxy_url, window_ms):
     scores = sorted(load_router(router_dir).scores([StepContext(t.key, 0, e.goal, [], e.first, [], first=e.first)
                                                     for t, e in zip(tasks, eps)]))
     threshold = (scores[1] + scores[2]) / 2  # both precisions, no score at the boundary
-    proxy = Proxy(load_router(router_dir, threshold=threshold), base.high, base.low, batch_window_ms=window_ms)
+    proxy = Proxy(load_router(router_dir, threshold=threshold), list(base.upstreams.values()), batch_window_ms=window_ms)
     calls, local, seen = _counted(proxy), load_router(router_dir, threshold=threshold), set()
     for step in range(2):  # every episode's first step, then its second
         got = _concurrently(proxy, [(style.render(None, e), t.key) for t, e in zip(tasks, eps)])
@@ -365,7 +365,7 @@ def test_requests_of_one_episode_never_share_a_router_call(proxy_url):
     a, b = env.tasks("test", 2)
     ea, eb = (Episode(o.goal, o.text, [], o.admissible) for o in (env.reset(a), env.reset(b)))
     ea1 = Episode(ea.goal, ea.first, [("look", "You are in the middle of a room.")])
-    proxy = Proxy(load_router(router_dir, threshold=0.5), base.high, base.low, batch_window_ms=1000)
+    proxy = Proxy(load_router(router_dir, threshold=0.5), list(base.upstreams.values()), batch_window_ms=1000)
     calls = _counted(proxy)
     got = _concurrently(proxy, [(style.render(None, ea), "A"), (style.render(None, eb), "B"),
                                 (style.render(None, ea1), "A")], stagger=0.05)
@@ -374,3 +374,59 @@ def test_requests_of_one_episode_never_share_a_router_call(proxy_url):
     for (_, score, step, _), (key, ep) in zip(got, [("A", ea), ("B", eb), ("A", ea1)]):
         local.decide([StepContext(key, len(ep.history), ep.goal, ep.history, ep.observation, [], first=ep.first)])
         assert step == len(ep.history) and score == pytest.approx(local.last_scores[0], abs=1e-5)
+
+
+def test_three_precisions_three_upstreams(tiny_world, noisy_model, tmp_path):
+    """A router of three classes behind one endpoint, one upstream per precision (`--upstream
+    NAME=SPEC`): each request, sent with the openai client, reaches the upstream of the precision
+    the in-process router picks, and the header names it."""
+    from openai import OpenAI
+
+    from dmr.serve import build, start_background, upstream_specs
+
+    _, _, model = tiny_world
+    env, style = envs.make("household", max_steps=6), prompts.get("react")
+    contexts, eps = [], []
+    for task in env.tasks("test", 12):
+        first = env.reset(task)
+        eps.append((task.key, Episode(first.goal, first.text, [], first.admissible)))
+        contexts.append(StepContext(task.key, 0, first.goal, [], first.text, first.admissible, first=first.text))
+    # An untrained net whose w4-vs-w2 preference is one feature's sign, centred on these states, so
+    # that both low classes occur; a threshold between the bf16 scores, so that bf16 occurs.
+    torch.manual_seed(3)
+    net = RouterNet(n_classes=3, layers=1, window=8)
+    with torch.no_grad():
+        net.head.weight[2], net.head.bias[1:] = -net.head.weight[1], 0.0
+        save_router(net, tmp_path, ["bf16", "w4", "w2"])
+        probe = load_router(tmp_path)
+        p = torch.tensor(probe._probs(probe._embeddings(contexts)))
+        gap = (p[:, 1].log() - p[:, 2].log()).median()
+        net.head.bias[1], net.head.bias[2] = -gap / 2, gap / 2
+    save_router(net, tmp_path, ["bf16", "w4", "w2"])
+    proxy = build(str(tmp_path), threshold=0.5,
+                  upstreams=[f"w2={noisy_model}", f"bf16={model}", f"w4={noisy_model}"])
+    reached = []
+    for name, u in proxy.upstreams.items():  # record which upstream answers each request
+        u.completions = (lambda f, n: lambda body, ep: (reached.append(n), f(body, ep))[1])(u.completions, name)
+    local = load_router(tmp_path, threshold=0.5)
+    scores = sorted(load_router(tmp_path).scores(contexts))
+    local.threshold = proxy.router.threshold = scores[len(scores) // 3]
+    expect = [local.decide([c])[0] for c in contexts]
+    url, server = start_background(proxy)
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        got = [client.completions.with_raw_response.create(
+            model="dmr", prompt=style.render(None, ep), max_tokens=4, temperature=0, stop=["\n"],
+            extra_headers={"X-DMR-Episode": key}).headers["x-dmr-precision"] for key, ep in eps]
+    finally:
+        server.should_exit = True
+    assert got == expect and reached == expect
+    assert set(expect) == {"bf16", "w4", "w2"}
+    # The CLI's mapping: by name, in the router's order; the two-precision shorthand only for two.
+    assert upstream_specs(["bf16", "w4", "w2"], named=["w2=c", "bf16=a", "w4=b"]) == ["a", "b", "c"]
+    with pytest.raises(SystemExit, match=r"no --upstream for \['w2'\]"):
+        upstream_specs(["bf16", "w4", "w2"], named=["bf16=a", "w4=b"])
+    with pytest.raises(SystemExit, match="--high/--low name two backends"):
+        upstream_specs(["bf16", "w4", "w2"], "a", "b")
+    with pytest.raises(SystemExit, match="expected NAME=URL"):
+        upstream_specs(["bf16", "w4"], named=["bf16"])
