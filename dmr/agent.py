@@ -87,6 +87,7 @@ class _Step:
     llm_time: float
     router_time: float
     env_time: float
+    route_probs: list | None = None  # a router over > 2 precisions: its distribution (dmr.routing)
 
     @property
     def action(self) -> str:
@@ -117,6 +118,7 @@ class _Executor:
         decisions = router.decide(contexts)
         router_time = (time.perf_counter() - t0) / len(active)
         scores = getattr(router, "last_scores", None)
+        probs = getattr(router, "last_probs", None)
         probed = getattr(router, "last_kl", None)  # dmr.policies.KLProbe: measured, not acted on
         # A router that already decoded a step (the KL oracle's bf16 proposal) hands it over.
         ready = getattr(router, "generations", None) or {}
@@ -142,13 +144,14 @@ class _Executor:
         # Lazily: each shard acts once the previous one's step is recorded, its episode ended.
         for i, s in enumerate(active):
             yield self._act(s, outputs[i], decisions[i], None if scores is None else scores[i],
-                            None if probed is None else probed[i], call_time[i], router_time)
+                            None if probed is None else probed[i], call_time[i], router_time,
+                            None if probs is None else probs[i])
 
-    def _act(self, s: _Shard, g, precision, score, kl, llm_time, router_time) -> _Step:
+    def _act(self, s: _Shard, g, precision, score, kl, llm_time, router_time, probs=None) -> _Step:
         parsed = self.style.parse(g.text)
         t0 = time.perf_counter()
         tr = s.env.step(parsed if parsed is not None else g.text.strip())
-        return _Step(precision, g, parsed, tr, score, kl, llm_time, router_time, time.perf_counter() - t0)
+        return _Step(precision, g, parsed, tr, score, kl, llm_time, router_time, time.perf_counter() - t0, probs)
 
     @staticmethod
     def advance(s: _Shard, st: _Step) -> None:
@@ -187,7 +190,10 @@ class _Recorder:
             # matching and the budget can know of a step (an ALFWorld think step is announced as
             # an action; it shows itself only in what the model writes).
             "announced_type": s.step_type,
-            "route_score": st.route_score, "true_kl": st.true_kl,
+            "route_score": st.route_score,
+            # Only a router over > 2 precisions gives it (a step it did not decide: the column's null).
+            **({"route_probs": st.route_probs} if st.route_probs is not None else {}),
+            "true_kl": st.true_kl,
             "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
             "llm_time": st.llm_time, "router_time": st.router_time, "env_time": st.env_time,
             "step_time": st.step_time, "done": tr.done, "won": tr.won}) + "\n")

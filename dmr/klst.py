@@ -12,6 +12,13 @@ of other training tasks with each step's true KL measured (dmr.agent --probe-kl)
 only holds states bf16 reaches; a routed agent that took a wrong low-precision action is somewhere
 bf16 never goes, and a router trained on bf16 states alone scores those states by their surface
 (late, "Nothing happens.") and spends its budget there. The same tau labels them.
+
+More than one low precision (`--precisions bf16 LOW_1 .. LOW_L`, ordered by falling cost, with one
+KL pool and one threshold.json per low precision, in that order): the pools score the same bf16
+rollout and are joined on (task, step); a step's class is the cheapest low precision whose KL stays
+at or below its own tau, else bf16 (dmr.labels.precision_labels), and the same class-weighted CE
+runs over all L + 1 classes. DAgger and the single-pool tau options (--sweep, --tau-point,
+--label-set) are two-precision only.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dmr.labels import precision_labels
 from dmr.router import (ENCODER_QUANTS, ENCODERS, PROPOSAL, ProposalEncoder, Router, RouterNet, StepEncoder, pad_windows,
                         param_count)
 from dmr.routing import replay_contexts, step_text
@@ -105,11 +113,15 @@ def features(encoder, kind: str, rollout: Path | None, df, progress: bool = True
     return encoder.encode(uniq, progress=progress)[[where[t] for t in texts]]
 
 
-def windows(df, window: int, eligible: list[str]) -> tuple[list[list[int]], list[int]]:
-    """For each eligible row with a KL: the row indices of its episode's last `window` steps up to it."""
+def windows(df, window: int, eligible: list[str], kl: tuple = ("kl",)) -> tuple[list[list[int]], list[int]]:
+    """For each eligible row with a KL (in every column of `kl`): the row indices of its episode's
+    last `window` steps up to it."""
     tasks, types = df["task"].to_list(), df["step_type"].to_list()
     # A DAgger run's steps without a measured KL (dagger_table) are context, not examples.
-    labelled = df["kl"].is_not_null().to_list() if "kl" in df.columns else [True] * len(tasks)
+    labelled = [True] * len(tasks)
+    for col in kl:
+        if col in df.columns:
+            labelled = [a and b for a, b in zip(labelled, df[col].is_not_null().to_list())]
     out, rows, start = [], [], 0
     for r in range(len(tasks)):
         if r and tasks[r] != tasks[r - 1]:
@@ -145,7 +157,7 @@ def train(net, emb, wins, y, train_idx, val_idx, epochs: int, bs: int, lr: float
     g = random.Random(seed)
     torch.manual_seed(seed)
     y = torch.as_tensor(y, dtype=torch.long)
-    weights = class_weights(y[train_idx], 2)
+    weights = class_weights(y[train_idx], net.n_classes)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(train_idx) / bs)
@@ -175,7 +187,7 @@ def train(net, emb, wins, y, train_idx, val_idx, epochs: int, bs: int, lr: float
             sched.step()
             total += loss.item() * len(idx)
         pred_val = predict(net, emb, [wins[i] for i in val_idx]).argmax(-1) if len(val_idx) else torch.zeros(0)
-        bacc = balanced_accuracy(pred_val, y[val_idx]) if len(val_idx) else float("nan")
+        bacc = balanced_accuracy(pred_val, y[val_idx], net.n_classes) if len(val_idx) else float("nan")
         history.append({"epoch": epoch, "train_loss": total / max(1, len(order)), "val_bacc": bacc})
         bar.set_postfix(loss=f"{total / max(1, len(order)):.3f}", val_bacc=f"{bacc:.3f}")
         if not (bacc <= best["val_bacc"]):  # also takes the first epoch when bacc is nan
@@ -192,6 +204,37 @@ def train(net, emb, wins, y, train_idx, val_idx, epochs: int, bs: int, lr: float
     net.load_state_dict(best.pop("state"))
     return {**best, "class_weights": weights.tolist(), "history": history, "capped": capped,
             "minutes": (time.time() - t0) / 60}
+
+
+def join_pools(paths: list[Path], lows: list[str]):
+    """The KL pools of the low precisions (one dmr.kl steps.parquet each, in `lows` order) as one table
+    sorted by (task, step), each pool's KL as `kl_{low}`. They must score the same bf16 rollout: the
+    same (task, step) keys with the same step type and router text, else the labels would join
+    different states."""
+    import polars as pl
+
+    keys, text = ["task", "step"], ["step_type", "goal", "prev_action", "observation"]
+    pools = [pl.read_parquet(p).sort(keys) for p in paths]
+    for p, df in zip(paths, pools):
+        missing = [c for c in keys + text + ["kl"] if c not in df.columns]
+        if missing:
+            raise SystemExit(f"{p}: no columns {missing} (a steps.parquet written by dmr.kl?)")
+        if df.select(keys).is_duplicated().any():
+            raise SystemExit(f"{p}: repeated (task, step) rows")
+    out = pools[0].select(keys + text + [pl.col("kl").alias(f"kl_{lows[0]}")])
+    for p, q, df in zip(paths[1:], lows[1:], pools[1:]):
+        only = out.join(df, on=keys, how="anti").height, df.join(out, on=keys, how="anti").height
+        if any(only):
+            raise SystemExit(f"{paths[0]} and {p} are not KL pools of the same bf16 rollout: {only[0]} steps only "
+                             f"in the first, {only[1]} only in the second")
+        both = out.join(df.select(keys + text + ["kl"]), on=keys, suffix="_other")
+        differ = both.filter(pl.any_horizontal([pl.col(c).ne_missing(pl.col(f"{c}_other")) for c in text]))
+        if differ.height:
+            r = differ.row(0, named=True)
+            raise SystemExit(f"{paths[0]} and {p} are not KL pools of the same bf16 rollout: {differ.height} steps "
+                             f"differ in {text} (e.g. task {r['task']!r} step {r['step']})")
+        out = out.join(df.select(keys + [pl.col("kl").alias(f"kl_{q}")]), on=keys, how="left")
+    return out.sort(keys)
 
 
 def llm_params(model_dir: str) -> int | None:
@@ -211,16 +254,20 @@ def llm_params(model_dir: str) -> int | None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kl", required=True, type=Path, help="steps.parquet written by dmr.kl")
-    p.add_argument("--threshold", required=True, type=Path, help="threshold.json written by dmr.threshold")
-    p.add_argument("--tau", type=float, default=None, help="override the threshold file's tau (sensitivity study)")
+    p.add_argument("--kl", required=True, type=Path, nargs="+",
+                   help="steps.parquet written by dmr.kl: one per low precision, in --precisions order")
+    p.add_argument("--threshold", required=True, type=Path, nargs="+",
+                   help="threshold.json written by dmr.threshold: one per --kl pool")
+    p.add_argument("--tau", type=float, nargs="+", default=None,
+                   help="override the threshold files' tau, one per pool (sensitivity study)")
     p.add_argument("--sweep", type=Path, default=None, help="sweep.parquet written by dmr.threshold")
     p.add_argument("--tau-point", default=None, help="label with the tau of this named point of --sweep (e.g. dense)")
     p.add_argument("--labels-summary", type=Path, default=None,
                    help="labels.json written by dmr.labels: with --label-set, label with that set's tau")
     p.add_argument("--label-set", choices=("ao", "as"), default=None,
                    help="ao: tau placed on the action steps; as: on all steps (the Table 5 ablation)")
-    p.add_argument("--precisions", nargs="+", required=True, help="high first, e.g. bf16 gptq_w4a16")
+    p.add_argument("--precisions", nargs="+", required=True,
+                   help="high first, then by falling cost, e.g. bf16 gptq_w4a16 (or bf16,gptq_w4a16,gptq_w3a16)")
     p.add_argument("--llm", default=None, help="the routed bf16 checkpoint, to report the router's relative size")
     p.add_argument("--step-types", nargs="+", default=["action"],
                    help="router-eligible step types; 'all' = every type in the KL table (the all-step ablation)")
@@ -249,18 +296,39 @@ def main(argv=None):
     train_router(**vars(p.parse_args(argv)))
 
 
-def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | None, tau_point: str | None,
-                 labels_summary: Path | None, label_set: str | None, precisions: list[str], llm: str | None,
+def train_router(*, kl: list[Path], threshold: list[Path], tau: list[float] | None, sweep: Path | None,
+                 tau_point: str | None, labels_summary: Path | None, label_set: str | None, precisions: list[str],
+                 llm: str | None,
                  step_types: list[str], arch: dict, rollout: Path | None, low: str | None, backend_kwargs: str | None,
                  dagger: list[Path], epochs: int, batch_size: int, lr: float, val_fraction: float,
                  max_minutes: float | None, seed: int, out: Path, quiet: bool) -> None:
-    """Train a KL-ST router on the KL table `kl` into `out` (arguments as main's flags of the same
-    names; `backend_kwargs` is JSON)."""
+    """Train a KL-ST router on the KL tables `kl` (one per low precision) into `out` (arguments as
+    main's flags of the same names; `backend_kwargs` is JSON)."""
     import polars as pl
 
-    if len(precisions) != 2:
-        raise SystemExit("KL-ST labels are binary (high vs one low precision): give exactly two --precisions")
-    tau = tau if tau is not None else json.loads(threshold.read_text())["tau"]
+    precisions = [q for x in precisions for q in x.split(",") if q]
+    lows = precisions[1:]
+    if not lows or len(set(precisions)) != len(precisions):
+        raise SystemExit(f"--precisions {precisions}: give bf16 and at least one low precision, each once")
+    if len(kl) != len(lows) or len(threshold) != len(lows) or (tau is not None and len(tau) != len(lows)):
+        got = f"{len(kl)} --kl, {len(threshold)} --threshold" + ("" if tau is None else f", {len(tau)} --tau")
+        raise SystemExit(f"{len(lows)} low precisions {lows}: give one --kl pool and one --threshold file (and "
+                         f"--tau value) for each, in that order; got {got}")
+    if len(lows) > 1:
+        given = [name for name, v in (("--sweep", sweep), ("--tau-point", tau_point),
+                                      ("--labels-summary", labels_summary), ("--label-set", label_set),
+                                      ("--dagger", dagger)) if v]
+        if given:
+            raise SystemExit(f"{' '.join(given)}: two-precision options (one KL pool); with {len(lows)} low "
+                             "precisions give each pool's tau by its --threshold file or --tau")
+        taus = tau if tau is not None else [json.loads(t.read_text())["tau"] for t in threshold]
+        df = join_pools(kl, lows)
+        kl_cols = [f"kl_{q}" for q in lows]
+    else:
+        kl, threshold = kl[0], threshold[0]
+        df, kl_cols = None, ["kl"]
+        taus = [tau[0] if tau is not None else json.loads(threshold.read_text())["tau"]]
+    tau = taus[0]
     if tau_point:
         if sweep is None:
             raise SystemExit("--tau-point needs --sweep (the sweep.parquet of dmr.threshold)")
@@ -272,7 +340,8 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
         if labels_summary is None:
             raise SystemExit("--label-set needs --labels-summary (the labels.json of dmr.labels)")
         tau = json.loads(labels_summary.read_text())[label_set]["tau"]
-    df = pl.read_parquet(kl).sort("task", "step")
+    if df is None:
+        df, taus = pl.read_parquet(kl).sort("task", "step"), [tau]
     if step_types == ["all"]:
         step_types = sorted(df["step_type"].unique().to_list())
     arch = dict(arch)
@@ -300,7 +369,7 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
                                   precision=precisions[1])
     else:
         encoder = StepEncoder(quant=quant)
-    cols = ["task", "step", "step_type", "kl", "goal", "prev_action", "observation"]
+    cols = ["task", "step", "step_type", *kl_cols, "goal", "prev_action", "observation"]
     df = df.select(cols).with_columns(source=pl.lit("pool"))
     emb = features(encoder, kind, rollout, df, not quiet)
     for run in dagger:
@@ -311,15 +380,16 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
                              f"(e.g. {sorted(clash)[0]}); route other training tasks")
         emb = torch.cat([emb, features(encoder, kind, run, extra, not quiet)])
         df = pl.concat([df, extra.with_columns(source=pl.lit(f"dagger:{run}"))])
-    arch = {"n_classes": 2, "in_dim": encoder.dim, **arch}
+    arch = {"n_classes": len(precisions), "in_dim": encoder.dim, **arch}
     torch.manual_seed(seed)  # the initial weights, not whatever loading the encoder left in the global RNG
     net = RouterNet(**arch)
     window = net.window
-    wins, rows = windows(df, window, step_types)
+    wins, rows = windows(df, window, step_types, tuple(kl_cols))
     if not rows:
         raise SystemExit(f"{kl}: no steps of type {step_types}")
-    step_kl = df["kl"].to_numpy()[rows]
-    y = [0 if v > tau else 1 for v in step_kl]  # class 0 = high precision = KL above tau
+    step_kl = np.stack([df[c].to_numpy()[rows] for c in kl_cols], axis=1)
+    # Class 0 = bf16: no low precision's KL at or below its tau (two precisions: KL above tau).
+    y = precision_labels(step_kl, taus).tolist()
     tasks = df["task"].to_numpy()[rows]
     source = df["source"].to_numpy()[rows]
     # The pool's validation episodes do not depend on --dagger (ablations and diagnostics compare
@@ -344,12 +414,16 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
     n_router = param_count(net)
     # The proposal encoder is the low model the run serves anyway: no parameters of its own.
     n_encoder = 0 if kind == PROPOSAL else sum(p.numel() for p in encoder.model.parameters())
+    C = len(precisions)
+    # Two precisions: `tau`; more: `taus` and each precision's share of the labels.
+    taus_ = {"tau": tau} if C == 2 else {"taus": dict(zip(lows, taus))}
+    shares = {} if C == 2 else {"class_fractions": {q: float((yy == c).mean()) for c, q in enumerate(precisions)}}
     metrics = {
-        "tau": tau, "steps": len(rows), "episodes": len(episodes), "positive_fraction": float((yy == 0).mean()),
-        "train_bacc": balanced_accuracy(pred[split == "train"], yy[split == "train"]),
-        "val_bacc": balanced_accuracy(pred[split == "val"], yy[split == "val"]),
+        **taus_, "steps": len(rows), "episodes": len(episodes), "positive_fraction": float((yy == 0).mean()), **shares,
+        "train_bacc": balanced_accuracy(pred[split == "train"], yy[split == "train"], C),
+        "val_bacc": balanced_accuracy(pred[split == "val"], yy[split == "val"], C),
         "val_bacc_pool": balanced_accuracy(pred[(split == "val") & (source == "pool")],
-                                           yy[(split == "val") & (source == "pool")]),
+                                           yy[(split == "val") & (source == "pool")], C),
         "dagger": {str(r): int((source == f"dagger:{r}").sum()) for r in dagger},
         "best_epoch": fit["epoch"], "class_weights": fit["class_weights"], "history": fit["history"],
         "minutes": fit["minutes"], "capped": fit["capped"], "arch": arch, "encoder": kind,
@@ -358,14 +432,20 @@ def train_router(*, kl: Path, threshold: Path, tau: float | None, sweep: Path | 
                    "router_vs_llm": n_router / n_llm if n_llm else None,
                    "router_and_encoder_vs_llm": (n_router + n_encoder) / n_llm if n_llm else None}}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    # `label` is 1 where the step needs bf16 and `score` is p_bf16 whatever the number of precisions;
+    # with more, each pool's KL, the class (`target`, an index into precisions) and every probability.
+    kls = {"kl": step_kl[:, 0]} if C == 2 else {c: step_kl[:, j] for j, c in enumerate(kl_cols)}
+    more = {} if C == 2 else {"target": yy, **{f"prob_{q}": probs[:, c].numpy() for c, q in enumerate(precisions)}}
     pl.DataFrame({"task": df["task"].to_numpy()[rows], "step": df["step"].to_numpy()[rows],
-                  "step_type": df["step_type"].to_numpy()[rows], "kl": step_kl,
-                  "label": (yy == 0).astype(int), "score": probs[:, 0].numpy(), "split": split, "source": source}
-                 ).write_parquet(out / "train_scores.parquet")
+                  "step_type": df["step_type"].to_numpy()[rows], **kls,
+                  "label": (yy == 0).astype(int), "score": probs[:, 0].numpy(), **more, "split": split,
+                  "source": source}).write_parquet(out / "train_scores.parquet")
     rel = f"{100 * metrics['params']['router_vs_llm']:.0f}% of the LLM" if n_llm else "LLM size unknown"
-    print(f"router: {n_router:,} parameters ({rel}; frozen encoder {n_encoder:,}); tau {tau:.3e}, "
-          f"{100 * metrics['positive_fraction']:.1f}% positive; balanced accuracy train {metrics['train_bacc']:.3f}, "
-          f"val {metrics['val_bacc']:.3f} (epoch {fit['epoch']}) -> {out}")
+    labels = (f"tau {tau:.3e}, {100 * metrics['positive_fraction']:.1f}% positive" if C == 2 else
+              "taus " + ", ".join(f"{q} {t:.3e}" for q, t in zip(lows, taus)) + "; classes " +
+              ", ".join(f"{q} {100 * f:.1f}%" for q, f in metrics["class_fractions"].items()))
+    print(f"router: {n_router:,} parameters ({rel}; frozen encoder {n_encoder:,}); {labels}; balanced accuracy "
+          f"train {metrics['train_bacc']:.3f}, val {metrics['val_bacc']:.3f} (epoch {fit['epoch']}) -> {out}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ label sets come out of one pool, so the ablation trains routers on the same roll
 - labels.json: per set its step types, tau, whether a sparse plateau was found, the positive
   fraction and the number of steps.
 On a benchmark without think steps (household) both sets are the same steps and the same labels.
+
+`precision_labels` is the label rule of KL-ST itself, for any number of precisions (dmr.klst): a
+step's class is the cheapest low precision whose step KL to bf16 stays at or below that precision's
+tau, else bf16 (class 0). With one low precision it is the paper's y = 1[KL > tau], class 0 = 1.
 """
 from __future__ import annotations
 
@@ -17,9 +21,28 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from dmr.threshold import choose
 
 ACTION = "action"
+
+
+def precision_labels(kl, taus) -> np.ndarray:
+    """Class per step for precisions [bf16, low_1, .., low_L] ordered by falling cost: the largest j
+    with KL_j <= tau_j (low_j suffices), else 0 (bf16). `kl`: [N, L] step KLs (or [N] for L = 1),
+    `taus`: L thresholds, each from its own pool's histogram (dmr.threshold). "KL_j <= tau_j" is
+    taken as "not KL_j > tau_j", the paper's negative label, so the binary case is y = 1[KL > tau]
+    to the last step (a NaN KL included)."""
+    kl = np.asarray(kl, dtype=float)
+    kl = kl[:, None] if kl.ndim == 1 else kl
+    taus = np.asarray(taus, dtype=float).reshape(-1)
+    if kl.ndim != 2 or kl.shape[1] != len(taus):
+        raise ValueError(f"{kl.shape[-1] if kl.ndim else 0} KL columns but {len(taus)} taus: one tau per low precision")
+    label = np.zeros(len(kl), dtype=np.int64)
+    for j in range(kl.shape[1]):  # cheaper precisions later: the cheapest one that suffices wins
+        label[~(kl[:, j] > taus[j])] = j + 1
+    return label
 
 
 def label_sets(df, action_types: list[str], **rule) -> tuple[object, dict]:

@@ -188,6 +188,7 @@ class StepTypeGate:
     def __init__(self, router, steps, high: str):
         self.router, self.steps, self.high = router, frozenset(steps), high
         self.last_scores: list | None = None
+        self.last_probs: list | None = None
         self.generations: dict = {}
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
@@ -195,6 +196,8 @@ class StepTypeGate:
         forced = [c.step_type not in self.steps for c in contexts]
         scores = getattr(self.router, "last_scores", None)
         self.last_scores = None if scores is None else [None if f else x for f, x in zip(forced, scores)]
+        probs = getattr(self.router, "last_probs", None)
+        self.last_probs = None if probs is None else [None if f else x for f, x in zip(forced, probs)]
         # What the wrapped router decoded for a step it kept low (a proposal router's proposal)
         # is no action for a step forced high.
         ready = getattr(self.router, "generations", None) or {}

