@@ -391,26 +391,24 @@ def test_three_precisions_three_upstreams(tiny_world, noisy_model, tmp_path):
         first = env.reset(task)
         eps.append((task.key, Episode(first.goal, first.text, [], first.admissible)))
         contexts.append(StepContext(task.key, 0, first.goal, [], first.text, first.admissible, first=first.text))
-    # An untrained net whose w4-vs-w2 preference is one feature's sign, centred on these states, so
-    # that both low classes occur; a threshold between the bf16 scores, so that bf16 occurs.
     torch.manual_seed(3)
-    net = RouterNet(n_classes=3, layers=1, window=8)
+    save_router(RouterNet(n_classes=3, layers=1, window=8), tmp_path, ["bf16", "w4", "w2"])
+    probe = load_router(tmp_path)
     with torch.no_grad():
-        net.head.weight[2], net.head.bias[1:] = -net.head.weight[1], 0.0
-        save_router(net, tmp_path, ["bf16", "w4", "w2"])
-        probe = load_router(tmp_path)
         p = torch.tensor(probe._probs(probe._embeddings(contexts)))
-        gap = (p[:, 1].log() - p[:, 2].log()).median()
-        net.head.bias[1], net.head.bias[2] = -gap / 2, gap / 2
-    save_router(net, tmp_path, ["bf16", "w4", "w2"])
+    # One threshold per rung (dmr.routing.ladder), placed so that every precision occurs: w2 for
+    # the third of steps least likely to need more, then w4 for half of the rest.
+    need_w4, need_w2 = p[:, 0], p[:, 0] + p[:, 1]
+    t2 = need_w2.sort().values[len(contexts) // 3]
+    rest = need_w4[need_w2 >= t2].sort().values
+    thresholds = [float(rest[len(rest) // 2]), float(t2)]
     proxy = build(str(tmp_path), threshold=0.5,
                   upstreams=[f"w2={noisy_model}", f"bf16={model}", f"w4={noisy_model}"])
     reached = []
     for name, u in proxy.upstreams.items():  # record which upstream answers each request
         u.completions = (lambda f, n: lambda body, ep: (reached.append(n), f(body, ep))[1])(u.completions, name)
-    local = load_router(tmp_path, threshold=0.5)
-    scores = sorted(load_router(tmp_path).scores(contexts))
-    local.threshold = proxy.router.threshold = scores[len(scores) // 3]
+    local = load_router(tmp_path)
+    local.threshold = proxy.router.threshold = thresholds
     expect = [local.decide([c])[0] for c in contexts]
     url, server = start_background(proxy)
     try:
