@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flags import Flags, as_json, candidates, cell, cli_flags, run_seed
+from flags import Flags, as_json, cell, cli_flags, run_seed
 from snakemake.utils import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +107,6 @@ def test_helpers():
     assert cell("card", {"benchmark": "b", "model": "m"}) == "results/b/m/card"
     assert cell("{quant}/model", HOUSE, quant="bf16") == f"{H}/bf16/model"
     assert [run_seed(r) for r in ("seed0", "seed12", "train", "calib", "probe")] == [0, 12, 0, 0, 0]
-    assert candidates(CONFIG["models"]["tiny"]) == ["p0.80", "p0.90", "p1.00"]
-    assert candidates(CONFIG["models"]["big"]) == ["p1.00"]
 
 
 def test_config_wide_flags(flags):
@@ -119,6 +117,7 @@ def test_config_wide_flags(flags):
     assert flags.grpo_flags == ("--tasks 2 --group-size 4 --iterations 3 --lr 0.001 --clip 0.2 --kl-coef 0.01 "
                                 "--advantage std --seed 0")
     assert flags.ablation_variants == ["depth2", "depth4", "tau-dense", "steps-ao", "steps-as"]
+    assert flags.candidates(HOUSE) == ["p0.80", "p0.90", "p1.00"] and flags.candidates(ALF) == ["p1.00"]
     nogrpo = make(lambda c: c.pop("grpo"))
     assert (nogrpo.grpo_lambda, nogrpo.grpo_flags) == ("none", "")
 

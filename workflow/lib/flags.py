@@ -47,11 +47,6 @@ def cell(path, w=None, **values):
     return path.format(**{**(w or {}), **values}) if w or values else path
 
 
-def candidates(model):
-    """A trained agent's candidates for selection (dmr.select): its snapshots, then the final p1.00."""
-    return [f"p{f:.2f}" for f in sorted(model.get("select", {}).get("at", []))] + ["p1.00"]
-
-
 def run_seed(run):
     """The seed of a rollout directory: N of seedN, 0 for the pools."""
     return int(run[4:]) if run.startswith("seed") else 0
@@ -84,7 +79,7 @@ class Flags:
             if extra := sorted(set(self.cell_cfg(c)["route"]) - set(c["quants"])):
                 raise ValueError(f"cells: {c['benchmark']}/{c['model']} routes {extra}, which are not in its quants")
         for name, m in config["models"].items():
-            if len(set(candidates(m))) != len(m.get("select", {}).get("at", [])) + 1:
+            if len(set(self.candidates({"model": name}))) != len(m.get("select", {}).get("at", [])) + 1:
                 raise ValueError(
                     f"models.{name}.select.at {m['select']['at']}: snapshots are named by two decimals (p0.60), "
                     "so the fractions must differ there and stay below 0.995"
@@ -191,7 +186,8 @@ class Flags:
         return " ".join(f"--model {q}={self.model_dir(w, q)}" for q in precisions)
 
     def candidates(self, w):
-        return candidates(self.model_cfg(w))
+        """A trained agent's candidates for selection (dmr.select): its snapshots, then the final p1.00."""
+        return [f"p{f:.2f}" for f in sorted(self.model_cfg(w).get("select", {}).get("at", []))] + ["p1.00"]
 
     def calibration(self, w):
         """Quantization's calibration text as (inputs, flag): the cell's expert episodes, or the config's
