@@ -53,6 +53,8 @@ def run_seed(run):
 
 
 class Flags:
+    """The paths and flags of a validated config's jobs; the constructor checks what the schema cannot say."""
+
     def __init__(self, config, basedir):
         self.config, self.basedir, self.route = config, basedir, config["route"]
         self.check()
@@ -60,6 +62,7 @@ class Flags:
         self.budgets = " ".join(f"{k:g}" for k in self.route["budgets"])
         grpo = config.get("grpo")
         self.grpo_lambda = f"{grpo['lambda']:g}" if grpo else "none"
+        # GRPO's hyperparameters in a fixed order, that of its commands so far (lambda is a wildcard).
         keys = ("tasks", "group_size", "iterations", "lr", "clip", "kl_coef", "epochs", "advantage", "seed")
         self.grpo_flags = cli_flags({k: grpo[k] for k in keys if k in grpo}) if grpo else ""
         # Router ablations (Sec. 5.4, 5.5, Table 5): KL-ST routers with one setting changed, under

@@ -14,7 +14,7 @@ from flags import DATA, EXPERT, KL, LABELS, RESULTS, RUN, Flags, as_json, cell, 
 # Defaults live in the schema: validation fills them in. An agent card's recipe is the config as written.
 WRITTEN = copy.deepcopy(config)
 validate(config, schema="../schemas/config.schema.yaml")
-# Checks what the schema cannot say.
+# The rules' paths and flags (flags.METHOD); it checks what the schema cannot say.
 flags = Flags(config, workflow.basedir)
 
 # Jobs run `python -m dmr.<stage>` from this checkout, with or without an installed package,
