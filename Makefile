@@ -56,7 +56,7 @@ test-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
 
 lint: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH snakemake --lint
-	$(BIN)/ruff check dmr tests benchmarks
+	$(BIN)/ruff check dmr tests benchmarks workflow/lib
 	$(BIN)/snakefmt --check Snakefile workflow/rules/*.smk
 
 dry-run: $(VENV)/.installed

@@ -23,12 +23,12 @@ rule klst_variant:
         cell("benchmarks/klst_variant/klst_{quant}_{variant}.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("klst_variant", THREADS),
+        **flags.resources("klst_variant", config["threads"]),
     params:
         **POOL_PARAMS,
-        args=klst_args,
+        args=flags.klst_args,
         out=rules.klst.params.out,
     shell:
         "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --sweep {input.sweep} "
@@ -38,7 +38,7 @@ rule klst_variant:
 
 rule ablation:
     input:
-        routers=lambda w: [f"{ablation_router(w, v)}/metrics.json" for v in ABLATION_VARIANTS],
+        routers=lambda w: [f"{flags.ablation_router(w, v)}/metrics.json" for v in flags.ablation_variants],
         threshold=rules.threshold.output.threshold,
     output:
         table=cell("tables/ablation_{quant}.parquet"),
@@ -51,11 +51,11 @@ rule ablation:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("ablation"),
+        **flags.resources("ablation"),
     params:
-        routers=lambda w: " ".join(f"--router {v} {ablation_router(w, v)}" for v in ABLATION_VARIANTS),
-        budgets=BUDGETS,
-        steps=routed_steps,
+        routers=lambda w: " ".join(f"--router {v} {flags.ablation_router(w, v)}" for v in flags.ablation_variants),
+        budgets=flags.budgets,
+        steps=flags.routed_steps,
     shell:
         "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} --step-types {params.steps} "
         "--title 'Router ablations: {wildcards.benchmark}/{wildcards.model}, {wildcards.quant}' "
@@ -67,7 +67,7 @@ rule ablations:
     input:
         lambda w: [
             cell(f"tables/ablation_{q}.md", c)
-            for c in (config["cells"] if ABLATION_VARIANTS else [])
-            for q in cell_cfg(c)["route"]
+            for c in (config["cells"] if flags.ablation_variants else [])
+            for q in flags.cell_cfg(c)["route"]
         ],
     localrule: True

@@ -3,9 +3,9 @@
 
 rule expert_data:
     input:
-        data_input,
+        flags.data_input,
     output:
-        cell("bc/episodes.jsonl"),
+        cell(EXPERT),
     log:
         cell("logs/expert_data.log"),
     benchmark:
@@ -13,12 +13,12 @@ rule expert_data:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("expert_data"),
+        **flags.resources("expert_data"),
     params:
-        env=env_args,
-        n=lambda w: bench(w)["tasks"]["train"],
+        env=flags.env_args,
+        n=lambda w: flags.bench(w)["tasks"]["train"],
         # noise and clean_fraction first, then repeat and invalid where set, so commands stay as they were.
-        expert=lambda w: cli_flags(dict.fromkeys(["noise", "clean_fraction"]) | model_cfg(w)["expert"]),
+        expert=lambda w: cli_flags(dict.fromkeys(["noise", "clean_fraction"]) | flags.model_cfg(w)["expert"]),
     shell:
         "python -m dmr.expert {params.env} --episodes {params.n} " "{params.expert} --out {output} > {log} 2>&1"
 
@@ -35,10 +35,10 @@ rule tokenizer:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("tokenizer"),
+        **flags.resources("tokenizer"),
     params:
-        prompt=lambda w: as_json(bench(w)["prompt"]),
-        tokenizer=lambda w: cli_flags(model_cfg(w)["tokenizer"]),
+        prompt=lambda w: as_json(flags.bench(w)["prompt"]),
+        tokenizer=lambda w: cli_flags(flags.model_cfg(w)["tokenizer"]),
     shell:
         "python -m dmr.tokenizer --episodes {input} --prompt {params.prompt} {params.tokenizer} "
         "--out {output} > {log} 2>&1"
@@ -57,17 +57,17 @@ rule train_agent:
         cell("benchmarks/train_agent/train_agent.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("train_agent", THREADS),
+        **flags.resources("train_agent", config["threads"]),
     params:
-        prompt=lambda w: as_json(bench(w)["prompt"]),
-        arch=lambda w: as_json(model_cfg(w)["arch"]),
-        train=lambda w: cli_flags(model_cfg(w)["train"]),
+        prompt=lambda w: as_json(flags.bench(w)["prompt"]),
+        arch=lambda w: as_json(flags.model_cfg(w)["arch"]),
+        train=lambda w: cli_flags(flags.model_cfg(w)["train"]),
         # Snapshot flags only with selection, so the commands of configs without it stay as they were.
         snapshots=lambda w, output: (
-            f" --snapshot-at {','.join(map(str, sorted(model_cfg(w)['select']['at'])))} --snapshots {output[0]}"
-            if "select" in model_cfg(w)
+            f" --snapshot-at {','.join(map(str, sorted(flags.model_cfg(w)['select']['at'])))} --snapshots {output[0]}"
+            if "select" in flags.model_cfg(w)
             else ""
         ),
     shell:
@@ -79,7 +79,7 @@ rule train_agent:
 rule select_rollout:
     input:
         train=rules.train_agent.output,
-        data=data_input,
+        data=flags.data_input,
     output:
         cell("select/{candidate}/episodes.parquet"),
     log:
@@ -88,13 +88,13 @@ rule select_rollout:
         cell("benchmarks/select_rollout/select_rollout_{candidate}.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("select_rollout", THREADS),
+        **flags.resources("select_rollout", config["threads"]),
     params:
-        env=env_args,
-        n=lambda w: model_cfg(w)["select"]["tasks"],
-        engine=engine_args,
+        env=flags.env_args,
+        n=lambda w: flags.model_cfg(w)["select"]["tasks"],
+        engine=flags.engine_args,
         out=lambda w, output: os.path.dirname(output[0]),
     shell:
         # Calibration tasks only: selection never sees the test split.
@@ -106,8 +106,8 @@ rule select_agent:
     input:
         train=rules.train_agent.output,
         # Calibration runs of the candidates; one candidate needs none.
-        runs=lambda w: [rules.select_rollout.output[0].format(**w, candidate=c) for c in candidates(w)]
-        * (len(candidates(w)) > 1),
+        runs=lambda w: [rules.select_rollout.output[0].format(**w, candidate=c) for c in flags.candidates(w)]
+        * (len(flags.candidates(w)) > 1),
     output:
         model=directory(cell("bf16/model")),
         table=cell("tables/select.parquet"),
@@ -121,9 +121,9 @@ rule select_agent:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("select_agent"),
+        **flags.resources("select_agent"),
     params:
-        candidates=lambda w, input: " ".join(f"--candidate {c}={input.train}/{c}" for c in candidates(w)),
+        candidates=lambda w, input: " ".join(f"--candidate {c}={input.train}/{c}" for c in flags.candidates(w)),
         runs=lambda w, input: " ".join(f"--run {os.path.basename(d)}={d}" for d in map(os.path.dirname, input.runs)),
     shell:
         "python -m dmr.select {params.candidates} {params.runs} --out {output.model} "
@@ -136,7 +136,7 @@ rule agent_card:
         model=rules.select_agent.output.model,
         train=rules.train_agent.output,
         select=rules.select_agent.output.table,
-        full=lambda w: seed_runs(w, "bf16", "full"),
+        full=lambda w: flags.seed_runs(w, "bf16", "full"),
     output:
         directory(cell("card")),
     log:
@@ -146,7 +146,7 @@ rule agent_card:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("agent_card"),
+        **flags.resources("agent_card"),
     params:
         recipe=lambda w: as_json({k: WRITTEN[f"{k}s"][w[k]] for k in ("model", "benchmark")}),
     shell:

@@ -5,7 +5,7 @@
 
 rule data:
     output:
-        f"{RESULTS}/{{benchmark}}/data.json",
+        DATA,
     log:
         f"{RESULTS}/{{benchmark}}/logs/data.log",
     benchmark:
@@ -13,9 +13,9 @@ rule data:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("data"),
+        **flags.resources("data"),
     params:
-        env=env_args,
-        need=data_need,
+        env=flags.env_args,
+        need=flags.data_need,
     shell:
         "python -m dmr.data {params.env} --need {params.need} --out {output} > {log} 2>&1"

@@ -3,7 +3,7 @@
 
 rule rollout:
     input:
-        lambda w: rollout_spec(w)[0],
+        lambda w: flags.rollout_spec(w)[0],
     output:
         episodes=cell(f"{RUN}/episodes.parquet"),
         steps=cell(f"{RUN}/steps.parquet"),
@@ -13,15 +13,15 @@ rule rollout:
         cell("benchmarks/rollout/rollout_{quant}_{policy}_{run}.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("rollout", THREADS),
+        **flags.resources("rollout", config["threads"]),
     params:
-        env=env_args,
-        tasks=run_tasks,
-        policy=lambda w: rollout_spec(w)[1],
-        engine=engine_args,
-        seed=lambda w: int(w.run[4:]) if w.run.startswith("seed") else 0,
+        env=flags.env_args,
+        tasks=flags.run_tasks,
+        policy=lambda w: flags.rollout_spec(w)[1],
+        engine=flags.engine_args,
+        seed=lambda w: run_seed(w.run),
         out=lambda w, output: os.path.dirname(output.episodes),
     shell:
         # The JSONL in the run directory is not a declared output, so a killed job keeps it and resumes.
@@ -31,10 +31,10 @@ rule rollout:
 
 rule evaluate:
     input:
-        runs=lambda w: [p for paths in table_methods(w).values() for p in paths],
+        runs=lambda w: [p for paths in flags.table_methods(w).values() for p in paths],
         # Eq. 9 counts each episode's router calls from its steps (dmr.latency.router_calls).
         steps=lambda w: [
-            p.replace("episodes.parquet", "steps.parquet") for paths in table_methods(w).values() for p in paths
+            p.replace("episodes.parquet", "steps.parquet") for paths in flags.table_methods(w).values() for p in paths
         ],
         latency=lambda w: rules.latency.output.coefficients.format(**w),
     output:
@@ -62,9 +62,11 @@ rule evaluate:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("evaluate"),
+        **flags.resources("evaluate"),
     params:
-        methods=lambda w: " ".join(f"--method {name} {' '.join(paths)}" for name, paths in table_methods(w).items()),
+        methods=lambda w: " ".join(
+            f"--method {name} {' '.join(paths)}" for name, paths in flags.table_methods(w).items()
+        ),
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
@@ -74,7 +76,7 @@ rule evaluate:
 rule summary:
     # What the README quotes: the claim per cell, Table 1, figure links and per-rule timing.
     input:
-        tables=cell_targets,
+        tables=flags.cell_targets,
     output:
         markdown=f"{RESULTS}/summary.md",
         timing=f"{RESULTS}/timing.parquet",
@@ -85,7 +87,7 @@ rule summary:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("summary"),
+        **flags.resources("summary"),
     params:
         cells=" ".join(f"--cell {c['benchmark']}/{c['model']}" for c in config["cells"]),
         results=lambda w, output: os.path.dirname(output.markdown),

@@ -4,7 +4,7 @@
 
 rule latency:
     input:
-        lambda w: latency(w)[0],
+        lambda w: flags.latency(w)[0],
     output:
         coefficients=cell("latency/coefficients.json"),
         table=cell("tables/latency.parquet"),
@@ -15,11 +15,11 @@ rule latency:
         cell("benchmarks/latency/latency.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("latency", THREADS),
+        **flags.resources("latency", config["threads"]),
     params:
-        args=lambda w: latency(w)[1],
+        args=lambda w: flags.latency(w)[1],
     shell:
         "python -m dmr.latency --cell {wildcards.benchmark}/{wildcards.model} {params.args} "
         "--out {output.coefficients} --table {output.table} > {log} 2>&1"
@@ -43,22 +43,20 @@ rule grpo:
         cell("benchmarks/grpo/grpo_{quant}_lam{lam}.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("grpo", THREADS),
+        **flags.resources("grpo", config["threads"]),
     params:
         start=lambda w, input: os.path.dirname(input.router),
-        env=env_args,
+        env=flags.env_args,
         # Training tasks after the KL pool's, so GRPO sees episodes KL-ST did not.
-        offset=ROUTE["kl_tasks"],
-        pool=lambda w: bench(w)["tasks"]["train"],
-        models=lambda w: " ".join(f"--model {q}={model_dir(w, q)}" for q in ("bf16", w.quant)),
-        engine=engine_args,
-        flags=GRPO_FLAGS,
+        offset=config["route"]["kl_tasks"],
+        pool=lambda w: flags.bench(w)["tasks"]["train"],
+        models=lambda w: flags.model_flags(w, "bf16", w.quant),
+        engine=flags.engine_args,
+        flags=flags.grpo_flags,
         # --router-steps only where GRPO decides other step types than KL-ST, so other cells keep their commands.
-        steps=lambda w: (
-            "" if routed_steps(w, "grpo") == routed_steps(w) else f" --router-steps {routed_steps(w, 'grpo')}"
-        ),
+        steps=lambda w: flags.router_steps_flag(w, "grpo", flags.routed_steps(w)),
         out=lambda w, output: os.path.dirname(output.curve),
     shell:
         "python -m dmr.grpo --router {params.start} --latency {input.latency} --quant {wildcards.quant} "
@@ -68,11 +66,11 @@ rule grpo:
 
 rule calibrate_grpo:
     input:
-        run=lambda w: routed_run(w, "grpo", "t", 0.5, run="calib"),
-        scores=lambda w: f"{router_dir(w, 'grpo')}/train_scores.parquet",
+        run=lambda w: flags.routed_run(w, "grpo", "t", 0.5, run="calib"),
+        scores=lambda w: f"{flags.router_dir(w, 'grpo')}/train_scores.parquet",
     output:
-        calibration=cell(f"{{quant}}/grpo/lam{GRPO_LAMBDA}/router/calibration.json"),
-        figure=cell(f"figures/router_scores_{{quant}}_grpo_lam{GRPO_LAMBDA}.png"),
+        calibration=cell(f"{{quant}}/grpo/lam{flags.grpo_lambda}/router/calibration.json"),
+        figure=cell(f"figures/router_scores_{{quant}}_grpo_lam{flags.grpo_lambda}.png"),
     log:
         cell("logs/calibrate_{quant}_grpo.log"),
     benchmark:
@@ -80,7 +78,7 @@ rule calibrate_grpo:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("calibrate_grpo"),
+        **flags.resources("calibrate_grpo"),
     params:
         **CALIBRATE_PARAMS,
     shell:
@@ -104,7 +102,7 @@ rule rank:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("rank"),
+        **flags.resources("rank"),
     shell:
         "python -m dmr.rank --table {input.table} --latency {input.latency} --out {output.ranks} "
         "--markdown {output.markdown} --figure {output.figure} > {log} 2>&1"

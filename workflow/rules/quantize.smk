@@ -3,8 +3,8 @@
 
 rule quantize:
     input:
-        model=lambda w: built_models(w, "bf16"),
-        calibration=lambda w: calibration(w)[0],
+        model=lambda w: flags.built_models(w, "bf16"),
+        calibration=lambda w: flags.calibration(w)[0],
     output:
         directory(cell("{quant}/model")),
     log:
@@ -15,16 +15,16 @@ rule quantize:
         quant="(gptq|awq|rtn)_w[2-8]a16(_g[0-9]+)?",
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("quantize", THREADS),
+        **flags.resources("quantize", config["threads"]),
     params:
-        bf16=model_dir,
-        calibration=lambda w: calibration(w)[1],
+        bf16=flags.model_dir,
+        calibration=lambda w: flags.calibration(w)[1],
         sizes=lambda w: cli_flags(
-            {k: model_cfg(w)["quantize"]["calibration"][k] for k in ("samples", "max_seq_length")}
+            {k: flags.model_cfg(w)["quantize"]["calibration"][k] for k in ("samples", "max_seq_length")}
         ),
-        prompt=lambda w: as_json(bench(w)["prompt"]),
+        prompt=lambda w: as_json(flags.bench(w)["prompt"]),
     shell:
         "python -m dmr.quantize --model {params.bf16} --scheme {wildcards.quant} "
         "--calibration {params.calibration} {params.sizes} "

@@ -4,31 +4,31 @@
 # params of the rules that read the KL pool with the cell's two models (kl, klst, klst_variant)
 POOL_PARAMS = {
     "pool": lambda w, input: os.path.dirname(input.pool),
-    "high": model_dir,
-    "low": lambda w: model_dir(w, w.quant),
+    "high": flags.model_dir,
+    "low": lambda w: flags.model_dir(w, w.quant),
 }
 
 
 rule kl:
     input:
         pool=lambda w: f"{cell(RUN, w, quant='bf16', policy='full', run='train')}/steps.parquet",
-        models=lambda w: built_models(w, "bf16", w.quant),
+        models=lambda w: flags.built_models(w, "bf16", w.quant),
     output:
-        cell("{quant}/kl/steps.parquet"),
+        cell(KL),
     log:
         cell("logs/kl_{quant}.log"),
     benchmark:
         cell("benchmarks/kl/kl_{quant}.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("kl", THREADS),
+        **flags.resources("kl", config["threads"]),
     params:
         **POOL_PARAMS,
-        backend=BACKEND,
-        batch=SHARDS,
-        block=ROUTE["kl_block"],
+        backend=flags.backend,
+        batch=config["evaluate"]["shards"],
+        block=config["route"]["kl_block"],
     shell:
         "python -m dmr.kl --rollout {params.pool} --high {params.high} --low {params.low} --quant {wildcards.quant} "
         "{params.backend} --batch {params.batch} --kl-block {params.block} "
@@ -55,10 +55,10 @@ rule threshold:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("threshold"),
+        **flags.resources("threshold"),
     params:
-        steps=routed_steps,
-        rule=cli_flags(ROUTE["threshold"]),
+        steps=flags.routed_steps,
+        rule=cli_flags(config["route"]["threshold"]),
     shell:
         "python -m dmr.threshold --kl {input} --step-types {params.steps} {params.rule} "
         "--out {output.threshold} --sweep {output.sweep} --figure {output.figure} > {log} 2>&1"
@@ -69,7 +69,7 @@ rule labels:
         rules.kl.output,
     output:
         labels=cell("{quant}/kl/labels.parquet"),
-        summary=cell("{quant}/kl/labels.json"),
+        summary=cell(LABELS),
     log:
         cell("logs/labels_{quant}.log"),
     benchmark:
@@ -77,10 +77,10 @@ rule labels:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("labels"),
+        **flags.resources("labels"),
     params:
-        rule=cli_flags(ROUTE["threshold"]),
-        steps=routed_steps,
+        rule=cli_flags(config["route"]["threshold"]),
+        steps=flags.routed_steps,
     shell:
         "python -m dmr.labels --kl {input} --action-types {params.steps} {params.rule} --out {output.labels} --summary {output.summary} > {log} 2>&1"
 
@@ -91,14 +91,14 @@ rule klst:
     input:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
-        llm=lambda w: built_models(w, "bf16"),
+        llm=lambda w: flags.built_models(w, "bf16"),
         # The proposal encoder replays the KL pool's rollout with the low model.
         pool=rules.kl.input.pool,
         models=rules.kl.input.models,
         # The final router's extra data (route.dagger): the round-0 router's routed run of training tasks.
         dagger=lambda w: (
-            [routed_run(w, "dmr0", "k", ROUTE["dagger"]["budget"], run="dagger")]
-            if w.stage == "router" and ROUTE["dagger"]["tasks"]
+            [flags.routed_run(w, "dmr0", "k", config["route"]["dagger"]["budget"], run="dagger")]
+            if w.stage == "router" and config["route"]["dagger"]["tasks"]
             else []
         ),
     output:
@@ -112,12 +112,12 @@ rule klst:
         cell("benchmarks/klst/klst_{quant}_{stage}.tsv")
     conda:
         "../../envs/cpu.yaml"
-    threads: THREADS
+    threads: config["threads"]
     resources:
-        **rule_resources("klst", THREADS),
+        **flags.resources("klst", config["threads"]),
     params:
         **POOL_PARAMS,
-        args=klst_args,
+        args=flags.klst_args,
         dagger=lambda w, input: f" --dagger {' '.join(map(os.path.dirname, input.dagger))}" if input.dagger else "",
         out=lambda w, output: os.path.dirname(output.router),
     shell:
@@ -126,13 +126,13 @@ rule klst:
 
 
 # params of the calibration of a router's deployment thresholds (calibrate, calibrate_grpo)
-CALIBRATE_PARAMS = {"run": lambda w, input: os.path.dirname(input.run), "budgets": BUDGETS}
+CALIBRATE_PARAMS = {"run": lambda w, input: os.path.dirname(input.run), "budgets": flags.budgets}
 
 
 rule calibrate:
     input:
         # The calibration pool's routed run of the router at the fixed threshold 0.5.
-        run=lambda w: routed_run(w, {"router": "dmr", "router0": "dmr0"}[w.stage], "t", 0.5, run="calib"),
+        run=lambda w: flags.routed_run(w, {"router": "dmr", "router0": "dmr0"}[w.stage], "t", 0.5, run="calib"),
         scores=rules.klst.output.scores,
     output:
         calibration=cell("{quant}/{stage}/calibration.json"),
@@ -150,7 +150,7 @@ rule calibrate:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("calibrate"),
+        **flags.resources("calibrate"),
     params:
         **CALIBRATE_PARAMS,
     shell:
@@ -173,7 +173,7 @@ rule step_types:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("step_types"),
+        **flags.resources("step_types"),
     params:
         title=lambda w: shlex.quote(f"{w.benchmark}/{w.model} {w.quant}"),
     shell:
@@ -189,7 +189,9 @@ rule diagnose:
         threshold=rules.threshold.output.threshold,
         scores=lambda w: rules.klst.output.scores.format(**w, stage="router"),
         # The online probe run at the middle budget (0.4 in the paper's sweep).
-        probe=lambda w: routed_run(w, "dmr", "k", ROUTE["budgets"][len(ROUTE["budgets"]) // 2], run="probe"),
+        probe=lambda w: flags.routed_run(
+            w, "dmr", "k", config["route"]["budgets"][len(config["route"]["budgets"]) // 2], run="probe"
+        ),
     output:
         table=cell("tables/diagnose_{quant}.parquet"),
         markdown=cell("tables/diagnose_{quant}.md"),
@@ -200,11 +202,11 @@ rule diagnose:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("diagnose"),
+        **flags.resources("diagnose"),
     params:
         router=lambda w, input: os.path.dirname(input.scores),
-        budgets=BUDGETS,
-        steps=routed_steps,
+        budgets=flags.budgets,
+        steps=flags.routed_steps,
     shell:
         "python -m dmr.diagnose --kl {input.kl} --router {params.router} --threshold {input.threshold} "
         "--budgets {params.budgets} --online {input.probe} --step-types {params.steps} "
@@ -216,7 +218,7 @@ rule regime_table:
     # Is the cell in the paper's regime? Per scheme of `cells[].regime` (default its quants): (a) the
     # Full - Quant gap, (b) a sparse plateau, (c) the oracle at K = 0.4 where routed (dmr.regime).
     input:
-        unpack(regime_inputs),
+        unpack(flags.regime_inputs),
     output:
         table=cell("tables/regime.parquet"),
         markdown=cell("tables/regime.md"),
@@ -227,12 +229,12 @@ rule regime_table:
     conda:
         "../../envs/cpu.yaml"
     resources:
-        **rule_resources("regime"),
+        **flags.resources("regime"),
     params:
         cell=lambda w: cell("", w).rstrip("/"),
-        schemes=lambda w: " ".join(regime_schemes(w)),
+        schemes=lambda w: " ".join(flags.regime_schemes(w)),
         seeds=" ".join(str(s) for s in config["evaluate"]["seeds"]),
-        steps=routed_steps,
+        steps=flags.routed_steps,
     shell:
         "python -m dmr.regime --cell {params.cell} --schemes {params.schemes} --seeds {params.seeds} "
         "--step-types {params.steps} --out {output.table} > {log} 2>&1"
