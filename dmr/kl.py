@@ -304,6 +304,10 @@ def main(argv=None):
     q = df["kl"].quantile
     print(f"{len(df)} steps of {df['task'].n_unique()} episodes; KL median {q(0.5):.2e}, p90 {q(0.9):.2e}, "
           f"p99 {q(0.99):.2e}, max {df['kl'].max():.2e} -> {a.out}")
+    if "kl_unknown_mass" in df.columns and (df["kl_unknown_mass"].max() or 0) > 0:
+        # top-k scores: how much of bf16's mass the least consistent KL had to bound
+        print(f"bf16 mass with unknown low-precision probability: mean {df['kl_unknown_mass'].mean():.2e}, "
+              f"max {df['kl_unknown_mass'].max():.2e} (the KL is a lower bound there; raise top_logprobs)")
 
 
 if __name__ == "__main__":

@@ -700,7 +700,8 @@ def test_real_vllm_kl_matches_hf(vllm_python, tiny_world, noisy_model, tmp_path,
     from dmr.llm.vllm import VLLMBackend
 
     _, _, model = tiny_world
-    pool = rollout_pool(model, tmp_path / "pool", n=3, max_steps=5)  # short: a vocabulary-wide request carries prompt x vocab entries
+    # a short pool: a vocabulary-wide request carries (prompt length x vocabulary) log-probs
+    pool = rollout_pool(model, tmp_path / "pool", n=3, max_steps=5)
     kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "noisy",
              "--out", str(tmp_path / "hf.parquet"), "--quiet"])
     exact = pl.read_parquet(tmp_path / "hf.parquet").sort("task", "step")
