@@ -17,12 +17,17 @@ action block and is scored whole too. Each row keeps the option (`kl_block`), th
 (`tokens`) and the output's (`output_tokens`).
 
 Exact vs top-k. The HF backend returns full-vocabulary distributions, so the KL is exact. The vLLM
-backend returns only the top-k log-probs of each position (`prompt_logprobs`); the KL is then taken
-between both distributions coarsened to the high model's top-k tokens plus one "other" bucket. By
-the data-processing inequality that coarsened KL never exceeds the exact one; it converges to it
-as k grows, and for the peaked action distributions of an agent k=20 leaves little mass in "other".
-A token in high's top-k that is missing from low's top-k gets low's smallest top-k log-prob (its
-true log-prob is at most that), which is flagged per step as `kl_topk_missing`.
+backend returns, per position, each model's top-k log-probs and the exact log-prob of the token
+bf16 produced there (`prompt_logprobs`), so the KL at a position is known exactly on the tokens
+both models returned (always including bf16's own token: under greedy decoding its most likely
+one) and bounded on the rest. `token_kl` takes the least KL
+consistent with what was returned: exact terms on the common tokens; a bf16 top-k token missing
+from the low model's top-k has a low probability of at most the low model's k-th one, and the
+remaining mass of both models is one bucket (log-sum inequality). It never exceeds the exact KL,
+is exact once k reaches the vocabulary (`max_logprobs`), and its gap comes only from bf16's mass
+whose low-precision probability was not returned, which each row keeps as `kl_unknown_mass` (mean
+over the block's positions; 0 for exact scores) beside `kl_topk_missing` (bf16 top-k tokens
+missing from the low model's top-k).
 """
 from __future__ import annotations
 
@@ -41,9 +46,10 @@ from dmr.prompts import Episode
 from dmr.rundir import read_jsonl, rewrite
 
 
-def token_kl(high: Scored, low: Scored) -> tuple[list[float], int]:
-    """KL(p_high || p_low) at each continuation position, and how many top-k tokens had to be
-    bounded (always 0 for exact distributions)."""
+def token_kl(high: Scored, low: Scored) -> tuple[list[float], list[float], int]:
+    """KL(p_high || p_low) at each continuation position, bf16's mass at each position whose low
+    probability is unknown (0 for exact distributions), and how many bf16 top-k tokens were
+    missing from the low model's top-k (see the module docstring)."""
     if high.token_ids != low.token_ids:
         raise ValueError("high and low were scored on different continuation tokens")
     if high.dist is not None and low.dist is not None:
@@ -51,25 +57,60 @@ def token_kl(high: Scored, low: Scored) -> tuple[list[float], int]:
         if h.shape != l.shape:
             raise ValueError(f"distribution shapes differ: {tuple(h.shape)} vs {tuple(l.shape)} (same tokenizer?)")
         kl = (h.exp() * (h - l)).sum(-1).clamp(min=0.0)
-        return kl.tolist(), 0
+        return kl.tolist(), [0.0] * len(kl), 0
     if high.topk is None or low.topk is None:
         raise ValueError("scores carry neither full distributions nor top-k log-probs")
-    out, missing = [], 0
-    for (h_ids, h_lp), (l_ids, l_lp) in zip(high.topk, low.topk, strict=True):
-        low_lp = dict(zip(l_ids, l_lp))
-        floor = min(l_lp) if l_lp else -math.inf
-        p = [math.exp(x) for x in h_lp]
-        q = []
-        for t in h_ids:
-            if t not in low_lp:
-                missing += 1
-            q.append(math.exp(low_lp.get(t, floor)))
-        kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0 and qi > 0)
-        p_rest, q_rest = max(0.0, 1.0 - sum(p)), max(1e-12, 1.0 - sum(q))
-        if p_rest > 1e-12:
-            kl += p_rest * (math.log(p_rest) - math.log(q_rest))
-        out.append(max(0.0, kl))
-    return out, missing
+    kls, unknown, missing = [], [], 0
+    for t, ((h_ids, h_lp), (l_ids, l_lp)) in enumerate(zip(high.topk, low.topk, strict=True)):
+        kl, rest, miss = topk_kl(dict(zip(h_ids, h_lp)), dict(zip(l_ids, l_lp)), high.token_ids[t],
+                                 high.logprobs[t], low.logprobs[t])
+        kls.append(kl)
+        unknown.append(rest)
+        missing += miss
+    return kls, unknown, missing
+
+
+def topk_kl(high: dict[int, float], low: dict[int, float], token: int, high_lp: float,
+            low_lp: float) -> tuple[float, float, int]:
+    """The least KL(p_high || p_low) at one position consistent with each model's top-k log-probs
+    (`high`, `low`: token id -> log-prob) and both exact log-probs of the scored `token`.
+
+    Tokens in both maps (and `token`) are exact terms. A token in bf16's top-k only has a low
+    probability q <= the low model's smallest top-k probability f; the rest of the vocabulary is one
+    bucket. Minimising sum_M p log(p/q) + P log(P/Q) under sum_M q + Q = (low's unknown mass) and
+    q <= f gives q = min(f, p/lam) and Q = P/lam: the tokens with the largest p are clamped at f
+    one by one until the bucket's ratio lam no longer pushes the next one above f. Returns the KL,
+    bf16's mass with unknown low probability, and the count of bf16 top-k tokens missing from the
+    low top-k."""
+    high, low = {**high, token: high_lp}, {**low, token: low_lp}
+    floor = math.exp(min(lp for t, lp in low.items() if t != token)) if len(low) > 1 else 1.0
+    kl, p_known, q_known, outside = 0.0, 0.0, 0.0, []
+    for t, lp in high.items():
+        p = math.exp(lp)
+        if t in low:
+            kl += p * (lp - low[t])
+            p_known += p
+            q_known += math.exp(low[t])
+        else:
+            outside.append(p)
+    p_rest = max(0.0, 1.0 - p_known)  # bf16 mass whose low probability is unknown
+    q_free = max(0.0, 1.0 - q_known)  # low mass left for those tokens and the bucket
+    outside.sort(reverse=True)
+    bucket_p = p_rest - sum(outside)
+    if bucket_p < 0:  # rounding of the returned log-probs
+        bucket_p = 0.0
+    clamped = 0
+    for p in outside:  # water-filling: clamp the largest p at the floor while the ratio demands it
+        p_left, q_left = bucket_p + sum(outside[clamped:]), q_free - clamped * floor
+        if q_left <= 0 or p * q_left <= floor * p_left:
+            break
+        clamped += 1
+    for p in outside[:clamped]:
+        kl += p * math.log(p / floor)
+    p_left, q_left = bucket_p + sum(outside[clamped:]), q_free - clamped * floor
+    if p_left > 1e-12:
+        kl += p_left * math.log(p_left / max(q_left, 1e-12))
+    return max(0.0, kl), p_rest, len(outside)
 
 
 def action_entropy(scored: Scored) -> float | None:
@@ -146,10 +187,10 @@ def scored_block(high: Scored, low: Scored, text: str, tokenizer, style, block: 
 
 
 def step_kl(high: Scored, low: Scored) -> dict:
-    kls, missing = token_kl(high, low)
+    kls, unknown, missing = token_kl(high, low)
     n = max(1, len(kls))
     return {"kl": sum(kls) / n, "kl_sum": sum(kls), "kl_max": max(kls, default=0.0), "tokens": len(kls),
-            "kl_topk_missing": missing}
+            "kl_unknown_mass": sum(unknown) / n, "kl_topk_missing": missing}
 
 
 def episodes_of(run: Path) -> list[tuple[dict, list[dict]]]:
@@ -263,6 +304,10 @@ def main(argv=None):
     q = df["kl"].quantile
     print(f"{len(df)} steps of {df['task'].n_unique()} episodes; KL median {q(0.5):.2e}, p90 {q(0.9):.2e}, "
           f"p99 {q(0.99):.2e}, max {df['kl'].max():.2e} -> {a.out}")
+    if "kl_unknown_mass" in df.columns and (df["kl_unknown_mass"].max() or 0) > 0:
+        # top-k scores: how much of bf16's mass the least consistent KL had to bound
+        print(f"bf16 mass with unknown low-precision probability: mean {df['kl_unknown_mass'].mean():.2e}, "
+              f"max {df['kl_unknown_mass'].max():.2e} (the KL is a lower bound there; raise top_logprobs)")
 
 
 if __name__ == "__main__":

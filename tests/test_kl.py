@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import polars as pl
 import pytest
@@ -56,18 +57,48 @@ def _scored(logp: torch.Tensor, ids, k=None) -> Scored:
 
 
 def test_topk_kl_bounds_exact_kl():
+    """From top-k lists plus both exact log-probs of the scored token (what vLLM returns), the step
+    KL is the least one consistent with them: never above the exact KL, exact at the vocabulary."""
     g = torch.Generator().manual_seed(0)
-    h = (torch.randn(5, 50, generator=g) * 3).log_softmax(-1)
-    l = (h + torch.randn(5, 50, generator=g)).log_softmax(-1)
-    ids = [0, 1, 2, 3, 4]
-    exact, _ = kl.token_kl(_scored(h, ids), _scored(l, ids))
-    full, missing = kl.token_kl(_scored(h, ids, 50), _scored(l, ids, 50))
-    assert missing == 0 and full == pytest.approx(exact, rel=1e-4, abs=1e-6)
-    coarse, _ = kl.token_kl(_scored(h, ids, 10), _scored(l, ids, 50))
-    assert all(c <= e + 1e-6 for c, e in zip(coarse, exact))  # data-processing inequality
+    for trial in range(20):
+        h = (torch.randn(5, 50, generator=g) * 3).log_softmax(-1)
+        l = (h + torch.randn(5, 50, generator=g) * (1 + trial % 4)).log_softmax(-1)
+        ids = torch.multinomial(h.exp(), 1, generator=g).squeeze(1).tolist()  # tokens sampled from bf16
+        exact, unknown, _ = kl.token_kl(_scored(h, ids), _scored(l, ids))
+        assert unknown == [0.0] * 5
+        full, unknown, missing = kl.token_kl(_scored(h, ids, 50), _scored(l, ids, 50))
+        assert missing == 0 and full == pytest.approx(exact, rel=1e-4, abs=1e-6)
+        assert unknown == pytest.approx([0.0] * 5, abs=1e-5)
+        for kh, kl_ in [(1, 1), (3, 10), (10, 3), (10, 10), (20, 40)]:
+            bound, unknown, _ = kl.token_kl(_scored(h, ids, kh), _scored(l, ids, kl_))
+            assert all(b <= e + 1e-5 for b, e in zip(bound, exact))
+            assert all(0 <= u <= 1 for u in unknown)
     assert kl.token_kl(_scored(h, ids), _scored(h, ids))[0] == pytest.approx([0.0] * 5, abs=1e-6)
     with pytest.raises(ValueError, match="different continuation"):
         kl.token_kl(_scored(h, ids), _scored(l, [1, 1, 1, 1, 1]))
+
+
+def test_topk_kl_on_diverging_top_sets():
+    """bf16 puts 0.35 on a token the low model gives 1e-6, outside its top-k: that token's term is
+    bounded with the low model's k-th probability, not lost in a bucket; the scored token is exact."""
+    V = 50
+    p = torch.full((V,), 0.05 / (V - 2))
+    p[0], p[1] = 0.6, 0.35
+    q = torch.full((V,), (1 - 0.5 - 1e-6) / (V - 2))
+    q[0], q[1] = 0.5, 1e-6
+    h, l = p.log().unsqueeze(0), q.log().unsqueeze(0)
+    exact = kl.token_kl(_scored(h, [0]), _scored(l, [0]))[0][0]
+    bound, unknown, missing = kl.token_kl(_scored(h, [0], 5), _scored(l, [0], 5))
+    assert missing >= 1 and 0.35 <= unknown[0] <= 0.4 + 1e-6  # token 1 and tail tokens not in both lists
+    f = float(l[0].topk(5).values[-1].exp())  # the low model's 5th probability
+    rest = 0.05 * math.log(0.05 / 0.5)  # the least the other tokens can add (a negative bucket term)
+    assert bound[0] <= exact and bound[0] >= 0.6 * math.log(0.6 / 0.5) + 0.35 * math.log(0.35 / f) + rest - 1e-6
+    bucket = 0.6 * math.log(0.6 / 0.5) + 0.4 * math.log(0.4 / 0.5)  # the common token plus one bucket
+    assert bound[0] > bucket + 1.0
+    # the scored token outside both top-k lists is still an exact term
+    exact2 = kl.token_kl(_scored(h, [1]), _scored(l, [1]))[0][0]
+    bound2 = kl.token_kl(_scored(h, [1], 1), _scored(l, [1], 1))[0][0]
+    assert bound2 <= exact2 and bound2 >= 0.35 * math.log(0.35 / 1e-6) + 0.6 * math.log(0.6 / 0.5) + rest - 1e-6
 
 
 def test_proposal_router_trains_on_what_it_sees_at_deployment(tiny_world, noisy_model, tmp_path, household_run, rollout_pool):

@@ -684,3 +684,43 @@ def test_routing_proxy_forwards_to_a_real_vllm_server(vllm_python, tiny_world, t
             if tr.done:
                 break
         web.should_exit = True
+
+
+@pytest.mark.slow
+def test_real_vllm_kl_matches_hf(vllm_python, tiny_world, noisy_model, tmp_path, rollout_pool):
+    """The step KL from a real vLLM server's prompt_logprobs (dmr.kl over two VLLMBackends) against
+    the exact HF KL on the same pool: exact up to bf16 arithmetic when top_logprobs reaches the
+    vocabulary, never above it with k = 20, the unknown mass saying how much was bounded."""
+    import io
+
+    import polars as pl
+    from transformers import AutoConfig
+
+    from dmr import kl, prompts
+    from dmr.llm.vllm import VLLMBackend
+
+    _, _, model = tiny_world
+    # a short pool: a vocabulary-wide request carries (prompt length x vocabulary) log-probs
+    pool = rollout_pool(model, tmp_path / "pool", n=3, max_steps=5)
+    kl.main(["--rollout", str(pool), "--high", str(model), "--low", str(noisy_model), "--quant", "noisy",
+             "--out", str(tmp_path / "hf.parquet"), "--quiet"])
+    exact = pl.read_parquet(tmp_path / "hf.parquet").sort("task", "step")
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    specs = [ServerSpec(str(m), free_port(), 0.3, max_logprobs=vocab, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                        extra_args=["--max-model-len", "2048"]) for m in (model, noisy_model)]
+    style = prompts.get("react")
+    got = {}
+    with serve(specs, python=vllm_python, timeout=1200, log_dir=tmp_path) as servers:
+        for k in (vocab, 20):
+            hi, lo = (VLLMBackend(s.spec.model, base_url=s.url, top_logprobs=k) for s in servers)
+            buf = io.StringIO()
+            kl.replay(kl.episodes_of(pool), style, hi, lo, "noisy", buf, progress=False)
+            got[k] = pl.DataFrame([json.loads(x) for x in buf.getvalue().splitlines()]).sort("task", "step")
+            hi.close()
+            lo.close()
+    full, top = got[vocab], got[20]
+    assert full.height == top.height == exact.height and full["tokens"].to_list() == exact["tokens"].to_list()
+    assert full["kl_unknown_mass"].max() < 1e-2  # the whole vocabulary came back
+    assert full["kl"].to_list() == pytest.approx(exact["kl"].to_list(), rel=0.1, abs=5e-3)  # bf16 vs fp32
+    assert top["kl_unknown_mass"].max() > 0
+    assert (top["kl"] <= full["kl"] + 1e-3).all()  # the least KL consistent with the top-20 lists

@@ -6,8 +6,10 @@ shards itself. Prefix reuse across an episode's steps is vLLM's automatic prefix
 `sessions` needs no bookkeeping here.
 
 Scores differ from the HF backend in one way: vLLM returns only the top-k log-probs of each
-position (`Scored.topk`, k = `top_logprobs` <= the server's --max-logprobs), not the full
-distribution (`Scored.dist`). A KL divergence computed from them is a top-k approximation.
+position (`Scored.topk`, k = `top_logprobs` <= the server's --max-logprobs; the scored token's own
+log-prob is always added, and is exact in `Scored.logprobs`), not the full distribution
+(`Scored.dist`). dmr.kl takes the least KL consistent with them (exact once k reaches the
+vocabulary: a server started with --max-logprobs at the vocabulary size, top_logprobs the same).
 """
 from __future__ import annotations
 
