@@ -177,7 +177,8 @@ def serve(models: dict[str, str], python: str, out: Path, log_dir: Path, gmu: fl
         try:
             (s,) = srv.start([spec], python=python, timeout=timeout, log_dir=log_dir)
             live.append(s)
-            state["servers"][name] = {"model": model, "url": s.url, "log": str(s.log)}
+            state["servers"][name] = {"model": model, "url": s.url, "log": str(s.log),
+                                      "kernels": kernels(s.log.read_text(errors="replace"))}
         except Exception as e:
             state["servers"][name] = {"model": model, "error": str(e).splitlines()[0][:2000],
                                       "first_error": srv.first_error(str(e)), "log": str(log_dir / f"server-{spec.port}.log")}
@@ -190,6 +191,12 @@ def serve(models: dict[str, str], python: str, out: Path, log_dir: Path, gmu: fl
     while any(s.alive() for s in live):
         time.sleep(1)
     sys.exit(0 if live else 1)
+
+
+def kernels(log: str) -> list[str]:
+    """The linear-layer kernels a vLLM server chose, from its log ("Using MarlinLinearKernel for
+    CompressedTensorsWNA16"): which quantized kernel serves a scheme."""
+    return sorted(set(re.findall(r"Using (\w+) for ", log)))
 
 
 def shared_loader(servers: dict, load):
@@ -427,6 +434,12 @@ def _finish(res: dict, out: Path) -> dict:
     return res
 
 
+def _cell(text: str | None, n: int = 300) -> str:
+    """Text for one Markdown table cell: vLLM's log prefixes gone, whitespace collapsed, no pipes."""
+    text = re.sub(r"\(\w+ pid=\d+\)\s+[A-Z]+\s+[\d-]+ [\d:.]+ \[[^\]]*\]\s*", "", text or "")
+    return " ".join(text.split()).replace("|", "/")[:n]
+
+
 def _f(x, fmt: str = ".3f") -> str:
     if x is None or (isinstance(x, float) and x != x):
         return "–"
@@ -446,12 +459,12 @@ def markdown(res: dict) -> str:
     for s in res.get("stages", []):
         why = s.get("error") or s.get("reason") or ""
         lines.append(f"| {s['name']} | {s['status']} | {_f(s['seconds'], '.0f')} | {_f(s['limit'], '.0f')} | "
-                     f"{why.replace('|', '/')} |")
+                     f"{_cell(why, 500)} |")
     if res.get("servers"):
-        lines += ["", "## vLLM servers", "", "| model | started | seconds | error |", "|---|---|---|---|"]
+        lines += ["", "## vLLM servers", "", "| model | started | seconds | linear kernels | error |", "|---|---|---|---|---|"]
         for name, s in res["servers"].items():
             lines.append(f"| {name} | {'yes' if 'url' in s else 'no'} | {_f(s.get('seconds'), '.0f')} | "
-                         f"{(s.get('first_error') or s.get('error') or '').replace('|', '/')[:300]} |")
+                         f"{', '.join(s.get('kernels', [])) or '–'} | {_cell(s.get('first_error') or s.get('error'))} |")
     if res.get("quantize"):
         lines += ["", "## Quantization (llmcompressor oneshot)", "",
                   "| scheme | top-1 agreement with bf16 | mean KL(bf16 ‖ quant) per position | samples | versions |",
@@ -496,7 +509,7 @@ def markdown(res: dict) -> str:
     not_done = [s for s in res.get("stages", []) if s["status"] != "ok"]
     if not_done or res.get("problems"):
         lines += ["", "## Not done", ""]
-        lines += [f"- {s['name']} ({s['status']}): {s.get('error') or s.get('reason') or 'no reason recorded'}"
+        lines += [f"- {s['name']} ({s['status']}): {_cell(s.get('error') or s.get('reason'), 500) or 'no reason recorded'}"
                   for s in not_done]
         lines += [f"- {p}" for p in res.get("problems", [])]
     return "\n".join(lines) + "\n"
@@ -529,7 +542,7 @@ def main(argv=None):
     a.add_argument("--log-dir", type=Path, required=True)
     a.add_argument("--gpu-memory-utilization", type=float, default=0.08)
     a.add_argument("--timeout", type=float, default=300)
-    a.add_argument("--extra", default="", help="more vLLM server arguments, one string")
+    a.add_argument("--extra", default="", help="more vLLM server arguments, one string (--extra=\"--enforce-eager\")")
     a = sub.add_parser("cli")
     a.add_argument("--servers", type=Path, required=True)
     a.add_argument("module", help="dmr.agent or dmr.kl")

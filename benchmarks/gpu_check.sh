@@ -286,7 +286,7 @@ if [ -n "${BF16:-}" ]; then
             SERVE_T0=$(date +%s)
             timeout -k 20 $((DEADLINE - RESERVE - $(date +%s))) "$PY" benchmarks/gpu_check.py serve "${models[@]}" \
                 --python "$WORK/vllm-python" --out "$WORK/servers.json" --log-dir "$WORK/vllm-logs" \
-                --gpu-memory-utilization "$GMU" --timeout 240 --extra "$VLLM_ARGS" >"$WORK/logs/vllm_serve.log" 2>&1 &
+                --gpu-memory-utilization "$GMU" --timeout 240 --extra="$VLLM_ARGS" >"$WORK/logs/vllm_serve.log" 2>&1 &
             SERVE_PID=$!
         else
             skip vllm_serve "no working vLLM (env_vllm)"
@@ -322,7 +322,7 @@ if [ -n "${BF16:-}" ]; then
                         --rollout "$WORK/pool" --high "$BF16" --low "$WORK/models/$s" --quant "$s" \
                         --out "$WORK/kl/vllm_$s.parquet" --quiet
                 else
-                    skip "kl_vllm_$s" "its vLLM server did not start"
+                    skip "kl_vllm_$s" "its vLLM server did not start (results: vLLM servers)"
                 fi
             done
             stage rollout_vllm_full 120 "$PY" "${VLLM[@]}" dmr.agent --backend vllm "${COMMON[@]}" "${TEST[@]}" \
@@ -332,7 +332,7 @@ if [ -n "${BF16:-}" ]; then
                     stage "rollout_vllm_$s" 120 "$PY" "${VLLM[@]}" dmr.agent --backend vllm "${COMMON[@]}" "${TEST[@]}" \
                         --model "$s=$WORK/models/$s" --policy quant --out "$WORK/rollouts/vllm/quant-$s"
                 else
-                    skip "rollout_vllm_$s" "its vLLM server did not start (W3A16: vLLM has no 3-bit kernel)"
+                    skip "rollout_vllm_$s" "its vLLM server did not start (results: vLLM servers)"
                 fi
             done
             if [ -n "$W4" ] && served "$W4"; then

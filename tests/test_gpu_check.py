@@ -199,9 +199,10 @@ def test_gather_writes_one_json_and_one_markdown(tmp_path):
                                                    "16": {"episodes_per_s": 4.0, "steps_per_s": 56.0, "steps_per_cpu_s": 50.0}},
         "speedup": {"1": 1.0, "16": 8.0}}))
     (work / "servers.json").write_text(json.dumps({"done": True, "servers": {
-        "bf16": {"model": "/m/bf16", "url": "http://127.0.0.1:1/v1", "seconds": 30.0},
-        "gptq_w3a16": {"model": "/m/w3", "error": "vLLM server ... exited", "first_error": "ValueError: 3 bits",
-                       "seconds": 9.0}}}))
+        "bf16": {"model": "/m/bf16", "url": "http://127.0.0.1:1/v1", "seconds": 30.0, "kernels": ["MarlinLinearKernel"]},
+        "gptq_w3a16": {"model": "/m/w3", "error": "vLLM server ... exited", "seconds": 9.0, "first_error":
+                       "(Worker pid=14706) ERROR 12-04 16:49:17 [multiproc_executor.py:953] ValueError: no kernel |\n"
+                       "(Worker pid=14706) ERROR 12-04 16:49:17 [multiproc_executor.py:953]  Unsupported uint3b4"}}}))
     res = gc.gather(work, out)
     saved = json.loads((out / "results.json").read_text())
     assert saved["stages"][1]["error"] == "RuntimeError: CUDA error: no kernel image"
@@ -213,7 +214,8 @@ def test_gather_writes_one_json_and_one_markdown(tmp_path):
     md = (out / "results.md").read_text()
     assert "Commit abc1234; cell household/tiny; full run; GPU: NVIDIA H200" in md
     assert "| gptq_w4a16 | 0.990 | 1.50e-04 | 128 |" in md
-    assert "| gptq_w3a16 | no | 9 | ValueError: 3 bits |" in md
+    assert "| gptq_w3a16 | no | 9 | – | ValueError: no kernel / Unsupported uint3b4 |" in md
+    assert "| bf16 | yes | 30 | MarlinLinearKernel |  |" in md
     assert "| hf | 16 | 4.000 | 56.0 | 8.00x |" in md
     assert "| hf | quant-gptq_w4a16 | 50.0% (2) | 2.0 | 0% | 6.00 | 60.00 | 0.600 | 0.670 | – |" in md
     assert "- quantize_gptq_w3a16 (failed): RuntimeError: CUDA error: no kernel image" in md
@@ -275,3 +277,22 @@ def test_the_script_parses_and_explains_itself(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke"], capture_output=True, text=True, timeout=30,
                        env={"PATH": "/usr/bin:/bin", "DMR_GPU_CHECK_WORK": str(foreign), "OUT": str(tmp_path / "o")})
     assert r.returncode == 2 and "not a gpu_check work folder" in r.stderr and (foreign / "keep.txt").exists()
+
+
+def test_kernels_are_read_off_a_server_log():
+    log = ("(Worker pid=1) INFO 12-04 16:47:53 [__init__.py:923] Using MacheteLinearKernel for mixed-precision linear\n"
+           "(Worker pid=1) INFO 12-04 16:47:53 [compressed_tensors_wNa16.py:138] Using MacheteLinearKernel for "
+           "CompressedTensorsWNA16\nUsing FLASH_ATTN backend.\n")
+    assert gc.kernels(log) == ["MacheteLinearKernel"] and gc.kernels("nothing") == []
+
+
+def test_serve_takes_vllm_arguments_that_look_like_flags(tmp_path, monkeypatch):
+    got = {}
+    monkeypatch.setattr(gc, "serve", lambda models, python, out, log_dir, gmu, extra, timeout: got.update(
+        models=models, extra=extra, gmu=gmu))
+    gc.main(["serve", "--model", "bf16=/m/a", "--model", "w4=/m/b", "--python", "py", "--out", str(tmp_path / "s.json"),
+             "--log-dir", str(tmp_path / "logs"), "--extra=--enforce-eager --max-model-len 1024"])
+    assert got == {"models": {"bf16": "/m/a", "w4": "/m/b"}, "extra": ["--enforce-eager", "--max-model-len", "1024"],
+                   "gmu": 0.08}
+    # The script passes them that way (argparse takes a bare "--enforce-eager" for an option).
+    assert '--extra="$VLLM_ARGS"' in SCRIPT.read_text()
