@@ -28,7 +28,8 @@ tasks and evaluation seeds (workflow rules calibrate_variant, rollout_variant). 
 - `delta`, `delta_lo`, `delta_hi`, `delta_p`: the variant minus the cell's main DMR@K in success
   points on the same (seed, task) pairs, its paired-bootstrap 95% CI and McNemar's p (dmr.paired);
   a variant that is the cell's own router plays the cell's runs (`cell_router`, delta 0);
-- `high_frac`: the realised share of LLM calls at bf16, mean over seeds.
+- `high_frac`: the realised share of LLM calls at bf16, mean over seeds;
+- `dmr_success`: the cell's DMR@K success on the same seeds, the reference of `delta`.
 
 The table has a row per variant and budget K: the online columns (null where K was not run online),
 then the offline ones, `recall`, `kl_mass` and `oracle_recall` at that K.
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 ORDER = {"depth": 0, "tau": 1, "steps": 2, "encoder": 3}
 # The online columns, per variant and budget (null where the budget was not run online).
-ONLINE = dict.fromkeys(["success", "success_std", "high_frac", "delta", "delta_lo", "delta_hi", "delta_p"], "f8")
+ONLINE = dict.fromkeys(["success", "success_std", "high_frac", "dmr_success", "delta", "delta_lo", "delta_hi", "delta_p"], "f8")
 ONLINE |= dict.fromkeys(["seeds", "episodes", "paired_tasks"], "i8") | {"cell_router": "bool"}
 VARIANT = re.compile(r"depth(\d+)|tau-([a-z-]+)|steps-(ao|as)|encoder-(text|proposal)")
 
@@ -125,10 +126,11 @@ def online(runs: dict[tuple[str, float], list[pl.DataFrame]], reference: dict[fl
         won = paired.aligned(eps, reference[k])
         diff = paired.difference(won[0], won[1])
         success = [100.0 * float(e["won"].mean()) for e in eps]
+        dmr_success = float(np.mean([100.0 * float(e["won"].mean()) for e in reference[k]]))
         rows.append({"variant": variant, "budget": float(k), "success": float(np.mean(success)),
                      "success_std": float(np.std(success, ddof=1)) if len(eps) > 1 else 0.0,
                      "seeds": len(eps), "episodes": int(sum(len(e) for e in eps)),
-                     "high_frac": float(np.mean([high_fraction(e) for e in eps])),
+                     "high_frac": float(np.mean([high_fraction(e) for e in eps])), "dmr_success": dmr_success,
                      "delta": diff["delta"], "delta_lo": diff["lo"], "delta_hi": diff["hi"], "delta_p": diff["p"],
                      "paired_tasks": diff["n"], "cell_router": (variant, k) in own})
     schema = {"variant": pl.Utf8, "budget": pl.Float64} | {c: {"f8": pl.Float64, "i8": pl.Int64, "bool": pl.Boolean}[t]
@@ -161,7 +163,7 @@ def table(offline_df: pl.DataFrame, online_df: pl.DataFrame | None, budgets) -> 
 def markdown(df, budgets, title: str) -> str:
     """A row per variant and K: success and its paired difference to the cell's DMR@K where run online,
     then the offline yardsticks at K and the variant's training figures."""
-    cols = ["variant", "K", "success", "Δ vs DMR@K (95% CI)", "bf16 share", "recall", "kl_mass", "val_bacc", "tau",
+    cols = ["variant", "K", "success", "DMR@K", "Δ vs DMR@K (95% CI)", "bf16 share", "recall", "kl_mass", "val_bacc", "tau",
             "layers", "params"]
 
     def num(v, fmt):
@@ -169,13 +171,14 @@ def markdown(df, budgets, title: str) -> str:
 
     def row(r):
         if r["success"] is None:
-            succ = delta = share = "–"
+            succ = dmr = delta = share = "–"
         else:
             succ = f"{r['success']:.1f}" + (f" ± {r['success_std']:.1f}" if r["seeds"] > 1 else "")
+            dmr = f"{r['dmr_success']:.1f}"
             delta = ("0 (the cell's router)" if r["cell_router"] else
                      f"{r['delta']:+.1f} [{r['delta_lo']:+.1f}, {r['delta_hi']:+.1f}]")
             share = f"{100 * r['high_frac']:.0f}%"
-        return [r["variant"], f"{r['budget']:g}", succ, delta, share, num(r["recall"], ".3f"), num(r["kl_mass"], ".3f"),
+        return [r["variant"], f"{r['budget']:g}", succ, dmr, delta, share, num(r["recall"], ".3f"), num(r["kl_mass"], ".3f"),
                 num(r["val_bacc"], ".3f"), num(r["tau"], ".3g"), num(r["layers"], "d"), num(r["params"], ",")]
 
     lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -187,8 +190,8 @@ def markdown(df, budgets, title: str) -> str:
     if len(ran):
         lines += ["", f"Online: each variant's routed runs at budget K on the cell's test tasks, {ran['seeds'].max()} "
                   f"seed(s), {ran['paired_tasks'].max()} (seed, task) pairs per K. success: mean over seeds (± std over "
-                  "seeds); Δ: variant minus the cell's DMR@K in success points on the same pairs, paired-bootstrap "
-                  "95% CI; bf16 share: realised share of LLM calls at bf16."]
+                  "seeds); DMR@K: the cell's router on the same seeds; Δ: variant minus the cell's DMR@K in success "
+                  "points on the same pairs, paired-bootstrap 95% CI; bf16 share: realised share of LLM calls at bf16."]
     else:
         lines += ["", "Online: not run (route.ablation.online.seeds: 0)."]
     lines += ["", f"Offline, on {ref['val_steps']} held-out steps of the KL pool. recall: share of the steps with "
@@ -201,6 +204,8 @@ def markdown(df, budgets, title: str) -> str:
 def figure(df, budgets, title: str, path: Path) -> None:
     """Online: success against K, a line per variant, a panel per kind of variant. Offline only: the
     held-out recall at the middle K and the balanced accuracy, per variant."""
+    import polars as pl
+
     plt = plots.pyplot()
     kinds = [kd for kd in ORDER if kd in set(df["kind"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.0), squeeze=False)
@@ -208,11 +213,15 @@ def figure(df, budgets, title: str, path: Path) -> None:
     k = budgets[len(budgets) // 2]
     for ax, kind in zip(axes[0], kinds):
         if len(run):
+            ref = run.group_by("budget").agg(pl.col("dmr_success").first()).sort("budget")
+            ax.plot(ref["budget"].to_list(), ref["dmr_success"].to_list(), color="0.5", ls=":", marker="s",
+                    label="DMR (cell)")
             for variant in dict.fromkeys(run.filter(run["kind"] == kind)["variant"]):
                 sub = run.filter(run["variant"] == variant).sort("budget")
                 ax.plot(sub["budget"].to_list(), sub["success"].to_list(), marker="o", label=variant,
                         ls="--" if sub["cell_router"][0] else "-")
             ax.set_xlabel("budget K")
+            ax.set_ylim(-2, 102)
             ax.legend(fontsize=7)
             continue
         sub = df.filter((df["kind"] == kind) & (df["budget"] == float(k)))

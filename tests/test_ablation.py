@@ -129,8 +129,10 @@ def test_online_table_by_hand():
     assert row["kl_mass"] == pytest.approx(0.42) and row["val_bacc"] == pytest.approx(0.7)
     assert not any("@" in c for c in df.columns)
     md = ablation.markdown(df, [0.2, 0.4], "t")
-    assert "| depth1 | 0.4 | 50.0 ± 35.4 | +0.0 [" in md and "| depth2 | 0.4 | 50.0 ± 0.0 | 0 (the cell's router) |" in md
-    assert "| depth1 | 0.2 | – | – | – | 0.210 |" in md
+    assert r["dmr_success"] == pytest.approx(50.0)
+    assert "| depth1 | 0.4 | 50.0 ± 35.4 | 50.0 | +0.0 [" in md
+    assert "| depth2 | 0.4 | 50.0 ± 0.0 | 50.0 | 0 (the cell's router) |" in md
+    assert "| depth1 | 0.2 | – | – | – | – | 0.210 |" in md
 
 
 def test_online_runs_must_pair_with_the_cells_dmr():
@@ -168,6 +170,7 @@ def test_main_reads_online_runs(kl_pool, tmp_path):
     assert dict(zip(df["variant"], df["success"])) == pytest.approx({"depth1": 100.0, "depth2": 200 / 3})
     assert dict(zip(df["variant"], df["cell_router"])) == {"depth1": False, "depth2": True}
     assert df.filter(pl.col("variant") == "depth1")["delta"][0] == pytest.approx(100 / 3)
+    assert df["dmr_success"].to_list() == pytest.approx([200 / 3] * 2)
     assert (tmp_path / "fig.png").exists()
     with pytest.raises(SystemExit, match="at least one run directory"):
         ablation.main(["--router", "depth1", str(tmp_path / "depth1"), "--threshold", str(kl_pool / "threshold.json"),

@@ -401,6 +401,7 @@ def test_micro_ablations_online(micro):
         main = pl.read_parquet(q / f"rollouts/dmr-k{r['budget']:g}/seed0/episodes.parquet")
         assert r["success"] == pytest.approx(100 * run["won"].mean())
         assert r["delta"] == pytest.approx(100 * (run["won"].mean() - main["won"].mean()))  # same tasks, one seed
+        assert r["dmr_success"] == pytest.approx(100 * main["won"].mean())
         assert r["paired_tasks"] == len(main) == cfg["benchmarks"]["household"]["tasks"]["test"]
         assert 0 <= r["high_frac"] <= 1 and not r["cell_router"]
     assert (q / "ablation/tau-dense/router/calibration.json").exists()
