@@ -21,9 +21,10 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/agent.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/route.smk"
-include: "workflow/rules/ablation.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/grpo.smk"
+# After route.smk and evaluate.smk: the variants' calibration and runs reuse rules calibrate and rollout.
+include: "workflow/rules/ablation.smk"
 
 
 onstart:

@@ -20,9 +20,19 @@ is judged on the steps the action-only one decides):
   so this common yardstick is what makes them comparable;
 - `kl_mass@K`: the share of the total step KL that the top-K steps carry.
 
-Online routed evaluation of a variant is the ordinary `dmr` policy on its router directory; it
-costs a routed rollout per variant, budget and seed, so the embedded default reports the offline
-figures only.
+Online, as the paper judges them (Sec. 5.4, Fig. 5 right, Table 5): each variant's router is
+calibrated as the cell's is and plays the ordinary `dmr` policy at each budget K on the cell's test
+tasks and evaluation seeds (workflow rules calibrate_variant, rollout_variant). Per variant and K:
+
+- `success`: the mean over seeds of each seed's success rate (%), as Table 1;
+- `delta`, `delta_lo`, `delta_hi`, `delta_p`: the variant minus the cell's main DMR@K in success
+  points on the same (seed, task) pairs, its paired-bootstrap 95% CI and McNemar's p (dmr.paired);
+  a variant that is the cell's own router plays the cell's runs (`cell_router`, delta 0);
+- `high_frac`: the realised share of LLM calls at bf16, mean over seeds;
+- `dmr_success`: the cell's DMR@K success on the same seeds, the reference of `delta`.
+
+The table has a row per variant and budget K: the online columns (null where K was not run online),
+then the offline ones, `recall`, `kl_mass` and `oracle_recall` at that K.
 """
 from __future__ import annotations
 
@@ -34,11 +44,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dmr import plots
+from dmr import paired, plots
+from dmr.rundir import high_fraction
 
 if TYPE_CHECKING:
     import polars as pl
 
+ORDER = {"depth": 0, "tau": 1, "steps": 2, "encoder": 3}
+# The online columns, per variant and budget (null where the budget was not run online).
+ONLINE = dict.fromkeys(["success", "success_std", "high_frac", "dmr_success", "delta", "delta_lo", "delta_hi", "delta_p"], "f8")
+ONLINE |= dict.fromkeys(["seeds", "episodes", "paired_tasks"], "i8") | {"cell_router": "bool"}
 VARIANT = re.compile(r"depth(\d+)|tau-([a-z-]+)|steps-(ao|as)|encoder-(text|proposal)")
 
 
@@ -94,45 +109,127 @@ def summarise(routers: dict[str, Path], tau_ref: float, budgets, step_types: lis
                      "params": metrics["params"]["router"], "val_bacc": metrics["val_bacc"],
                      "best_epoch": metrics["best_epoch"],
                      **offline(scores["score"].to_numpy(), scores["kl"].to_numpy(), tau_ref, budgets)})
-    order = {"depth": 0, "tau": 1, "steps": 2, "encoder": 3}
-    return pl.DataFrame(rows).sort(pl.col("kind").replace_strict(order, return_dtype=pl.Int32), "layers", "tau")
+    return pl.DataFrame(rows).sort(pl.col("kind").replace_strict(ORDER, return_dtype=pl.Int32), "layers", "tau")
+
+
+def online(runs: dict[tuple[str, float], list[pl.DataFrame]], reference: dict[float, list[pl.DataFrame]],
+           own: set[tuple[str, float]] = frozenset()) -> pl.DataFrame:
+    """The online columns per (variant, K): `runs[variant, K]` are the variant's per-seed episodes at
+    budget K, `reference[K]` the cell's DMR@K on the same seeds; `own` the pairs that are the cell's
+    runs themselves. Runs that did not play the reference's (seed, task) pairs are an error."""
+    import polars as pl
+
+    rows = []
+    for (variant, k), eps in runs.items():
+        if k not in reference:
+            raise ValueError(f"variant {variant} at K={k:g}: no DMR@{k:g} run of the cell to pair it with")
+        won = paired.aligned(eps, reference[k])
+        diff = paired.difference(won[0], won[1])
+        success = [100.0 * float(e["won"].mean()) for e in eps]
+        dmr_success = float(np.mean([100.0 * float(e["won"].mean()) for e in reference[k]]))
+        rows.append({"variant": variant, "budget": float(k), "success": float(np.mean(success)),
+                     "success_std": float(np.std(success, ddof=1)) if len(eps) > 1 else 0.0,
+                     "seeds": len(eps), "episodes": int(sum(len(e) for e in eps)),
+                     "high_frac": float(np.mean([high_fraction(e) for e in eps])), "dmr_success": dmr_success,
+                     "delta": diff["delta"], "delta_lo": diff["lo"], "delta_hi": diff["hi"], "delta_p": diff["p"],
+                     "paired_tasks": diff["n"], "cell_router": (variant, k) in own})
+    schema = {"variant": pl.Utf8, "budget": pl.Float64} | {c: {"f8": pl.Float64, "i8": pl.Int64, "bool": pl.Boolean}[t]
+                                                           for c, t in ONLINE.items()}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def table(offline_df: pl.DataFrame, online_df: pl.DataFrame | None, budgets) -> pl.DataFrame:
+    """One row per variant and budget K: the online columns (null where K was not run online), then the
+    variant's offline ones, with recall, kl_mass and oracle_recall at that K."""
+    import polars as pl
+
+    per_k = [f"{m}@{k:g}" for m in ("recall", "kl_mass", "oracle_recall") for k in budgets]
+    base = offline_df.drop([c for c in offline_df.columns if c in per_k])
+    long = pl.concat([base.with_columns(budget=pl.lit(float(k)),
+                                        **{m: offline_df[f"{m}@{k:g}"] for m in ("recall", "kl_mass", "oracle_recall")})
+                      for k in budgets])
+    if online_df is None:
+        online_df = online({}, {})
+    if extra := sorted(set(online_df["variant"]) - set(base["variant"])):
+        raise ValueError(f"online runs of variants {extra} that have no router in the table")
+    if extra := sorted(set(online_df["budget"]) - {float(k) for k in budgets}):
+        raise ValueError(f"online runs at budgets {extra} that are not among --budgets")
+    df = long.join(online_df, on=["variant", "budget"], how="left")
+    order = ["variant", "kind", "value", "budget", *ONLINE]
+    return df.select(order + [c for c in df.columns if c not in order]).sort(
+        pl.col("kind").replace_strict(ORDER, return_dtype=pl.Int32), "layers", "tau", "variant", "budget")
 
 
 def markdown(df, budgets, title: str) -> str:
-    cols = ["variant", "layers", "tau", "positive_fraction", "params", "val_bacc"] + [f"recall@{k:g}" for k in budgets] \
-        + [f"kl_mass@{k:g}" for k in budgets]
+    """A row per variant and K: success and its paired difference to the cell's DMR@K where run online,
+    then the offline yardsticks at K and the variant's training figures."""
+    cols = ["variant", "K", "success", "DMR@K", "Δ vs DMR@K (95% CI)", "bf16 share", "recall", "kl_mass", "val_bacc", "tau",
+            "layers", "params"]
 
-    def fmt(c, v):
-        if v is None:
-            return "–"
-        if c == "tau":
-            return f"{v:.3g}"
-        if c == "params":
-            return f"{v:,}"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    def num(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    def row(r):
+        if r["success"] is None:
+            succ = dmr = delta = share = "–"
+        else:
+            succ = f"{r['success']:.1f}" + (f" ± {r['success_std']:.1f}" if r["seeds"] > 1 else "")
+            dmr = f"{r['dmr_success']:.1f}"
+            delta = ("0 (the cell's router)" if r["cell_router"] else
+                     f"{r['delta']:+.1f} [{r['delta_lo']:+.1f}, {r['delta_hi']:+.1f}]")
+            share = f"{100 * r['high_frac']:.0f}%"
+        return [r["variant"], f"{r['budget']:g}", succ, dmr, delta, share, num(r["recall"], ".3f"), num(r["kl_mass"], ".3f"),
+                num(r["val_bacc"], ".3f"), num(r["tau"], ".3g"), num(r["layers"], "d"), num(r["params"], ",")]
 
     lines = [f"# {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(c, r[c]) for c in cols) + " |" for r in df.iter_rows(named=True)]
+    lines += ["| " + " | ".join(row(r)) + " |" for r in df.iter_rows(named=True)]
     ref = df.row(0, named=True)
-    chance = ", ".join(f"K={k:g}: random {k:.2f}, oracle {ref[f'oracle_recall@{k:g}']:.2f}" for k in budgets)
-    lines += ["", f"Offline, on {ref['val_steps']} held-out steps of the KL pool. recall@K: share of the steps with "
+    chance = ", ".join(f"K={k:g}: random {k:.2f}, oracle {df.filter(df['budget'] == float(k))['oracle_recall'][0]:.2f}"
+                       for k in budgets)
+    ran = df.filter(df["success"].is_not_null())
+    if len(ran):
+        lines += ["", f"Online: each variant's routed runs at budget K on the cell's test tasks, {ran['seeds'].max()} "
+                  f"seed(s), {ran['paired_tasks'].max()} (seed, task) pairs per K. success: mean over seeds (± std over "
+                  "seeds); DMR@K: the cell's router on the same seeds; Δ: variant minus the cell's DMR@K in success "
+                  "points on the same pairs, paired-bootstrap 95% CI; bf16 share: realised share of LLM calls at bf16."]
+    else:
+        lines += ["", "Online: not run (route.ablation.online.seeds: 0)."]
+    lines += ["", f"Offline, on {ref['val_steps']} held-out steps of the KL pool. recall: share of the steps with "
               f"KL above the cell's tau that the router's top K sends to high precision ({chance}). "
-              "kl_mass@K: share of the total step KL in those steps."]
+              "kl_mass: share of the total step KL in those steps. val_bacc: balanced accuracy on the variant's own "
+              "labels."]
     return "\n".join(lines) + "\n"
 
 
 def figure(df, budgets, title: str, path: Path) -> None:
+    """Online: success against K, a line per variant, a panel per kind of variant. Offline only: the
+    held-out recall at the middle K and the balanced accuracy, per variant."""
+    import polars as pl
+
     plt = plots.pyplot()
-    k = budgets[len(budgets) // 2]
-    kinds = [kd for kd in ("depth", "tau", "steps", "encoder") if kd in set(df["kind"])]
+    kinds = [kd for kd in ORDER if kd in set(df["kind"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.0), squeeze=False)
+    run = df.filter(df["success"].is_not_null())
+    k = budgets[len(budgets) // 2]
     for ax, kind in zip(axes[0], kinds):
-        sub = df.filter(df["kind"] == kind)
+        if len(run):
+            ref = run.group_by("budget").agg(pl.col("dmr_success").first()).sort("budget")
+            ax.plot(ref["budget"].to_list(), ref["dmr_success"].to_list(), color="0.5", ls=":", marker="s",
+                    label="DMR (cell)")
+            for variant in dict.fromkeys(run.filter(run["kind"] == kind)["variant"]):
+                sub = run.filter(run["variant"] == variant).sort("budget")
+                ax.plot(sub["budget"].to_list(), sub["success"].to_list(), marker="o", label=variant,
+                        ls="--" if sub["cell_router"][0] else "-")
+            ax.set_xlabel("budget K")
+            ax.set_ylim(-2, 102)
+            ax.legend(fontsize=7)
+            continue
+        sub = df.filter((df["kind"] == kind) & (df["budget"] == float(k)))
         x = sub["layers"].to_list() if kind == "depth" else sub["tau"].to_list() if kind == "tau" else sub["value"].to_list()
         if kind in ("steps", "encoder"):
-            ax.bar(x, sub[f"recall@{k:g}"].to_list(), color="#7a9cc6")
+            ax.bar(x, sub["recall"].to_list(), color="#7a9cc6")
         else:
-            ax.plot(x, sub[f"recall@{k:g}"].to_list(), "o-", color="#7a9cc6", label=f"recall@{k:g}")
+            ax.plot(x, sub["recall"].to_list(), "o-", color="#7a9cc6", label=f"recall@{k:g}")
             ax.plot(x, sub["val_bacc"].to_list(), "s--", color="#e39b5b", label="val balanced acc.")
             ax.set_xscale("log", base=2 if kind == "depth" else 10)
             ax.legend(fontsize=7)
@@ -140,10 +237,19 @@ def figure(df, budgets, title: str, path: Path) -> None:
         ax.set_xlabel({"depth": "router layers L", "tau": "KL threshold tau", "steps": "eligible steps",
                        "encoder": "step encoder"}[kind])
         ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("held-out score")
+    axes[0][0].set_ylabel("success (%)" if len(run) else "held-out score")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     plots.save(fig, path)
+
+
+def episodes_of(dirs: list[str]) -> list:
+    import polars as pl
+
+    missing = [d for d in dirs if not (Path(d) / "episodes.parquet").exists()]
+    if missing:
+        raise SystemExit(f"no episodes.parquet in {missing}: not a finished rollout")
+    return [pl.read_parquet(Path(d) / "episodes.parquet") for d in dirs]
 
 
 def main(argv=None):
@@ -154,6 +260,10 @@ def main(argv=None):
     p.add_argument("--budgets", nargs="+", type=float, default=[0.2, 0.4, 0.7])
     p.add_argument("--step-types", nargs="+", default=None,
                    help="score every variant on these held-out step types (the cell's router steps)")
+    p.add_argument("--online", nargs="+", action="append", default=[], metavar="VARIANT K RUN",
+                   help="VARIANT K RUN_DIR...: a variant's routed runs at budget K, one per seed (repeat)")
+    p.add_argument("--reference", nargs="+", action="append", default=[], metavar="K RUN",
+                   help="K RUN_DIR...: the cell's DMR@K runs on the same seeds, the online runs' pair (repeat)")
     p.add_argument("--title", default="Router ablations")
     p.add_argument("--out", required=True, type=Path, help="table .parquet (a .md is written beside it)")
     p.add_argument("--figure", type=Path, help="figure path (.png; a .pdf is written beside it)")
@@ -164,7 +274,14 @@ def main(argv=None):
         if not (d / "metrics.json").exists():
             raise SystemExit(f"variant {v}: {d} holds no KL-ST router (metrics.json missing)")
     tau_ref = json.loads(a.threshold.read_text())["tau"]
-    df = summarise(routers, tau_ref, a.budgets, a.step_types)
+    for spec, n in [(o, 3) for o in a.online] + [(r, 2) for r in a.reference]:
+        if len(spec) < n:
+            raise SystemExit(f"{' '.join(spec)}: expected {'VARIANT K' if n == 3 else 'K'} and at least one run directory")
+    refs = {float(k): dirs for k, *dirs in a.reference}
+    runs = {(v, float(k)): dirs for v, k, *dirs in a.online}
+    own = {key for key, dirs in runs.items() if dirs == refs.get(key[1])}
+    on = online({key: episodes_of(d) for key, d in runs.items()}, {k: episodes_of(d) for k, d in refs.items()}, own)
+    df = table(summarise(routers, tau_ref, a.budgets, a.step_types), on, a.budgets)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     df.write_parquet(a.out)
     a.out.with_suffix(".md").write_text(markdown(df, a.budgets, a.title))

@@ -197,6 +197,11 @@ def test_paper_ablations_are_their_own_target(tmp_path):
     counts = Counter(j["rule"] for j in plan(tmp_path, "ablations", "--configfile", str(PAPER)))
     assert counts["klst_variant"] == routed * ablation_variants(cfg["route"]) == 64
     assert counts["ablation"] == routed
+    # Online (route.ablation.online defaults): each variant router calibrated once, and played at every
+    # budget and evaluation seed after its calibration run; the cell's own router plays its DMR runs.
+    per_router = 1 + len(cfg["route"]["budgets"]) * len(cfg["evaluate"]["seeds"])
+    assert counts["calibrate_variant"] == counts["klst_variant"]
+    assert counts["rollout_variant"] == counts["klst_variant"] * per_router == 640
 
 
 def test_paper_dry_run_plans_the_full_dag(tmp_path):

@@ -77,6 +77,8 @@ def test_dry_run_default_config_lists_rules(tmp_path):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
     # The shipped household agent is a checkpoint, not trained by the default run.
     assert "output: results/household/tiny/train\n" not in r.stdout and "output: results/household/tiny/bf16/rollouts" in r.stdout
+    # The online ablations run under `make ablations` only.
+    assert "rollout_variant" not in r.stdout and "/ablation/" not in r.stdout
     # `make agents`: the overlay trains every agent from its recipe and installs its card.
     r = snakemake("-n", "agents", "--configfile", str(ROOT / "config/config.yaml"), str(ROOT / "config/agents.yaml"),
                   cwd=tmp_path)
@@ -87,8 +89,13 @@ def test_dry_run_default_config_lists_rules(tmp_path):
     assert not re.search(r"^klst_variant\s+\d+", r.stdout + r.stderr, re.M)
     r = snakemake("-n", "ablations", "--configfile", str(ROOT / "config/config.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for rule in ("klst_variant", "ablation"):
+    for rule in ("klst_variant", "calibrate_variant", "rollout_variant", "ablation"):
         assert re.search(rf"^{rule}\s+\d+", r.stdout + r.stderr, re.M), rule
+    # route.ablation.online.seeds 0: offline only, no routed run of a variant.
+    cfg = write_config(tmp_path, lambda c: c["route"]["ablation"].update(online={"seeds": 0}))
+    r = snakemake("-n", "ablations", "--configfile", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^klst_variant\s+2", r.stdout, re.M) and "rollout_variant" not in r.stdout
 
 
 def test_each_seed_evaluates_its_own_test_tasks(tmp_path):
@@ -374,6 +381,31 @@ def test_micro_is_deterministic(micro):
         cols = ["task", "step", "output", "precision", "route_score"]
         assert pl.read_parquet(clean / run).select(cols).sort("task", "step").equals(
             pl.read_parquet(tmp_path / run).select(cols).sort("task", "step")), run
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("micro")
+def test_micro_ablations_online(micro):
+    """`snakemake ablations` on the finished micro DAG: each variant router is calibrated and played at
+    every budget on the cell's test tasks, and the table has its success per K beside the offline columns."""
+    r = snakemake("ablations", "--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", cwd=micro)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cfg = yaml.safe_load((ROOT / "config/micro.yaml").read_text())
+    budgets, variants = cfg["route"]["budgets"], ["tau-dense", "encoder-text"]
+    q = micro / "results/household/tiny/gptq_w4a16"
+    df = pl.read_parquet(micro / "results/household/tiny/tables/ablation_gptq_w4a16.parquet")
+    assert sorted(df.select("variant", "budget").rows()) == sorted((v, k) for v in variants for k in budgets)
+    assert df["success"].null_count() == 0 and df["recall"].null_count() == 0 and df["val_bacc"].null_count() == 0
+    for r in df.iter_rows(named=True):
+        run = pl.read_parquet(q / f"ablation/{r['variant']}/rollouts/dmr-k{r['budget']:g}/seed0/episodes.parquet")
+        main = pl.read_parquet(q / f"rollouts/dmr-k{r['budget']:g}/seed0/episodes.parquet")
+        assert r["success"] == pytest.approx(100 * run["won"].mean())
+        assert r["delta"] == pytest.approx(100 * (run["won"].mean() - main["won"].mean()))  # same tasks, one seed
+        assert r["dmr_success"] == pytest.approx(100 * main["won"].mean())
+        assert r["paired_tasks"] == len(main) == cfg["benchmarks"]["household"]["tasks"]["test"]
+        assert 0 <= r["high_frac"] <= 1 and not r["cell_router"]
+    assert (q / "ablation/tau-dense/router/calibration.json").exists()
+    assert "Δ vs DMR@K" in (micro / "results/household/tiny/tables/ablation_gptq_w4a16.md").read_text()
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flags import Flags, as_json, cell, cli_flags, run_seed
+from flags import ABLATION_RUN, Flags, as_json, cell, cli_flags, run_seed
 from snakemake.utils import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,6 +271,34 @@ def test_klst_args_per_ablation_variant(flags):
     assert same.ablation_router(HOUSE, "depth2") == same.ablation_router(HOUSE, "tau-auto") == f"{H}/rtn_w2a16/router"
 
 
+def test_ablation_online_runs(flags):
+    """Per budget the cell's DMR@K runs, then each variant's on the same seeds beside its router; a variant
+    that is the cell's router (here `base`, retrained on ablation.train) plays its router's runs."""
+    inputs, args = flags.ablation_online(HOUSE)
+    q = f"{H}/rtn_w2a16"
+    assert args_of(flags.ablation_online(HOUSE)[1].split(" --online ")[0]) == {
+        "reference": f"0.2 {q}/rollouts/dmr-k0.2/seed0 {q}/rollouts/dmr-k0.2/seed2"}
+    assert f"--online depth2 0.4 {q}/ablation/base/rollouts/dmr-k0.4/seed0 {q}/ablation/base/rollouts/dmr-k0.4/seed2" in args
+    assert f"--online steps-as 0.2 {q}/ablation/steps-as/rollouts/dmr-k0.2/seed0" in args
+    # 2 budgets x 2 seeds x (the cell's DMR + base, depth4, tau-dense, steps-as; depth2 and steps-ao are base)
+    assert len(inputs) == len(set(inputs)) == 2 * 2 * 5 and f"{q}/rollouts/dmr-k0.4/seed2/episodes.parquet" in inputs
+    # A variant's runs: its own router, calibrated as the cell's; the calibration run at threshold 0.5.
+    w = {**HOUSE, "variant": "depth4", "policy": "dmr-k0.4", "run": "seed2"}
+    ins, spec = flags.rollout_spec(w)
+    assert f"{q}/ablation/depth4/router/calibration.json" in ins
+    assert args_of(spec)["router"] == f"{q}/ablation/depth4/router" and args_of(spec)["budget"] == "0.4"
+    assert flags.rollout_spec({**w, "run": "seed0"})[1] == spec  # the seed is the rule's --seed, not the policy's
+    assert args_of(flags.rollout_spec({**w, "policy": "dmr-t0.5", "run": "calib"})[1])["threshold"] == "0.5"
+    assert flags.routed_run(w, "dmr", "t", 0.5, pattern=ABLATION_RUN, run="calib") == (
+        f"{q}/ablation/depth4/rollouts/dmr-t0.5/calib/steps.parquet")
+    with pytest.raises(ValueError, match="a variant plays its KL-ST router"):
+        flags.rollout_spec({**w, "policy": "random-k0.4"})
+    # online.seeds: the first N evaluation seeds, 0 none; online.budgets: a subset of route.budgets.
+    one = make(lambda c: c["route"]["ablation"].update(online={"seeds": 1, "budgets": [0.4]}))
+    assert one.ablation_online(HOUSE)[1].split(" --online ")[0] == f"--reference 0.4 {q}/rollouts/dmr-k0.4/seed0"
+    assert make(lambda c: c["route"]["ablation"].update(online={"seeds": 0})).ablation_online(HOUSE) == ([], "")
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c["cells"].append({"benchmark": "web", "model": "tiny"}), "cells: unknown benchmark 'web'"),
     (lambda c: c["cells"][1].update(route=["awq_w4a16"]), r"shop/tiny routes \['awq_w4a16'\], which are not in its quants"),
@@ -281,6 +309,9 @@ def test_klst_args_per_ablation_variant(flags):
      "it needs backend.name 'hf', not 'vllm'"),
     (lambda c: c["route"].update(baseline_budgets=[0.7]), r"baseline_budgets \[0.7\] are not in route.budgets"),
     (lambda c: c["models"]["big"]["router"].update(heads=5), "model 'big'.*d_model 64 is not a multiple of heads 5"),
+    (lambda c: c["route"]["ablation"].update(online={"seeds": 3}), "online.seeds 3: more than the 2 evaluation seeds"),
+    (lambda c: c["route"]["ablation"].update(online={"budgets": [0.4, 0.7]}),
+     r"online.budgets \[0.7\] are not in route.budgets"),
 ])
 def test_check_names_what_the_schema_cannot_say(edit, message):
     with pytest.raises(ValueError, match=message):

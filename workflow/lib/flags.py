@@ -8,7 +8,8 @@ Paths, written once: a rule's output is cell(PATH), the pattern results/{benchma
 input function's is cell(PATH, w, **values), with wildcards (or a cells entry) and values filled in.
 A rollout directory is RUN, policies named by dmr.policy_name: run seedN plays test tasks, train the
 bf16 KL pool, calib the calibration pool, probe seed 0's tasks measuring each step's KL, dagger
-route.dagger. Wildcards are read by name (w["quant"]), so a dict stands in for Snakemake's.
+route.dagger; an ablation variant's runs are ABLATION_RUN, beside its router. Wildcards are read by
+name (w["quant"]), so a dict stands in for Snakemake's.
 """
 
 import json
@@ -20,6 +21,9 @@ from dmr.policy_name import ROUTERS, format_policy, parse_policy
 RESULTS = "results"
 CELL = f"{RESULTS}/{{benchmark}}/{{model}}"
 RUN = "{quant}/rollouts/{policy}/{run}"
+# An ablation variant's router and its routed runs (calibration pool, test seeds), under `make ablations`.
+ABLATION = "{quant}/ablation/{variant}"
+ABLATION_RUN = f"{ABLATION}/rollouts/{{policy}}/{{run}}"
 # Outputs that input functions here name too: rules data, expert_data, kl and labels write them.
 DATA = f"{RESULTS}/{{benchmark}}/data.json"
 EXPERT, KL, LABELS = "bc/episodes.jsonl", "{quant}/kl/steps.parquet", "{quant}/kl/labels.json"
@@ -71,6 +75,10 @@ class Flags:
         self.ablation_variants = [f"depth{L}" for L in ab["depths"]] + [f"tau-{t}" for t in ab["taus"]]
         self.ablation_variants += ["steps-ao", "steps-as"] * ab["all_steps"] + [f"encoder-{e}" for e in ab["encoders"]]
         self.ablation_train = self.route["train"] | ab["train"]
+        # Online, as the paper judges them: routed runs of each variant at these budgets and evaluation seeds.
+        online, seeds = ab["online"], config["evaluate"]["seeds"]
+        self.ablation_seeds = seeds if online["seeds"] is None else seeds[: online["seeds"]]
+        self.ablation_budgets = self.route["budgets"] if online["budgets"] is None else online["budgets"]
 
     def check(self):
         """What the schema cannot say."""
@@ -96,6 +104,17 @@ class Flags:
             )
         if missing := sorted(set(self.route["baseline_budgets"]) - set(self.route["budgets"])):
             raise ValueError(f"route.baseline_budgets {missing} are not in route.budgets: baselines match a DMR run")
+        online = self.route["ablation"]["online"]
+        if online["seeds"] is not None and online["seeds"] > len(config["evaluate"]["seeds"]):
+            raise ValueError(
+                f"route.ablation.online.seeds {online['seeds']}: more than the {len(config['evaluate']['seeds'])} "
+                "evaluation seeds (evaluate.seeds); a variant is paired with the cell's DMR runs of the same seeds"
+            )
+        if missing := sorted(set(online["budgets"] or []) - set(self.route["budgets"])):
+            raise ValueError(
+                f"route.ablation.online.budgets {missing} are not in route.budgets: a variant at K is paired with "
+                "the cell's DMR@K and calibrated for route.budgets"
+            )
         for name in sorted({c["model"] for c in config["cells"]}):
             r = self.router_cfg({"model": name})
             if "d_model" in r and "heads" in r and r["d_model"] % r["heads"]:
@@ -227,9 +246,10 @@ class Flags:
             return cell("{quant}/grpo/lam{lam}/router", w, lam=self.grpo_lambda)
         return cell("{quant}/router0" if kind == "dmr0" else "{quant}/router", w)
 
-    def routed_run(self, w, kind, mode, value, **values):
-        """The steps of a routed run of the cell (policy KIND-MODE VALUE), e.g. the calibration pool's."""
-        return f"{cell(RUN, w, policy=format_policy(kind, mode, value), **values)}/steps.parquet"
+    def routed_run(self, w, kind, mode, value, pattern=RUN, **values):
+        """The steps of a routed run of the cell (policy KIND-MODE VALUE), e.g. the calibration pool's; with
+        pattern ABLATION_RUN, that of an ablation variant's router."""
+        return f"{cell(pattern, w, policy=format_policy(kind, mode, value), **values)}/steps.parquet"
 
     def regime_schemes(self, w):
         return self.cell_cfg(w).get("regime") or self.cell_cfg(w)["quants"]
@@ -254,6 +274,11 @@ class Flags:
         precisions = {"full": ["bf16"], "quant": [w["quant"]]}.get(policy, ["bf16", w["quant"]])
         steps = self.router_steps_flag(w, kind, "action")  # dmr.agent's default
         rd = self.router_dir(w, kind) if kind in ROUTERS else None
+        if w.get("variant"):
+            # An ablation variant's runs (rule rollout_variant): its own KL-ST router, as the cell's dmr runs.
+            if kind != "dmr" or not mode:
+                raise ValueError(f"ablation run {w['variant']}/{policy}: a variant plays its KL-ST router, dmr-kK or dmr-tT")
+            rd = cell(f"{ABLATION}/router", w)
         if not mode:
             inputs, args = [], f"--policy {policy}"
         elif not rd:
@@ -318,6 +343,21 @@ class Flags:
                 return self.router_dir(w)
             variant = "base"
         return cell("{quant}/ablation/{variant}/router", w, variant=variant)
+
+    def ablation_online(self, w):
+        """dmr.ablation's online runs as (inputs, flags): at each budget K of route.ablation.online, the cell's
+        DMR@K (`--reference K RUN...`) and each variant's routed runs on the same seeds and tasks
+        (`--online VARIANT K RUN...`), beside the variant's router; a variant that is the cell's router plays
+        the cell's own DMR runs. None with online.seeds 0 (offline only)."""
+        inputs, args = [], []
+        for k in self.ablation_budgets * bool(self.ablation_seeds):
+            policy, runs = format_policy("dmr", "k", k), {}
+            for name, router in [(None, self.router_dir(w))] + [(v, self.ablation_router(w, v)) for v in self.ablation_variants]:
+                runs[name] = [f"{os.path.dirname(router)}/rollouts/{policy}/seed{s}" for s in self.ablation_seeds]
+                inputs += [f"{d}/episodes.parquet" for d in runs[name]]
+            args += [f"--reference {k:g} {' '.join(runs.pop(None))}"]
+            args += [f"--online {v} {k:g} {' '.join(dirs)}" for v, dirs in runs.items()]
+        return list(dict.fromkeys(inputs)), " ".join(args)
 
     def klst_args(self, w):
         """dmr.klst's router options: the cell's, or an ablation variant's with its one change."""

@@ -1,5 +1,6 @@
 # Router ablations (paper Sec. 5.4 depth, 5.5 threshold, Table 5 action-only vs all-step): one
-# KL-ST router per variant, compared offline on the KL pool's held-out episodes (dmr.ablation).
+# KL-ST router per variant, compared offline on the KL pool's held-out episodes and online, as the
+# paper judges them, by the success of its routed runs at each budget K (dmr.ablation).
 
 
 rule klst_variant:
@@ -36,10 +37,39 @@ rule klst_variant:
         "--quiet --out {params.out} > {log} 2>&1"
 
 
+# A variant's deployment thresholds, as the cell's router gets them (rule calibrate): its routed run of
+# the calibration pool at the fixed threshold 0.5, then dmr.calibrate.
+use rule calibrate as calibrate_variant with:
+    input:
+        run=lambda w: flags.routed_run(w, "dmr", "t", 0.5, pattern=ABLATION_RUN, run="calib"),
+        scores=rules.klst_variant.output.scores,
+    output:
+        calibration=cell(f"{ABLATION}/router/calibration.json"),
+        figure=cell(f"{ABLATION}/router/calibration_scores.png"),
+    log:
+        cell("logs/calibrate_{quant}_ablation_{variant}.log"),
+    benchmark:
+        cell("benchmarks/calibrate_variant/calibrate_{quant}_{variant}.tsv")
+
+
+# A variant's routed runs (dmr-tT of the calibration pool, dmr-kK of the test seeds): rule rollout with
+# the variant's router (flags.rollout_spec reads the `variant` wildcard), beside that router.
+use rule rollout as rollout_variant with:
+    output:
+        episodes=cell(f"{ABLATION_RUN}/episodes.parquet"),
+        steps=cell(f"{ABLATION_RUN}/steps.parquet"),
+    log:
+        cell("logs/rollout_{quant}_ablation_{variant}_{policy}_{run}.log"),
+    benchmark:
+        cell("benchmarks/rollout_variant/rollout_{quant}_{variant}_{policy}_{run}.tsv")
+
+
 rule ablation:
     input:
         routers=lambda w: [f"{flags.ablation_router(w, v)}/metrics.json" for v in flags.ablation_variants],
         threshold=rules.threshold.output.threshold,
+        # route.ablation.online: each variant's routed runs and the cell's DMR runs they are paired with.
+        online=lambda w: flags.ablation_online(w)[0],
     output:
         table=cell("tables/ablation_{quant}.parquet"),
         markdown=cell("tables/ablation_{quant}.md"),
@@ -56,8 +86,9 @@ rule ablation:
         routers=lambda w: " ".join(f"--router {v} {flags.ablation_router(w, v)}" for v in flags.ablation_variants),
         budgets=flags.budgets,
         steps=flags.routed_steps,
+        online=lambda w: flags.ablation_online(w)[1],
     shell:
-        "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} --step-types {params.steps} "
+        "python -m dmr.ablation {params.routers} --threshold {input.threshold} --budgets {params.budgets} --step-types {params.steps} {params.online} "
         "--title 'Router ablations: {wildcards.benchmark}/{wildcards.model}, {wildcards.quant}' "
         "--out {output.table} --figure {output.figure} > {log} 2>&1"
 

@@ -9,7 +9,21 @@ from snakemake.utils import validate
 
 # The config as job paths and flags: a plain module (workflow/lib/flags.py), tested without Snakemake.
 sys.path.insert(0, os.path.join(workflow.basedir, "workflow", "lib"))
-from flags import DATA, EXPERT, KL, LABELS, RESULTS, RUN, Flags, as_json, cell, cli_flags, run_seed
+from flags import (
+    ABLATION,
+    ABLATION_RUN,
+    DATA,
+    EXPERT,
+    KL,
+    LABELS,
+    RESULTS,
+    RUN,
+    Flags,
+    as_json,
+    cell,
+    cli_flags,
+    run_seed,
+)
 
 # Defaults live in the schema: validation fills them in. An agent card's recipe is the config as written.
 WRITTEN = copy.deepcopy(config)
