@@ -73,6 +73,29 @@ def rollout_pool():
 
 
 @pytest.fixture
+def windowed_pool():
+    """Synthetic KL-ST examples: episodes of L steps with random D-dim step embeddings, every step's
+    window its episode so far. `label(e, t)` gives a step's class and the embedding feature that
+    marks it (+4), or None for an unmarked step."""
+    import torch
+
+    def make(n_eps, L, D, label):
+        emb = torch.randn(n_eps * L, D, generator=torch.Generator().manual_seed(0))
+        wins, y = [], []
+        for e in range(n_eps):
+            for t in range(L):
+                r = e * L + t
+                wins.append(list(range(e * L, r + 1)))
+                c, feature = label(e, t)
+                if feature is not None:
+                    emb[r, feature] += 4.0
+                y.append(c)
+        return emb, wins, y
+
+    return make
+
+
+@pytest.fixture
 def household_run(tiny_world, noisy_model):
     """Both precisions of a routed household run on three short test tasks: (backends, style, play)
     where play(router, out) runs the agent loop and returns its step rows."""

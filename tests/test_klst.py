@@ -31,20 +31,10 @@ def test_windows_stay_inside_their_episode():
     assert wins == [[0], [0, 1], [2, 3], [4], [4, 5], [5, 6]]
 
 
-def test_weighted_training_learns_a_rare_class():
+def test_weighted_training_learns_a_rare_class(windowed_pool):
     """A rare positive class marked by one step's embedding: plain accuracy would ignore it."""
-    g = torch.Generator().manual_seed(0)
     n_eps, L, D = 80, 6, 16
-    emb = torch.randn(n_eps * L, D, generator=g)
-    wins, y = [], []
-    for e in range(n_eps):
-        for t in range(L):
-            r = e * L + t
-            wins.append(list(range(e * L, r + 1)))
-            pos = (e % 7 == 0) and t == L - 1
-            if pos:
-                emb[r, 0] = 4.0
-            y.append(0 if pos else 1)
+    emb, wins, y = windowed_pool(n_eps, L, D, lambda e, t: (0, 0) if (e % 7 == 0 and t == L - 1) else (1, None))
     idx = list(range(len(wins)))
     net = RouterNet(in_dim=D, d_model=32, layers=1, heads=2, ff=32, window=L, dropout=0.0)
     fit = klst.train(net, emb, wins, y, idx, idx, epochs=30, bs=64, lr=3e-3, seed=0, progress=False)

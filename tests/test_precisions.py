@@ -8,7 +8,6 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from dmr import calibrate, klst
 from dmr.labels import precision_labels
@@ -59,20 +58,16 @@ def test_ladder_goes_to_the_cheapest_precision_below_its_threshold():
 # -- KL-ST over three classes ----------------------------------------------------------------------
 
 
-def test_training_separates_three_classes():
+def test_training_separates_three_classes(windowed_pool):
     """Three well-separated classes, each marked by the current step's embedding; the rare ones
     are found thanks to the inverse-frequency class weights."""
-    g = torch.Generator().manual_seed(0)
     n_eps, L, D = 60, 5, 16
-    emb = torch.randn(n_eps * L, D, generator=g)
-    wins, y = [], []
-    for e in range(n_eps):
-        for t in range(L):
-            r = e * L + t
-            wins.append(list(range(e * L, r + 1)))
-            c = 0 if (e % 6 == 0 and t == L - 1) else 1 if t == 0 else 2  # rare, common, most
-            emb[r, c] += 4.0
-            y.append(c)
+
+    def label(e, t):
+        c = 0 if (e % 6 == 0 and t == L - 1) else 1 if t == 0 else 2  # rare, common, most
+        return c, c
+
+    emb, wins, y = windowed_pool(n_eps, L, D, label)
     idx = list(range(len(wins)))
     net = RouterNet(n_classes=3, in_dim=D, d_model=32, layers=1, heads=2, ff=32, window=L, dropout=0.0)
     fit = klst.train(net, emb, wins, y, idx, idx, epochs=30, bs=64, lr=3e-3, seed=0, progress=False)
