@@ -3,7 +3,9 @@
 # paper judges them, by the success of its routed runs at each budget K (dmr.ablation).
 
 
-rule klst_variant:
+# A variant's router: rule klst's command with the variant's settings (flags.klst_args reads the
+# `variant` wildcard), its threshold sweep and no DAgger round.
+use rule klst as klst_variant with:
     input:
         kl=rules.kl.output,
         threshold=rules.threshold.output.threshold,
@@ -14,27 +16,20 @@ rule klst_variant:
         pool=rules.kl.input.pool,
         models=rules.kl.input.models,
     output:
-        router=cell("{quant}/ablation/{variant}/router/router.json"),
-        weights=cell("{quant}/ablation/{variant}/router/router.pt"),
-        metrics=cell("{quant}/ablation/{variant}/router/metrics.json"),
-        scores=cell("{quant}/ablation/{variant}/router/train_scores.parquet"),
+        router=cell(f"{ABLATION}/router/router.json"),
+        weights=cell(f"{ABLATION}/router/router.pt"),
+        metrics=cell(f"{ABLATION}/router/metrics.json"),
+        scores=cell(f"{ABLATION}/router/train_scores.parquet"),
     log:
         cell("logs/klst_{quant}_{variant}.log"),
     benchmark:
         cell("benchmarks/klst_variant/klst_{quant}_{variant}.tsv")
-    conda:
-        "../../envs/cpu.yaml"
-    threads: config["threads"]
     resources:
         **flags.resources("klst_variant", config["threads"]),
     params:
-        **POOL_PARAMS,
-        args=flags.klst_args,
-        out=rules.klst.params.out,
-    shell:
-        "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --sweep {input.sweep} "
-        "--precisions bf16 {wildcards.quant} --llm {params.high} {params.args} --rollout {params.pool} --low {params.low} "
-        "--quiet --out {params.out} > {log} 2>&1"
+        sweep=lambda w, input: f" --sweep {input.sweep}",
+        dagger="",
+        quiet=" --quiet",
 
 
 # A variant's deployment thresholds, as the cell's router gets them (rule calibrate): its routed run of

@@ -63,6 +63,18 @@ wildcard_constraints:
     lam=r"[0-9.]+",
 
 
+def report_cell(path, caption, category, **labels):
+    """A cell's output shown in the HTML report (`snakemake --report`): under its category, one
+    subcategory per cell, with its caption (workflow/report/CAPTION) and labels."""
+    return report(
+        cell(path),
+        caption=f"../report/{caption}",
+        category=category,
+        subcategory="{benchmark}/{model}",
+        labels=labels,
+    )
+
+
 def agent_cards(w):
     """Cards of the agents this config trains (`make agents`); none where every model is a path."""
     cards = [cell("card", c) for c in config["cells"] if config["models"][c["model"]]["source"] == "train"]

@@ -41,20 +41,8 @@ rule evaluate:
         table=cell("tables/main.parquet"),
         markdown=cell("tables/main.md"),
         latex=cell("tables/main.tex"),
-        html=report(
-            cell("tables/main.html"),
-            caption="../report/table.rst",
-            category="Table 1",
-            subcategory="{benchmark}/{model}",
-            labels={"result": "Table 1"},
-        ),
-        pareto=report(
-            cell("figures/pareto.png"),
-            caption="../report/pareto.rst",
-            category="Table 1",
-            subcategory="{benchmark}/{model}",
-            labels={"result": "Pareto"},
-        ),
+        html=report_cell("tables/main.html", "table.rst", "Table 1", result="Table 1"),
+        pareto=report_cell("figures/pareto.png", "pareto.rst", "Table 1", result="Pareto"),
     log:
         cell("logs/evaluate.log"),
     benchmark:

@@ -64,7 +64,9 @@ rule grpo:
         "{params.engine} --lam {wildcards.lam} {params.flags}{params.steps} --out {params.out} --figure {output.figure} --quiet > {log} 2>&1"
 
 
-rule calibrate_grpo:
+# The GRPO router's deployment thresholds, as rule calibrate gives the KL-ST router's: its routed run of
+# the calibration pool at the fixed threshold 0.5, then dmr.calibrate (its figure is not in the report).
+use rule calibrate as calibrate_grpo with:
     input:
         run=lambda w: flags.routed_run(w, "grpo", "t", 0.5, run="calib"),
         scores=lambda w: f"{flags.router_dir(w, 'grpo')}/train_scores.parquet",
@@ -75,15 +77,8 @@ rule calibrate_grpo:
         cell("logs/calibrate_{quant}_grpo.log"),
     benchmark:
         cell("benchmarks/calibrate_grpo/calibrate_{quant}_grpo.tsv")
-    conda:
-        "../../envs/cpu.yaml"
     resources:
         **flags.resources("calibrate_grpo"),
-    params:
-        **CALIBRATE_PARAMS,
-    shell:
-        "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
-        "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
 
 
 rule rank:

@@ -41,12 +41,8 @@ rule threshold:
     output:
         threshold=cell("{quant}/kl/threshold.json"),
         sweep=cell("{quant}/kl/sweep.parquet"),
-        figure=report(
-            cell("figures/kl_hist_{quant}.png"),
-            caption="../report/kl_hist.rst",
-            category="KL-ST",
-            subcategory="{benchmark}/{model}",
-            labels={"result": "KL histogram", "scheme": "{quant}"},
+        figure=report_cell(
+            "figures/kl_hist_{quant}.png", "kl_hist.rst", "KL-ST", result="KL histogram", scheme="{quant}"
         ),
     log:
         cell("logs/threshold_{quant}.log"),
@@ -120,13 +116,13 @@ rule klst:
         args=flags.klst_args,
         dagger=lambda w, input: f" --dagger {' '.join(map(os.path.dirname, input.dagger))}" if input.dagger else "",
         out=lambda w, output: os.path.dirname(output.router),
+        # Set by klst_variant, which shares this command: its threshold sweep, and --quiet.
+        sweep="",
+        quiet="",
     shell:
-        "python -m dmr.klst --kl {input.kl} --threshold {input.threshold} --precisions bf16 {wildcards.quant} "
-        "--llm {params.high} {params.args} --rollout {params.pool} --low {params.low}{params.dagger} --out {params.out} > {log} 2>&1"
-
-
-# params of the calibration of a router's deployment thresholds (calibrate, calibrate_grpo)
-CALIBRATE_PARAMS = {"run": lambda w, input: os.path.dirname(input.run), "budgets": flags.budgets}
+        "python -m dmr.klst --kl {input.kl} --threshold {input.threshold}{params.sweep} --precisions bf16 {wildcards.quant} "
+        "--llm {params.high} {params.args} --rollout {params.pool} --low {params.low}{params.dagger}{params.quiet} "
+        "--out {params.out} > {log} 2>&1"
 
 
 rule calibrate:
@@ -136,12 +132,12 @@ rule calibrate:
         scores=rules.klst.output.scores,
     output:
         calibration=cell("{quant}/{stage}/calibration.json"),
-        figure=report(
-            cell("figures/{stage}_scores_{quant}.png"),
-            caption="../report/router_scores.rst",
-            category="KL-ST",
-            subcategory="{benchmark}/{model}",
-            labels={"result": "{stage} scores", "scheme": "{quant}"},
+        figure=report_cell(
+            "figures/{stage}_scores_{quant}.png",
+            "router_scores.rst",
+            "KL-ST",
+            result="{stage} scores",
+            scheme="{quant}",
         ),
     log:
         cell("logs/calibrate_{quant}_{stage}.log"),
@@ -152,7 +148,8 @@ rule calibrate:
     resources:
         **flags.resources("calibrate"),
     params:
-        **CALIBRATE_PARAMS,
+        run=lambda w, input: os.path.dirname(input.run),
+        budgets=flags.budgets,
     shell:
         "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
         "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
