@@ -18,12 +18,13 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+# A rule is defined before any `use rule` of it: evaluate.smk (rollout) before agent.smk (select_rollout)
+# and ablation.smk (rollout_variant); route.smk (klst, calibrate) before grpo.smk and ablation.smk.
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/agent.smk"
 include: "workflow/rules/quantize.smk"
 include: "workflow/rules/route.smk"
-include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/grpo.smk"
-# After route.smk and evaluate.smk: the variants' calibration and runs reuse rules calibrate and rollout.
 include: "workflow/rules/ablation.smk"
 
 

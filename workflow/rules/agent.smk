@@ -76,30 +76,24 @@ rule train_agent:
         "--out {output}/p1.00 > {log} 2>&1"
 
 
-rule select_rollout:
+# A candidate's run of the calibration tasks (selection never sees the test split): rule rollout with
+# the candidate's checkpoint at full precision, seed 0.
+use rule rollout as select_rollout with:
     input:
         train=rules.train_agent.output,
         data=flags.data_input,
     output:
-        cell("select/{candidate}/episodes.parquet"),
+        episodes=cell("select/{candidate}/episodes.parquet"),
     log:
         cell("logs/select_rollout_{candidate}.log"),
     benchmark:
         cell("benchmarks/select_rollout/select_rollout_{candidate}.tsv")
-    conda:
-        "../../envs/cpu.yaml"
-    threads: config["threads"]
     resources:
         **flags.resources("select_rollout", config["threads"]),
     params:
-        env=flags.env_args,
-        n=lambda w: flags.model_cfg(w)["select"]["tasks"],
-        engine=flags.engine_args,
-        out=lambda w, output: os.path.dirname(output[0]),
-    shell:
-        # Calibration tasks only: selection never sees the test split.
-        "python -m dmr.agent {params.env} --split calib --n {params.n} --offset 0 "
-        "--model bf16={input.train}/{wildcards.candidate} --policy full {params.engine} --seed 0 --out {params.out} > {log} 2>&1"
+        tasks=lambda w: f"--split calib --n {flags.model_cfg(w)['select']['tasks']} --offset 0",
+        policy=lambda w, input: f"--model bf16={input.train}/{w.candidate} --policy full",
+        seed=0,
 
 
 rule select_agent:
