@@ -16,7 +16,7 @@ import polars as pl
 
 from dmr import paired, plots
 from dmr.latency import describe, episodes_cost
-from dmr.rundir import high_fraction
+from dmr.rundir import announced_steps, high_fraction
 
 
 def seed_metrics(episodes: pl.DataFrame, cost: pl.Series | None = None) -> dict:
@@ -40,7 +40,7 @@ def run_steps(episodes_parquet: Path) -> pl.DataFrame:
     spec = json.loads((d / "spec.json").read_text()) if (d / "spec.json").exists() else {}
     if str(spec.get("policy", "")).startswith("random") and steps.height:
         types = (spec.get("routing") or {}).get("router_steps")
-        routed = steps if not types else steps.filter(pl.col("step_type").is_in(types))
+        routed = steps if not types else announced_steps(steps, types)
         if routed.height and routed["route_score"].null_count() == routed.height:
             raise ValueError(f"{d}: a random run whose routed steps have no route_score (recorded before random "
                              "routing recorded its probability); its router calls (Eq. 9) cannot be counted: rerun it")

@@ -133,7 +133,7 @@ def router_coefficient(router, episodes_ctx, shards: int, limit: int | None = No
         router.decide(contexts)
         elapsed = time.perf_counter() - t0
         calls += 1
-        n = sum(router_decided({"route_score": x}) for x in router.last_scores)  # forced steps have no score
+        n = sum(x is not None for x in router.last_scores)  # router_decided: forced steps have no score
         total, decided = total + elapsed * n, decided + n
         for a in active:
             a[1] += 1

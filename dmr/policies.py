@@ -12,7 +12,7 @@ from dmr.calibrate import budget_threshold
 from dmr.kl import action_entropy, scored_block, step_kl
 from dmr.router import load_router
 from dmr.routing import StepContext, propose
-from dmr.rundir import high_fraction
+from dmr.rundir import announced_steps, high_fraction
 
 
 class Fixed:
@@ -219,10 +219,7 @@ def realised_fraction(episodes_parquet, step_types=None, high: str = "bf16") -> 
 
     if not step_types:
         return high_fraction(pl.read_parquet(episodes_parquet))
-    steps = pl.read_parquet(Path(episodes_parquet).parent / "steps.parquet")
-    # Runs recorded before `announced_type` existed: their step_type is the best there is.
-    col = "announced_type" if "announced_type" in steps.columns else "step_type"
-    steps = steps.filter(pl.col(col).is_in(list(step_types)))
+    steps = announced_steps(pl.read_parquet(Path(episodes_parquet).parent / "steps.parquet"), step_types)
     if steps.height == 0:
         raise ValueError(f"{episodes_parquet}: the run has no steps of type {list(step_types)} to match")
     return float((steps["precision"] == high).mean())

@@ -81,6 +81,15 @@ def finalize(out: Path, meta: dict) -> None:
     (out / "run.json").write_text(json.dumps(meta, indent=1))
 
 
+def announced_steps(steps: pl.DataFrame, types) -> pl.DataFrame:
+    """The steps announced as one of `types` before generation (what a step-type gate saw; runs
+    recorded before `announced_type` existed fall back to the recorded step type)."""
+    import polars as pl
+
+    col = "announced_type" if "announced_type" in steps.columns else "step_type"
+    return steps.filter(pl.col(col).is_in(list(types)))
+
+
 def high_fraction(episodes: pl.DataFrame) -> float:
     """Share of a run's LLM calls that went to the high precision (`episodes`: its episodes table)."""
     return float(episodes["high_calls"].sum() / max(1, episodes["calls"].sum()))
