@@ -126,8 +126,18 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     """The end-to-end DAGs first: under `-n 2` (the Makefile's test command) they then overlap the
     many short tests instead of running alone at the end. The real-Slurm runs lead: they mostly wait
-    on Slurm, so the DAG beside them has the CPU to itself meanwhile. xdist hands each worker a first
-    chunk of two tests, so the two real-Slurm tests run one after the other on one worker (their
-    fixture's lock would make them take turns anyway: one Slurm per machine)."""
+    on Slurm, so the DAG beside them has the CPU to itself meanwhile. The two real-Slurm tests share
+    an xdist group, so they run one after the other on one worker: their fixture's lock (one Slurm per
+    machine) would otherwise hold a second worker idle while the first one's test runs."""
     items.sort(key=lambda item: 0 if "slurm" in getattr(item, "fixturenames", ())
                else 1 if item.get_closest_marker("slow") else 2)
+
+
+@pytest.fixture
+def xdist_group_of(request):
+    """The xdist group the running test was scheduled by: the `@NAME` suffix pytest-xdist's loadgroup adds
+    to its node id ('' when the suffix is missing); None outside `--dist loadgroup`."""
+    if request.config.getoption("dist", "no") != "loadgroup" and not getattr(request.config.option, "loadgroup", False):
+        return None
+    nodeid = request.node.nodeid
+    return nodeid.rsplit("@", 1)[1] if nodeid.rfind("@") > nodeid.rfind("]") else ""

@@ -4,12 +4,13 @@ agent loop on real games. Nothing is mocked; everything skips when the game file
 
 Every game of valid_seen (140) and valid_train (200) is won by both experts, but the full sweep
 took 28 min on a shared 2-core machine (planner/walkthrough 1.4-1.7 s a game, 9 min; handcoded
-2.6-4.7 s a game, 20 min), so it is marked slow; by default fixed samples of 40 (planner) and 15
-(handcoded) games run (~80 s). Rerun 2026-11-28 with the machine loaded ~8: planner (the walkthrough)
+2.6-4.7 s a game, 20 min), so it is marked `sweep` (opt-in); by default each expert plays one game of each
+task type per split (24 games, ~80 s). Rerun 2026-11-28 with the machine loaded ~8: planner (the walkthrough)
 valid_seen 29 min and valid_train 18.5 min, handcoded valid_seen under 29 min and valid_train 8.5 min:
 all four pass.
 
-The micro real-ALFWorld cell (config/alfworld-micro.yaml) runs end to end under -m slow (9 min)."""
+The micro real-ALFWorld cell (config/alfworld-micro.yaml) runs end to end under -m slow (about 2 min
+on an idle machine: loading a real game costs ~2.5 s of PDDL translation, so it plays few games)."""
 from __future__ import annotations
 
 import importlib.metadata

@@ -384,21 +384,21 @@ def slurm_snakemake(work: Path, configfile: Path, *targets: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
 def test_micro_through_real_slurm(slurm, tmp_path):
-    """The micro config's chain expert data -> tokenizer -> agent -> Full rollout, each job submitted by
-    snakemake-executor-plugin-slurm with the Slurm profile to a real slurmctld (about 14 s per job)."""
+    """The micro config's chain expert data -> tokenizer -> agent training, each job submitted by
+    snakemake-executor-plugin-slurm with the Slurm profile to a real slurmctld (about 14 s per job; the
+    test below runs a rollout through it). Three jobs keep CI's time: each one mostly waits on Slurm."""
     work = tmp_path / "work"
     work.mkdir()
-    target = "results/household/tiny/bf16/rollouts/full/seed0/episodes.parquet"
+    target = "results/household/tiny/train"
     r = subprocess.run(slurm_snakemake(work, ROOT / "config/micro.yaml", target), capture_output=True, text=True,
                        cwd=ROOT, timeout=1000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert pl.read_parquet(work / target).height == 4
+    assert (work / target / "p1.00/model.safetensors").exists() and (work / target / "p0.50").is_dir()
     # The plugin deletes the Slurm logs of successful jobs; its submission messages remain.
     submitted = re.findall(r"submitted with SLURM jobid \d+ \(log: \S*/rule_(\w+)/", r.stdout + r.stderr)
-    # select_agent is a local rule; the micro config selects between two candidates.
-    assert sorted(submitted) == ["expert_data", "rollout", "select_rollout", "select_rollout", "tokenizer",
-                                 "train_agent"]
+    assert sorted(submitted) == ["expert_data", "tokenizer", "train_agent"]
 
 
 def episodes_and_actions(run: Path) -> dict[str, tuple]:
@@ -410,6 +410,7 @@ def episodes_and_actions(run: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("slurm")
 def test_cancelled_rollout_resumes_through_real_slurm(slurm, tmp_path):
     """A rollout cancelled mid-run on Slurm (scancel, as preemption or a node failure ends a job) is
     resubmitted by the profile's `retries: 1` and resumes from its run directory's JSONL: every episode

@@ -178,9 +178,11 @@ def test_regime_target_checks_the_schemes_it_names(tmp_path):
     assert "dmr.regime" not in snakemake("-n", "-p", "--configfile", str(cfg), cwd=tmp_path).stdout
 
 
-# The micro DAG runs once (module scope; one xdist worker, as `make test` distributes by
-# loadgroup); each test below checks one stage of it, so that one failure does not hide the rest.
-@pytest.fixture(scope="module")
+# The micro DAG runs once per session on one xdist worker (`make test` distributes by loadgroup);
+# each test below checks one stage of it, so that one failure does not hide the rest. Session, not
+# module, scope: xdist may hand that worker another module's test between two of these, and a
+# module-scoped fixture would be torn down and the whole DAG run again.
+@pytest.fixture(scope="session")
 def micro(tmp_path_factory) -> Path:
     """The working directory of the whole DAG of the micro config, run for real."""
     tmp_path = tmp_path_factory.mktemp("micro")
@@ -391,12 +393,17 @@ def test_micro_ablations_online(micro):
     r = snakemake("ablations", "--configfile", str(ROOT / "config/micro.yaml"), "--cores", "2", cwd=micro)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = yaml.safe_load((ROOT / "config/micro.yaml").read_text())
-    budgets, variants = cfg["route"]["budgets"], ["tau-dense", "encoder-text"]
+    budgets, online = cfg["route"]["budgets"], cfg["route"]["ablation"]["online"]["budgets"]
+    variants = ["tau-dense", "encoder-text"]
     q = micro / "results/household/tiny/gptq_w4a16"
     df = pl.read_parquet(micro / "results/household/tiny/tables/ablation_gptq_w4a16.parquet")
+    # Offline columns at every budget; online ones at the budgets route.ablation.online plays.
     assert sorted(df.select("variant", "budget").rows()) == sorted((v, k) for v in variants for k in budgets)
-    assert df["success"].null_count() == 0 and df["recall"].null_count() == 0 and df["val_bacc"].null_count() == 0
-    for r in df.iter_rows(named=True):
+    assert df["recall"].null_count() == 0 and df["val_bacc"].null_count() == 0
+    played = df.filter(pl.col("budget").is_in(online))
+    assert played.height == len(variants) * len(online) and played["success"].null_count() == 0
+    assert df.filter(~pl.col("budget").is_in(online))["success"].null_count() == df.height - played.height
+    for r in played.iter_rows(named=True):
         run = pl.read_parquet(q / f"ablation/{r['variant']}/rollouts/dmr-k{r['budget']:g}/seed0/episodes.parquet")
         main = pl.read_parquet(q / f"rollouts/dmr-k{r['budget']:g}/seed0/episodes.parquet")
         assert r["success"] == pytest.approx(100 * run["won"].mean())
