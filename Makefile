@@ -4,6 +4,7 @@
 #   make ablations  the router ablation tables (Sec. 5.4, 5.5), a target of their own
 #   make regime     per cell and scheme, is it in the paper's regime (docs/regime.md)
 #   make agents rebuild the shipped tiny agents under agents/ from their recipes (about an hour)
+#   make test-long  opt-in: the end-to-end runs beyond CI's 10 minutes (the real-ALFWorld micro DAG)
 #   make test-vllm  opt-in: build a CPU vLLM in .venv-vllm (~3.5 GB download) and run the real-server tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: run test lint dry-run agents ablations regime test-vllm
+.PHONY: run test test-long lint dry-run agents ablations regime test-vllm
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,10 @@ agents: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 --dist loadgroup $(ARGS)
+
+# The end-to-end runs that do not fit CI's 10 minutes (`long`: the real-ALFWorld micro DAG).
+test-long: $(VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q -m long $(ARGS)
 
 # The real-vLLM tests (tests/test_vllm.py, `slow`) against .venv-vllm's server; a vLLM that cannot start
 # fails them here instead of skipping (DMR_VLLM_REQUIRED). `make test` and CI skip them.

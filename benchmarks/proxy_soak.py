@@ -10,7 +10,9 @@ table puts the two side by side:
   shared (X-DMR-Router-Ms), p50/p99;
 - compute per decision: the call's time over its batch (X-DMR-Batch), mean, and the mean batch;
 - request: the whole request as the client sees it, p50/p99; decisions (valid requests) per second;
-- the proxy process's RSS after start-up and after the load, and its peak;
+- the proxy process's RSS after start-up, once the first 20% of the episodes have ended (`warm`: its
+  bounded caches, such as each HF backend's 64 KV sessions, have filled by then), after the load,
+  and its peak; growth from warm to end is what a leak would show;
 - errors: valid requests that failed, and with `--malformed P` a share P of extra malformed
   requests (not JSON, a body that is no object, a prompt that is no ReAct prompt, two prompts, a
   chat without a user message, a chat ending on an assistant turn) mixed into the episodes, every
@@ -164,9 +166,10 @@ def malformed(kind: int, client, http, url: str, episode: str) -> int:
     return 200
 
 
-def load(url: str, a) -> dict:
+def load(url: str, a, on_warm=None) -> dict:
     """Play `a.episodes` test episodes with `a.clients` concurrent clients; per valid request
-    (router wait ms, compute ms per decision, batch, request ms), and the failures."""
+    (router wait ms, compute ms per decision, batch, request ms), and the failures. `on_warm()` is
+    called once, when the first `a.warm` share of the episodes has ended."""
     import httpx
     from openai import OpenAI
 
@@ -180,6 +183,14 @@ def load(url: str, a) -> dict:
     deadline = time.time() + a.time_limit
     rows, failed, bad, malformed_status = [], [], [], []
     lock = threading.Lock()
+    ended, warm_at = [0], max(1, round(a.warm * len(tasks)))
+
+    def count_end():
+        with lock:
+            ended[0] += 1
+            warm = ended[0] == warm_at
+        if warm and on_warm:
+            on_warm()
 
     def episode(task) -> bool:
         rng = random.Random(f"{a.seed}/{task.key}")
@@ -217,8 +228,14 @@ def load(url: str, a) -> dict:
         return False
 
     t0 = time.perf_counter()
+    def played(task) -> bool:
+        try:
+            return episode(task)
+        finally:
+            count_end()
+
     with ThreadPoolExecutor(a.clients) as pool:
-        finished = sum(pool.map(episode, tasks))
+        finished = sum(pool.map(played, tasks))
     wall = time.perf_counter() - t0
     http.close()
     return {"rows": rows, "failed": failed, "bad": bad, "malformed": malformed_status, "finished": finished,
@@ -229,12 +246,13 @@ def run_once(window: float, serve_args: list[str], a, work: Path) -> dict:
     proxy = Proxy([*serve_args, "--batch-window-ms", f"{window:g}"], work / f"proxy_window{window:g}.log")
     try:
         proxy.wait_ready()
-        start = proxy.memory_mib()
-        r = load(proxy.url, a)
+        start, warm = proxy.memory_mib(), {}
+        r = load(proxy.url, a, on_warm=lambda: warm.update(proxy.memory_mib()))
         end = proxy.memory_mib()
     finally:
         proxy.stop()
-    r.update(rss_start=start["VmRSS"], rss_end=end["VmRSS"], rss_peak=end["VmHWM"])
+    r.update(rss_start=start["VmRSS"], rss_warm=warm.get("VmRSS", np.nan), rss_end=end["VmRSS"],
+             rss_peak=end["VmHWM"])
     return r
 
 
@@ -247,7 +265,9 @@ def summary(r: dict) -> dict:
         "compute / decision (ms)": per_decision.mean(), "decisions per call": batch.mean(),
         "request p50 (ms)": np.percentile(total, 50), "request p99 (ms)": np.percentile(total, 99),
         "decisions / s": len(r["rows"]) / r["wall"],
-        "proxy RSS start (MiB)": r["rss_start"], "proxy RSS end (MiB)": r["rss_end"], "proxy RSS peak (MiB)": r["rss_peak"],
+        "proxy RSS start (MiB)": r["rss_start"], "proxy RSS warm (MiB)": r["rss_warm"],
+        "proxy RSS end (MiB)": r["rss_end"], "proxy RSS peak (MiB)": r["rss_peak"],
+        "RSS end / warm": r["rss_end"] / r["rss_warm"],
         "valid requests": len(r["rows"]), "bf16 share": high / max(1, len(r["rows"])),
         "episodes finished": r["finished"], "wall (s)": r["wall"],
         "valid failed": len(r["failed"]), "malformed sent": len(r["malformed"]),
@@ -264,6 +284,9 @@ def main():
     p.add_argument("--batch-window-ms", type=float, default=None,
                    help="the batched run's window (default: dmr.serve's, 5 ms); the other run uses 0")
     p.add_argument("--max-steps", type=int, default=15, help="episode step limit")
+    p.add_argument("--warm", type=float, default=0.2,
+                   help="share of the episodes after which the proxy's RSS is read again (`warm`): its bounded "
+                        "caches (the backends' 64 KV sessions, the router's episodes) are full by then")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--high", type=Path, default=ROOT / "agents/tiny", help="bf16 checkpoint")
     p.add_argument("--low", type=Path, default=None, help="low-precision checkpoint (default: --scheme copy of --high)")

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PYTHONPATH", str(ROOT))
+# One BLAS/OpenMP thread per test process (Snakemake sets the same for each job from its `threads`):
+# `make test` runs more processes than cores, and idle OpenMP threads spin on a busy machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# ALFWorld's fast-downward translations (dmr.envs.alfworld.sas_cache_dir) go to a folder of this test
+# session, shared by its workers' subprocesses, not to the user's cache.
+if "DMR_SAS_CACHE" not in os.environ:
+    os.environ["DMR_SAS_CACHE"] = _SAS_TMP = tempfile.mkdtemp(prefix="dmr-sas-")
+else:
+    _SAS_TMP = None
+
+
+def pytest_unconfigure(config):
+    """The session's translation folder goes with the process that made it (xdist's controller)."""
+    import shutil
+
+    if _SAS_TMP and not hasattr(config, "workerinput"):
+        shutil.rmtree(_SAS_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ task type per split (24 games, ~80 s). Rerun 2026-11-28 with the machine loaded 
 valid_seen 29 min and valid_train 18.5 min, handcoded valid_seen under 29 min and valid_train 8.5 min:
 all four pass.
 
-The micro real-ALFWorld cell (config/alfworld-micro.yaml) runs end to end under -m slow (about 2 min
-on an idle machine: loading a real game costs ~2.5 s of PDDL translation, so it plays few games)."""
+The micro real-ALFWorld cell (config/alfworld-micro.yaml) runs end to end under `make test-long` (-m long:
+3-4 min on an idle machine, beyond CI's budget beside the rest; loading a real game costs ~1.2 s)."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -223,6 +223,38 @@ def _sweep(expert, split, per_type=None, data=None):
     e.close()
     assert not lost, f"{expert} expert lost {lost}"
 
+
+
+def test_translations_persist_on_disk_and_change_nothing(tmp_path, monkeypatch):
+    """The on-disk translation cache (sas_cache_dir): the first load of a game writes its translations,
+    a process that starts empty reads them back, and either way the episode is the one TextWorld gives
+    uncached (memo=False); an unwritable cache only warns."""
+    from dmr.envs import alfworld
+
+    task = make().tasks("valid_seen", 1, 2)[0]
+
+    def episode(**kw):
+        alfworld._SAS_CACHE.clear()  # a process of its own: nothing in memory
+        with make(**kw) as e:
+            obs = e.reset(task)
+            moves = [e.step(a) for a in obs.admissible[:3]]
+        return (obs.text, obs.goal, obs.admissible, [(m.text, m.admissible, m.done) for m in moves])
+
+    monkeypatch.setenv("DMR_SAS_CACHE", str(tmp_path / "sas"))
+    assert alfworld.sas_cache_dir() == tmp_path / "sas"
+    first = episode()
+    written = sorted((tmp_path / "sas").glob("*/*.pkl"))
+    assert written and not list((tmp_path / "sas").glob("*/*.tmp"))
+    stamps = [f.stat().st_mtime_ns for f in written]
+    assert episode() == first and [f.stat().st_mtime_ns for f in written] == stamps  # read, not rewritten
+    assert episode(memo=False) == first
+    monkeypatch.setenv("DMR_SAS_CACHE", "0")
+    assert alfworld.sas_cache_dir() is None and episode() == first
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("DMR_SAS_CACHE", str(blocker / "sas"))
+    with pytest.warns(RuntimeWarning, match="not writable"):
+        assert episode() == first
 
 # The planner expert without noise plays exactly the game's walkthrough.
 @pytest.mark.parametrize("expert", ["planner", "handcoded"])
@@ -519,6 +551,7 @@ def test_alfworld_config_dry_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_micro_alfworld_end_to_end(tmp_path):
     """The micro real-ALFWorld cell through the whole DAG on the CPU: data check, expert data on
     real games, tiny agent, quantization, KL pool, AO/AS labels, threshold, router, calibration,

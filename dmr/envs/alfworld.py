@@ -408,11 +408,54 @@ def _trim_memento_cache() -> None:
         _memento_cache.clear()
 
 
+def sas_cache_dir() -> Path | None:
+    """Where fast-downward translations persist across processes: $DMR_SAS_CACHE (empty or `0`: off),
+    else $XDG_CACHE_HOME/dmr/alfworld-sas (~/.cache by default)."""
+    env = os.environ.get("DMR_SAS_CACHE")
+    if env is not None:
+        return Path(env) if env not in ("", "0") else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dmr" / "alfworld-sas"
+
+
+def _translate(original, domain: str, problem: str, verbose: bool, optimize: bool):
+    """One translation, (parsed task, SAS text), read from the on-disk cache when a process translated
+    the same (domain, problem, optimize) with the same fast-downward before: every rollout of a split
+    loads its games again. Written atomically; a cache that cannot be read or written only costs the
+    translation. Entries are pickles of fast-downward's own objects, in the user's cache folder."""
+    import pickle
+
+    folder = sas_cache_dir()
+    if folder is None:
+        return original(domain, problem, verbose=verbose, optimize=optimize)
+    try:
+        version = importlib.metadata.version("fast_downward_textworld")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    key = hashlib.sha256(f"{version}\0{bool(optimize)}\0{domain}\0{problem}".encode()).hexdigest()
+    path = folder / key[:2] / f"{key}.pkl"
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        pass
+    out = original(domain, problem, verbose=verbose, optimize=optimize)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"fast-downward translation cache {folder} not writable ({e}); translating each time",
+                      RuntimeWarning, stacklevel=2)
+    return out
+
+
 @contextlib.contextmanager
 def _memo_pddl2sas():
     """Translate each game's PDDL once, not four times: TextWorld's PddlEnv builds its state (two
     fast-downward translations) in `load` and again in `reset`; the translation is a pure function
-    of (domain, problem, optimize), so a small cache returns the same result for the second time."""
+    of (domain, problem, optimize), so a small cache returns the same result for the second time,
+    and an on-disk one (sas_cache_dir) to the next process that loads the game."""
     import fast_downward
 
     original = fast_downward.pddl2sas
@@ -422,7 +465,7 @@ def _memo_pddl2sas():
         if key in _SAS_CACHE:
             _SAS_CACHE.move_to_end(key)
         else:
-            _SAS_CACHE[key] = original(domain, problem, verbose=verbose, optimize=optimize)
+            _SAS_CACHE[key] = _translate(original, domain, problem, verbose, optimize)
             while len(_SAS_CACHE) > 8:
                 _SAS_CACHE.popitem(last=False)
         return _SAS_CACHE[key]
@@ -469,7 +512,8 @@ class AlfWorldEnv:
         # cloned from it think too (and their KL pools hold think steps for the AO/AS ablation).
         self.expert_thinks = expert_thinks
         self.order = order
-        self.memo = memo  # cache fast-downward translations (see _memo_pddl2sas); False = TextWorld as is
+        # Cache fast-downward translations in memory and on disk (see _memo_pddl2sas); False: TextWorld as is.
+        self.memo = memo
         self.task_types = None if task_types is None else tuple(task_types)
         if self.task_types is not None:
             unknown = [t for t in self.task_types if t not in TASK_TYPES.values()]
