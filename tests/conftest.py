@@ -44,7 +44,7 @@ def tiny_world(tmp_path_factory):
     tiny_agent.main(["--episodes", str(eps), "--tokenizer", str(tok_dir), "--steps", "3",
                      "--arch", '{"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1, '
                      '"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}',
-                     "--batch-tokens", "2048", "--threads", "2", "--out", str(model_dir)])
+                     "--batch-tokens", "2048", "--threads", "1", "--out", str(model_dir)])
     return eps, tok_dir, model_dir
 
 

@@ -36,7 +36,7 @@ def _episode_checks(out, tasks):
 
 def test_run_batched_records_and_invalid_steps(tiny_world, tmp_path):
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     env_kwargs = {"max_steps": 6}
     tasks = envs.make("household", **env_kwargs).tasks("test", 5)
     # Unconstrained decoding from a barely trained model: mostly malformed or inadmissible outputs,
@@ -60,7 +60,7 @@ def test_run_batched_records_and_invalid_steps(tiny_world, tmp_path):
 
 def test_random_router_mixes_backends(tiny_world, tmp_path):
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     tasks = envs.make("household", max_steps=5).tasks("test", 4)
     cfg = AgentConfig(max_new_tokens=40, shards=4, constrained=True)
     # Two "precisions" backed by one model: the loop must route each step to its backend.
@@ -128,7 +128,7 @@ def test_three_precision_router_records_its_distribution(tiny_world, tmp_path):
     from dmr.routing import ladder
 
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     torch.manual_seed(0)
     router_dir = tmp_path / "router"
     save_router(RouterNet(n_classes=3, d_model=32, layers=1, heads=2, ff=32, window=4), router_dir,

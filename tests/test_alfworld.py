@@ -356,7 +356,7 @@ def test_agent_loop_runs_real_games(tiny_world, tmp_path):
     from dmr.policies import make_router
 
     _, _, model = tiny_world
-    backend = load("hf", str(model), threads=2)
+    backend = load("hf", str(model), threads=1)
     kw = {"data": str(DATA), "splits": SPLITS, "max_steps": 3}
     tasks = envs.make("alfworld", **kw).tasks("test", 2)
     cfg = AgentConfig(prompt={"style": "react", "prefix": fewshot()}, max_new_tokens=12, shards=2)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("style", ["react", "instruct"])
 def test_hf_backend_generate_and_score(tiny_world, style):
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     env = envs.make("household")
     obs = env.reset(env.tasks("test", 1)[0])
     st = get(style)
@@ -41,7 +41,7 @@ def test_hf_backend_generate_and_score(tiny_world, style):
 def test_prefix_cache_matches_uncached_generation(tiny_world):
     """Append-only prompts reuse each session's KV cache; results equal a cold computation."""
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     env = envs.make("household")
     style = get("react")
     eps = []
@@ -72,7 +72,7 @@ def test_prompt_ids_of_a_session_equal_a_full_encoding_at_every_cut(tiny_world):
     """A session's next prompt is encoded as its previous ids plus the new text only where the cut
     is clean; at any cut, clean or inside a word, the ids equal a full encoding."""
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     env, style = envs.make("household"), get("react")
     o = env.reset(env.tasks("test", 1)[0])
     ep = Episode(o.goal, o.text, [], o.admissible)
@@ -112,7 +112,7 @@ def test_constrained_decoding_leaves_free_text_steps_free(tiny_world):
     from dmr.prompts import constraint
 
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     style = get("instruct", window=1)
     assert constraint(style, ["search[<your query>]"]) is None
     clicks = ["click[back to search]", "click[< prev]", "click[next >]", "click[B0P0HW5EBD]"]
@@ -147,7 +147,7 @@ def test_kept_batch_matches_cold_generation_under_any_call_pattern(tiny_world, t
     build_model(len(tok), {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32}).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    b = load("hf", str(tmp_path), threads=2)
+    b = load("hf", str(tmp_path), threads=1)
     env, style = envs.make("household"), get("react")
     tasks = env.tasks("test", 12)
     eps = {}

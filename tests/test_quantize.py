@@ -15,7 +15,7 @@ from dmr.prompts import Episode, get
 @pytest.fixture(scope="module")
 def prompt_and_bf16(tiny_world):
     _, _, model = tiny_world
-    b = load("hf", str(model), threads=2)
+    b = load("hf", str(model), threads=1)
     env = envs.make("household")
     obs = env.reset(env.tasks("test", 1)[0])
     style = get("react")
@@ -41,7 +41,7 @@ def test_scheme_roundtrip(tiny_world, prompt_and_bf16, tmp_path, scheme, bits):
           f"mean KL {agree['mean_kl']:.2e} over {agree['positions']} positions")
     assert 0.3 < agree["top1_agreement"] <= 1.0 and agree["mean_kl"] > 0
     prompt, obs, high = prompt_and_bf16
-    low = load("hf", str(out), threads=2)
+    low = load("hf", str(out), threads=1)
     style = get("react")
     g = low.generate([prompt], Sampling(max_new_tokens=30, stop=style.stop), [[style.answer(a) for a in obs.admissible]])[0]
     assert style.parse(g.text) in obs.admissible

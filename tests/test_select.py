@@ -66,7 +66,7 @@ def test_training_snapshots_at_fractions_of_its_steps(tmp_path, tiny_world):
         return tiny_agent.train(read_episodes(eps), AutoTokenizer.from_pretrained(tok), out / "p1.00",
                                 style=prompts.get("react"), arch={"hidden_size": 128, "intermediate_size": 256,
                                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                                "head_dim": 64}, batch_tokens=2048, lr=1e-3, warmup=1, seed=0, threads=2,
+                                "head_dim": 64}, batch_tokens=2048, lr=1e-3, warmup=1, seed=0, threads=1,
                                 snapshots=out, **kw)
 
     # A run cut short by its time cap still leaves every configured snapshot (of its end).

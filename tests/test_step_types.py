@@ -89,7 +89,7 @@ def drive(tmp_path, router_steps, backends, policy="random:0"):
 
 def test_agent_loop_forces_search_steps_to_bf16(tiny_world, noisy_model, tmp_path):
     _, _, model = tiny_world
-    backends = {"bf16": load("hf", str(model), threads=2), "w4": load("hf", str(noisy_model), threads=2)}
+    backends = {"bf16": load("hf", str(model), threads=1), "w4": load("hf", str(noisy_model), threads=1)}
     steps, eps = drive(tmp_path / "gated", ["click"], backends)
     assert eps["won"].all() and (eps["score"] == 1.0).all()
     assert set(steps["step_type"]) == {"search", "click"}
