@@ -150,12 +150,3 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: 0 if "slurm" in getattr(item, "fixturenames", ())
                else 1 if item.get_closest_marker("slow") else 2)
 
-
-@pytest.fixture
-def xdist_group_of(request):
-    """The xdist group the running test was scheduled by: the `@NAME` suffix pytest-xdist's loadgroup adds
-    to its node id ('' when the suffix is missing); None outside `--dist loadgroup`."""
-    if request.config.getoption("dist", "no") != "loadgroup" and not getattr(request.config.option, "loadgroup", False):
-        return None
-    nodeid = request.node.nodeid
-    return nodeid.rsplit("@", 1)[1] if nodeid.rfind("@") > nodeid.rfind("]") else ""

@@ -126,22 +126,21 @@ HOW_TO_GET_DATA = (
     "`data` rule; it has valid_seen, valid_train and train, not valid_unseen).")
 
 
-def alfworld_version() -> str | None:
+@lru_cache(maxsize=None)
+def _version(package: str) -> str | None:
     try:
-        return importlib.metadata.version("alfworld")
+        return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
+def alfworld_version() -> str | None:
+    return _version("alfworld")
+
+
 def versions() -> dict:
     """The game stack's versions, recorded with every result (0.3 and 0.4 games differ in grammar)."""
-    out = {}
-    for name in ("alfworld", "textworld"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: _version(name) for name in ("alfworld", "textworld")}
 
 
 def data_root(data: str | os.PathLike | None = None) -> Path:
@@ -427,10 +426,7 @@ def _translate(original, domain: str, problem: str, verbose: bool, optimize: boo
     folder = sas_cache_dir()
     if folder is None:
         return original(domain, problem, verbose=verbose, optimize=optimize)
-    try:
-        version = importlib.metadata.version("fast_downward_textworld")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+    version = _version("fast_downward_textworld") or "unknown"
     key = hashlib.sha256(f"{version}\0{bool(optimize)}\0{domain}\0{problem}".encode()).hexdigest()
     path = folder / key[:2] / f"{key}.pkl"
     try:
