@@ -16,7 +16,9 @@ on every rung, and a step's cost only falls as t grows, so the realised cost sha
 calibration pool is a non-increasing step function of t. t_K is the smallest t whose realised share
 is at most K: the costliest routing within the budget. A K below c_cheapest / c_bf16 (every step at
 the cheapest precision) cannot be met and is refused. c_router is left out of the share: every
-decided step pays it whatever the thresholds are. The two-precision case keeps the quantile rule.
+decided step pays it whatever the thresholds are. The two-precision case keeps the quantile rule;
+`--by-cost` calibrates a two-precision router to a cost budget too, so that it can be compared with
+a router over more precisions at equal modelled cost.
 """
 from __future__ import annotations
 
@@ -166,13 +168,15 @@ def main(argv=None):
     p.add_argument("--coefficients", default=None,
                    help="> 2 precisions: per-token cost coefficients, a coefficients.json of dmr.latency or a JSON "
                         "object {precision: coefficient}; a budget is then a share of bf16's modelled cost")
+    p.add_argument("--by-cost", action="store_true",
+                   help="two precisions: K is a share of bf16's modelled cost (needs --coefficients), as with more")
     p.add_argument("--out", required=True, type=Path, help="calibration.json")
     p.add_argument("--figure", required=True, type=Path, help="score distributions figure (.png and .pdf)")
     a = p.parse_args(argv)
     steps = pl.read_parquet(a.run / "steps.parquet")
     if "route_score" not in steps.columns or steps["route_score"].null_count() == len(steps):
         raise SystemExit(f"{a.run}: no router scores in steps.parquet (was it a dmr rollout?)")
-    if "route_probs" in steps.columns and steps["route_probs"].drop_nulls().len():
+    if a.by_cost or ("route_probs" in steps.columns and steps["route_probs"].drop_nulls().len()):
         return calibrate_costs(steps, a)
     calib = steps["route_score"].drop_nulls().to_numpy()
     train = pl.read_parquet(a.train_scores)["score"].to_numpy()
@@ -218,8 +222,12 @@ def calibrate_costs(steps, a) -> None:
     if a.coefficients is None:
         raise SystemExit(f"{a.run} routes {len(precisions)} precisions {precisions}: a budget is a share of bf16's "
                          "modelled cost; give --coefficients (dmr.latency's coefficients.json or {precision: c})")
-    decided = steps.filter(pl.col("route_probs").is_not_null())
-    probs = decided["route_probs"].to_list()
+    if "route_probs" in steps.columns and steps["route_probs"].drop_nulls().len():
+        decided = steps.filter(pl.col("route_probs").is_not_null())
+        probs = decided["route_probs"].to_list()
+    else:  # a two-precision run (--by-cost): its distribution is (p_bf16, 1 - p_bf16)
+        decided = steps.filter(pl.col("route_score").is_not_null())
+        probs = [[s, 1.0 - s] for s in decided["route_score"].to_list()]
     if {len(p) for p in probs} != {len(precisions)}:
         raise SystemExit(f"{a.run}: route_probs over {sorted({len(p) for p in probs})} classes, the router in {router} "
                          f"has {len(precisions)} precisions {precisions}")

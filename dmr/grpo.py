@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dmr import cli, envs, llm, plots
 from dmr.agent import AgentConfig, parse_models, run
 from dmr.envs.base import Task
-from dmr.latency import describe, pair, router_calls
+from dmr.latency import describe, per_token, router_calls, trajectory_costs
 from dmr.llm import Sampling
 from dmr import prompts
 from dmr.router import load_net, load_router, pad_windows
@@ -161,22 +161,24 @@ class SamplingRouter:
         return choice
 
 
-def trajectory_returns(episodes: list[dict], steps: list[dict], c: dict, high: str, lam: float,
-                       t_ref: float) -> pl.DataFrame:
-    """Per episode: success, modelled time T (Eq. 9; n = router-decided steps, dmr.latency.router_calls,
-    as Table 1 counts them; c = dmr.latency.pair) and the return R (Eq. 8)."""
-    by = {}
+def trajectory_returns(episodes: list[dict], steps: list[dict], costs: dict[str, float], c_router: float,
+                       lam: float, t_ref: float) -> pl.DataFrame:
+    """Per episode: success, modelled time T (Eq. 9 over every precision, dmr.latency.trajectory_costs:
+    n = router-decided steps as Table 1 counts them; `costs` each precision's per-token coefficient,
+    high first) and the return R (Eq. 8)."""
+    high = next(iter(costs))
+    cost = trajectory_costs(steps, c_router, costs)
+    calls = router_calls(steps)
+    tokens: dict[str, list[int]] = {}
     for s in steps:
-        d = by.setdefault(s["task"], {"n": 0, "hi": 0, "lo": 0})
-        d["hi" if s["precision"] == high else "lo"] += s["completion_tokens"]
-    for task, n in router_calls(steps).items():
-        by[task]["n"] = n
+        t = tokens.setdefault(s["task"], [0, 0])
+        t[s["precision"] != high] += s["completion_tokens"]
     rows = []
     for e in episodes:
-        d = by.get(e["task"], {"n": 0, "hi": 0, "lo": 0})
-        t = c["router"] * d["n"] + c["high"] * d["hi"] + c["low"] * d["lo"]
+        hi, lo = tokens.get(e["task"], (0, 0))
+        t = cost.get(e["task"], 0.0)
         rows.append({"task": e["task"], "group": group_of(e["task"]), "won": bool(e["won"]), "cost": t,
-                     "decided": d["n"], "high_tokens": d["hi"], "low_tokens": d["lo"], "steps": e["steps"],
+                     "decided": calls.get(e["task"], 0), "high_tokens": hi, "low_tokens": lo, "steps": e["steps"],
                      "reward": float(e["won"]) - lam * t / t_ref})
     return pl.DataFrame(rows)
 
@@ -251,7 +253,8 @@ def main(argv=None):
                                 parents=[cli.env(), cli.backend(), cli.decoding(AgentConfig())])
     p.add_argument("--router", required=True, type=Path, help="KL-ST router directory (the start and the KL reference)")
     p.add_argument("--latency", required=True, type=Path, help="coefficients.json written by dmr.latency")
-    p.add_argument("--quant", required=True, help="the low-precision scheme routed")
+    p.add_argument("--quant", required=True,
+                   help="the low-precision scheme routed; A+B routes bf16, A and B (cheapest last)")
     p.add_argument("--offset", type=int, default=0, help="first training task (after the KL pool's)")
     p.add_argument("--pool", type=int, default=None, help="tasks in the training split: later tasks wrap around")
     p.add_argument("--model", action="append", required=True, metavar="PRECISION=PATH", help="high first")
@@ -285,11 +288,15 @@ def train(*, router: Path, latency: Path, quant: str, env: str, env_kwargs: str,
     grpo_cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     if group_size < 2:
         raise SystemExit("--group-size must be at least 2: advantages are relative to the group")
+    quants = quant.split("+")
     coef = json.loads(latency.read_text())
-    c = pair(coef, quant)
     models = parse_models(model)
-    if list(models) != ["bf16", quant]:
-        raise SystemExit(f"--model: give bf16=PATH then {quant}=PATH, got {list(models)}")
+    if list(models) != ["bf16", *quants]:
+        raise SystemExit(f"--model: give bf16=PATH then {'=PATH, '.join(quants)}=PATH, got {list(models)}")
+    try:
+        costs = per_token(coef, list(models))
+    except ValueError as e:
+        raise SystemExit(f"{latency}: {e}") from None
     torch.manual_seed(seed)
     kwargs = json.loads(env_kwargs)
     environment = envs.make(env, **kwargs)
@@ -319,7 +326,7 @@ def train(*, router: Path, latency: Path, quant: str, env: str, env_kwargs: str,
         learner.cache.clear()
         episodes = run(lambda: envs.make(env, **kwargs), members, backends, policy, cfg, iter_dir, not quiet)
         steps = read_jsonl(iter_dir / STEPS)
-        ret = trajectory_returns(episodes, steps, c, coef["high"], lam, t_ref)
+        ret = trajectory_returns(episodes, steps, costs, coef["router"], lam, t_ref)
         adv = group_advantages(ret["reward"].to_list(), ret["group"].to_list(), scale=advantage)
         returns.append(ret.with_columns(iteration=pl.lit(it), advantage=adv.numpy()))
         adv_of = dict(zip(ret["task"].to_list(), adv.tolist()))
@@ -328,7 +335,10 @@ def train(*, router: Path, latency: Path, quant: str, env: str, env_kwargs: str,
         seen += [(key, step, e) for (key, step), (e, _, _) in policy.decisions.items()]
         row = {"iteration": it, "episodes": ret.height, "reward": ret["reward"].mean(),
                "success": 100 * ret["won"].mean(), "cost": ret["cost"].mean(), "cost_rel": ret["cost"].mean() / t_ref,
-               "high_frac": sum(d[1] == 0 for d in decisions) / max(1, len(decisions)), "decisions": len(decisions),
+               "high_frac": sum(d[1] == 0 for d in decisions) / max(1, len(decisions)),
+               **({f"frac_{q}": sum(d[1] == j for d in decisions) / max(1, len(decisions)) for j, q in enumerate(models)}
+                  if len(models) > 2 else {}),
+               "decisions": len(decisions),
                "adv_abs": float(adv.abs().mean()), **stats}
         rows.append(row)
         learner.save(out / "checkpoints" / f"iter{it}", {"grpo": grpo_cfg | {"iteration": it}})

@@ -20,7 +20,9 @@ Where the quantized models run dequantized (this CPU path), measured coefficient
 `source: config` takes the coefficients from the config instead (e.g. the paper's Table 3). Either
 way coefficients.json records which, and every table built from it says so.
 
-Cost model (Eq. 9): T = n * c_router + c_hi * N_hi + c_lo * N_lo. n counts the router-decided
+Cost model (Eq. 9): T = n * c_router + c_hi * N_hi + c_lo * N_lo, and with more than two
+precisions T = n * c_router + sum_p c_p * N_p over every precision p (`precisions_of` names them
+from a routed scheme: `a+b` routes bf16, a and b). n counts the router-decided
 steps of the episode, as App. A.2 counts them for c_router: a step forced to the high precision by
 an exogenous rule (WebShop's search steps under a KL-ST router, App. C.1) is not a router call, and
 a single-precision run (Full, Quant) has none. One function, `router_calls`, gives n to Table 1's
@@ -87,13 +89,46 @@ def router_calls(steps) -> dict[str, int]:
     return n
 
 
-def episodes_cost(episodes: pl.DataFrame, steps: pl.DataFrame, coef: dict, quant: str) -> pl.Series:
-    """Eq. 9 for every row of an episodes table, with n from its steps table (`router_calls`)."""
-    c = pair(coef, quant)
+def precisions_of(coef: dict, quant: str) -> list[str]:
+    """The precisions a routed scheme names, high first: `QUANT` is bf16 and QUANT, `A+B` bf16, A
+    and B (a three-precision cell), and the high precision alone is itself."""
+    lows = [q for q in quant.split("+") if q != coef["high"]]
+    return [coef["high"], *lows]
+
+
+def per_token(coef: dict, precisions: list[str]) -> dict[str, float]:
+    """Each precision's per-token coefficient (s/token) from coefficients.json."""
+    missing = [q for q in precisions if q not in coef["per_token"]]
+    if missing:
+        raise ValueError(f"no latency coefficient for {missing}; have {sorted(coef['per_token'])}")
+    return {q: coef["per_token"][q] for q in precisions}
+
+
+def trajectory_costs(steps, c_router: float, c: dict[str, float]) -> dict[str, float]:
+    """Eq. 9 per episode (task key) from its step rows (dicts with `task`, `precision`,
+    `completion_tokens`, `route_score`, or a steps table): n router calls (`router_calls`) plus each
+    precision's completion tokens at its coefficient `c`, summed in `c`'s order."""
+    rows = steps.iter_rows(named=True) if isinstance(steps, pl.DataFrame) else steps
+    tokens: dict[str, dict[str, int]] = {}
+    for s in rows:
+        if s["precision"] not in c:
+            raise ValueError(f"episode {s['task']} has a step at {s['precision']!r}; costs are for {list(c)}")
+        per = tokens.setdefault(s["task"], dict.fromkeys(c, 0))
+        per[s["precision"]] += s["completion_tokens"]
     calls = router_calls(steps)
-    n = pl.Series([calls.get(t, 0) for t in episodes["task"]], dtype=pl.Float64)
-    n_hi = episodes["high_tokens"]
-    return n * c["router"] + c["high"] * n_hi + c["low"] * (episodes["tokens"] - n_hi)
+    out = {}
+    for t, per in tokens.items():
+        out[t] = calls.get(t, 0) * c_router
+        for q, n in per.items():
+            out[t] += c[q] * n
+    return out
+
+
+def episodes_cost(episodes: pl.DataFrame, steps: pl.DataFrame, coef: dict, quant: str) -> pl.Series:
+    """Eq. 9 for every row of an episodes table, with n and each precision's tokens from its steps
+    table (`trajectory_costs`); `quant` names the routed precisions (`precisions_of`)."""
+    cost = trajectory_costs(steps, coef["router"], per_token(coef, precisions_of(coef, quant)))
+    return pl.Series([cost.get(t, 0.0) for t in episodes["task"]], dtype=pl.Float64)
 
 
 def pair(coef: dict, quant: str) -> dict:

@@ -28,18 +28,36 @@ class Fixed:
 class RandomRouter:
     """High precision with probability p, seeded per (episode, step) so it does not depend on batching.
     Its score is p (as the learned router's is its probability of high): every step it decides has
-    one, so its router calls count in Eq. 9 as the learned router's do (dmr.latency.router_calls)."""
+    one, so its router calls count in Eq. 9 as the learned router's do (dmr.latency.router_calls).
+    Over more than two precisions `low` lists the lower ones (cheapest last) and `p` is one share
+    per precision, high first: a step goes to the precision whose cumulative share first exceeds
+    its draw, so two precisions draw exactly as `p` = the high share does."""
 
-    def __init__(self, high: str, low: str, p: float, seed: int = 0):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"random router probability must be in [0, 1], got {p}")
-        self.high, self.low, self.p, self.seed = high, low, p, seed
+    def __init__(self, high: str, low, p, seed: int = 0):
+        lows = [low] if isinstance(low, str) else list(low)
+        shares = [float(p), 1.0 - float(p)] if isinstance(p, (int, float)) else [float(x) for x in p]
+        if len(shares) != 1 + len(lows) or not all(0.0 <= x <= 1.0 for x in shares):
+            raise ValueError(f"random routing needs one probability in [0, 1] per precision {[high, *lows]}, "
+                             f"got {p}")
+        if abs(sum(shares) - 1.0) > 1e-6:
+            raise ValueError(f"random routing shares must sum to 1, got {shares}")
+        self.high, self.low, self.lows, self.seed = high, lows[-1], lows, seed
+        self.p, self.shares = shares[0], shares
         self.last_scores: list | None = None
+
+    def _draw(self, u: float) -> str:
+        if u < self.p:
+            return self.high
+        cum = self.p
+        for q, x in zip(self.lows, self.shares[1:]):
+            cum += x
+            if u < cum:
+                return q
+        return self.lows[-1]
 
     def decide(self, contexts: list[StepContext]) -> list[str]:
         self.last_scores = [self.p] * len(contexts)
-        return [self.high if random.Random(f"{self.seed}/{c.episode}/{c.step}").random() < self.p else self.low
-                for c in contexts]
+        return [self._draw(random.Random(f"{self.seed}/{c.episode}/{c.step}").random()) for c in contexts]
 
 
 class MatchedCut:
@@ -225,6 +243,22 @@ def realised_fraction(episodes_parquet, step_types=None, high: str = "bf16") -> 
     return float((steps["precision"] == high).mean())
 
 
+def realised_shares(episodes_parquet, precisions: list[str], step_types=None) -> list[float]:
+    """Each precision's share of the routed steps of a finished run (its steps.parquet beside the
+    episodes; with `step_types`, among the steps announced as those types), in `precisions`' order:
+    what random routing over more than two precisions matches."""
+    import polars as pl
+
+    steps = pl.read_parquet(Path(episodes_parquet).parent / "steps.parquet")
+    steps = announced_steps(steps, step_types) if step_types else steps
+    if steps.height == 0:
+        raise ValueError(f"{episodes_parquet}: the run has no routed steps to match")
+    other = set(steps["precision"].unique().to_list()) - set(precisions)
+    if other:
+        raise ValueError(f"{episodes_parquet}: steps at {sorted(other)}, not among the precisions {precisions}")
+    return [float((steps["precision"] == q).mean()) for q in precisions]
+
+
 def make_router(policy: str, precisions: list[str], seed: int = 0, *, p: float | None = None,
                 match: str | None = None, router: str | None = None, threshold: float | None = None,
                 calibration: str | None = None, budget: float | None = None, kl: str | None = None,
@@ -271,6 +305,10 @@ def _make_router(policy, precisions, seed, *, p, match, router, threshold, calib
     if policy == "random":
         if (p is None) == (match is None):
             raise ValueError("policy random needs exactly one of a probability (random:P or --p) and --match")
+        if len(precisions) > 2:
+            if match is None:
+                raise ValueError(f"random routing over {precisions} matches a run's per-precision shares: give --match")
+            return RandomRouter(precisions[0], precisions[1:], realised_shares(match, precisions, router_steps), seed)
         p = realised_fraction(match, router_steps, precisions[0]) if match else p
         return RandomRouter(precisions[0], precisions[1], p, seed)
     if policy == "dmr":

@@ -80,12 +80,58 @@ def test_returns_use_the_cost_model_and_group_of_members():
     steps = [{"task": "h/train/3#0", "precision": "bf16", "completion_tokens": 10, "route_score": 0.9},
              {"task": "h/train/3#0", "precision": "q", "completion_tokens": 20, "route_score": 0.1},
              {"task": "h/train/3#1", "precision": "bf16", "completion_tokens": 5, "route_score": None}]  # forced
-    c = {"high": 0.02, "low": 0.01, "router": 0.005}
-    r = grpo.trajectory_returns(eps, steps, c, "bf16", lam=0.5, t_ref=1.0)
+    r = grpo.trajectory_returns(eps, steps, {"bf16": 0.02, "q": 0.01}, 0.005, lam=0.5, t_ref=1.0)
     assert r["group"].to_list() == ["h/train/3", "h/train/3"]
     # T0 = 2 * 0.005 + 10 * 0.02 + 20 * 0.01 = 0.41; T1 = 0 + 5 * 0.02 = 0.1 (forced step: no router call)
     assert r["cost"].to_list() == pytest.approx([0.41, 0.1])
     assert r["reward"].to_list() == pytest.approx([1 - 0.205, -0.05])
+
+
+def test_returns_over_three_precisions_charge_each_its_coefficient():
+    """Eq. 8/9 with bf16, W4 and W2: each precision's tokens at its own coefficient; low_tokens is
+    every step below bf16. A step at a precision without a coefficient is an error, not free."""
+    eps = [{"task": "h/train/1#0", "won": True, "steps": 3}]
+    steps = [{"task": "h/train/1#0", "precision": "bf16", "completion_tokens": 10, "route_score": 0.8},
+             {"task": "h/train/1#0", "precision": "w4", "completion_tokens": 20, "route_score": 0.3},
+             {"task": "h/train/1#0", "precision": "w2", "completion_tokens": 40, "route_score": 0.1}]
+    costs = {"bf16": 0.02, "w4": 0.01, "w2": 0.005}
+    r = grpo.trajectory_returns(eps, steps, costs, 0.001, lam=1.0, t_ref=2.0)
+    # T = 3 * 0.001 + 10 * 0.02 + 20 * 0.01 + 40 * 0.005 = 0.603
+    assert r["cost"][0] == pytest.approx(0.603)
+    assert r["reward"][0] == pytest.approx(1 - 0.603 / 2.0)
+    assert (r["high_tokens"][0], r["low_tokens"][0], r["decided"][0]) == (10, 60, 3)
+    with pytest.raises(ValueError, match="'w2'"):
+        grpo.trajectory_returns(eps, steps, {"bf16": 0.02, "w4": 0.01}, 0.001, lam=1.0, t_ref=2.0)
+
+
+def test_three_way_sampling_draws_each_precision_at_the_routers_probability():
+    """GRPO over three precisions: each eligible step's precision is drawn from the router's softmax
+    over all three, seeded per (episode, step), and the decision keeps that class and its log-prob."""
+    from dmr.routing import StepContext
+
+    class Fixed3:  # a router whose softmax is known: the draw is what is under test
+        eligible, precisions = ("action",), ["bf16", "w4", "w2"]
+        p = [0.2, 0.3, 0.5]
+
+        def _embeddings(self, contexts):
+            return [torch.zeros(1, 4) for _ in contexts]
+
+        def _probs(self, embs):
+            return [list(self.p) for _ in embs]
+
+        def proposals(self, contexts, choice):
+            return {}
+
+    policy = grpo.SamplingRouter(Fixed3(), seed=5)
+    ctx = [StepContext(f"t#{m}", s, "goal", [], "obs", []) for m in range(100) for s in range(20)]
+    choice = policy.decide(ctx)
+    share = {q: choice.count(q) / len(choice) for q in Fixed3.precisions}
+    assert share == pytest.approx(dict(zip(Fixed3.precisions, Fixed3.p)), abs=0.03)
+    for c, q in zip(ctx[:50], choice[:50]):
+        _, a, logp = policy.decisions[(c.episode, c.step)]
+        assert Fixed3.precisions[a] == q and logp == pytest.approx(math.log(Fixed3.p[a]))
+    again = grpo.SamplingRouter(Fixed3(), seed=5).decide(list(reversed(ctx)))
+    assert list(reversed(again)) == choice  # batching and order do not change a draw
 
 
 def test_member_tasks_share_task_and_seed_but_not_the_key():

@@ -33,7 +33,10 @@ def test_cost_model_matches_hand_computation():
     assert latency.episode_cost(12, 30, 50, 0.020, 0.025, 0.015) == pytest.approx(1.74)
     coef = {"high": "bf16", "per_token": {"bf16": 0.025, "q": 0.015}, "router": 0.020}
     eps = pl.DataFrame({"task": ["a", "b"], "calls": [12, 4], "high_tokens": [30, 0], "tokens": [80, 10]})
-    routed = pl.DataFrame({"task": ["a"] * 12 + ["b"] * 4, "route_score": [0.5] * 16})
+    # a: 3 bf16 steps of 10 tokens and 9 low ones of 50 in all; b: 4 low steps of 10 in all.
+    routed = pl.DataFrame({"task": ["a"] * 12 + ["b"] * 4, "route_score": [0.5] * 16,
+                           "precision": ["bf16"] * 3 + ["q"] * 13,
+                           "completion_tokens": [10] * 3 + [5] * 8 + [10] + [3, 3, 2, 2]})
     assert latency.episodes_cost(eps, routed, coef, "q").to_list() == pytest.approx([1.74, 0.08 + 0.15])
     # A single-precision run has no router: no step has a route score, n = 0.
     fixed = routed.with_columns(pl.lit(None, pl.Float64).alias("route_score"))
@@ -83,7 +86,8 @@ def test_router_calls_exclude_forced_search_steps_in_table1_and_the_grpo_reward(
         eps = pl.DataFrame({"task": ["shop/test/0"], "won": [True], "steps": [7], "high_tokens": [hi],
                             "tokens": [hi + lo]})
         table1 = latency.episodes_cost(eps, pl.DataFrame(rows), coef, "q")[0]
-        reward = grpo.trajectory_returns(eps.to_dicts(), rows, c, "bf16", lam=1.0, t_ref=1.0)
+        reward = grpo.trajectory_returns(eps.to_dicts(), rows, {"bf16": c["high"], "q": c["low"]}, c["router"],
+                                         lam=1.0, t_ref=1.0)
         assert table1 == pytest.approx(expect) and reward["cost"][0] == pytest.approx(expect)
         assert reward["decided"][0] == n
     # Every call counted (the old Table 1 rule) would charge the gated run 2 router calls more.
@@ -148,3 +152,18 @@ def test_table3_names_its_coefficients(tmp_path):
     md = latency.markdown(df, coef)
     assert "given in the config" in md and "| q | 25.00 | 15.00 | 20.00 | 0.60 | 30.00 | – |" in md
     json.dumps(coef)
+
+
+def test_episode_cost_of_a_three_precision_run_charges_each_precision():
+    """Eq. 9 over bf16, W4 and W2 (`quant` 'w4+w2'): each precision's tokens at its coefficient, the
+    router calls once per decided step; a two-precision name on the same steps refuses the W2 step."""
+    steps = pl.DataFrame({"task": ["a", "a", "a", "b"], "precision": ["bf16", "w4", "w2", "bf16"],
+                          "completion_tokens": [10, 20, 40, 5], "route_score": [0.9, 0.4, 0.1, None]})
+    eps = pl.DataFrame({"task": ["a", "b"], "won": [True, False], "high_tokens": [10, 5], "tokens": [70, 5]})
+    coef = {"high": "bf16", "per_token": {"bf16": 0.02, "w4": 0.01, "w2": 0.005}, "router": 0.001}
+    assert latency.precisions_of(coef, "w4+w2") == ["bf16", "w4", "w2"]
+    assert latency.precisions_of(coef, "bf16") == ["bf16"]
+    cost = latency.episodes_cost(eps, steps, coef, "w4+w2")
+    assert cost.to_list() == pytest.approx([3 * 0.001 + 0.2 + 0.2 + 0.2, 5 * 0.02])
+    with pytest.raises(ValueError, match="'w2'"):
+        latency.episodes_cost(eps, steps, coef, "w4")

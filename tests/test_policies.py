@@ -32,6 +32,35 @@ def test_routers():
         make_router("sometimes", ["bf16", "w4"])
 
 
+def test_random_routing_matches_a_three_precision_runs_shares(tmp_path):
+    """Equal-cost random routing over bf16, W4 and W2: matched to a run's realised share of each
+    precision (from its steps), drawn per (episode, step); over two precisions the same draws as the
+    binary rule. A run with a step at another precision, or none routed, is refused."""
+    from dmr.policies import RandomRouter
+
+    run = tmp_path / "dmr3"
+    run.mkdir()
+    pl.DataFrame({"task": ["a"] * 10, "won": [True] * 10}).write_parquet(run / "episodes.parquet")
+    precision = ["bf16"] * 2 + ["w4"] * 3 + ["w2"] * 5
+    pl.DataFrame({"task": ["a"] * 10, "step": list(range(10)), "precision": precision,
+                  "step_type": ["action"] * 10}).write_parquet(run / "steps.parquet")
+    r = make_router("random", ["bf16", "w4", "w2"], seed=3, match=str(run / "episodes.parquet"))
+    assert r.shares == pytest.approx([0.2, 0.3, 0.5])
+    ctx = [StepContext(f"e{i}", s, "", [], "", []) for i in range(200) for s in range(20)]
+    picks = r.decide(ctx)
+    assert [picks.count(q) / len(picks) for q in ("bf16", "w4", "w2")] == pytest.approx([0.2, 0.3, 0.5], abs=0.02)
+    assert r.last_scores[0] == pytest.approx(0.2) and r.decide(ctx[:9]) == picks[:9]
+    # Two precisions: the ladder of shares is the binary rule, draw for draw.
+    two = RandomRouter("bf16", ["w4"], [0.3, 0.7], seed=3).decide(ctx)
+    assert two == RandomRouter("bf16", "w4", 0.3, seed=3).decide(ctx)
+    with pytest.raises(ValueError, match="'w2'"):
+        make_router("random", ["bf16", "w4", "w3"], seed=3, match=str(run / "episodes.parquet"))
+    with pytest.raises(ValueError, match="give --match"):
+        make_router("random:0.2", ["bf16", "w4", "w2"])
+    with pytest.raises(ValueError, match="sum to 1"):
+        RandomRouter("bf16", ["w4", "w2"], [0.2, 0.2, 0.2])
+
+
 def test_oracle_routes_on_true_step_kl(tiny_world, noisy_model, tmp_path, household_run):
     from dmr.llm import Sampling
     from dmr.policies import OracleRouter

@@ -254,3 +254,22 @@ def test_calibrate_two_precisions_keeps_the_quantile_rule(tmp_path):
         assert cal["thresholds"][k] == float(np.quantile(scores, 1 - float(k), method="higher"))
         # budget_threshold reads the stored scores, rounded to 6 decimals
         assert calibrate.budget_threshold(plain, float(k)) == pytest.approx(cal["thresholds"][k], abs=1e-6)
+
+
+def test_calibrate_two_precisions_by_cost(tmp_path):
+    """--by-cost: a binary router calibrated to a share of bf16's modelled cost (to meet a three-way
+    router at equal cost): bf16 steps 2 and 4 of tokens 1 and 4 (at 1) and the rest at 0.5 cost
+    (1 + 4 + 0.5 * (2 + 1)) / 8 = 0.8125 of bf16's; the thresholds act on p_bf16 as the paper's do."""
+    probs = [[0.1, 0.9], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]]
+    args = calib_run(tmp_path, probs, [2, 1, 1, 4], ["bf16", "w4"])
+    out = tmp_path / "calibration.json"
+    calibrate.main([*args, "--by-cost", "--budgets", "0.85", "0.6", "--coefficients", '{"bf16": 1, "w4": 0.5}',
+                    "--out", str(out)])
+    cal = json.loads(out.read_text())
+    # K = 0.6: t = 0.8 still keeps step 4 at bf16 (0.75 of the cost), so every step goes to w4 (0.5).
+    assert cal["thresholds"]["0.85"] == 0.6 and 0.8 < cal["thresholds"]["0.6"] < 0.8 + 1e-9
+    assert cal["realised_cost_share"] == {"0.85": 0.8125, "0.6": 0.5}
+    assert cal["realised_precision_share"]["0.85"] == {"bf16": 0.5, "w4": 0.5}
+    assert calibrate.budget_threshold(out, 0.85) == 0.6
+    with pytest.raises(SystemExit, match="--coefficients"):
+        calibrate.main([*args, "--by-cost", "--out", str(out)])
