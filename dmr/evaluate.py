@@ -31,6 +31,13 @@ def seed_metrics(episodes: pl.DataFrame, cost: pl.Series | None = None) -> dict:
     return out
 
 
+def precision_shares(steps: pl.DataFrame, precisions: list[str]) -> str:
+    """Each precision's share of a run's steps, in the ladder's order (bf16 first, then by falling
+    cost), e.g. 'bf16 20% · gptq_w4a16 30% · rtn_w2a16 50%'."""
+    n = max(1, steps.height)
+    return " · ".join(f"{q} {100 * (steps['precision'] == q).sum() / n:.0f}%" for q in precisions)
+
+
 def run_steps(episodes_parquet: Path) -> pl.DataFrame:
     """The steps table beside a run's episodes.parquet, for Eq. 9's router calls. A random run
     recorded before random routing recorded its score has none on its routed steps: its router calls
@@ -56,14 +63,19 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
         quant, _, name = method.rpartition("/")
         name, _, k = name.partition("@")
         eps = episodes[method] = [pl.read_parquet(p) for p in paths]
-        per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, run_steps(p), coef, quant or "bf16") if coef else None)
-                                 for e, p in zip(eps, paths)])
+        # The steps, where Eq. 9 or a ladder scheme's precision shares need them.
+        steps = [run_steps(p) if coef or "+" in quant else None for p in paths]
+        per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, st, coef, quant or "bf16") if coef else None)
+                                 for e, st in zip(eps, steps)])
         row = {"cell": cell, "quant": quant or "bf16", "method": name, "budget": float(k) if k else None,
                "seeds": len(paths)}
         for col in ("success", "score", "steps", "ep_time", "high_frac") + (("cost",) if coef else ()):
             row[col] = per_seed[col].mean()
             row[f"{col}_std"] = per_seed[col].std() if len(paths) > 1 else 0.0
         row["episodes"] = int(per_seed["episodes"].sum())
+        if "+" in quant:  # a ladder scheme's rows: each precision's share of the steps, over all seeds
+            row["shares"] = precision_shares(pl.concat([st.select("precision") for st in steps]),
+                                             ["bf16", *quant.split("+")])
         rows.append(row)
     df = pl.DataFrame(rows).with_columns(pl.col("budget").cast(pl.Float64))
     full = df.filter(pl.col("method") == "Full")["ep_time"]
@@ -82,6 +94,7 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
 
     # A graded benchmark (WebShop) gets a Score column; where score is just success it adds nothing.
     modelled = "cost" in df.columns
+    ladders = "shares" in df.columns  # a scheme of several low precisions (A+B) is in the table
     graded = any(r["score"] is not None and abs(100 * r["score"] - r["success"]) > 1e-9 for r in df.iter_rows(named=True))
     def ci(r, col, digits=1, scale=1.0, unit=""):
         if r.get(col) is None:
@@ -92,8 +105,9 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
     lines = [f"# {title}", "",
              "| Quant | Method | K | Success (%) |" + (" Score |" if graded else "")
              + " Steps | EP Time (s) | Speedup |" + (" Modelled time (s) |" if modelled else "")
-             + " high-precision steps | episodes | Δ vs Random (95% CI) | Recovered gap (95% CI) |",
-             "|---|---|---|---|" + ("---|" if graded else "") + ("---|" if modelled else "")
+             + " high-precision steps |" + (" precision shares |" if ladders else "")
+             + " episodes | Δ vs Random (95% CI) | Recovered gap (95% CI) |",
+             "|---|---|---|---|" + ("---|" if graded else "") + ("---|" if modelled else "") + ("---|" if ladders else "")
              + "---|---|---|---|---|---|---|"]
     for r in df.iter_rows(named=True):
         speed = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
@@ -102,7 +116,8 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
         lines.append(f"| {r['quant']} | {r['method']} | {k} | {fmt(r['success'], r['success_std'])} |{score} "
                      f"{fmt(r['steps'], r['steps_std'])} | {fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | "
                      + (f"{fmt(r['cost'], r['cost_std'], 2)} | " if modelled else "")
-                     + f"{100 * r['high_frac']:.0f}% | {r['episodes']} | "
+                     + f"{100 * r['high_frac']:.0f}% | " + (f"{r['shares'] or '–'} | " if ladders else "")
+                     + f"{r['episodes']} | "
                      + (f"{ci(r, 'vs_random')} {r['vs_random_verdict']} |" if r.get("vs_random") is not None else "– |")
                      + f" {ci(r, 'recovered', 0, 100, '%')} |")
     lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes, "
@@ -112,6 +127,10 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
               "(Full − Quant) on the same tasks, with its bootstrap 95% CI (dmr.paired)."]
     if modelled:
         lines.append(f"Modelled time: Eq. 9 over the same successful episodes. {latency or ''}".rstrip())
+    if ladders:
+        lines.append("A scheme A+B routes bf16, A and B with one router; its K is a share of bf16's modelled cost "
+                     "(Eq. 9), as for DMR-A@K and DMR-B@K, the two-precision routers bf16-A and bf16-B calibrated "
+                     "to the same cost budget. Precision shares: each precision's share of the steps.")
     return "\n".join(lines) + "\n"
 
 
@@ -177,20 +196,24 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
              "Random": ("x", "0.4"), "Oracle": ("^", "#9467bd"), "GRPO": ("^", "#d62728"),
              "Uncertainty": ("D", "#8c564b")}
     for ax, q in zip(axes[0], quants):
-        sub = pl.concat([full, df.filter((pl.col("quant") == q) & (pl.col("method") != "Full"))])
+        sub = pl.concat([full, df.filter((pl.col("quant") == q) & (pl.col("method") != "Full"))], how="diagonal_relaxed")
+        # A ladder scheme's routers meet at equal modelled cost: its panel's axis is Eq. 9's time.
+        x = "cost" if "+" in q and "cost" in df.columns else "ep_time"
         for r in sub.iter_rows(named=True):
-            if r["ep_time"] is None:
+            if r[x] is None:
                 continue
             m, c = style.get(r["method"], ("o", "k"))
-            ax.errorbar(r["ep_time"], r["success"], yerr=r["success_std"], fmt=m, color=c, ms=6, capsize=2)
+            ax.errorbar(r[x], r["success"], yerr=r["success_std"], fmt=m, color=c, ms=6, capsize=2)
             label = r["method"] + ("" if r["budget"] is None else f" {r['budget']:g}")
-            ax.annotate(label, (r["ep_time"], r["success"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        for method, color in (("DMR", "#2ca02c"), ("GRPO", "#d62728")):
-            sweep = sub.filter((pl.col("method") == method) & pl.col("ep_time").is_not_null()).sort("budget")
+            ax.annotate(label, (r[x], r["success"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        sweeps = [m for m in dict.fromkeys(sub["method"].to_list()) if m in ("DMR", "GRPO") or m.startswith("DMR-")]
+        for method in sweeps:
+            sweep = sub.filter((pl.col("method") == method) & pl.col(x).is_not_null()).sort("budget")
             if len(sweep):
-                ax.plot(sweep["ep_time"], sweep["success"], color=color, lw=1, alpha=0.6)
+                ax.plot(sweep[x], sweep["success"], color=style.get(method, ("o", "k"))[1], lw=1, alpha=0.6)
         ax.set_title(q, fontsize=9)
-        ax.set_xlabel("EP time of successful episodes (s)")
+        ax.set_xlabel("modelled time of successful episodes (s, Eq. 9)" if x == "cost"
+                      else "EP time of successful episodes (s)")
         ax.set_ylabel("success (%)")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

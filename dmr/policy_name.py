@@ -5,6 +5,9 @@ A routed name is KIND-MODE VALUE:
   dmr-tT / dmr-kK       the KL-ST router at the fixed threshold T / at the threshold calibrated for budget K
   dmr0-tT / dmr0-kK     the same with the round-0 KL-ST router (route.dagger)
   grpo-tT / grpo-kK     the same with the GRPO-refined router
+  dmr-cK                the KL-ST router at the threshold calibrated for a cost budget K (a share of
+                        bf16's modelled cost, dmr.calibrate --by-cost): a two-precision router met at
+                        the cost of a router over more precisions
   random-kK, oracle-kK, uncertainty-kK
                         baselines matched to the realised high-precision fraction of dmr-kK (budget only)
 Other names (`full`, `quant`, `random:P`) are dmr.agent's own policies and pass through unparsed.
@@ -16,7 +19,7 @@ from typing import NamedTuple
 
 ROUTERS = ("dmr", "dmr0", "grpo")  # learned routers: a threshold (t) or a calibrated budget (k)
 BASELINES = ("random", "oracle", "uncertainty")  # matched to dmr-kK: a budget only
-MODES = {"k": "budget", "t": "threshold"}
+MODES = {"k": "budget", "t": "threshold", "c": "cost budget"}
 FIXED = ("full", "quant")
 _NAME = re.compile(r"(?P<kind>[a-z0-9]+)-(?P<mode>[a-z])(?P<value>.*)")
 _VALUE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
@@ -24,7 +27,7 @@ _VALUE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 class Policy(NamedTuple):
     kind: str  # dmr, dmr0, grpo, random, oracle, uncertainty; or the whole name of an unrouted policy
-    mode: str | None = None  # k (budget) or t (threshold); None for an unrouted policy
+    mode: str | None = None  # k (budget), t (threshold) or c (cost budget); None for an unrouted policy
     value: str | None = None  # as written in the name, e.g. "0.4"
 
     @property
@@ -51,9 +54,11 @@ def parse_policy(name: str) -> Policy:
     if kind not in ROUTERS + BASELINES:
         raise ValueError(f"policy {name!r}: unknown kind {kind!r}; expected one of {', '.join(ROUTERS + BASELINES)}")
     if mode not in MODES:
-        raise ValueError(f"policy {name!r}: unknown mode {mode!r}; expected k (budget) or t (threshold)")
+        raise ValueError(f"policy {name!r}: unknown mode {mode!r}; expected k (budget), t (threshold) or c (cost budget)")
     if not _VALUE.fullmatch(value):
         raise ValueError(f"policy {name!r}: {MODES[mode]} {value!r} is not a number")
+    if mode == "c" and kind != "dmr":
+        raise ValueError(f"policy {name!r}: a cost budget calibrates the KL-ST router, write dmr-c{value}")
     if kind in BASELINES and mode != "k":
         raise ValueError(f"policy {name!r}: baselines are matched to a budget, write {kind}-k{value}")
     return Policy(kind, mode, value)

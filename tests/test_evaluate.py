@@ -81,8 +81,13 @@ def test_modelled_time_uses_the_cost_model_and_names_the_coefficients(tmp_path):
                       "steps": calls, "time": [1.0] * len(won), "high_calls": [0] * len(won), "calls": calls,
                       "high_tokens": high_tokens, "tokens": tokens}).write_parquet(run / "episodes.parquet")
         decided = decided or [0] * len(won)
+        # Each step writes tokens / steps tokens; the first steps, high_tokens of them, at bf16.
+        per = [t // n for t, n in zip(tokens, calls)]
         pl.DataFrame({"task": [t for t, n in zip(tasks, calls) for _ in range(n)],
                       "step_type": ["action"] * sum(calls),
+                      "precision": ["bf16" if j < h // k else "w3" for n, h, k in zip(calls, high_tokens, per)
+                                    for j in range(n)],
+                      "completion_tokens": [k for n, k in zip(calls, per) for _ in range(n)],
                       "route_score": [0.5 if j < d else None for n, d in zip(calls, decided) for j in range(n)]},
                      schema_overrides={"route_score": pl.Float64}).write_parquet(run / "steps.parquet")
         (run / "spec.json").write_text(json.dumps({"policy": policy}))
@@ -108,6 +113,50 @@ def test_modelled_time_uses_the_cost_model_and_names_the_coefficients(tmp_path):
     assert t["method"].to_list() == ["Full", "GRPO"] and (tmp_path / "p.png").exists()
     md = (tmp_path / "t.md").read_text()
     assert "Modelled time" in md and "given in the config" in md
+
+
+def test_a_ladder_schemes_rows_carry_precision_shares_and_cost(tmp_path):
+    """Table 1 of a three-precision scheme (w4+w2): each row's share of steps at every precision, Eq. 9
+    with each precision's coefficient, the two-precision router at the same cost budget beside it
+    (DMR-w4@0.8, paired with the scheme's matched random), and a Pareto panel on the modelled cost."""
+    import json
+
+    def run(d, precisions, won, policy):
+        d.mkdir()
+        tasks = [f"t{i}" for i in range(len(won))]
+        pl.DataFrame({"task": tasks, "won": won, "score": [float(w) for w in won], "steps": [len(precisions)] * len(won),
+                      "time": [1.0] * len(won), "high_calls": [precisions.count("bf16")] * len(won),
+                      "calls": [len(precisions)] * len(won), "high_tokens": [10 * precisions.count("bf16")] * len(won),
+                      "tokens": [10 * len(precisions)] * len(won)}).write_parquet(d / "episodes.parquet")
+        pl.DataFrame({"task": [t for t in tasks for _ in precisions], "step_type": "action",
+                      "precision": precisions * len(won), "completion_tokens": 10,
+                      "route_score": 0.5}).write_parquet(d / "steps.parquet")
+        (d / "spec.json").write_text(json.dumps({"policy": policy}))
+        return str(d / "episodes.parquet")
+
+    coef = {"cell": "house/tiny", "source": "config", "high": "bf16", "quants": ["w4", "w2"], "projected": {},
+            "per_token": {"bf16": 0.02, "w4": 0.01, "w2": 0.005}, "router": 0.001, "t_ref": 1.0}
+    (tmp_path / "c.json").write_text(json.dumps(coef))
+    n = 40
+    methods = {"Full": run(tmp_path / "f", ["bf16"] * 4, [True] * n, "full"),
+               "w4+w2/DMR@0.8": run(tmp_path / "d", ["bf16", "w4", "w2", "w2"], [True] * 30 + [False] * 10, "dmr-k0.8"),
+               "w4+w2/Random@0.8": run(tmp_path / "r", ["bf16", "w4", "w2", "w2"], [True] * 10 + [False] * 30,
+                                       "random-k0.8"),
+               "w4+w2/DMR-w4@0.8": run(tmp_path / "b", ["bf16", "w4", "w4", "w4"], [True] * 20 + [False] * 20, "dmr-c0.8")}
+    args = [a for m, path in methods.items() for a in ("--method", m, path)]
+    main(["--cell", "house/tiny", *args, "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md"),
+          "--latency", str(tmp_path / "c.json"), "--pareto", str(tmp_path / "p.png")])
+    t = pl.read_parquet(tmp_path / "t.parquet")
+    row = {r["method"]: r for r in t.iter_rows(named=True)}
+    assert row["DMR"]["shares"] == "bf16 25% · w4 25% · w2 50%"
+    assert row["DMR-w4"]["shares"] == "bf16 25% · w4 75% · w2 0%" and row["Full"]["shares"] is None
+    # Eq. 9: 4 router calls + 10 tokens at each step's precision
+    assert row["DMR"]["cost"] == pytest.approx(4 * 0.001 + 10 * (0.02 + 0.01 + 0.005 + 0.005))
+    assert row["DMR-w4"]["cost"] == pytest.approx(4 * 0.001 + 10 * (0.02 + 3 * 0.01))
+    assert row["DMR"]["vs_random"] == pytest.approx(50.0) and row["DMR-w4"]["vs_random"] == pytest.approx(25.0)
+    md = (tmp_path / "t.md").read_text()
+    assert "precision shares" in md and "| bf16 25% · w4 25% · w2 50% |" in md and "share of bf16's modelled cost" in md
+    assert (tmp_path / "p.png").exists()
 
 
 def test_table_carries_paired_columns(tmp_path):

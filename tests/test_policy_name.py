@@ -12,6 +12,7 @@ KNOWN = {
     "grpo-k0.4": Policy("grpo", "k", "0.4"),
     "grpo-t0.5": Policy("grpo", "t", "0.5"),
     "uncertainty-k0.4": Policy("uncertainty", "k", "0.4"),
+    "dmr-c0.7": Policy("dmr", "c", "0.7"),
 }
 
 
@@ -38,6 +39,7 @@ def test_unrouted_names_pass_through(name):
                                           ("dmr-kabc", "budget 'abc' is not a number"),
                                           ("dmr-t", "threshold '' is not a number"),
                                           ("random-t0.5", "baselines are matched to a budget, write random-k0.5"),
+                                          ("grpo-c0.7", "a cost budget calibrates the KL-ST router, write dmr-c0.7"),
                                           ("dmr", "expected full, quant")])
 def test_bad_names_say_what_is_wrong(name, problem):
     with pytest.raises(ValueError, match=problem.replace(".", r"\.").replace("(", r"\(")):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flags import ABLATION_RUN, Flags, as_json, cell, cli_flags, run_seed
+from flags import ABLATION_RUN, Flags, as_json, cell, cli_flags, ladder, lows, run_seed
 from snakemake.utils import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,9 +299,53 @@ def test_ablation_online_runs(flags):
     assert make(lambda c: c["route"]["ablation"].update(online={"seeds": 0})).ablation_online(HOUSE) == ([], "")
 
 
+def test_a_ladder_scheme_routes_three_precisions_at_cost_budgets():
+    """Three precisions in one cell (issue: a router over bf16, W4 and W2): a routed `A+B` has DMR, GRPO
+    and random matched to its per-precision shares at each cost budget, beside the two-precision
+    routers bf16-A and bf16-B calibrated to the same cost budgets (dmr-cK); its KL pools and τ are its
+    low precisions'; a two-precision scheme keeps its commands."""
+    lad = make(lambda c: (c["cells"][0].update(route=["rtn_w2a16", "gptq_w4a16+rtn_w2a16"]),
+                          c["route"].update(cost_budgets=[0.8, 0.9])))
+    X = {**HOUSE, "quant": "gptq_w4a16+rtn_w2a16"}
+    assert lows("gptq_w4a16+rtn_w2a16") == ["gptq_w4a16", "rtn_w2a16"] and ladder(X["quant"])
+    assert not ladder("rtn_w2a16") and lows("rtn_w2a16") == ["rtn_w2a16"]
+    x, rd = f"{H}/gptq_w4a16+rtn_w2a16", f"{H}/gptq_w4a16+rtn_w2a16/router"
+    three = f"--model bf16={H}/bf16/model --model gptq_w4a16={H}/gptq_w4a16/model --model rtn_w2a16={H}/rtn_w2a16/model"
+    inputs, args = lad.rollout_spec({**X, "policy": "dmr-k0.8", "run": "seed0"})
+    # a cost budget is not paced: the pace holds a share of bf16 steps
+    assert args == f"{three} --policy dmr --router {rd} --calibration {rd}/calibration.json --budget 0.8"
+    assert inputs[:3] == [f"{H}/bf16/model", f"{H}/gptq_w4a16/model", f"{H}/rtn_w2a16/model"]
+    assert lad.rollout_spec({**X, "policy": "random-k0.8", "run": "seed2"})[1] == (
+        f"{three} --policy random --match {x}/rollouts/dmr-k0.8/seed2/episodes.parquet")
+    w4 = f"{H}/gptq_w4a16/router"
+    assert lad.rollout_spec({**HOUSE, "quant": "gptq_w4a16", "policy": "dmr-c0.9", "run": "seed0"}) == (
+        [f"{H}/bf16/model", f"{H}/gptq_w4a16/model", f"{w4}/router.json", f"{w4}/calibration_cost.json"],
+        f"--model bf16={H}/bf16/model --model gptq_w4a16={H}/gptq_w4a16/model --policy dmr --router {w4} "
+        f"--calibration {w4}/calibration_cost.json --budget 0.9")
+    for policy in ("quant", "oracle-k0.8"):
+        with pytest.raises(ValueError, match="DMR, GRPO and random"):
+            lad.rollout_spec({**X, "policy": policy, "run": "seed0"})
+    assert (lad.scheme_budgets(X), lad.scheme_budgets(HOUSE)) == ("0.8 0.9", "0.2 0.4")
+    assert lad.cost_coefficients(X) == [f"{H}/latency/coefficients.json"] and lad.cost_coefficients(HOUSE) == []
+    methods = list(lad.table_methods(HOUSE))
+    assert methods[:9] == list(make().table_methods(HOUSE))  # the two-precision rows as they were
+    assert methods[9:] == [f"gptq_w4a16+rtn_w2a16/{m}" for m in (
+        "DMR@0.8", "DMR@0.9", "GRPO@0.8", "GRPO@0.9", "Random@0.8", "Random@0.9",
+        "DMR-gptq_w4a16@0.8", "DMR-gptq_w4a16@0.9", "DMR-rtn_w2a16@0.8", "DMR-rtn_w2a16@0.9")]
+    assert lad.table_methods(HOUSE)["gptq_w4a16+rtn_w2a16/DMR-gptq_w4a16@0.9"][0] == (
+        f"{H}/gptq_w4a16/rollouts/dmr-c0.9/seed0/episodes.parquet")
+    targets = lad.cell_targets()
+    assert f"{H}/figures/router_scores_gptq_w4a16+rtn_w2a16.png" in targets
+    assert f"{H}/figures/grpo_curve_gptq_w4a16+rtn_w2a16_lam0.5.png" in targets
+    assert not [t for t in targets if "+" in t and ("kl_hist" in t or "diagnose" in t or "/kl/" in t)]
+    assert [t for t in targets if "+" not in t] == make().cell_targets()
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c["cells"].append({"benchmark": "web", "model": "tiny"}), "cells: unknown benchmark 'web'"),
     (lambda c: c["cells"][1].update(route=["awq_w4a16"]), r"shop/tiny routes \['awq_w4a16'\], which are not in its quants"),
+    (lambda c: c["cells"][0].update(route=["gptq_w4a16+awq_w4a16"]), r"household/tiny routes \['awq_w4a16'\], which are not"),
+    (lambda c: c["cells"][0].update(route=["gptq_w4a16+gptq_w4a16"]), "each low precision once"),
     (lambda c: c["models"]["tiny"]["select"].update(at=[0.8, 0.804]), "snapshots are named by two decimals"),
     (lambda c: c["models"]["tiny"]["select"].update(at=[0.999]), "snapshots are named by two decimals"),
     (lambda c: c["grpo"].update({"lambda": 0.2}), "grpo.lambda 0.2 is not in grpo.lambdas"),

@@ -27,6 +27,7 @@ ABLATION_RUN = f"{ABLATION}/rollouts/{{policy}}/{{run}}"
 # Outputs that input functions here name too: rules data, expert_data, kl and labels write them.
 DATA = f"{RESULTS}/{{benchmark}}/data.json"
 EXPERT, KL, LABELS = "bc/episodes.jsonl", "{quant}/kl/steps.parquet", "{quant}/kl/labels.json"
+LATENCY = "latency/coefficients.json"  # rule latency's (calibration of a ladder scheme reads it first)
 
 # Job resources: Slurm requests, and local limits where `--resources` caps them (gpu). The defaults
 # (MB, minutes) fit the embedded CPU run; the config's `resources:` overrides them (`default`: every
@@ -44,6 +45,17 @@ def cli_flags(mapping):
 def as_json(obj):
     """A config mapping as one shell-quoted JSON argument."""
     return shlex.quote(json.dumps(obj))
+
+
+def lows(quant):
+    """The low precisions of a routed scheme, costliest first: `A` routes bf16 and A; `A+B` (a
+    three-precision cell) bf16, A and B, with one KL pool and τ per low precision (docs/method.md)."""
+    return quant.split("+")
+
+
+def ladder(quant):
+    """Whether a routed scheme routes more than one low precision (its budgets are cost shares)."""
+    return len(lows(quant)) > 1
 
 
 def cell(path, w=None, **values):
@@ -64,6 +76,7 @@ class Flags:
         self.check()
         self.backend = f"--backend {config['backend']['name']} --backend-kwargs {as_json(config['backend']['kwargs'])}"
         self.budgets = " ".join(f"{k:g}" for k in self.route["budgets"])
+        self.cost_budgets = " ".join(f"{k:g}" for k in self.route["cost_budgets"])
         grpo = config.get("grpo")
         self.grpo_lambda = f"{grpo['lambda']:g}" if grpo else "none"
         # GRPO's hyperparameters in a fixed order, that of its commands so far (lambda is a wildcard).
@@ -87,8 +100,11 @@ class Flags:
             for key in ("benchmark", "model"):
                 if c[key] not in config[f"{key}s"]:
                     raise ValueError(f"cells: unknown {key} {c[key]!r}; defined: {sorted(config[f'{key}s'])}")
-            if extra := sorted(set(self.cell_cfg(c)["route"]) - set(c["quants"])):
+            routed = self.cell_cfg(c)["route"]
+            if extra := sorted({q for r in routed for q in lows(r)} - set(c["quants"])):
                 raise ValueError(f"cells: {c['benchmark']}/{c['model']} routes {extra}, which are not in its quants")
+            for r in (r for r in routed if ladder(r) and len(set(lows(r))) != len(lows(r))):
+                raise ValueError(f"cells: {c['benchmark']}/{c['model']} routes {r!r}: each low precision once")
         for name, m in config["models"].items():
             if len(set(self.candidates({"model": name}))) != len(m.get("select", {}).get("at", [])) + 1:
                 raise ValueError(
@@ -204,6 +220,19 @@ class Flags:
         """The checkpoints of `precisions` that this workflow builds (local paths are not rule outputs)."""
         return [p for p in (self.model_dir(w, q) for q in precisions) if p.startswith(f"{RESULTS}/")]
 
+    def routed_models(self, w):
+        """The built checkpoints a routed scheme's jobs load: bf16 (where built here) and its low precisions."""
+        return self.built_models(w, "bf16", *lows(w["quant"]))
+
+    def scheme_budgets(self, w):
+        """dmr.calibrate's --budgets: a ladder scheme's are cost shares (route.cost_budgets)."""
+        return self.cost_budgets if ladder(w["quant"]) else self.budgets
+
+    def cost_coefficients(self, w):
+        """Rule latency's coefficients, where a calibration needs them: a ladder scheme's budgets are shares
+        of bf16's modelled cost (dmr.calibrate --coefficients); none for a two-precision router."""
+        return [cell(LATENCY, w)] if ladder(w["quant"]) else []
+
     def model_flags(self, w, *precisions):
         return " ".join(f"--model {q}={self.model_dir(w, q)}" for q in precisions)
 
@@ -271,7 +300,10 @@ class Flags:
         the dmr-kK run it matches (and the KL pool of oracle and uncertainty), or dmr.agent's own (full, quant)."""
         policy, route = w["policy"], self.route
         kind, mode, value = parse_policy(policy)
-        precisions = {"full": ["bf16"], "quant": [w["quant"]]}.get(policy, ["bf16", w["quant"]])
+        precisions = {"full": ["bf16"], "quant": [w["quant"]]}.get(policy, ["bf16", *lows(w["quant"])])
+        if ladder(w["quant"]) and (policy == "quant" or kind in ("oracle", "uncertainty")):
+            raise ValueError(f"{w['quant']}/{policy}: a scheme of several low precisions has DMR, GRPO and random "
+                             "routing; Quant and the signal baselines are its schemes' own")
         steps = self.router_steps_flag(w, kind, "action")  # dmr.agent's default
         rd = self.router_dir(w, kind) if kind in ROUTERS else None
         if w.get("variant"):
@@ -287,10 +319,16 @@ class Flags:
             inputs, args = [match, *kl], f"--policy {kind} --match {match}{''.join(f' --kl {p}' for p in kl)}{steps}"
         elif mode == "t":
             inputs, args = [f"{rd}/router.json"], f"--policy dmr --router {rd} --threshold {value}{steps}"
+        elif mode == "c":
+            # A two-precision router at a cost budget (dmr.calibrate --by-cost), met by a ladder scheme's
+            # routers at the same K; unpaced: the pace holds a share of bf16 steps, not of cost.
+            cal = f"{rd}/calibration_cost.json"
+            inputs, args = [f"{rd}/router.json", cal], f"--policy dmr --router {rd} --calibration {cal} --budget {value}{steps}"
         else:
             # route.pace: each episode's bf16 steps held to the budget K with `burst` steps ahead of it. The
             # probe run measures each step's true KL (dmr.diagnose); the DAgger run on training tasks.
-            pace = f" --pace {value} --burst {route['pace']['burst']:g}" if route["pace"] else ""
+            # Unpaced for a ladder scheme: its K is a share of bf16's cost, the pace a share of bf16 steps.
+            pace = f" --pace {value} --burst {route['pace']['burst']:g}" if route["pace"] and not ladder(w["quant"]) else ""
             probe = " --probe-kl" if w["run"] in ("probe", "dagger") else ""
             # The probe's KL on the pool's block; --kl-block only where it differs from dmr.agent's default.
             probe += f" --kl-block {route['kl_block']}" if probe and route["kl_block"] != "action" else ""
@@ -304,10 +342,20 @@ class Flags:
         route, methods = self.route, {"Full": self.seed_runs(w, "bf16", "full")}
         points = [("dmr", "DMR", route["budgets"])] + [("grpo", "GRPO", route["budgets"])] * ("grpo" in self.config)
         points += [(base, base.capitalize(), route["baseline_budgets"]) for base in route["baselines"]]
+        routed = self.cell_cfg(w)["route"]
         for q in self.cell_cfg(w)["quants"]:
             methods[f"{q}/Quant"] = self.seed_runs(w, q, "quant")
-            for kind, name, ks in points * (q in self.cell_cfg(w)["route"]):
+            for kind, name, ks in points * (q in routed):
                 methods |= {f"{q}/{name}@{k:g}": self.seed_runs(w, q, format_policy(kind, "k", k)) for k in ks}
+        # A ladder scheme A+B: its router, GRPO and matched random at each cost budget K, and beside them
+        # each two-precision router bf16-A, bf16-B calibrated to the same cost budget (DMR-A@K).
+        for q in filter(ladder, routed):
+            for kind, name in (p[:2] for p in points if p[0] in ("dmr", "grpo", "random")):
+                methods |= {f"{q}/{name}@{k:g}": self.seed_runs(w, q, format_policy(kind, "k", k))
+                            for k in route["cost_budgets"]}
+            for low in lows(q):
+                methods |= {f"{q}/DMR-{low}@{k:g}": self.seed_runs(w, low, format_policy("dmr", "c", k))
+                            for k in route["cost_budgets"]}
         return methods
 
     def latency(self, w):
@@ -379,9 +427,12 @@ class Flags:
         routed schemes, and with GRPO its curves, average ranks (none without a routed scheme) and latency."""
         targets = []
         for c, routed in ((c, self.cell_cfg(c)["route"]) for c in self.config["cells"]):
-            figures = [f"figures/{n}_{q}.png" for q in routed for n in ("kl_hist", "router_scores", "kl_step_types")]
-            paths = ["tables/main.md"] + figures + [f"{q}/kl/labels.parquet" for q in routed]
-            paths += [f"tables/diagnose_{q}.md" for q in routed]
+            # A ladder scheme's KL pools, labels and diagnosis are those of its low precisions.
+            single = [q for q in routed if not ladder(q)]
+            names = {False: ("kl_hist", "router_scores", "kl_step_types"), True: ("router_scores",)}
+            figures = [f"figures/{n}_{q}.png" for q in routed for n in names[ladder(q)]]
+            paths = ["tables/main.md"] + figures + [f"{q}/kl/labels.parquet" for q in single]
+            paths += [f"tables/diagnose_{q}.md" for q in single]
             if "grpo" in self.config:
                 paths += [f"figures/grpo_curve_{q}_lam{self.grpo_lambda}.png" for q in routed]
                 paths += ["tables/rank.md"] * bool(routed) + ["tables/latency.md"]

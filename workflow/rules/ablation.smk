@@ -38,6 +38,7 @@ use rule calibrate as calibrate_variant with:
     input:
         run=lambda w: flags.routed_run(w, "dmr", "t", 0.5, pattern=ABLATION_RUN, run="calib"),
         scores=rules.klst_variant.output.scores,
+        latency=flags.cost_coefficients,
     output:
         calibration=cell(f"{ABLATION}/router/calibration.json"),
         figure=cell(f"{ABLATION}/router/calibration_scores.png"),
@@ -95,5 +96,6 @@ rule ablations:
             cell(f"tables/ablation_{q}.md", c)
             for c in (config["cells"] if flags.ablation_variants else [])
             for q in flags.cell_cfg(c)["route"]
+            if not ladder(q)  # a ladder scheme's ablations are its low precisions' routers'
         ],
     localrule: True

@@ -16,12 +16,15 @@ from flags import (
     EXPERT,
     KL,
     LABELS,
+    LATENCY,
     RESULTS,
     RUN,
     Flags,
     as_json,
     cell,
     cli_flags,
+    ladder,
+    lows,
     run_seed,
 )
 
@@ -54,7 +57,8 @@ def on_start():
 wildcard_constraints:
     benchmark="[A-Za-z0-9_-]+",
     model="[A-Za-z0-9_.-]+",
-    quant="[A-Za-z0-9_]+",
+    # A scheme, or a ladder of schemes A+B routed by one router (flags.lows).
+    quant=r"[A-Za-z0-9_]+(\+[A-Za-z0-9_]+)*",
     candidate="p[0-9][.][0-9]+",
     policy="[A-Za-z0-9_.:-]+",
     run=r"seed\d+|train|calib|probe|dagger",

@@ -6,7 +6,7 @@ rule latency:
     input:
         lambda w: flags.latency(w)[0],
     output:
-        coefficients=cell("latency/coefficients.json"),
+        coefficients=cell(LATENCY),
         table=cell("tables/latency.parquet"),
         markdown=cell("tables/latency.md"),
     log:
@@ -30,7 +30,7 @@ rule grpo:
         router=cell("{quant}/router/router.json"),
         weights=cell("{quant}/router/router.pt"),
         latency=rules.latency.output.coefficients,
-        models=rules.kl.input.models,
+        models=flags.routed_models,
     output:
         router=cell("{quant}/grpo/lam{lam}/router/router.json"),
         weights=cell("{quant}/grpo/lam{lam}/router/router.pt"),
@@ -52,7 +52,7 @@ rule grpo:
         # Training tasks after the KL pool's, so GRPO sees episodes KL-ST did not.
         offset=config["route"]["kl_tasks"],
         pool=lambda w: flags.bench(w)["tasks"]["train"],
-        models=lambda w: flags.model_flags(w, "bf16", w.quant),
+        models=lambda w: flags.model_flags(w, "bf16", *lows(w.quant)),
         engine=flags.engine_args,
         flags=flags.grpo_flags,
         # --router-steps only where GRPO decides other step types than KL-ST, so other cells keep their commands.
@@ -70,6 +70,7 @@ use rule calibrate as calibrate_grpo with:
     input:
         run=lambda w: flags.routed_run(w, "grpo", "t", 0.5, run="calib"),
         scores=lambda w: f"{flags.router_dir(w, 'grpo')}/train_scores.parquet",
+        latency=flags.cost_coefficients,
     output:
         calibration=cell(f"{{quant}}/grpo/lam{flags.grpo_lambda}/router/calibration.json"),
         figure=cell(f"figures/router_scores_{{quant}}_grpo_lam{flags.grpo_lambda}.png"),

@@ -5,14 +5,15 @@
 POOL_PARAMS = {
     "pool": lambda w, input: os.path.dirname(input.pool),
     "high": flags.model_dir,
-    "low": lambda w: flags.model_dir(w, w.quant),
+    # the proposal encoder's low model: a ladder scheme's costliest low precision (dmr.router.load_router)
+    "low": lambda w: flags.model_dir(w, lows(w.quant)[0]),
 }
 
 
 rule kl:
     input:
         pool=lambda w: f"{cell(RUN, w, quant='bf16', policy='full', run='train')}/steps.parquet",
-        models=lambda w: flags.built_models(w, "bf16", w.quant),
+        models=flags.routed_models,
     output:
         cell(KL),
     log:
@@ -85,8 +86,9 @@ rule klst:
     # stage `router` is the cell's router; `router0` the round-0 router whose routed run of training
     # tasks gives the states `router` adds to its data when route.dagger.tasks > 0 (dmr.klst --dagger).
     input:
-        kl=rules.kl.output,
-        threshold=rules.threshold.output.threshold,
+        # One KL pool and threshold per low precision (a ladder scheme A+B has two).
+        kl=lambda w: [cell(KL, w, quant=q) for q in lows(w.quant)],
+        threshold=lambda w: [rules.threshold.output.threshold.format(**{**w, "quant": q}) for q in lows(w.quant)],
         llm=lambda w: flags.built_models(w, "bf16"),
         # The proposal encoder replays the KL pool's rollout with the low model.
         pool=rules.kl.input.pool,
@@ -113,6 +115,7 @@ rule klst:
         **flags.resources("klst", config["threads"]),
     params:
         **POOL_PARAMS,
+        precisions=lambda w: " ".join(["bf16", *lows(w.quant)]),
         args=flags.klst_args,
         dagger=lambda w, input: f" --dagger {' '.join(map(os.path.dirname, input.dagger))}" if input.dagger else "",
         out=lambda w, output: os.path.dirname(output.router),
@@ -120,7 +123,7 @@ rule klst:
         sweep="",
         quiet="",
     shell:
-        "python -m dmr.klst --kl {input.kl} --threshold {input.threshold}{params.sweep} --precisions bf16 {wildcards.quant} "
+        "python -m dmr.klst --kl {input.kl} --threshold {input.threshold}{params.sweep} --precisions {params.precisions} "
         "--llm {params.high} {params.args} --rollout {params.pool} --low {params.low}{params.dagger}{params.quiet} "
         "--out {params.out} > {log} 2>&1"
 
@@ -130,6 +133,7 @@ rule calibrate:
         # The calibration pool's routed run of the router at the fixed threshold 0.5.
         run=lambda w: flags.routed_run(w, {"router": "dmr", "router0": "dmr0"}[w.stage], "t", 0.5, run="calib"),
         scores=rules.klst.output.scores,
+        latency=flags.cost_coefficients,
     output:
         calibration=cell("{quant}/{stage}/calibration.json"),
         figure=report_cell(
@@ -149,10 +153,33 @@ rule calibrate:
         **flags.resources("calibrate"),
     params:
         run=lambda w, input: os.path.dirname(input.run),
-        budgets=flags.budgets,
+        budgets=flags.scheme_budgets,
+        cost=lambda w, input: f" --coefficients {input.latency}" if input.latency else "",
     shell:
-        "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets} "
+        "python -m dmr.calibrate --run {params.run} --train-scores {input.scores} --budgets {params.budgets}{params.cost} "
         "--out {output.calibration} --figure {output.figure} > {log} 2>&1"
+
+
+# A two-precision router calibrated to cost budgets (dmr.calibrate --by-cost), where a ladder scheme
+# of the cell meets it at equal modelled cost (policy dmr-cK).
+use rule calibrate as calibrate_cost with:
+    input:
+        run=lambda w: flags.routed_run(w, "dmr", "t", 0.5, run="calib"),
+        scores=lambda w: rules.klst.output.scores.format(**w, stage="router"),
+        latency=cell(LATENCY),
+    output:
+        calibration=cell("{quant}/router/calibration_cost.json"),
+        figure=cell("figures/router_scores_cost_{quant}.png"),
+    log:
+        cell("logs/calibrate_cost_{quant}.log"),
+    benchmark:
+        cell("benchmarks/calibrate_cost/calibrate_cost_{quant}.tsv")
+    resources:
+        **flags.resources("calibrate_cost"),
+    params:
+        run=lambda w, input: os.path.dirname(input.run),
+        budgets=flags.cost_budgets,
+        cost=lambda w, input: f" --by-cost --coefficients {input.latency}",
 
 
 rule step_types:
