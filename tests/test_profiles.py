@@ -68,16 +68,26 @@ def expected_counts(cfg: dict) -> Counter:
     coefficients and (with GRPO) the rank table; per scheme the quantization and the Quant seeds; per
     routed scheme KL, tau, Table 4, router, the calibration run, the calibration, DMR at every budget
     and the matched baselines, every seed, and with GRPO its training, calibration run, calibration
-    and evaluation at every budget; a table per cell, and the summary. (Ablations are `make ablations`.)"""
+    and evaluation at every budget; a table per cell, and the summary. (Ablations are `make ablations`.)
+    A ladder scheme A+B: its router, calibration run, calibration and GRPO, DMR/GRPO (and matched
+    random) at every cost budget, and each of A and B calibrated to those cost budgets and played there."""
     seeds = len(cfg["evaluate"]["seeds"])
     route = cfg.get("route", {})
     grpo = "grpo" in cfg
     per_routed = len(route.get("budgets", [])) + len(route.get("baselines", [])) * len(route.get("baseline_budgets", []))
     per_routed += len(route.get("budgets", [])) if grpo else 0
+    costs = len(route.get("cost_budgets", [0.7, 0.8, 0.9]))
     n = Counter(all=1, summary=1)
     for cell in cfg["cells"]:
         quants = cell.get("quants", [])
-        routed = cell.get("route", quants)
+        ladders = [q for q in cell.get("route", quants) if "+" in q]
+        parts = {p for q in ladders for p in q.split("+")}
+        routed = [q for q in cell.get("route", quants) if "+" not in q]
+        per_ladder = 1 + grpo + costs * seeds * (1 + grpo + ("random" in route.get("baselines", [])))
+        n["rollout"] += len(ladders) * per_ladder + len(parts) * costs * seeds
+        n["calibrate_cost"] += len(parts)
+        for rule in ("klst", "calibrate") + (("grpo", "calibrate_grpo") if grpo else ()):
+            n[rule] += len(ladders)
         n["evaluate"] += 1
         n["latency"] += 1
         n["rank"] += 1 if grpo else 0
@@ -193,7 +203,8 @@ def test_paper_routers_are_2_to_3_percent_of_their_llm(tmp_path):
 
 def test_paper_ablations_are_their_own_target(tmp_path):
     cfg = paper_config()
-    routed = sum(len(c.get("route", c["quants"])) for c in cfg["cells"])
+    # A three-precision scheme has no ablations of its own (its low precisions' routers have them).
+    routed = sum(len([q for q in c.get("route", c["quants"]) if "+" not in q]) for c in cfg["cells"])
     counts = Counter(j["rule"] for j in plan(tmp_path, "ablations", "--configfile", str(PAPER)))
     assert counts["klst_variant"] == routed * ablation_variants(cfg["route"]) == 64
     assert counts["ablation"] == routed
@@ -212,17 +223,25 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     jobs = plan(tmp_path, "--configfile", str(PAPER))
     counts = Counter(j["rule"] for j in jobs)
     assert counts == expected_counts(cfg)
-    assert counts == {"rollout": 208, "quantize": 8, "kl": 8, "threshold": 8, "klst": 8, "calibrate": 8, "labels": 8, "data": 1,
-                      "step_types": 8, "diagnose": 8, "grpo": 8, "calibrate_grpo": 8,
+    # The three-precision cell (alfworld/qwen3-4b: bf16, AWQ-W4, GPTQ-W3): its router, calibration and GRPO,
+    # 1 + 1 calibration runs + 3 cost budgets x 3 seeds x (DMR, GRPO), and AWQ-W4 and GPTQ-W3 each at the
+    # same cost budgets (2 x 9 runs, 2 calibrations).
+    assert counts == {"rollout": 208 + 38, "quantize": 8, "kl": 8, "threshold": 8, "klst": 9, "calibrate": 9, "labels": 8,
+                      "data": 1, "step_types": 8, "diagnose": 8, "grpo": 9, "calibrate_grpo": 9, "calibrate_cost": 2,
                       "latency": 4, "rank": 4, "evaluate": 4, "summary": 1, "all": 1}
     # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)
     # + the online probe run).
     runs = Counter((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in jobs if j["rule"] == "rollout")
-    assert runs[("full", "train")] == 4 and runs[("dmr-t0.5", "calib")] == 8
+    assert runs[("full", "train")] == 4 and runs[("dmr-t0.5", "calib")] == 9
     for s in range(3):
         assert runs[("full", f"seed{s}")] == 4 and runs[("quant", f"seed{s}")] == 8
-        for k in ("0.2", "0.4", "0.7"):
-            assert runs[(f"dmr-k{k}", f"seed{s}")] == 8
+        # the binary cells' budgets, then the three-precision cell's cost budgets (0.7 is both)
+        for k, n in (("0.2", 8), ("0.4", 8), ("0.7", 9), ("0.8", 1), ("0.9", 1)):
+            assert runs[(f"dmr-k{k}", f"seed{s}")] == n
+        for k in ("0.7", "0.8", "0.9"):
+            assert runs[(f"dmr-c{k}", f"seed{s}")] == 2
+    three = [j for j in jobs if j["wildcards"].get("quant") == "awq_w4a16+gptq_w3a16"]
+    assert {(j["wildcards"]["benchmark"], j["wildcards"]["model"]) for j in three} == {("alfworld", "qwen3-4b")}
     w3 = [j for j in jobs if j["wildcards"].get("quant") == "gptq_w3a16"]
     assert {j["wildcards"]["model"] for j in w3} == {"qwen3-4b"} and {j["wildcards"]["benchmark"] for j in w3} == {"alfworld"}
     # The GPU goes to the jobs that run the LLMs; the router and the tables run on CPUs.
@@ -481,7 +500,7 @@ def test_paper_grpo_routes_webshop_search_steps_and_klst_does_not(tmp_path):
     grpo_train = [c for c in cmds if "python -m dmr.grpo " in c]
     routed = [c for c in cmds if "python -m dmr.agent " in c and "--policy " in c
               and not re.search(r"--policy (full|quant)\b", c)]
-    assert len(grpo_train) == 8 and routed
+    assert len(grpo_train) == 9 and routed  # 8 binary cells and the three-precision one
     for c in grpo_train + routed:
         steps = re.search(r"--router-steps ((?:\w+ ?)+?)(?= --|$)", c)
         if "--env alfworld" in c:
