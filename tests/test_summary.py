@@ -51,3 +51,24 @@ def test_claim_lists_every_routed_method_against_random():
     text = "\n".join(summary.claim(pl.DataFrame(rows)))
     assert "| w2 | 0.4 | DMR | 80.0 | 70.0 | +10.0 [+1.0, +20.0] | win | +75% [+50, +90] | 40% |" in text
     assert "| w2 | 0.4 | Oracle | 95.0 |" in text and "Full 95.0%; Quant w2 35.0%." in text
+
+
+def test_three_precisions_section_sits_apart_from_the_binary_claim():
+    """A ladder scheme's rows (w4+w2) go to their own section, with precision shares and modelled time;
+    the binary claim table keeps to the two-precision schemes."""
+    rows = [{"quant": "bf16", "method": "Full", "budget": None, "success": 95.0, "high_frac": 1.0, "cost": 2.0,
+             "shares": None},
+            {"quant": "w2", "method": "DMR", "budget": 0.4, "success": 80.0, "high_frac": 0.4, "cost": 1.7,
+             "shares": None, "vs_random": 5.0, "vs_random_lo": 1.0, "vs_random_hi": 9.0, "vs_random_verdict": "win"}]
+    for method, succ, shares in (("DMR", 90.0, "bf16 10% · w4 40% · w2 50%"), ("Random", 70.0, "bf16 10% · w4 40% · w2 50%"),
+                                 ("DMR-w4", 85.0, "bf16 30% · w4 70% · w2 0%")):
+        rows.append({"quant": "w4+w2", "method": method, "budget": 0.8, "success": succ, "high_frac": 0.1, "cost": 1.5,
+                     "shares": shares, "vs_random": None if method == "Random" else succ - 70.0, "vs_random_lo": 2.0,
+                     "vs_random_hi": 30.0, "vs_random_verdict": None if method == "Random" else "win"})
+    table = pl.DataFrame(rows)
+    claim = "\n".join(summary.claim(table))
+    assert "| w2 | 0.4 | DMR |" in claim and "w4+w2" not in claim
+    three = "\n".join(summary.three_precisions(table))
+    assert "| w4+w2 | 0.8 | DMR | 90.0 | +20.0 [+2.0, +30.0] | win | 1.50 | bf16 10% · w4 40% · w2 50% |" in three
+    assert "| w4+w2 | 0.8 | DMR-w4 | 85.0 | +15.0 [+2.0, +30.0] | win | 1.50 | bf16 30% · w4 70% · w2 0% |" in three
+    assert summary.three_precisions(table.filter(pl.col("quant") != "w4+w2")) == []
