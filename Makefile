@@ -4,7 +4,7 @@
 #   make ablations  the router ablation tables (Sec. 5.4, 5.5), a target of their own
 #   make regime     per cell and scheme, is it in the paper's regime (docs/regime.md)
 #   make agents rebuild the shipped tiny agents under agents/ from their recipes (about an hour)
-#   make test-long  opt-in: the end-to-end runs beyond CI's 10 minutes (the real-ALFWorld micro DAG)
+#   make test-long  opt-in: the end-to-end runs beyond CI's 10 minutes (the real-ALFWorld and three-precision micro DAGs)
 #   make test-vllm  opt-in: build a CPU vLLM in .venv-vllm (~3.5 GB download) and run the real-server tests
 PYTHON ?= python3
 VENV ?= .venv

@@ -4,6 +4,7 @@ decision (dmr.routing), KL-ST over all classes (dmr.klst) and calibration for a 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -273,3 +274,47 @@ def test_calibrate_two_precisions_by_cost(tmp_path):
     assert calibrate.budget_threshold(out, 0.85) == 0.6
     with pytest.raises(SystemExit, match="--coefficients"):
         calibrate.main([*args, "--by-cost", "--out", str(out)])
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_micro_ladder_cell_end_to_end(tmp_path):
+    """A three-precision cell through the whole workflow (make test-long): the micro household agent,
+    GPTQ-W4 and RTN-W3, the router over bf16/W4/W3 from both KL pools, its calibration at cost
+    budgets, GRPO over three classes, matched random over each precision's share, the two binary
+    routers calibrated to the same cost budgets, Table 1 with precision shares, and the summary."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = yaml.safe_load((root / "config/micro.yaml").read_text())
+    cfg["cells"] = [{"benchmark": "household", "model": "tiny", "quants": ["gptq_w4a16", "rtn_w3a16"],
+                     "route": ["gptq_w4a16+rtn_w3a16"]}]
+    # Measured coefficients on this CPU need not fall along the ladder: the paper's Table 3 values.
+    cfg["latency"] = {"source": "config",
+                      "coefficients": {"bf16": 25.02, "gptq_w4a16": 16.77, "rtn_w3a16": 14.58, "router": 19.9}}
+    cfg["route"] |= {"cost_budgets": [0.8, 0.9], "baselines": ["random"], "baseline_budgets": [0.4]}
+    (tmp_path / "ladder.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(root / "Snakefile"), "--directory", str(tmp_path),
+                        "--configfile", str(tmp_path / "ladder.yaml"), "--cores", "2"],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cell = tmp_path / "results/household/tiny"
+    x = cell / "gptq_w4a16+rtn_w3a16"
+    assert json.loads((x / "router/router.json").read_text())["precisions"] == ["bf16", "gptq_w4a16", "rtn_w3a16"]
+    cal = json.loads((x / "router/calibration.json").read_text())
+    assert set(cal["thresholds"]) == {"0.8", "0.9"}
+    assert all(share <= float(k) + 1e-9 for k, share in cal["realised_cost_share"].items())
+    for low in ("gptq_w4a16", "rtn_w3a16"):
+        assert set(json.loads((cell / low / "router/calibration_cost.json").read_text())["thresholds"]) == {"0.8", "0.9"}
+    curve = pl.read_parquet(x / "grpo/lam0.1/curve.parquet")
+    assert {"frac_bf16", "frac_gptq_w4a16", "frac_rtn_w3a16"} <= set(curve.columns)
+    table = pl.read_parquet(cell / "tables/main.parquet").filter(pl.col("quant") == "gptq_w4a16+rtn_w3a16")
+    assert sorted(set(table["method"])) == ["DMR", "DMR-gptq_w4a16", "DMR-rtn_w3a16", "GRPO", "Random"]
+    assert table["shares"].null_count() == 0 and set(table["budget"]) == {0.8, 0.9}
+    dmr = pl.read_parquet(x / "rollouts/dmr-k0.8/seed0/steps.parquet")
+    rnd = pl.read_parquet(x / "rollouts/random-k0.8/seed0/steps.parquet")
+    assert set(rnd["precision"]) <= {"bf16", "gptq_w4a16", "rtn_w3a16"} and dmr["route_probs"].null_count() < dmr.height
+    assert "### Three precisions at equal cost" in (tmp_path / "results/summary.md").read_text()
