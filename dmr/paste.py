@@ -16,8 +16,21 @@ BEGIN = "<!-- RESULTS SUMMARY: generated, do not edit by hand -->\n"
 END = "<!-- END RESULTS SUMMARY -->"
 
 
+def nest(summary: str, level: int) -> str:
+    """The summary's headings under a README section of heading `level`: its title (a first `# `
+    line) goes, the note above names the run instead, and its highest remaining heading becomes
+    level + 1, the others keeping their depth below it."""
+    lines = summary.strip("\n").splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    depth = [len(ln) - len(ln.lstrip("#")) for ln in lines if ln.startswith("#")]
+    shift = level + 1 - min(depth) if depth else 0
+    return "\n".join("#" * shift + ln if ln.startswith("#") else ln for ln in lines).strip("\n")
+
+
 def paste(readme: str, summary: str, note: str) -> str:
-    """`readme` with the text between BEGIN and END replaced by `note` and `summary`."""
+    """`readme` with the text between BEGIN and END replaced by `note` and `summary`, the summary's
+    headings nested under the README heading above BEGIN (`nest`)."""
     if readme.count(BEGIN) != 1 or readme.count(END) != 1:
         raise ValueError(f"the README must hold each marker once: {BEGIN.strip()!r} and {END!r}")
     i, j = readme.index(BEGIN) + len(BEGIN), readme.index(END)
@@ -25,7 +38,9 @@ def paste(readme: str, summary: str, note: str) -> str:
         raise ValueError(f"{END!r} comes before {BEGIN.strip()!r}")
     if not note.strip():
         raise ValueError("give --note: the commit and the run the summary comes from")
-    return readme[:i] + note.strip() + "\n\n" + summary.strip("\n") + "\n" + readme[j:]
+    above = [ln for ln in readme[:i].splitlines() if ln.startswith("#")]
+    level = len(above[-1]) - len(above[-1].lstrip("#")) if above else 1
+    return readme[:i] + note.strip() + "\n\n" + nest(summary, level) + "\n" + readme[j:]
 
 
 def main(argv=None):

@@ -30,3 +30,14 @@ def test_cli_writes_nothing_past_the_size_limit(tmp_path):
         paste.main([str(summary), str(readme), "--note", " "])
     paste.main([str(summary), str(readme), "--note", "Built at abc1234."])
     assert "x" * 500 in readme.read_text() and "old table" not in readme.read_text()
+
+
+def test_summary_headings_nest_under_the_readme_section():
+    """The summary's title goes (the note names the run) and its cells sit one level below the
+    README's `## Results`, each deeper heading keeping its depth below that."""
+    summary = "# Results summary\n\nGenerated.\n\n## house/tiny\n\n### The claim\n\n| a |\n\n## Where the time goes\n"
+    out = paste.paste(README, summary, "Built at abc1234.")
+    body = out[out.index(paste.BEGIN) + len(paste.BEGIN):out.index(paste.END)]
+    assert body == ("Built at abc1234.\n\nGenerated.\n\n### house/tiny\n\n#### The claim\n\n| a |\n\n"
+                    "### Where the time goes\n")
+    assert paste.paste(out, summary, "Built at abc1234.") == out
