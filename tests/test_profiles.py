@@ -341,12 +341,15 @@ def test_touching_one_router_reruns_only_that_cells_downstream(paper_tree):
     assert all({k: j["wildcards"][k] for k in ("benchmark", "model", "quant")} == {**cell, "quant": "gptq_w3a16"}
                for j in rollouts)
     # The calibration run, then the 3 budgets x 3 seeds of DMR; GRPO, which starts from that router, with
-    # its calibration run and evaluations; the table and rank table of that benchmark/model; nothing else.
+    # its calibration run and evaluations; the same router at the three-precision cell's cost budgets
+    # (calibrate_cost, dmr-cK); the table and rank table of that benchmark/model; nothing else.
     assert sorted((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in rollouts) == sorted(
         [(f"{r}-t0.5", "calib") for r in ("dmr", "grpo")] + [("dmr-k0.4", "probe")]
-        + [(f"{r}-k{k}", f"seed{s}") for r in ("dmr", "grpo") for k in ("0.2", "0.4", "0.7") for s in range(3)])
-    assert Counter(j["rule"] for j in jobs) == {"rollout": 21, "calibrate": 1, "grpo": 1, "calibrate_grpo": 1,
-                                                "evaluate": 1, "rank": 1, "diagnose": 1, "summary": 1, "all": 1}
+        + [(f"{r}-k{k}", f"seed{s}") for r in ("dmr", "grpo") for k in ("0.2", "0.4", "0.7") for s in range(3)]
+        + [(f"dmr-c{k}", f"seed{s}") for k in ("0.7", "0.8", "0.9") for s in range(3)])
+    assert Counter(j["rule"] for j in jobs) == {"rollout": 30, "calibrate": 1, "grpo": 1, "calibrate_grpo": 1,
+                                                "calibrate_cost": 1, "evaluate": 1, "rank": 1, "diagnose": 1,
+                                                "summary": 1, "all": 1}
     assert [j["wildcards"] for j in jobs if j["rule"] == "evaluate"] == [cell]
     assert [j["wildcards"] for j in jobs if j["rule"] == "calibrate"] == [{**cell, "quant": "gptq_w3a16", "stage": "router"}]
 
