@@ -176,8 +176,9 @@ def main(argv=None):
     steps = pl.read_parquet(a.run / "steps.parquet")
     if "route_score" not in steps.columns or steps["route_score"].null_count() == len(steps):
         raise SystemExit(f"{a.run}: no router scores in steps.parquet (was it a dmr rollout?)")
-    if a.by_cost or ("route_probs" in steps.columns and steps["route_probs"].drop_nulls().len()):
-        return calibrate_costs(steps, a)
+    ladder = "route_probs" in steps.columns and steps["route_probs"].drop_nulls().len() > 0
+    if a.by_cost or ladder:
+        return calibrate_costs(steps, a, ladder)
     calib = steps["route_score"].drop_nulls().to_numpy()
     train = pl.read_parquet(a.train_scores)["score"].to_numpy()
     taus = thresholds(calib, a.budgets)
@@ -210,8 +211,9 @@ def coefficients(given: str, precisions: list[str]) -> list[float]:
     return [float(coef[q]) for q in precisions]
 
 
-def calibrate_costs(steps, a) -> None:
-    """calibration.json of a router over > 2 precisions: thresholds per cost budget (cost_thresholds)."""
+def calibrate_costs(steps, a, ladder: bool) -> None:
+    """calibration.json at cost budgets (cost_thresholds): of a router over > 2 precisions (`ladder`: the
+    run recorded each step's distribution), or of a two-precision one (--by-cost)."""
     import polars as pl
 
     router = a.router or a.train_scores.parent
@@ -222,7 +224,7 @@ def calibrate_costs(steps, a) -> None:
     if a.coefficients is None:
         raise SystemExit(f"{a.run} routes {len(precisions)} precisions {precisions}: a budget is a share of bf16's "
                          "modelled cost; give --coefficients (dmr.latency's coefficients.json or {precision: c})")
-    if "route_probs" in steps.columns and steps["route_probs"].drop_nulls().len():
+    if ladder:
         decided = steps.filter(pl.col("route_probs").is_not_null())
         probs = decided["route_probs"].to_list()
     else:  # a two-precision run (--by-cost): its distribution is (p_bf16, 1 - p_bf16)

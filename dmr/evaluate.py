@@ -16,6 +16,7 @@ import polars as pl
 
 from dmr import paired, plots
 from dmr.latency import describe, episodes_cost
+from dmr.policy_name import is_ladder, scheme_lows
 from dmr.rundir import announced_steps, high_fraction
 
 
@@ -64,7 +65,7 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
         name, _, k = name.partition("@")
         eps = episodes[method] = [pl.read_parquet(p) for p in paths]
         # The steps, where Eq. 9 or a ladder scheme's precision shares need them.
-        steps = [run_steps(p) if coef or "+" in quant else None for p in paths]
+        steps = [run_steps(p) if coef or is_ladder(quant) else None for p in paths]
         per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, st, coef, quant or "bf16") if coef else None)
                                  for e, st in zip(eps, steps)])
         row = {"cell": cell, "quant": quant or "bf16", "method": name, "budget": float(k) if k else None,
@@ -73,9 +74,9 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
             row[col] = per_seed[col].mean()
             row[f"{col}_std"] = per_seed[col].std() if len(paths) > 1 else 0.0
         row["episodes"] = int(per_seed["episodes"].sum())
-        if "+" in quant:  # a ladder scheme's rows: each precision's share of the steps, over all seeds
+        if is_ladder(quant):  # a ladder scheme's rows: each precision's share of the steps, over all seeds
             row["shares"] = precision_shares(pl.concat([st.select("precision") for st in steps]),
-                                             ["bf16", *quant.split("+")])
+                                             ["bf16", *scheme_lows(quant)])
         rows.append(row)
     df = pl.DataFrame(rows).with_columns(pl.col("budget").cast(pl.Float64))
     full = df.filter(pl.col("method") == "Full")["ep_time"]
@@ -198,7 +199,7 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
     for ax, q in zip(axes[0], quants):
         sub = pl.concat([full, df.filter((pl.col("quant") == q) & (pl.col("method") != "Full"))], how="diagonal_relaxed")
         # A ladder scheme's routers meet at equal modelled cost: its panel's axis is Eq. 9's time.
-        x = "cost" if "+" in q and "cost" in df.columns else "ep_time"
+        x = "cost" if is_ladder(q) and "cost" in df.columns else "ep_time"
         for r in sub.iter_rows(named=True):
             if r[x] is None:
                 continue

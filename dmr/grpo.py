@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from dmr import cli, envs, llm, plots
 from dmr.agent import AgentConfig, parse_models, run
 from dmr.envs.base import Task
-from dmr.latency import describe, per_token, router_calls, trajectory_costs
+from dmr.latency import describe, episode_tokens, eq9, per_token, router_calls
 from dmr.llm import Sampling
+from dmr.policy_name import scheme_lows
 from dmr import prompts
 from dmr.router import load_net, load_router, pad_windows
 from dmr.rundir import STEPS, read_jsonl
@@ -163,23 +164,18 @@ class SamplingRouter:
 
 def trajectory_returns(episodes: list[dict], steps: list[dict], costs: dict[str, float], c_router: float,
                        lam: float, t_ref: float) -> pl.DataFrame:
-    """Per episode: success, modelled time T (Eq. 9 over every precision, dmr.latency.trajectory_costs:
+    """Per episode: success, modelled time T (Eq. 9 over every precision, dmr.latency.eq9:
     n = router-decided steps as Table 1 counts them; `costs` each precision's per-token coefficient,
     high first) and the return R (Eq. 8)."""
     high = next(iter(costs))
-    cost = trajectory_costs(steps, c_router, costs)
-    calls = router_calls(steps)
-    tokens: dict[str, list[int]] = {}
-    for s in steps:
-        t = tokens.setdefault(s["task"], [0, 0])
-        t[s["precision"] != high] += s["completion_tokens"]
+    tokens, calls = episode_tokens(steps, list(costs)), router_calls(steps)
     rows = []
     for e in episodes:
-        hi, lo = tokens.get(e["task"], (0, 0))
-        t = cost.get(e["task"], 0.0)
+        per, n = tokens.get(e["task"], dict.fromkeys(costs, 0)), calls.get(e["task"], 0)
+        t = eq9(n, per, c_router, costs)
         rows.append({"task": e["task"], "group": group_of(e["task"]), "won": bool(e["won"]), "cost": t,
-                     "decided": calls.get(e["task"], 0), "high_tokens": hi, "low_tokens": lo, "steps": e["steps"],
-                     "reward": float(e["won"]) - lam * t / t_ref})
+                     "decided": n, "high_tokens": per[high], "low_tokens": sum(per.values()) - per[high],
+                     "steps": e["steps"], "reward": float(e["won"]) - lam * t / t_ref})
     return pl.DataFrame(rows)
 
 
@@ -288,7 +284,7 @@ def train(*, router: Path, latency: Path, quant: str, env: str, env_kwargs: str,
     grpo_cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     if group_size < 2:
         raise SystemExit("--group-size must be at least 2: advantages are relative to the group")
-    quants = quant.split("+")
+    quants = scheme_lows(quant)
     coef = json.loads(latency.read_text())
     models = parse_models(model)
     if list(models) != ["bf16", *quants]:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import polars as pl
 
+from dmr.policy_name import scheme_lows
 from dmr.routing import replay_contexts
 
 W3_FACTOR = 1.15
@@ -70,7 +71,16 @@ def w3_projection(quants: list[str], w4: dict[str, float], factor: float = W3_FA
 
 def episode_cost(n: int, n_hi: int, n_lo: int, c_router: float, c_hi: float, c_lo: float) -> float:
     """Eq. 9: modelled execution time of one trajectory."""
-    return n * c_router + c_hi * n_hi + c_lo * n_lo
+    return eq9(n, {"hi": n_hi, "lo": n_lo}, c_router, {"hi": c_hi, "lo": c_lo})
+
+
+def eq9(n: int, tokens: dict[str, int], c_router: float, c: dict[str, float]) -> float:
+    """Eq. 9 over any number of precisions: n router calls plus each precision's completion tokens at
+    its coefficient, summed in `tokens`' order."""
+    t = n * c_router
+    for q, k in tokens.items():
+        t += c[q] * k
+    return t
 
 
 def router_decided(step: dict) -> bool:
@@ -92,7 +102,7 @@ def router_calls(steps) -> dict[str, int]:
 def precisions_of(coef: dict, quant: str) -> list[str]:
     """The precisions a routed scheme names, high first: `QUANT` is bf16 and QUANT, `A+B` bf16, A
     and B (a three-precision cell), and the high precision alone is itself."""
-    lows = [q for q in quant.split("+") if q != coef["high"]]
+    lows = [q for q in scheme_lows(quant) if q != coef["high"]]
     return [coef["high"], *lows]
 
 
@@ -104,24 +114,25 @@ def per_token(coef: dict, precisions: list[str]) -> dict[str, float]:
     return {q: coef["per_token"][q] for q in precisions}
 
 
-def trajectory_costs(steps, c_router: float, c: dict[str, float]) -> dict[str, float]:
-    """Eq. 9 per episode (task key) from its step rows (dicts with `task`, `precision`,
-    `completion_tokens`, `route_score`, or a steps table): n router calls (`router_calls`) plus each
-    precision's completion tokens at its coefficient `c`, summed in `c`'s order."""
+def episode_tokens(steps, precisions: list[str]) -> dict[str, dict[str, int]]:
+    """Per episode (task key), the completion tokens written at each of `precisions`, in their order,
+    from step rows (dicts with `task`, `precision`, `completion_tokens`, or a steps table); a step at
+    another precision is an error, not free."""
     rows = steps.iter_rows(named=True) if isinstance(steps, pl.DataFrame) else steps
     tokens: dict[str, dict[str, int]] = {}
     for s in rows:
-        if s["precision"] not in c:
-            raise ValueError(f"episode {s['task']} has a step at {s['precision']!r}; costs are for {list(c)}")
-        per = tokens.setdefault(s["task"], dict.fromkeys(c, 0))
+        if s["precision"] not in precisions:
+            raise ValueError(f"episode {s['task']} has a step at {s['precision']!r}; costs are for {list(precisions)}")
+        per = tokens.setdefault(s["task"], dict.fromkeys(precisions, 0))
         per[s["precision"]] += s["completion_tokens"]
+    return tokens
+
+
+def trajectory_costs(steps, c_router: float, c: dict[str, float]) -> dict[str, float]:
+    """Eq. 9 per episode (task key) from its step rows (`episode_tokens`, plus `route_score` for the
+    n router calls, `router_calls`), each precision's tokens at its coefficient `c`."""
     calls = router_calls(steps)
-    out = {}
-    for t, per in tokens.items():
-        out[t] = calls.get(t, 0) * c_router
-        for q, n in per.items():
-            out[t] += c[q] * n
-    return out
+    return {t: eq9(calls.get(t, 0), per, c_router, c) for t, per in episode_tokens(steps, list(c)).items()}
 
 
 def episodes_cost(episodes: pl.DataFrame, steps: pl.DataFrame, coef: dict, quant: str) -> pl.Series:

@@ -41,15 +41,13 @@ class RandomRouter:
                              f"got {p}")
         if abs(sum(shares) - 1.0) > 1e-6:
             raise ValueError(f"random routing shares must sum to 1, got {shares}")
-        self.high, self.low, self.lows, self.seed = high, lows[-1], lows, seed
+        self.high, self.lows, self.seed = high, lows, seed
         self.p, self.shares = shares[0], shares
         self.last_scores: list | None = None
 
     def _draw(self, u: float) -> str:
-        if u < self.p:
-            return self.high
-        cum = self.p
-        for q, x in zip(self.lows, self.shares[1:]):
+        cum = 0.0
+        for q, x in zip([self.high, *self.lows], self.shares):
             cum += x
             if u < cum:
                 return q

@@ -11,6 +11,9 @@ A routed name is KIND-MODE VALUE:
   random-kK, oracle-kK, uncertainty-kK
                         baselines matched to the realised high-precision fraction of dmr-kK (budget only)
 Other names (`full`, `quant`, `random:P`) are dmr.agent's own policies and pass through unparsed.
+
+A scheme name ({quant} in those paths) is one low precision, or a ladder `A+B`: one router over
+bf16, A and B, costliest first (`scheme_lows`, `is_ladder`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,19 @@ MODES = {"k": "budget", "t": "threshold", "c": "cost budget"}
 FIXED = ("full", "quant")
 _NAME = re.compile(r"(?P<kind>[a-z0-9]+)-(?P<mode>[a-z])(?P<value>.*)")
 _VALUE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+
+
+LADDER = "+"  # joins the low precisions of a ladder scheme
+
+
+def scheme_lows(quant: str) -> list[str]:
+    """The low precisions a scheme name routes, costliest first: `A` is [A], `A+B` is [A, B]."""
+    return quant.split(LADDER)
+
+
+def is_ladder(quant: str) -> bool:
+    """Whether a scheme routes more than one low precision (its budgets are cost shares)."""
+    return LADDER in quant
 
 
 class Policy(NamedTuple):

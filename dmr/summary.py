@@ -15,6 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
+from dmr.policy_name import LADDER
+
 
 def _ci(v, lo, hi, scale=1.0, digits=1, unit=""):
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -29,7 +31,7 @@ def claim(table: pl.DataFrame) -> list[str]:
     """Per routed scheme and budget: each routed method against the matched Random@K on the same
     tasks (paired difference, its 95% CI, the verdict) and the share of the Full - Quant gap it
     recovers, beside Full, Quant and Random."""
-    routed = table.filter(pl.col("method").is_in(ROUTED) & ~pl.col("quant").str.contains("+", literal=True))
+    routed = table.filter(pl.col("method").is_in(ROUTED) & ~pl.col("quant").str.contains(LADDER, literal=True))
     if not len(routed):
         return ["No routed scheme in this cell."]
 
@@ -63,7 +65,7 @@ def three_precisions(table: pl.DataFrame) -> list[str]:
     its GRPO refinement, the two binary routers bf16-A and bf16-B at the same cost budget, and random
     routing matched to the three-way run's shares, each with its success, paired Δ vs that random,
     modelled time and share of steps at each precision."""
-    rows = table.filter(pl.col("quant").str.contains("+", literal=True))
+    rows = table.filter(pl.col("quant").str.contains(LADDER, literal=True))
     if not len(rows):
         return []
     cost = "cost" in rows.columns

@@ -17,6 +17,8 @@ import os
 import shlex
 
 from dmr.policy_name import ROUTERS, format_policy, parse_policy
+from dmr.policy_name import is_ladder as ladder
+from dmr.policy_name import scheme_lows as lows
 
 RESULTS = "results"
 CELL = f"{RESULTS}/{{benchmark}}/{{model}}"
@@ -45,17 +47,6 @@ def cli_flags(mapping):
 def as_json(obj):
     """A config mapping as one shell-quoted JSON argument."""
     return shlex.quote(json.dumps(obj))
-
-
-def lows(quant):
-    """The low precisions of a routed scheme, costliest first: `A` routes bf16 and A; `A+B` (a
-    three-precision cell) bf16, A and B, with one KL pool and τ per low precision (docs/method.md)."""
-    return quant.split("+")
-
-
-def ladder(quant):
-    """Whether a routed scheme routes more than one low precision (its budgets are cost shares)."""
-    return len(lows(quant)) > 1
 
 
 def cell(path, w=None, **values):
