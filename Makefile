@@ -3,6 +3,7 @@
 #   make test   the test suite (venv, then pytest)
 #   make ablations  the router ablation tables (Sec. 5.4, 5.5), a target of their own
 #   make regime     per cell and scheme, is it in the paper's regime (docs/regime.md)
+#   make precisions make run plus a router over bf16, W4 and W2 on the household cell (config/precisions.yaml)
 #   make agents rebuild the shipped tiny agents under agents/ from their recipes (about an hour)
 #   make test-long  opt-in: the end-to-end runs beyond CI's 10 minutes (the real-ALFWorld and three-precision micro DAGs)
 #   make test-vllm  opt-in: build a CPU vLLM in .venv-vllm (~3.5 GB download) and run the real-server tests
@@ -14,7 +15,7 @@ BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: run test test-long lint dry-run agents ablations regime test-vllm
+.PHONY: run test test-long lint dry-run agents ablations regime precisions test-vllm
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,9 @@ ablations: $(VENV)/.installed
 
 regime: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH snakemake regime --cores $(CORES) $(ARGS)
+
+precisions: $(VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH snakemake $(ARGS) --cores $(CORES) --configfile config/config.yaml config/precisions.yaml
 
 agents: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH snakemake agents $(ARGS) --cores $(CORES) --configfile config/config.yaml config/agents.yaml

@@ -1,6 +1,11 @@
 """Evaluation tables (paper Table 1): success, score, steps and episode time of successful episodes,
 averaged over seeds, the realised high-precision fraction, and the speedup relative to Full (bf16).
 
+Measured wall time (EP Time and its speedup) differs between any two runs of the same episodes, so
+with `--wall-time` it goes to a table of its own and Table 1 keeps only what the episodes and the
+latency coefficients determine: its time is Eq. 9's modelled time and its speedup the modelled one.
+Two runs of the same agents and seeds then write byte-identical Table 1 files.
+
 Methods are named `[QUANT/]NAME[@K]`: Full, Quant, DMR@K (the KL-ST router at budget K), GRPO@K
 (the GRPO-refined router at budget K), and the matched baselines Random@K, Oracle@K and Uncertainty@K.
 Outputs: parquet, Markdown, LaTeX and a Pareto figure (success vs episode time) with one panel
@@ -82,8 +87,37 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
     full = df.filter(pl.col("method") == "Full")["ep_time"]
     base = full[0] if len(full) else None
     df = df.with_columns(speedup=(pl.lit(base) / pl.col("ep_time")) if base else pl.lit(None, pl.Float64))
+    if coef:  # the speedup of Eq. 9's modelled time, which no wall clock moves
+        full_cost = df.filter(pl.col("method") == "Full")["cost"]
+        base = full_cost[0] if len(full_cost) else None
+        df = df.with_columns(cost_speedup=(pl.lit(base) / pl.col("cost")) if base else pl.lit(None, pl.Float64))
     # Paired columns (dmr.paired): each routed method against matched random, Full and Quant.
     return df.join(paired.compare(episodes), on=["quant", "method", "budget"], how="left", nulls_equal=True)
+
+
+WALL_TIME = ("ep_time", "ep_time_std", "speedup")
+
+
+def split_wall_time(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(Table 1 without the measured wall-time columns, those columns with the rows' keys)."""
+    keys = ["cell", "quant", "method", "budget", "seeds", "episodes"]
+    return df.drop(*WALL_TIME), df.select(*keys, *WALL_TIME)
+
+
+def wall_time_markdown(df: pl.DataFrame, title: str) -> str:
+    lines = [f"# {title}: measured wall time", "", "| Quant | Method | K | EP Time (s) | Speedup | episodes |",
+             "|---|---|---|---|---|---|"]
+    for r in df.iter_rows(named=True):
+        t = "–" if r["ep_time"] is None else f"{r['ep_time']:.2f}" + (
+            "" if r["ep_time_std"] is None else f" ± {r['ep_time_std']:.2f}")
+        sp = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        k = "–" if r["budget"] is None else f"{r['budget']:g}"
+        lines.append(f"| {r['quant']} | {r['method']} | {k} | {t} | {sp} | {r['episodes']} |")
+    lines += ["", "EP Time: mean wall time of successful episodes over the seeds that won any (no ± where only "
+              "one did); Speedup: Full's EP Time over the method's. Wall time is this machine's at that hour: two "
+              "runs of the same episodes measure different times, so it is kept out of Table 1 (tables/main.*), "
+              "whose time is the modelled one of Eq. 9."]
+    return "\n".join(lines) + "\n"
 
 
 def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
@@ -95,6 +129,7 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
 
     # A graded benchmark (WebShop) gets a Score column; where score is just success it adds nothing.
     modelled = "cost" in df.columns
+    measured = "ep_time" in df.columns  # else in the wall-time table of its own (split_wall_time)
     ladders = "shares" in df.columns  # a scheme of several low precisions (A+B) is in the table
     graded = any(r["score"] is not None and abs(100 * r["score"] - r["success"]) > 1e-9 for r in df.iter_rows(named=True))
     def ci(r, col, digits=1, scale=1.0, unit=""):
@@ -105,29 +140,37 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
 
     lines = [f"# {title}", "",
              "| Quant | Method | K | Success (%) |" + (" Score |" if graded else "")
-             + " Steps | EP Time (s) | Speedup |" + (" Modelled time (s) |" if modelled else "")
+             + " Steps |" + (" EP Time (s) | Speedup |" if measured else "")
+             + (" Modelled time (s) |" if modelled else "") + (" Modelled speedup |" if modelled and not measured else "")
              + " high-precision steps |" + (" precision shares |" if ladders else "")
              + " episodes | Δ vs Random (95% CI) | Recovered gap (95% CI) |",
-             "|---|---|---|---|" + ("---|" if graded else "") + ("---|" if modelled else "") + ("---|" if ladders else "")
-             + "---|---|---|---|---|---|---|"]
+             "|---|---|---|---|" + ("---|" if graded else "") + ("---|---|" if measured else "")
+             + ("---|" if modelled else "") + ("---|" if modelled and not measured else "") + ("---|" if ladders else "")
+             + "---|---|---|---|---|"]
     for r in df.iter_rows(named=True):
-        speed = "–" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        def speed(v):
+            return "–" if v is None else f"{v:.2f}x"
         k = "–" if r["budget"] is None else f"{r['budget']:g}"
         score = f" {fmt(r['score'], r['score_std'], 3)} |" if graded else ""
         lines.append(f"| {r['quant']} | {r['method']} | {k} | {fmt(r['success'], r['success_std'])} |{score} "
-                     f"{fmt(r['steps'], r['steps_std'])} | {fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed} | "
+                     f"{fmt(r['steps'], r['steps_std'])} | "
+                     + (f"{fmt(r['ep_time'], r['ep_time_std'], 2)} | {speed(r['speedup'])} | " if measured else "")
                      + (f"{fmt(r['cost'], r['cost_std'], 2)} | " if modelled else "")
+                     + (f"{speed(r['cost_speedup'])} | " if modelled and not measured else "")
                      + f"{100 * r['high_frac']:.0f}% | " + (f"{r['shares'] or '–'} | " if ladders else "")
                      + f"{r['episodes']} | "
                      + (f"{ci(r, 'vs_random')} {r['vs_random_verdict']} |" if r.get("vs_random") is not None else "– |")
                      + f" {ci(r, 'recovered', 0, 100, '%')} |")
-    lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. EP Time: mean wall time of successful episodes, "
-              "over the seeds that won any (no ± where only one did).",
+    lines += ["", f"Mean ± std over {int(df['seeds'].max())} seeds. "
+              + ("EP Time: mean wall time of successful episodes, over the seeds that won any (no ± where only one did)."
+                 if measured else "Measured wall time (EP Time) is in the wall-time table beside this one."),
               "Δ vs Random: success points over the matched Random@K on the same (seed, task) pairs, with the "
               "paired-bootstrap 95% CI; a CI that holds 0 is a tie. Recovered gap: (method − Quant) / "
               "(Full − Quant) on the same tasks, with its bootstrap 95% CI (dmr.paired)."]
     if modelled:
-        lines.append(f"Modelled time: Eq. 9 over the same successful episodes. {latency or ''}".rstrip())
+        lines.append("Modelled time: Eq. 9 over the same successful episodes"
+                     + ("" if measured else "; modelled speedup: Full's modelled time over the method's")
+                     + f". {latency or ''}".rstrip())
     if ladders:
         lines.append("A scheme A+B routes bf16, A and B with one router; its K is a share of bf16's modelled cost "
                      "(Eq. 9), as for DMR-A@K and DMR-B@K, the two-precision routers bf16-A and bf16-B calibrated "
@@ -168,8 +211,11 @@ def latex(df: pl.DataFrame, title: str) -> str:
     best = {}
     for r in df.filter(pl.col("budget").is_not_null()).iter_rows(named=True):
         best[r["quant"]] = max(best.get(r["quant"], -1.0), r["success"])
+    # Measured EP Time where the table has it, else Eq. 9's modelled time (split_wall_time).
+    time, speedup, head = (("ep_time", "speedup", "EP Time (s)") if "ep_time" in df.columns
+                           else ("cost", "cost_speedup", "Modelled time (s)"))
     out = [r"\begin{tabular}{llrrrrr}", r"\toprule",
-           r"Quant & Method & $K$ & Success (\%) & EP Time (s) & Speedup & High (\%) \\", r"\midrule"]
+           rf"Quant & Method & $K$ & Success (\%) & {head} & Speedup & High (\%) \\", r"\midrule"]
     prev = None
     for r in df.iter_rows(named=True):
         if prev is not None and r["quant"] != prev:
@@ -178,8 +224,8 @@ def latex(df: pl.DataFrame, title: str) -> str:
         succ = f"{r['success']:.1f} $\\pm$ {r['success_std']:.1f}"
         if r["budget"] is not None and r["success"] == best.get(r["quant"]):
             succ = rf"\textbf{{{succ}}}"
-        t = "--" if r["ep_time"] is None else f"{r['ep_time']:.2f}"
-        sp = "--" if r["speedup"] is None else f"{r['speedup']:.2f}$\\times$"
+        t = "--" if r.get(time) is None else f"{r[time]:.2f}"
+        sp = "--" if r.get(speedup) is None else f"{r[speedup]:.2f}$\\times$"
         k = "--" if r["budget"] is None else f"{r['budget']:g}"
         out.append(f"{esc(r['quant'])} & {esc(r['method'])} & {k} & {succ} & {t} & {sp} & {100 * r['high_frac']:.0f} \\\\")
     out += [r"\bottomrule", r"\end{tabular}"]
@@ -198,8 +244,9 @@ def pareto(df: pl.DataFrame, title: str, path: Path) -> None:
              "Uncertainty": ("D", "#8c564b")}
     for ax, q in zip(axes[0], quants):
         sub = pl.concat([full, df.filter((pl.col("quant") == q) & (pl.col("method") != "Full"))], how="diagonal_relaxed")
-        # A ladder scheme's routers meet at equal modelled cost: its panel's axis is Eq. 9's time.
-        x = "cost" if is_ladder(q) and "cost" in df.columns else "ep_time"
+        # A ladder scheme's routers meet at equal modelled cost: its panel's axis is Eq. 9's time, as
+        # is every panel's where the measured wall time is in a table of its own.
+        x = "cost" if "cost" in df.columns and (is_ladder(q) or "ep_time" not in df.columns) else "ep_time"
         for r in sub.iter_rows(named=True):
             if r[x] is None:
                 continue
@@ -267,6 +314,10 @@ def main(argv=None):
     p.add_argument("--latex", type=Path, default=None, help="output LaTeX table")
     p.add_argument("--pareto", type=Path, default=None, help="output Pareto figure (.png and .pdf)")
     p.add_argument("--html", type=Path, default=None, help="output HTML table (for the Snakemake report)")
+    p.add_argument("--wall-time", type=Path, default=None,
+                   help="output parquet (and .md beside it) of the measured wall time (EP Time, speedup); "
+                        "Table 1 then keeps only the modelled time, so two runs of the same episodes write it "
+                        "byte for byte (needs --latency)")
     p.add_argument("--latency", type=Path, default=None,
                    help="coefficients.json (dmr.latency): adds the modelled time of Eq. 9 and names the coefficients")
     a = p.parse_args(argv)
@@ -275,10 +326,16 @@ def main(argv=None):
         if not paths:
             raise SystemExit(f"--method {name}: give at least one episodes.parquet")
         runs[name] = [Path(x) for x in paths]
+    if a.wall_time and not a.latency:
+        raise SystemExit("--wall-time takes the measured time out of Table 1: give --latency for the modelled one")
     coef = json.loads(a.latency.read_text()) if a.latency else None
     df = summarize(runs, a.cell, coef)
     versions, splits = env_versions(runs), env_splits(runs)
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    if a.wall_time:
+        df, wall = split_wall_time(df)
+        wall.write_parquet(a.wall_time)
+        a.wall_time.with_suffix(".md").write_text(wall_time_markdown(wall, a.cell))
     df.write_parquet(a.out)
     text = markdown(df, a.cell, describe(coef) if coef else None)
     if versions:

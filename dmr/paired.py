@@ -5,7 +5,9 @@ mean of the per-task differences, with a 95% percentile CI from a paired bootstr
 with replacement, a fixed generator so the table is reproducible) and the exact two-sided McNemar
 p-value on the discordant pairs. The recovered share of the Full - Quant gap,
 (method - Quant) / (Full - Quant), resamples the same tasks for all three methods at once.
-A difference whose CI contains 0 is a tie.
+A difference whose CI contains 0 is a tie. A router over several precisions (a ladder scheme A+B)
+is also paired with the better of the two-precision routers at the same cost budget (DMR-A@K,
+DMR-B@K): the three-way router is worth its extra rung only if it is at least as good as both.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import math
 
 import numpy as np
 import polars as pl
+
+from dmr.policy_name import is_ladder, scheme_lows
 
 BOOTSTRAP = 10_000
 KEY = ("seed", "task")
@@ -116,9 +120,18 @@ def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
             dd = difference(m, r)
             row.update(vs_random=dd["delta"], vs_random_lo=dd["lo"], vs_random_hi=dd["hi"], vs_random_p=dd["p"],
                        vs_random_verdict=verdict(dd), paired_tasks=dd["n"])
+        binaries = {n: runs[f"{quant}/{n}@{k}"] for n in (f"DMR-{low}" for low in scheme_lows(quant))
+                    if f"{quant}/{n}@{k}" in runs} if is_ladder(quant) and base in ("DMR", "GRPO") else {}
+        if binaries:  # the better two-precision router at the same cost budget, by its success
+            ref = max(binaries, key=lambda n: float(outcomes(binaries[n])["won"].mean()))
+            m, b = aligned(me, outcomes(binaries[ref]))
+            dd = difference(m, b)
+            row.update(vs_binary=dd["delta"], vs_binary_lo=dd["lo"], vs_binary_hi=dd["hi"], vs_binary_p=dd["p"],
+                       vs_binary_verdict=verdict(dd), vs_binary_ref=ref)
         rows.append(row)
     schema = {"quant": pl.Utf8, "method": pl.Utf8, "budget": pl.Float64}
-    for col in ("recovered", "vs_full", "vs_quant", "vs_random"):
+    for col in ("recovered", "vs_full", "vs_quant", "vs_random", "vs_binary"):
         schema.update({col: pl.Float64, f"{col}_lo": pl.Float64, f"{col}_hi": pl.Float64})
-    schema.update(vs_random_p=pl.Float64, vs_random_verdict=pl.Utf8, paired_tasks=pl.Int64)
+    schema.update(vs_random_p=pl.Float64, vs_random_verdict=pl.Utf8, paired_tasks=pl.Int64,
+                  vs_binary_p=pl.Float64, vs_binary_verdict=pl.Utf8, vs_binary_ref=pl.Utf8)
     return pl.DataFrame(rows, schema=schema)

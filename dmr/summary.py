@@ -64,21 +64,28 @@ def three_precisions(table: pl.DataFrame) -> list[str]:
     """Per ladder scheme (A+B: one router over bf16, A and B) and cost budget K: the three-way router,
     its GRPO refinement, the two binary routers bf16-A and bf16-B at the same cost budget, and random
     routing matched to the three-way run's shares, each with its success, paired Δ vs that random,
-    modelled time and share of steps at each precision."""
+    the three-way routers' paired Δ vs the better binary router, modelled time and share of steps at
+    each precision."""
     rows = table.filter(pl.col("quant").str.contains(LADDER, literal=True))
     if not len(rows):
         return []
     cost = "cost" in rows.columns
-    lines = ["| scheme | K | method | success | Δ vs Random (95% CI) | verdict | " + ("modelled time (s) | " if cost else "")
-             + "precision shares |", "|---|---|---|---|---|---|" + ("---|" if cost else "") + "---|"]
+    lines = ["| scheme | K | method | success | Δ vs Random (95% CI) | Δ vs better binary (95% CI) | "
+             + ("modelled time (s) | " if cost else "") + "precision shares |",
+             "|---|---|---|---|---|---|" + ("---|" if cost else "") + "---|"]
     for r in rows.sort(["quant", "budget", "method"]).iter_rows(named=True):
         t = f"{r['cost']:.2f} | " if cost and r["cost"] is not None else ("– | " if cost else "")
+        vs_random = _ci(r.get("vs_random"), r.get("vs_random_lo"), r.get("vs_random_hi"))
+        vs_binary = "–" if r.get("vs_binary") is None else (
+            f"{_ci(r['vs_binary'], r['vs_binary_lo'], r['vs_binary_hi'])} {r['vs_binary_verdict']} "
+            f"({r['vs_binary_ref']})")
         lines.append(f"| {r['quant']} | {r['budget']:g} | {r['method']} | {r['success']:.1f} | "
-                     f"{_ci(r.get('vs_random'), r.get('vs_random_lo'), r.get('vs_random_hi'))} | "
-                     f"{r.get('vs_random_verdict') or '–'} | {t}{r['shares']} |")
+                     f"{vs_random} {r.get('vs_random_verdict') or ''} | {vs_binary} | {t}{r['shares']} |")
     return lines + ["", "K is a share of bf16's modelled cost (Eq. 9) for every row: DMR and GRPO route among all "
                     "three precisions, DMR-A and DMR-B are the two-precision routers calibrated to the same cost "
-                    "budget, Random matches the three-way run's share of each precision on the same tasks."]
+                    "budget, Random matches the three-way run's share of each precision on the same tasks. "
+                    "Δ vs better binary: the three-way router against the binary router with the higher success "
+                    "at that K (named), paired on the same tasks."]
 
 
 def compact_diagnose(text: str) -> list[str]:
@@ -219,6 +226,9 @@ def build(results: Path, cells: list[str], commit: str | None = None, metadata: 
                     f"`{diag.relative_to(results)}`)", ""] + compact_diagnose(diag.read_text()) + [""]
         out += ["### Table 1", ""] + [ln for ln in (d / "tables" / "main.md").read_text().splitlines()
                                       if not ln.startswith("# ")] + [""]
+        wall = d / "tables" / "wall_time.md"
+        if wall.exists():
+            out += [f"Measured wall time per method: [`{wall.relative_to(results)}`]({wall.relative_to(results)})", ""]
         figures = sorted(p.relative_to(results) for p in (d / "figures").glob("*.png")) if (d / "figures").exists() else []
         if figures:
             out += ["Figures: " + ", ".join(f"[{p.stem}]({p})" for p in figures), ""]

@@ -142,7 +142,10 @@ def test_a_ladder_schemes_rows_carry_precision_shares_and_cost(tmp_path):
                "w4+w2/DMR@0.8": run(tmp_path / "d", ["bf16", "w4", "w2", "w2"], [True] * 30 + [False] * 10, "dmr-k0.8"),
                "w4+w2/Random@0.8": run(tmp_path / "r", ["bf16", "w4", "w2", "w2"], [True] * 10 + [False] * 30,
                                        "random-k0.8"),
-               "w4+w2/DMR-w4@0.8": run(tmp_path / "b", ["bf16", "w4", "w4", "w4"], [True] * 20 + [False] * 20, "dmr-c0.8")}
+               "w4+w2/DMR-w4@0.8": run(tmp_path / "b", ["bf16", "w4", "w4", "w4"], [True] * 20 + [False] * 20, "dmr-c0.8"),
+               # the better binary router (25 of 40 against DMR-w4's 20): the three-way one is paired with it
+               "w4+w2/DMR-w2@0.8": run(tmp_path / "c", ["bf16", "bf16", "w2", "w2"], [False] * 5 + [True] * 25
+                                       + [False] * 10, "dmr-c0.8")}
     args = [a for m, path in methods.items() for a in ("--method", m, path)]
     main(["--cell", "house/tiny", *args, "--out", str(tmp_path / "t.parquet"), "--markdown", str(tmp_path / "t.md"),
           "--latency", str(tmp_path / "c.json"), "--pareto", str(tmp_path / "p.png")])
@@ -154,6 +157,10 @@ def test_a_ladder_schemes_rows_carry_precision_shares_and_cost(tmp_path):
     assert row["DMR"]["cost"] == pytest.approx(4 * 0.001 + 10 * (0.02 + 0.01 + 0.005 + 0.005))
     assert row["DMR-w4"]["cost"] == pytest.approx(4 * 0.001 + 10 * (0.02 + 3 * 0.01))
     assert row["DMR"]["vs_random"] == pytest.approx(50.0) and row["DMR-w4"]["vs_random"] == pytest.approx(25.0)
+    # DMR wins tasks 0-29, DMR-w2 tasks 5-29: +5 of 40 tasks, paired, against the better binary router
+    assert row["DMR"]["vs_binary_ref"] == "DMR-w2" and row["DMR"]["vs_binary"] == pytest.approx(12.5)
+    assert row["DMR"]["vs_binary_lo"] > 0 and row["DMR"]["vs_binary_verdict"] == "win"
+    assert row["DMR-w4"]["vs_binary"] is None and row["Random"]["vs_binary"] is None
     md = (tmp_path / "t.md").read_text()
     assert "precision shares" in md and "| bf16 25% · w4 25% · w2 50% |" in md and "share of bf16's modelled cost" in md
     assert (tmp_path / "p.png").exists()
@@ -173,3 +180,51 @@ def test_table_carries_paired_columns(tmp_path):
     assert row["recovered"] == pytest.approx(0.75)
     md = (tmp_path / "t.md").read_text()
     assert "Δ vs Random (95% CI)" in md and "| +50.0 [" in md and "win |" in md and "+75% [" in md
+
+
+def test_wall_time_leaves_table_1_so_two_runs_write_it_byte_for_byte(tmp_path):
+    """The same episodes measured at two wall-clock speeds: with --wall-time, Table 1's parquet, Markdown
+    and LaTeX are byte-identical (modelled time and modelled speedup only); the wall-time table differs."""
+    import json
+
+    def run(d, won, time, precision, policy):
+        d.mkdir(parents=True)
+        tasks = [f"t{i}" for i in range(len(won))]
+        pl.DataFrame({"task": tasks, "won": won, "score": [float(w) for w in won], "steps": [2] * len(won),
+                      "time": time, "high_calls": [2 * (precision == "bf16")] * len(won), "calls": [2] * len(won),
+                      "high_tokens": [20 * (precision == "bf16")] * len(won), "tokens": [20] * len(won)}
+                     ).write_parquet(d / "episodes.parquet")
+        pl.DataFrame({"task": [t for t in tasks for _ in range(2)], "step_type": "action", "precision": precision,
+                      "completion_tokens": 10, "route_score": None},
+                     schema_overrides={"route_score": pl.Float64}).write_parquet(d / "steps.parquet")
+        (d / "spec.json").write_text(json.dumps({"policy": policy}))
+        return str(d / "episodes.parquet")
+
+    coef = {"cell": "house/tiny", "source": "config", "high": "bf16", "quants": ["w3"], "projected": {},
+            "per_token": {"bf16": 0.02, "w3": 0.01}, "router": 0.005, "t_ref": 1.0}
+    (tmp_path / "c.json").write_text(json.dumps(coef))
+    outs = []
+    for i, scale in enumerate((1.0, 1.7)):  # a second run on a slower machine: other wall times, same episodes
+        f = run(tmp_path / f"{i}/f", [True, True, False], [2.0 * scale, 3.0 * scale, 9.0], "bf16", "full")
+        q = run(tmp_path / f"{i}/q", [True, False, False], [1.5 * scale, 9.0, 9.0], "w3", "quant")
+        o = tmp_path / f"{i}/tables"
+        o.mkdir()
+        main(["--cell", "house/tiny", "--method", "Full", f, "--method", "w3/Quant", q, "--latency", str(tmp_path / "c.json"),
+              "--out", str(o / "main.parquet"), "--markdown", str(o / "main.md"), "--latex", str(o / "main.tex"),
+              "--wall-time", str(o / "wall_time.parquet")])
+        outs.append(o)
+    for name in ("main.parquet", "main.md", "main.tex"):
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert (outs[0] / "wall_time.md").read_bytes() != (outs[1] / "wall_time.md").read_bytes()
+    t, wall = pl.read_parquet(outs[0] / "main.parquet"), pl.read_parquet(outs[1] / "wall_time.parquet")
+    assert "ep_time" not in t.columns and "speedup" not in t.columns
+    # Full: 20 bf16 tokens = 0.4 s; Quant: 20 w3 tokens = 0.2 s, a modelled speedup of 2.
+    assert t["cost"].to_list() == pytest.approx([0.4, 0.2]) and t["cost_speedup"].to_list() == pytest.approx([1.0, 2.0])
+    assert wall["ep_time"].to_list() == pytest.approx([2.5 * 1.7, 1.5 * 1.7])
+    assert wall["speedup"].to_list() == pytest.approx([1.0, 2.5 / 1.5])
+    md = (outs[0] / "main.md").read_text()
+    assert "EP Time" not in md.splitlines()[2] and "| Modelled speedup |" in md and "| 2.00x |" in md
+    assert "| bf16 | Full | – | 2.50 ± 0.00 | 1.00x | 3 |" in (outs[0] / "wall_time.md").read_text()
+    with pytest.raises(SystemExit, match="give --latency"):
+        main(["--cell", "house/tiny", "--method", "Full", f, "--out", str(tmp_path / "x.parquet"),
+              "--markdown", str(tmp_path / "x.md"), "--wall-time", str(tmp_path / "w.parquet")])

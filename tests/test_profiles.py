@@ -126,6 +126,26 @@ def test_paper_config_has_the_eight_cells_of_table1():
     assert all(m["source"] == "path" for m in cfg["models"].values())
 
 
+def test_precisions_overlay_adds_one_ladder_to_the_default(tmp_path):
+    """`make precisions`: config/precisions.yaml writes the default's cells out again (a merged list is
+    replaced whole), so it must equal config.yaml's but for the household cell's added ladder route;
+    its plan adds the three-precision router, its cost calibration and the binary routers' cost runs."""
+    base = yaml.safe_load((ROOT / "config/config.yaml").read_text())["cells"]
+    over = yaml.safe_load((ROOT / "config/precisions.yaml").read_text())["cells"]
+    ladder = "gptq_w4a16+rtn_w2a16"
+    assert over[0]["route"] == [*base[0]["route"], ladder]
+    assert [{k: v for k, v in c.items() if k != "route"} for c in over] == \
+        [{k: v for k, v in c.items() if k != "route"} for c in base] and over[1:] == base[1:]
+    r = snakemake("-n", "-p", "--configfile", str(ROOT / "config/config.yaml"), str(ROOT / "config/precisions.yaml"),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert re.search(r"^calibrate_cost\s+2$", r.stdout, re.M), r.stdout[-3000:]
+    assert f"results/household/tiny/{ladder}/router/router.pt" in r.stdout
+    for run in ("dmr-k0.8", "random-k0.8", "grpo-k0.8"):
+        assert f"{ladder}/rollouts/{run}/seed0" in r.stdout, run
+    assert "gptq_w4a16/rollouts/dmr-c0.8/seed0" in r.stdout and "rtn_w2a16/rollouts/dmr-c0.8/seed0" in r.stdout
+
+
 # Configs that stand alone (their headers say so); config/agents.yaml is an overlay of config/config.yaml.
 STANDALONE = ["config/paper.yaml", "config/micro.yaml", "config/alfworld.yaml", "config/alfworld-micro.yaml"]
 

@@ -64,11 +64,14 @@ def test_three_precisions_section_sits_apart_from_the_binary_claim():
                                  ("DMR-w4", 85.0, "bf16 30% · w4 70% · w2 0%")):
         rows.append({"quant": "w4+w2", "method": method, "budget": 0.8, "success": succ, "high_frac": 0.1, "cost": 1.5,
                      "shares": shares, "vs_random": None if method == "Random" else succ - 70.0, "vs_random_lo": 2.0,
-                     "vs_random_hi": 30.0, "vs_random_verdict": None if method == "Random" else "win"})
+                     "vs_random_hi": 30.0, "vs_random_verdict": None if method == "Random" else "win",
+                     "vs_binary": 5.0 if method == "DMR" else None, "vs_binary_lo": -1.0, "vs_binary_hi": 11.0,
+                     "vs_binary_verdict": "tie", "vs_binary_ref": "DMR-w4"})
     table = pl.DataFrame(rows)
     claim = "\n".join(summary.claim(table))
     assert "| w2 | 0.4 | DMR |" in claim and "w4+w2" not in claim
     three = "\n".join(summary.three_precisions(table))
-    assert "| w4+w2 | 0.8 | DMR | 90.0 | +20.0 [+2.0, +30.0] | win | 1.50 | bf16 10% · w4 40% · w2 50% |" in three
-    assert "| w4+w2 | 0.8 | DMR-w4 | 85.0 | +15.0 [+2.0, +30.0] | win | 1.50 | bf16 30% · w4 70% · w2 0% |" in three
+    assert ("| w4+w2 | 0.8 | DMR | 90.0 | +20.0 [+2.0, +30.0] win | +5.0 [-1.0, +11.0] tie (DMR-w4) | 1.50 | "
+            "bf16 10% · w4 40% · w2 50% |") in three
+    assert "| w4+w2 | 0.8 | DMR-w4 | 85.0 | +15.0 [+2.0, +30.0] win | – | 1.50 | bf16 30% · w4 70% · w2 0% |" in three
     assert summary.three_precisions(table.filter(pl.col("quant") != "w4+w2")) == []

@@ -385,6 +385,29 @@ def test_micro_is_deterministic(micro):
             pl.read_parquet(tmp_path / run).select(cols).sort("task", "step")), run
 
 
+@pytest.mark.long
+def test_micro_table_1_is_byte_identical_from_clean(tmp_path):
+    """Two runs from clean of the micro household cell, each the whole chain from expert data to Table 1
+    (make test-long): Table 1's parquet, Markdown and LaTeX are byte-identical, and only the wall-time
+    table differs. Latency coefficients come from the config, as in the embedded default: measured ones
+    (the micro config's) are wall time too, and reach GRPO's reward."""
+    def edit(c):
+        c["cells"] = c["cells"][:1]
+        c["latency"] = {"source": "config", "coefficients": {"bf16": 25.02, "low": 16.77, "router": 19.9}}
+
+    tables = []
+    for run in ("a", "b"):
+        d = tmp_path / run
+        d.mkdir()
+        r = snakemake("--configfile", str(write_config(d, edit)), "--cores", "2",
+                      "results/household/tiny/tables/main.md", cwd=d)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        tables.append(d / "results/household/tiny/tables")
+    for name in ("main.parquet", "main.md", "main.tex"):
+        assert (tables[0] / name).read_bytes() == (tables[1] / name).read_bytes(), name
+    assert {"ep_time", "speedup"} <= set(pl.read_parquet(tables[0] / "wall_time.parquet").columns)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("micro")
 def test_micro_ablations_online(micro):

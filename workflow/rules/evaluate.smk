@@ -41,6 +41,9 @@ rule evaluate:
         table=cell("tables/main.parquet"),
         markdown=cell("tables/main.md"),
         latex=cell("tables/main.tex"),
+        # Measured wall time, out of Table 1 so that two runs of the same episodes write it byte for byte.
+        wall_time=cell("tables/wall_time.parquet"),
+        wall_time_md=cell("tables/wall_time.md"),
         html=report_cell("tables/main.html", "table.rst", "Table 1", result="Table 1"),
         pareto=report_cell("figures/pareto.png", "pareto.rst", "Table 1", result="Pareto"),
     log:
@@ -58,7 +61,7 @@ rule evaluate:
     shell:
         "python -m dmr.evaluate --cell {wildcards.benchmark}/{wildcards.model} {params.methods} "
         "--out {output.table} --markdown {output.markdown} --latex {output.latex} --html {output.html} "
-        "--pareto {output.pareto} --latency {input.latency} > {log} 2>&1"
+        "--pareto {output.pareto} --wall-time {output.wall_time} --latency {input.latency} > {log} 2>&1"
 
 
 rule summary:
