@@ -97,16 +97,18 @@ def verdict(diff: dict) -> str:
 
 def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
     """Paired columns of Table 1 for each routed method `QUANT/NAME@K`: the difference to the matched
-    Random@K of its scheme (and to Full and Quant), its CI, McNemar's p and the recovered share."""
+    Random@K of its scheme (and to Full, Quant and, where the table has it, Forced), its CI, McNemar's
+    p and the recovered share; Forced itself gets its recovered share and differences to Full and Quant."""
     rows = []
     for method, eps in runs.items():
         quant, _, name = method.rpartition("/")
         base, _, k = name.partition("@")
-        if not k or not quant:
+        if not quant or not (k or base == "Forced"):
             continue
         refs = {"full": runs.get("Full"), "quant": runs.get(f"{quant}/Quant"),
-                "random": runs.get(f"{quant}/Random@{k}") if base != "Random" else None}
-        row = {"quant": quant, "method": base, "budget": float(k)}
+                "random": runs.get(f"{quant}/Random@{k}") if k and base != "Random" else None,
+                "forced": runs.get(f"{quant}/Forced") if k else None}
+        row = {"quant": quant, "method": base, "budget": float(k) if k else None}
         me = outcomes(eps)
         if refs["full"] is not None and refs["quant"] is not None:
             m, f, q = aligned(me, outcomes(refs["full"]), outcomes(refs["quant"]))
@@ -120,6 +122,10 @@ def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
             dd = difference(m, r)
             row.update(vs_random=dd["delta"], vs_random_lo=dd["lo"], vs_random_hi=dd["hi"], vs_random_p=dd["p"],
                        vs_random_verdict=verdict(dd), paired_tasks=dd["n"])
+        if refs["forced"] is not None:  # what routing adds over forcing App. C.1's steps to bf16 alone
+            m, fo = aligned(me, outcomes(refs["forced"]))
+            dd = difference(m, fo)
+            row.update(vs_forced=dd["delta"], vs_forced_lo=dd["lo"], vs_forced_hi=dd["hi"], vs_forced_verdict=verdict(dd))
         binaries = {n: runs[f"{quant}/{n}@{k}"] for n in (f"DMR-{low}" for low in scheme_lows(quant))
                     if f"{quant}/{n}@{k}" in runs} if is_ladder(quant) and base in ("DMR", "GRPO") else {}
         if binaries:  # the better two-precision router at the same cost budget, by its success
@@ -130,8 +136,8 @@ def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
                        vs_binary_verdict=verdict(dd), vs_binary_ref=ref)
         rows.append(row)
     schema = {"quant": pl.Utf8, "method": pl.Utf8, "budget": pl.Float64}
-    for col in ("recovered", "vs_full", "vs_quant", "vs_random", "vs_binary"):
+    for col in ("recovered", "vs_full", "vs_quant", "vs_random", "vs_forced", "vs_binary"):
         schema.update({col: pl.Float64, f"{col}_lo": pl.Float64, f"{col}_hi": pl.Float64})
     schema.update(vs_random_p=pl.Float64, vs_random_verdict=pl.Utf8, paired_tasks=pl.Int64,
-                  vs_binary_p=pl.Float64, vs_binary_verdict=pl.Utf8, vs_binary_ref=pl.Utf8)
+                  vs_forced_verdict=pl.Utf8, vs_binary_p=pl.Float64, vs_binary_verdict=pl.Utf8, vs_binary_ref=pl.Utf8)
     return pl.DataFrame(rows, schema=schema)

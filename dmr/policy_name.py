@@ -10,7 +10,9 @@ A routed name is KIND-MODE VALUE:
                         the cost of a router over more precisions
   random-kK, oracle-kK, uncertainty-kK
                         baselines matched to the realised high-precision fraction of dmr-kK (budget only)
-Other names (`full`, `quant`, `random:P`) are dmr.agent's own policies and pass through unparsed.
+Other names (`full`, `quant`, `random:P`) are dmr.agent's own policies and pass through unparsed;
+`forced` is `random:0` under the benchmark's router steps: every step a router would decide at the
+low precision, every other step (App. C.1's forced steps, WebShop's searches) at bf16.
 
 A scheme name ({quant} in those paths) is one low precision, or a ladder `A+B`: one router over
 bf16, A and B, costliest first (`scheme_lows`, `is_ladder`).
@@ -23,7 +25,7 @@ from typing import NamedTuple
 ROUTERS = ("dmr", "dmr0", "grpo")  # learned routers: a threshold (t) or a calibrated budget (k)
 BASELINES = ("random", "oracle", "uncertainty")  # matched to dmr-kK: a budget only
 MODES = {"k": "budget", "t": "threshold", "c": "cost budget"}
-FIXED = ("full", "quant")
+FIXED = ("full", "quant", "forced")
 _NAME = re.compile(r"(?P<kind>[a-z0-9]+)-(?P<mode>[a-z])(?P<value>.*)")
 _VALUE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 

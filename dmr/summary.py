@@ -44,8 +44,11 @@ def claim(table: pl.DataFrame) -> list[str]:
         return rows[col][0] if len(rows) else None
 
     full = table.filter(pl.col("method") == "Full")["success"][0]
+    # Where some steps are forced to bf16 (App. C.1), routing is also paired with the rule alone (Forced).
+    forced = "vs_forced" in routed.columns and routed["vs_forced"].null_count() < len(routed)
     lines = ["| scheme | K | method | success | Random@K | Δ vs Random (95% CI) | verdict | recovered gap (95% CI) "
-             "| bf16 steps |", "|---|---|---|---|---|---|---|---|---|"]
+             "| bf16 steps |" + (" Δ vs Forced (95% CI) |" if forced else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if forced else "")]
     order = {m: i for i, m in enumerate(ROUTED)}
     by_method = pl.col("method").replace_strict(order, return_dtype=pl.Int32)
     for r in routed.sort(["quant", "budget", by_method]).iter_rows(named=True):
@@ -54,9 +57,19 @@ def claim(table: pl.DataFrame) -> list[str]:
                      f"{_ci(r.get('vs_random'), r.get('vs_random_lo'), r.get('vs_random_hi'))} | "
                      f"{r.get('vs_random_verdict') or '–'} | "
                      f"{_ci(r.get('recovered'), r.get('recovered_lo'), r.get('recovered_hi'), 100, 0, '%')} | "
-                     f"{100 * r['high_frac']:.0f}% |")
+                     f"{100 * r['high_frac']:.0f}% |"
+                     + (f" {_ci(r.get('vs_forced'), r.get('vs_forced_lo'), r.get('vs_forced_hi'))} "
+                        f"{r.get('vs_forced_verdict') or ''} |" if forced else ""))
     quants = list(dict.fromkeys(routed["quant"].to_list()))
     lines += ["", "Full " + f(full) + "%; Quant " + ", ".join(f"{q} {f(one(q, 'Quant'))}%" for q in quants) + "."]
+    for q in quants if forced else []:
+        row = table.filter((pl.col("quant") == q) & (pl.col("method") == "Forced"))
+        if len(row):
+            r = row.row(0, named=True)
+            lines += ["", f"Forced ({q}): {f(r['success'])}%, recovering "
+                      f"{_ci(r.get('recovered'), r.get('recovered_lo'), r.get('recovered_hi'), 100, 0, '%')} of the gap "
+                      "with no step routed: the steps no router decides (App. C.1) at bf16, every other step at "
+                      f"{q}. Δ vs Forced: what routing adds on top of that rule, on the same tasks."]
     return lines
 
 

@@ -76,3 +76,17 @@ def test_compare_pairs_by_seed_and_task():
     assert d["recovered"] == pytest.approx(0.75) and d["vs_full"] == pytest.approx(-25.0)
     r = df.filter(pl.col("method") == "Random").row(0, named=True)
     assert r["vs_random"] is None and r["recovered"] == pytest.approx(0.25)
+
+
+def test_forced_is_a_reference_without_a_budget():
+    """Forced (only App. C.1's forced steps at bf16) gets its recovered share and no budget; every routed
+    method at a budget is also paired with it: what routing adds on top of the rule."""
+    full, quant = [run([1] * 40, 0)], [run([0] * 40, 0)]
+    forced = [run([1] * 20 + [0] * 20, 0)]
+    dmr = [run([1] * 30 + [0] * 10, 0)]
+    df = paired.compare({"Full": full, "w2/Quant": quant, "w2/Forced": forced, "w2/DMR@0.4": dmr})
+    f = df.filter(pl.col("method") == "Forced").row(0, named=True)
+    assert f["budget"] is None and f["recovered"] == pytest.approx(0.5) and f["vs_forced"] is None
+    d = df.filter(pl.col("method") == "DMR").row(0, named=True)
+    assert d["vs_forced"] == pytest.approx(25.0) and d["vs_forced_lo"] > 0 and d["vs_forced_verdict"] == "win"
+    assert paired.compare({"Full": full, "w2/Quant": quant, "w2/DMR@0.4": dmr})["vs_forced"].to_list() == [None]

@@ -91,9 +91,11 @@ def expected_counts(cfg: dict) -> Counter:
         n["evaluate"] += 1
         n["latency"] += 1
         n["rank"] += 1 if grpo else 0
-        # per routed scheme: the calibration run(s), the budgets x seeds, and the online probe run
+        # per routed scheme: the calibration run(s), the budgets x seeds, and the online probe run; where
+        # routers decide only some step types (router_steps other than action), Forced at every seed
+        forced = cfg["benchmarks"][cell["benchmark"]].get("router_steps", ["action"]) != ["action"]
         n["rollout"] += (seeds + (1 if routed else 0) + len(quants) * seeds
-                         + len(routed) * (1 + (1 if grpo else 0) + per_routed * seeds + 1))
+                         + len(routed) * (1 + (1 if grpo else 0) + (per_routed + forced) * seeds + 1))
         n["quantize"] += len(quants)
         for rule in ("kl", "threshold", "klst", "calibrate", "step_types", "labels", "diagnose"):
             n[rule] += len(routed)
@@ -246,15 +248,15 @@ def test_paper_dry_run_plans_the_full_dag(tmp_path):
     # The three-precision cell (alfworld/qwen3-4b: bf16, AWQ-W4, GPTQ-W3): its router, calibration and GRPO,
     # 1 + 1 calibration runs + 3 cost budgets x 3 seeds x (DMR, GRPO), and AWQ-W4 and GPTQ-W3 each at the
     # same cost budgets (2 x 9 runs, 2 calibrations).
-    assert counts == {"rollout": 208 + 38, "quantize": 8, "kl": 8, "threshold": 8, "klst": 9, "calibrate": 9, "labels": 8,
+    assert counts == {"rollout": 208 + 38 + 12, "quantize": 8, "kl": 8, "threshold": 8, "klst": 9, "calibrate": 9, "labels": 8,
                       "data": 1, "step_types": 8, "diagnose": 8, "grpo": 9, "calibrate_grpo": 9, "calibrate_cost": 2,
                       "latency": 4, "rank": 4, "evaluate": 4, "summary": 1, "all": 1}
     # Rollouts: 4 x (3 Full + the KL pool) + 8 x (3 Quant + 2 calibration runs + 3 K x 3 seeds x (DMR, GRPO)
-    # + the online probe run).
+    # + the online probe run), and the 4 WebShop schemes' Forced runs (searches at bf16, clicks low) x 3 seeds.
     runs = Counter((j["wildcards"]["policy"], j["wildcards"]["run"]) for j in jobs if j["rule"] == "rollout")
     assert runs[("full", "train")] == 4 and runs[("dmr-t0.5", "calib")] == 9
     for s in range(3):
-        assert runs[("full", f"seed{s}")] == 4 and runs[("quant", f"seed{s}")] == 8
+        assert runs[("full", f"seed{s}")] == 4 and runs[("quant", f"seed{s}")] == 8 and runs[("forced", f"seed{s}")] == 4
         # the binary cells' budgets, then the three-precision cell's cost budgets (0.7 is both)
         for k, n in (("0.2", 8), ("0.4", 8), ("0.7", 9), ("0.8", 1), ("0.9", 1)):
             assert runs[(f"dmr-k{k}", f"seed{s}")] == n

@@ -53,6 +53,23 @@ def test_claim_lists_every_routed_method_against_random():
     assert "| w2 | 0.4 | Oracle | 95.0 |" in text and "Full 95.0%; Quant w2 35.0%." in text
 
 
+def test_claim_pairs_routing_with_the_forced_rule_where_there_is_one():
+    """A shop scheme with a Forced row: a Δ vs Forced column, and a line with Forced's own recovered share."""
+    rows = [{"quant": "bf16", "method": "Full", "budget": None, "success": 15.0, "high_frac": 1.0},
+            {"quant": "w2", "method": "Quant", "budget": None, "success": 0.3, "high_frac": 0.0},
+            {"quant": "w2", "method": "Forced", "budget": None, "success": 8.7, "high_frac": 0.75,
+             "recovered": 0.57, "recovered_lo": 0.36, "recovered_hi": 0.85},
+            {"quant": "w2", "method": "DMR", "budget": 0.4, "success": 10.0, "high_frac": 0.8, "vs_random": -1.0,
+             "vs_random_lo": -4.0, "vs_random_hi": 2.0, "vs_random_verdict": "tie", "recovered": 0.66,
+             "recovered_lo": 0.4, "recovered_hi": 0.9, "vs_forced": 1.3, "vs_forced_lo": -1.7, "vs_forced_hi": 4.3,
+             "vs_forced_verdict": "tie"}]
+    text = "\n".join(summary.claim(pl.DataFrame(rows)))
+    assert "| Δ vs Forced (95% CI) |" in text and "| 80% | +1.3 [-1.7, +4.3] tie |" in text
+    assert "Forced (w2): 8.7%, recovering +57% [+36, +85] of the gap" in text
+    assert "Δ vs Forced" not in "\n".join(summary.claim(pl.DataFrame(rows[:2] + [
+        {k: v for k, v in rows[3].items() if not k.startswith("vs_forced")}])))
+
+
 def test_three_precisions_section_sits_apart_from_the_binary_claim():
     """A ladder scheme's rows (w4+w2) go to their own section, with precision shares and modelled time;
     the binary claim table keeps to the two-precision schemes."""

@@ -238,6 +238,21 @@ def test_tables_and_targets(flags):
     assert f"{H}/tables/diagnose_rtn_w2a16.md" in targets and f"{H}/tables/diagnose_gptq_w4a16.md" not in targets
 
 
+def test_forced_row_where_routers_decide_only_some_steps(flags):
+    """A routed shop scheme (routers decide clicks, searches are forced to bf16) gets a Forced row:
+    random:0 under the same router steps, every click at the scheme and every search at bf16. The
+    household's routers decide every step, so its Forced would be its Quant: no row."""
+    shop = make(lambda c: c["cells"][1].update(route=["gptq_w4a16"]))
+    methods = shop.table_methods(SHOP)
+    assert methods["gptq_w4a16/Forced"] == [f"results/shop/tiny/gptq_w4a16/rollouts/forced/seed{s}/episodes.parquet"
+                                            for s in (0, 2)]
+    inputs, spec = shop.rollout_spec({**SHOP, "policy": "forced", "run": "seed0"})
+    assert args_of(spec)["policy"] == "random:0" and args_of(spec)["router-steps"] == "click"
+    assert args_of(spec)["model"] == "gptq_w4a16=results/shop/tiny/gptq_w4a16/model" and len(inputs) >= 2
+    assert "bf16=results/shop/tiny/bf16/model" in spec
+    assert not any(m.endswith("/Forced") for m in flags.table_methods(HOUSE))
+
+
 def test_latency(flags):
     inputs, args = flags.latency(HOUSE)
     assert len(inputs) == 3 * 2 * 2  # Full and two Quants, two seeds, steps and episodes

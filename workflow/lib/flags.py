@@ -292,7 +292,7 @@ class Flags:
         policy, route = w["policy"], self.route
         kind, mode, value = parse_policy(policy)
         precisions = {"full": ["bf16"], "quant": [w["quant"]]}.get(policy, ["bf16", *lows(w["quant"])])
-        if ladder(w["quant"]) and (policy == "quant" or kind in ("oracle", "uncertainty")):
+        if ladder(w["quant"]) and (policy in ("quant", "forced") or kind in ("oracle", "uncertainty")):
             raise ValueError(f"{w['quant']}/{policy}: a scheme of several low precisions has DMR, GRPO and random "
                              "routing; Quant and the signal baselines are its schemes' own")
         steps = self.router_steps_flag(w, kind, "action")  # dmr.agent's default
@@ -302,7 +302,10 @@ class Flags:
             if kind != "dmr" or not mode:
                 raise ValueError(f"ablation run {w['variant']}/{policy}: a variant plays its KL-ST router, dmr-kK or dmr-tT")
             rd = cell(f"{ABLATION}/router", w)
-        if not mode:
+        if policy == "forced":
+            # Only the steps no router decides at bf16 (App. C.1's forced steps): what the rule alone recovers.
+            inputs, args = [], f"--policy random:0 --router-steps {self.routed_steps(w)}"
+        elif not mode:
             inputs, args = [], f"--policy {policy}"
         elif not rd:
             match = f"{cell(RUN, w, policy=format_policy('dmr', 'k', value))}/episodes.parquet"
@@ -329,13 +332,17 @@ class Flags:
         return inputs, f"{self.model_flags(w, *precisions)} {args}"
 
     def table_methods(self, w):
-        """A cell's main table: Full; per scheme Quant, where routed DMR, GRPO and the baselines (`NAME@K`)."""
+        """A cell's main table: Full; per scheme Quant, where routed DMR, GRPO and the baselines (`NAME@K`),
+        and Forced where the benchmark's routers decide only some steps (router_steps other than action):
+        every decided step at the scheme, the others at bf16, as the rule alone would play them."""
         route, methods = self.route, {"Full": self.seed_runs(w, "bf16", "full")}
         points = [("dmr", "DMR", route["budgets"])] + [("grpo", "GRPO", route["budgets"])] * ("grpo" in self.config)
         points += [(base, base.capitalize(), route["baseline_budgets"]) for base in route["baselines"]]
         routed = self.cell_cfg(w)["route"]
         for q in self.cell_cfg(w)["quants"]:
             methods[f"{q}/Quant"] = self.seed_runs(w, q, "quant")
+            if q in routed and not ladder(q) and self.routed_steps(w) != "action":
+                methods[f"{q}/Forced"] = self.seed_runs(w, q, "forced")
             for kind, name, ks in points * (q in routed):
                 methods |= {f"{q}/{name}@{k:g}": self.seed_runs(w, q, format_policy(kind, "k", k)) for k in ks}
         # A ladder scheme A+B: its router, GRPO and matched random at each cost budget K, and beside them
