@@ -71,6 +71,8 @@ def summarize(runs: dict[str, list[Path]], cell: str, coef: dict | None = None) 
         eps = episodes[method] = [pl.read_parquet(p) for p in paths]
         # The steps, where Eq. 9 or a ladder scheme's precision shares need them.
         steps = [run_steps(p) if coef or is_ladder(quant) else None for p in paths]
+        if name == "Forced" and coef:  # a fixed rule (random:0 under the router steps): no router call to charge
+            steps = [st.with_columns(route_score=pl.lit(None, pl.Float64)) for st in steps]
         per_seed = pl.DataFrame([seed_metrics(e, episodes_cost(e, st, coef, quant or "bf16") if coef else None)
                                  for e, st in zip(eps, steps)])
         row = {"cell": cell, "quant": quant or "bf16", "method": name, "budget": float(k) if k else None,
@@ -171,6 +173,9 @@ def markdown(df: pl.DataFrame, title: str, latency: str | None = None) -> str:
         lines.append("Modelled time: Eq. 9 over the same successful episodes"
                      + ("" if measured else "; modelled speedup: Full's modelled time over the method's")
                      + f". {latency or ''}".rstrip())
+    if "Forced" in df["method"].to_list():
+        lines.append("Forced: the steps no router decides (App. C.1's forced steps) at bf16, every other step at "
+                     "the scheme, with no router call: what the rule alone recovers.")
     if ladders:
         lines.append("A scheme A+B routes bf16, A and B with one router; its K is a share of bf16's modelled cost "
                      "(Eq. 9), as for DMR-A@K and DMR-B@K, the two-precision routers bf16-A and bf16-B calibrated "
@@ -214,8 +219,9 @@ def latex(df: pl.DataFrame, title: str) -> str:
     # Measured EP Time where the table has it, else Eq. 9's modelled time (split_wall_time).
     time, speedup, head = (("ep_time", "speedup", "EP Time (s)") if "ep_time" in df.columns
                            else ("cost", "cost_speedup", "Modelled time (s)"))
+    speed_head = "Speedup" if time == "ep_time" else "Modelled speedup"
     out = [r"\begin{tabular}{llrrrrr}", r"\toprule",
-           rf"Quant & Method & $K$ & Success (\%) & {head} & Speedup & High (\%) \\", r"\midrule"]
+           rf"Quant & Method & $K$ & Success (\%) & {head} & {speed_head} & High (\%) \\", r"\midrule"]
     prev = None
     for r in df.iter_rows(named=True):
         if prev is not None and r["quant"] != prev:
@@ -333,6 +339,7 @@ def main(argv=None):
     versions, splits = env_versions(runs), env_splits(runs)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     if a.wall_time:
+        a.wall_time.parent.mkdir(parents=True, exist_ok=True)
         df, wall = split_wall_time(df)
         wall.write_parquet(a.wall_time)
         a.wall_time.with_suffix(".md").write_text(wall_time_markdown(wall, a.cell))

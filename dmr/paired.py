@@ -125,10 +125,13 @@ def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
         if refs["forced"] is not None:  # what routing adds over forcing App. C.1's steps to bf16 alone
             m, fo = aligned(me, outcomes(refs["forced"]))
             dd = difference(m, fo)
-            row.update(vs_forced=dd["delta"], vs_forced_lo=dd["lo"], vs_forced_hi=dd["hi"], vs_forced_verdict=verdict(dd))
+            row.update(vs_forced=dd["delta"], vs_forced_lo=dd["lo"], vs_forced_hi=dd["hi"], vs_forced_p=dd["p"],
+                       vs_forced_verdict=verdict(dd))
         binaries = {n: runs[f"{quant}/{n}@{k}"] for n in (f"DMR-{low}" for low in scheme_lows(quant))
                     if f"{quant}/{n}@{k}" in runs} if is_ladder(quant) and base in ("DMR", "GRPO") else {}
-        if binaries:  # the better two-precision router at the same cost budget, by its success
+        # The better two-precision router at the same cost budget, chosen by its success on these same
+        # tasks: the comparison leans against the ladder router, never for it.
+        if binaries:
             ref = max(binaries, key=lambda n: float(outcomes(binaries[n])["won"].mean()))
             m, b = aligned(me, outcomes(binaries[ref]))
             dd = difference(m, b)
@@ -139,5 +142,6 @@ def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
     for col in ("recovered", "vs_full", "vs_quant", "vs_random", "vs_forced", "vs_binary"):
         schema.update({col: pl.Float64, f"{col}_lo": pl.Float64, f"{col}_hi": pl.Float64})
     schema.update(vs_random_p=pl.Float64, vs_random_verdict=pl.Utf8, paired_tasks=pl.Int64,
-                  vs_forced_verdict=pl.Utf8, vs_binary_p=pl.Float64, vs_binary_verdict=pl.Utf8, vs_binary_ref=pl.Utf8)
+                  vs_forced_p=pl.Float64, vs_forced_verdict=pl.Utf8,
+                  vs_binary_p=pl.Float64, vs_binary_verdict=pl.Utf8, vs_binary_ref=pl.Utf8)
     return pl.DataFrame(rows, schema=schema)

@@ -10,9 +10,10 @@ A routed name is KIND-MODE VALUE:
                         the cost of a router over more precisions
   random-kK, oracle-kK, uncertainty-kK
                         baselines matched to the realised high-precision fraction of dmr-kK (budget only)
-Other names (`full`, `quant`, `random:P`) are dmr.agent's own policies and pass through unparsed;
-`forced` is `random:0` under the benchmark's router steps: every step a router would decide at the
-low precision, every other step (App. C.1's forced steps, WebShop's searches) at bf16.
+Other names pass through unparsed: `full`, `quant` and `random:P` are dmr.agent's own policies, and
+`forced` is the workflow's name for dmr.agent's `random:0` under the benchmark's router steps: every
+step a router would decide at the low precision, every other step (App. C.1's forced steps, WebShop's
+searches) at bf16.
 
 A scheme name ({quant} in those paths) is one low precision, or a ladder `A+B`: one router over
 bf16, A and B, costliest first (`scheme_lows`, `is_ladder`).

@@ -69,7 +69,8 @@ def claim(table: pl.DataFrame) -> list[str]:
             lines += ["", f"Forced ({q}): {f(r['success'])}%, recovering "
                       f"{_ci(r.get('recovered'), r.get('recovered_lo'), r.get('recovered_hi'), 100, 0, '%')} of the gap "
                       "with no step routed: the steps no router decides (App. C.1) at bf16, every other step at "
-                      f"{q}. Δ vs Forced: what routing adds on top of that rule, on the same tasks."]
+                      f"{q}. Δ vs Forced: what routing adds on top of that rule, on the same tasks (a router "
+                      "that also decides the forced steps, as GRPO may, trades them against the rest)."]
     return lines
 
 

@@ -228,3 +228,24 @@ def test_wall_time_leaves_table_1_so_two_runs_write_it_byte_for_byte(tmp_path):
     with pytest.raises(SystemExit, match="give --latency"):
         main(["--cell", "house/tiny", "--method", "Full", f, "--out", str(tmp_path / "x.parquet"),
               "--markdown", str(tmp_path / "x.md"), "--wall-time", str(tmp_path / "w.parquet")])
+
+
+def test_forced_is_charged_no_router_call(tmp_path):
+    """Forced is random:0 under the router steps: its click steps carry the random router's score 0.0,
+    yet no router runs, so Eq. 9 charges its tokens only."""
+    import json
+
+    d = tmp_path / "forced"
+    d.mkdir()
+    pl.DataFrame({"task": ["t0"], "won": [True], "score": [1.0], "steps": [2], "time": [1.0], "high_calls": [1],
+                  "calls": [2], "high_tokens": [10], "tokens": [20]}).write_parquet(d / "episodes.parquet")
+    pl.DataFrame({"task": ["t0", "t0"], "step_type": ["search", "click"], "precision": ["bf16", "w2"],
+                  "completion_tokens": [10, 10], "route_score": [None, 0.0]},
+                 schema_overrides={"route_score": pl.Float64}).write_parquet(d / "steps.parquet")
+    (d / "spec.json").write_text(json.dumps({"policy": "random:0", "routing": {"router_steps": ["click"]}}))
+    coef = {"cell": "shop/tiny", "source": "config", "high": "bf16", "quants": ["w2"], "projected": {},
+            "per_token": {"bf16": 0.02, "w2": 0.01}, "router": 0.5, "t_ref": 1.0}
+    (tmp_path / "c.json").write_text(json.dumps(coef))
+    for name, router in (("w2/Forced", 0.0), ("w2/Random@0.4", 0.5)):  # the same run, named as a random baseline
+        t = summarize({name: [d / "episodes.parquet"]}, "shop/tiny", coef)
+        assert t["cost"][0] == pytest.approx(10 * 0.02 + 10 * 0.01 + router), name
