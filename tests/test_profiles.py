@@ -383,7 +383,7 @@ def test_report_has_tables_figures_and_captions(paper_tree):
     page = out.read_text()
     for text in ("Table 1", "KL-ST", "alfworld/qwen3-4b", "webshop/qwen3-1.7b-webshop-gigpo",
                  "main.html", "pareto.png", "kl_hist_gptq_w3a16.png", "router_scores_awq_w4a16.png",
-                 "Success rate against episode time",           # caption of the Pareto figure
+                 "Success rate against the modelled time",      # caption of the Pareto figure
                  "Step KL(bf16",                                 # caption of the KL histogram
                  "reproduces"):                                  # the workflow description
         assert text in page, text
