@@ -238,11 +238,9 @@ def build(results: Path, cells: list[str], commit: str | None = None, metadata: 
         for diag in sorted((d / "tables").glob("diagnose_*.md")):
             out += [f"### Routing signal ({diag.stem.removeprefix('diagnose_')}; full table: "
                     f"`{diag.relative_to(results)}`)", ""] + compact_diagnose(diag.read_text()) + [""]
-        out += ["### Table 1", ""] + [ln for ln in (d / "tables" / "main.md").read_text().splitlines()
-                                      if not ln.startswith("# ")] + [""]
-        wall = d / "tables" / "wall_time.md"
-        if wall.exists():
-            out += [f"Measured wall time per method: [`{wall.relative_to(results)}`]({wall.relative_to(results)})", ""]
+        # Table 1 itself stays in its files (the claim tables above carry its routed rows): a link, not a copy.
+        main_md, wall = (str((d / "tables" / f).relative_to(results)) for f in ("main.md", "wall_time.md"))
+        out += [f"Table 1: [`{main_md}`]({main_md}); measured wall time: [`{wall}`]({wall})", ""]
         figures = sorted(p.relative_to(results) for p in (d / "figures").glob("*.png")) if (d / "figures").exists() else []
         if figures:
             out += ["Figures: " + ", ".join(f"[{p.stem}]({p})" for p in figures), ""]
