@@ -95,6 +95,15 @@ def verdict(diff: dict) -> str:
     return "tie"
 
 
+def against(me: pl.DataFrame, ref_runs: list[pl.DataFrame], prefix: str) -> dict:
+    """The paired difference of outcomes `me` to a reference method's runs as PREFIX, PREFIX_lo,
+    PREFIX_hi, PREFIX_p, PREFIX_verdict and PREFIX_n (the pairs used)."""
+    m, r = aligned(me, outcomes(ref_runs))
+    dd = difference(m, r)
+    return {prefix: dd["delta"], f"{prefix}_lo": dd["lo"], f"{prefix}_hi": dd["hi"], f"{prefix}_p": dd["p"],
+            f"{prefix}_verdict": verdict(dd), f"{prefix}_n": dd["n"]}
+
+
 def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
     """Paired columns of Table 1 for each routed method `QUANT/NAME@K`: the difference to the matched
     Random@K of its scheme (and to Full, Quant and, where the table has it, Forced), its CI, McNemar's
@@ -118,25 +127,18 @@ def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
                 dd = difference(m, arr)
                 row.update({f"vs_{ref}": dd["delta"], f"vs_{ref}_lo": dd["lo"], f"vs_{ref}_hi": dd["hi"]})
         if refs["random"] is not None:
-            m, r = aligned(me, outcomes(refs["random"]))
-            dd = difference(m, r)
-            row.update(vs_random=dd["delta"], vs_random_lo=dd["lo"], vs_random_hi=dd["hi"], vs_random_p=dd["p"],
-                       vs_random_verdict=verdict(dd), paired_tasks=dd["n"])
+            row.update(against(me, refs["random"], "vs_random"))
+            row["paired_tasks"] = row.pop("vs_random_n")
         if refs["forced"] is not None:  # what routing adds over forcing App. C.1's steps to bf16 alone
-            m, fo = aligned(me, outcomes(refs["forced"]))
-            dd = difference(m, fo)
-            row.update(vs_forced=dd["delta"], vs_forced_lo=dd["lo"], vs_forced_hi=dd["hi"], vs_forced_p=dd["p"],
-                       vs_forced_verdict=verdict(dd))
+            row.update({k: v for k, v in against(me, refs["forced"], "vs_forced").items() if k != "vs_forced_n"})
         binaries = {n: runs[f"{quant}/{n}@{k}"] for n in (f"DMR-{low}" for low in scheme_lows(quant))
                     if f"{quant}/{n}@{k}" in runs} if is_ladder(quant) and base in ("DMR", "GRPO") else {}
         # The better two-precision router at the same cost budget, chosen by its success on these same
         # tasks: the comparison leans against the ladder router, never for it.
         if binaries:
             ref = max(binaries, key=lambda n: float(outcomes(binaries[n])["won"].mean()))
-            m, b = aligned(me, outcomes(binaries[ref]))
-            dd = difference(m, b)
-            row.update(vs_binary=dd["delta"], vs_binary_lo=dd["lo"], vs_binary_hi=dd["hi"], vs_binary_p=dd["p"],
-                       vs_binary_verdict=verdict(dd), vs_binary_ref=ref)
+            row.update({k: v for k, v in against(me, binaries[ref], "vs_binary").items() if k != "vs_binary_n"},
+                       vs_binary_ref=ref)
         rows.append(row)
     schema = {"quant": pl.Utf8, "method": pl.Utf8, "budget": pl.Float64}
     for col in ("recovered", "vs_full", "vs_quant", "vs_random", "vs_forced", "vs_binary"):
