@@ -67,7 +67,8 @@ def card_markdown(c: dict) -> str:
               f"- wall time: {t.get('minutes', 0):.1f} minutes",
               f"- training sequences: {t.get('train_sequences')}, validation sequences: {t.get('val_sequences')}",
               f"- validation answer loss: {t.get('val_answer_loss', float('nan')):.4f}",
-              f"- supervised answer tokens: {t.get('supervised_tokens')}, context weight {t.get('context_weight')}",
+              f"- supervised answer tokens: {t.get('supervised_tokens')}, context weight {t.get('context_weight')}, "
+              f"noise weight {t.get('noise_weight', t.get('context_weight'))}",
               "", "## Selection", "",
               f"Candidates played the first calibration tasks; the most successful was kept: **{sel['chosen']}**.", "",
               "| candidate | calibration success (%) |", "|---|---|"]

@@ -38,10 +38,13 @@ def build_model(vocab_size: int, arch: dict):
     return Qwen3ForCausalLM(config)
 
 
-def encode_sequences(episodes, tokenizer, style, max_len: int, context_weight: float = 0.0):
+def encode_sequences(episodes, tokenizer, style, max_len: int, context_weight: float = 0.0,
+                     noise_weight: float = 0.0):
     """(token ids, per-token loss weights) per behaviour-cloning sequence; pieces are encoded one by
     one, exactly as the prompt and the completion are at run time. Answer tokens weigh 1, the
-    context (task, observations, executed actions) `context_weight`."""
+    context (task, observations) `context_weight`, and an executed action that was injected noise
+    `noise_weight`: above 0 the agent learns to emit the noise it was shown (a floor on its
+    confidence at every step, and repeated actions, the loop the noise is there to break)."""
     out = []
     for ep in episodes:
         for seq in sequences(ep, style, tokenizer):
@@ -49,7 +52,8 @@ def encode_sequences(episodes, tokenizer, style, max_len: int, context_weight: f
             for text, supervised in seq:
                 piece = tokenizer.encode(text, add_special_tokens=False)
                 ids += piece
-                sup += [1.0 if supervised else context_weight] * len(piece)
+                weight = 1.0 if supervised else context_weight if supervised is False else noise_weight
+                sup += [weight] * len(piece)
             if len(ids) > max_len:
                 raise ValueError(f"a sequence of {len(ids)} tokens exceeds max_position_embeddings={max_len}; "
                                  "shorten the prompt window or raise arch.max_position_embeddings")
@@ -104,7 +108,7 @@ def save_model(model, tokenizer, out: Path):
 
 def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_minutes: float,
           batch_tokens: int, lr: float, warmup: int, seed: int, threads: int | None, val_fraction: float = 0.05,
-          context_weight: float = 0.0,
+          context_weight: float = 0.0, noise_weight: float = 0.0,
           snapshot_at: tuple = (), snapshots: Path | None = None):
     if threads:
         torch.set_num_threads(threads)
@@ -114,7 +118,7 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
     rng.shuffle(episodes)
     n_val = max(1, int(len(episodes) * val_fraction))
     max_len = arch.get("max_position_embeddings", ARCH_DEFAULTS["max_position_embeddings"])
-    train_data = encode_sequences(episodes[n_val:], tokenizer, style, max_len, context_weight)
+    train_data = encode_sequences(episodes[n_val:], tokenizer, style, max_len, context_weight, noise_weight)
     # Validation stays the answers-only loss, comparable across context weights.
     val_data = encode_sequences(episodes[:n_val], tokenizer, style, max_len)
     model = build_model(len(tokenizer), arch)
@@ -176,7 +180,7 @@ def train(episodes, tokenizer, out: Path, *, style, arch: dict, steps: int, max_
                "train_sequences": len(train_data), "val_sequences": len(val_data), "val_answer_loss": val,
                # Tokens at full weight: the answers (every token where context_weight is 1).
                "supervised_tokens": sum(sum(w == 1.0 for w in sup) for _, sup in train_data),
-               "context_weight": context_weight,
+               "context_weight": context_weight, "noise_weight": noise_weight,
                "train_tokens": sum(len(ids) for ids, _ in train_data), "prompt": style.name, "curve": curve}
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
@@ -199,6 +203,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--context-weight", type=float, default=0.0,
                    help="loss weight of the context tokens (task, observations) beside the answers' 1")
+    p.add_argument("--noise-weight", type=float, default=0.0,
+                   help="loss weight of an executed action that was injected noise (0: shown, never learned)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--snapshot-at", default="", help="comma-separated training progress fractions to snapshot at")
     p.add_argument("--snapshots", type=Path, default=None, help="directory of the snapshots")
@@ -210,7 +216,7 @@ def main(argv=None):
     m = train(read_episodes(a.episodes), tok, a.out, style=prompts.get(**json.loads(a.prompt)), arch=json.loads(a.arch),
               steps=a.steps,
               max_minutes=a.max_minutes, batch_tokens=a.batch_tokens, lr=a.lr, warmup=a.warmup, seed=a.seed,
-              threads=a.threads, context_weight=a.context_weight,
+              threads=a.threads, context_weight=a.context_weight, noise_weight=a.noise_weight,
               snapshot_at=tuple(float(f) for f in a.snapshot_at.split(",") if f),
               snapshots=a.snapshots)
     print(json.dumps({k: v for k, v in m.items() if k != "curve"}))

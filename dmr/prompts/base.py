@@ -36,8 +36,11 @@ class PromptStyle(Protocol):
         """Character spans of a completion's reasoning (instruct: its `<think>...</think>` blocks);
         the rest is the action block, which the step KL scores by default (dmr.kl)."""
 
-    def segments(self, tokenizer, goal: str, first: str, steps: list[dict]) -> list[list[tuple[str, bool]]]:
-        """Behaviour-cloning sequences of one recorded episode: lists of (text, supervised)."""
+    def segments(self, tokenizer, goal: str, first: str, steps: list[dict]) -> list[list[tuple[str, bool | None]]]:
+        """Behaviour-cloning sequences of one recorded episode: lists of (text, supervised), where
+        supervised is True for an expert answer, False for context (task, observations) and None
+        for an executed action that was injected noise (dmr.expert): shown, but weighed as
+        `noise_weight` (dmr.tiny_agent), so the agent does not learn to act at random."""
 
 
 _TEMPLATE = re.compile(r"<[^<>\s][^<>]*>")

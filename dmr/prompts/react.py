@@ -71,10 +71,10 @@ class React:
 
     def segments(self, tokenizer, goal, first, steps):
         """One sequence per episode. A step whose executed action was injected noise is shown as
-        executed but not supervised; the expert labels of the steps after it teach the recovery."""
+        executed but not supervised (None); the expert labels of the steps after it teach the recovery."""
         seq = [(self._head(Episode(goal, first)), False)]
         for i, s in enumerate(steps):
-            seq.append((self.answer(s["action"]), s["action"] == s["label"]))
+            seq.append((self.answer(s["action"]), True if s["action"] == s["label"] else None))
             if i + 1 < len(steps):
                 seq.append((f"{s['next_obs'].strip()}\n>", False))
         return [seq]
