@@ -11,7 +11,8 @@ few critical ones. A cell is in that regime when (docs/regime.md):
 - (c) the step-KL oracle at K = 0.4 recovers >= 80% of the Full - Quant gap.
 
 Per scheme: the top-1 agreement of the two precisions on the KL pool (the share of steps where
-their argmax token agrees at every position of bf16's action),
+their argmax token agrees at every position of bf16's action), bf16's own entropy on the pool
+(routine steps against decision points),
 step-KL percentiles, the histogram's shape (its modes and the depth of the valley between them),
 the plateau rule's verdict, Full and Quant success on the same tasks, and, where the scheme was
 routed, the oracle at K = 0.4 (its realised bf16 share matched to DMR's). Missing runs leave their
@@ -63,6 +64,12 @@ def row(cell: Path, scheme: str, seeds: list[int], step_types: list[str] | None)
     out = {"scheme": scheme, "steps": kl.height,
            "top1_agreement": 1.0 - float(kl["greedy_mismatch"].mean()) if "greedy_mismatch" in kl.columns else None,
            **{f"kl_p{q}": float(kl["kl"].quantile(q / 100)) for q in (50, 90, 99)},
+           # bf16's own confidence on its pool (mean token entropy of its action, nats): the routine
+           # steps (p50) against the decision points (p90). Two orders of magnitude apart is the agent
+           # whose KL can collapse on routine steps while it stays high at decisions.
+           **{f"bf16_entropy_p{q}": (float(kl["high_entropy"].quantile(q / 100))
+                                     if "high_entropy" in kl.columns and kl["high_entropy"].null_count() < kl.height
+                                     else None) for q in (50, 90)},
            "shape": form, "valley": valley, "plateau_found": bool(th["plateau_found"]),
            "plateau_density": float(th["plateau_density"]), "tau": float(th["tau"]),
            "positive_fraction": float(th["positive_fraction"])}
@@ -107,7 +114,7 @@ def _fmt(v, pct=False) -> str:
 
 
 def markdown(df: pl.DataFrame, title: str) -> str:
-    head = ["scheme", "top-1 agree", "KL p50 / p90 / p99", "histogram", "plateau (density, positives)", "Full",
+    head = ["scheme", "top-1 agree", "bf16 entropy p50 / p90", "KL p50 / p90 / p99", "histogram", "plateau (density, positives)", "Full",
             "Quant", "oracle@0.4 (recovered)", "(a) (b) (c)"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in df.iter_rows(named=True):
@@ -117,7 +124,8 @@ def markdown(df: pl.DataFrame, title: str) -> str:
         oracle = "–" if r["oracle_k0.4"] is None else \
             f"{r['oracle_k0.4']:.1f} ({_fmt(None if r['oracle_recovered'] is None else 100 * r['oracle_recovered'], True)}%)"
         lines.append("| " + " | ".join([
-            r["scheme"], _fmt(r["top1_agreement"]), f"{r['kl_p50']:.2g} / {r['kl_p90']:.2g} / {r['kl_p99']:.2g}", hist,
+            r["scheme"], _fmt(r["top1_agreement"]), f"{_fmt(r['bf16_entropy_p50'])} / {_fmt(r['bf16_entropy_p90'])}",
+            f"{r['kl_p50']:.2g} / {r['kl_p90']:.2g} / {r['kl_p99']:.2g}", hist,
             plateau, _fmt(r["full"], True), _fmt(r["quant"], True), oracle,
             " ".join(_fmt(r[k]) for k in ("a_gap", "b_plateau", "c_oracle"))]) + " |")
     lines += ["", f"(a) Full − Quant ≥ {GAP:g} points; (b) a sparse plateau: the plateau rule finds one, the histogram has "
@@ -125,7 +133,8 @@ def markdown(df: pl.DataFrame, title: str) -> str:
               "edge of a tail); (c) the KL oracle "
               f"at K = 0.4 recovers ≥ {RECOVERED:.0%} of the gap (routed schemes only). Success in % on the same "
               "(seed, task) pairs; top-1 agree: share of the KL pool's steps where the two precisions' argmax "
-              "tokens agree at every position of bf16's action.",
+              "tokens agree at every position of bf16's action; bf16 entropy: its mean token entropy over its action at each "
+              "step of the pool, in nats.",
               ""]
     return "\n".join(lines)
 

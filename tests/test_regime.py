@@ -15,7 +15,7 @@ def _scheme(cell, name, kls, won: dict, **override):
     kl_dir.mkdir(parents=True)
     (kl_dir / "threshold.json").write_text(json.dumps(threshold.choose(kls) | override))
     pl.DataFrame({"task": [f"t{i}" for i in range(len(kls))], "step": 0, "kl": kls, "step_type": "action",
-                  "greedy_mismatch": kls > 0.01}).write_parquet(kl_dir / "steps.parquet")
+                  "greedy_mismatch": kls > 0.01, "high_entropy": np.sqrt(kls)}).write_parquet(kl_dir / "steps.parquet")
     for policy, w in won.items():
         run = cell / ("bf16" if policy == "full" else name) / "rollouts" / policy / "seed0"
         run.mkdir(parents=True, exist_ok=True)
@@ -45,6 +45,7 @@ def test_regime_table_tells_a_valley_from_the_edge_of_a_tail(tmp_path):
     assert df.height == 3  # a scheme without a KL pool is skipped
     assert edge["shape"] == "two modes" and edge["plateau_found"] and not edge["b_plateau"] and edge["a_gap"]
     assert good["shape"] == "two modes" and good["plateau_found"] and good["sparse_plateau"]
+    assert good["bf16_entropy_p50"] == pytest.approx(float(np.quantile(np.sqrt(bimodal), 0.5)), rel=1e-3)
     assert good["gap"] == pytest.approx(40.0) and good["oracle_recovered"] == pytest.approx(38 / 40)
     assert good["a_gap"] and good["b_plateau"] and good["c_oracle"]
     # One mode: whatever the flag says, a plateau at the min_positive cap is no valley; no oracle run.
