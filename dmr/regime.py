@@ -114,8 +114,8 @@ def _fmt(v, pct=False) -> str:
 
 
 def markdown(df: pl.DataFrame, title: str) -> str:
-    head = ["scheme", "top-1 agree", "bf16 entropy p50 / p90", "KL p50 / p90 / p99", "histogram", "plateau (density, positives)", "Full",
-            "Quant", "oracle@0.4 (recovered)", "(a) (b) (c)"]
+    head = ["scheme", "top-1 agree", "bf16 entropy p50 / p90", "KL p50 / p90 / p99", "histogram",
+            "plateau (density, positives)", "Full", "Quant", "oracle@0.4 (recovered)", "(a) (b) (c)"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in df.iter_rows(named=True):
         hist = r["shape"] + (f", valley {r['valley']:.0%}" if r["valley"] is not None else "")
