@@ -538,11 +538,11 @@ def test_paper_grpo_routes_webshop_search_steps_and_klst_does_not(tmp_path):
 
 def test_regime_sweep_overlays_plan_the_sharp_agent_and_seed_zero(tmp_path):
     """`make regime` with config/sharp-agent.yaml and config/regime-sweep.yaml: the household agent is
-    trained with its injected noise unlearned, and the six schemes get a KL pool and a seed-0 Quant run
+    trained with its injected noise unlearned, and the ten schemes get a KL pool and a seed-0 Quant run
     each, with no router."""
     r = snakemake("-n", "-p", "regime", "--configfile", *(str(ROOT / f"config/{c}.yaml") for c in
                   ("config", "sharp-agent", "regime-sweep")), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "--noise-weight 0.0" in r.stdout and re.search(r"^kl\s+6$", r.stdout, re.M), r.stdout[-3000:]
+    assert "--noise-weight 0.0" in r.stdout and re.search(r"^kl\s+10$", r.stdout, re.M), r.stdout[-3000:]
     assert re.search(r"^train_agent\s+1$", r.stdout, re.M) and not re.search(r"^klst\s", r.stdout, re.M)
     assert "rollouts/quant/seed0" in r.stdout and "rollouts/quant/seed1" not in r.stdout
