@@ -64,9 +64,9 @@ def row(cell: Path, scheme: str, seeds: list[int], step_types: list[str] | None)
     out = {"scheme": scheme, "steps": kl.height,
            "top1_agreement": 1.0 - float(kl["greedy_mismatch"].mean()) if "greedy_mismatch" in kl.columns else None,
            **{f"kl_p{q}": float(kl["kl"].quantile(q / 100)) for q in (50, 90, 99)},
-           # bf16's own confidence on its pool (mean token entropy of its action, nats): the routine
-           # steps (p50) against the decision points (p90). Two orders of magnitude apart is the agent
-           # whose KL can collapse on routine steps while it stays high at decisions.
+           # bf16's own confidence on its pool (mean token entropy of its action, nats), at the
+           # routine steps (p50) and the decision points (p90): a step's KL can only collapse where
+           # the agent is near-deterministic, so a high p50 leaves no low mode to separate.
            **{f"bf16_entropy_p{q}": (float(kl["high_entropy"].quantile(q / 100))
                                      if "high_entropy" in kl.columns and kl["high_entropy"].null_count() < kl.height
                                      else None) for q in (50, 90)},
