@@ -95,13 +95,14 @@ def verdict(diff: dict) -> str:
     return "tie"
 
 
-def against(me: pl.DataFrame, ref_runs: list[pl.DataFrame], prefix: str) -> dict:
+def against(me: pl.DataFrame, ref_runs: list[pl.DataFrame], prefix: str, n_as: str | None = None) -> dict:
     """The paired difference of outcomes `me` to a reference method's runs as PREFIX, PREFIX_lo,
-    PREFIX_hi, PREFIX_p, PREFIX_verdict and PREFIX_n (the pairs used)."""
+    PREFIX_hi, PREFIX_p and PREFIX_verdict, plus the number of pairs used under `n_as` if given."""
     m, r = aligned(me, outcomes(ref_runs))
     dd = difference(m, r)
-    return {prefix: dd["delta"], f"{prefix}_lo": dd["lo"], f"{prefix}_hi": dd["hi"], f"{prefix}_p": dd["p"],
-            f"{prefix}_verdict": verdict(dd), f"{prefix}_n": dd["n"]}
+    out = {prefix: dd["delta"], f"{prefix}_lo": dd["lo"], f"{prefix}_hi": dd["hi"], f"{prefix}_p": dd["p"],
+           f"{prefix}_verdict": verdict(dd)}
+    return out | ({n_as: dd["n"]} if n_as else {})
 
 
 def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
@@ -127,18 +128,16 @@ def compare(runs: dict[str, list[pl.DataFrame]]) -> pl.DataFrame:
                 dd = difference(m, arr)
                 row.update({f"vs_{ref}": dd["delta"], f"vs_{ref}_lo": dd["lo"], f"vs_{ref}_hi": dd["hi"]})
         if refs["random"] is not None:
-            row.update(against(me, refs["random"], "vs_random"))
-            row["paired_tasks"] = row.pop("vs_random_n")
+            row.update(against(me, refs["random"], "vs_random", n_as="paired_tasks"))
         if refs["forced"] is not None:  # what routing adds over forcing App. C.1's steps to bf16 alone
-            row.update({k: v for k, v in against(me, refs["forced"], "vs_forced").items() if k != "vs_forced_n"})
+            row.update(against(me, refs["forced"], "vs_forced"))
         binaries = {n: runs[f"{quant}/{n}@{k}"] for n in (f"DMR-{low}" for low in scheme_lows(quant))
                     if f"{quant}/{n}@{k}" in runs} if is_ladder(quant) and base in ("DMR", "GRPO") else {}
         # The better two-precision router at the same cost budget, chosen by its success on these same
         # tasks: the comparison leans against the ladder router, never for it.
         if binaries:
             ref = max(binaries, key=lambda n: float(outcomes(binaries[n])["won"].mean()))
-            row.update({k: v for k, v in against(me, binaries[ref], "vs_binary").items() if k != "vs_binary_n"},
-                       vs_binary_ref=ref)
+            row.update(against(me, binaries[ref], "vs_binary"), vs_binary_ref=ref)
         rows.append(row)
     schema = {"quant": pl.Utf8, "method": pl.Utf8, "budget": pl.Float64}
     for col in ("recovered", "vs_full", "vs_quant", "vs_random", "vs_forced", "vs_binary"):

@@ -45,6 +45,7 @@ def encode_sequences(episodes, tokenizer, style, max_len: int, context_weight: f
     context (task, observations) `context_weight`, and an executed action that was injected noise
     `noise_weight`: above 0 the agent learns to emit the noise it was shown (a floor on its
     confidence at every step, and repeated actions, the loop the noise is there to break)."""
+    weights = {True: 1.0, False: context_weight, None: noise_weight}  # answer, context, injected noise
     out = []
     for ep in episodes:
         for seq in sequences(ep, style, tokenizer):
@@ -52,8 +53,7 @@ def encode_sequences(episodes, tokenizer, style, max_len: int, context_weight: f
             for text, supervised in seq:
                 piece = tokenizer.encode(text, add_special_tokens=False)
                 ids += piece
-                weight = 1.0 if supervised else context_weight if supervised is False else noise_weight
-                sup += [weight] * len(piece)
+                sup += [weights[supervised]] * len(piece)
             if len(ids) > max_len:
                 raise ValueError(f"a sequence of {len(ids)} tokens exceeds max_position_embeddings={max_len}; "
                                  "shorten the prompt window or raise arch.max_position_embeddings")
