@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -31,6 +32,7 @@ def episode(env, task, noise: float, rng: random.Random, repeat: float = 0.0, in
     steps, obs, admissible = [], first.text, first.admissible
     while True:
         label = env.expert_action()
+        source = getattr(env, "expert_source", None)
         action = label
         if rng.random() < noise:
             u = rng.random() if repeat or invalid else 1.0
@@ -43,11 +45,26 @@ def episode(env, task, noise: float, rng: random.Random, repeat: float = 0.0, in
                 action = rng.choice(admissible)
         tr = env.step(action)
         steps.append({"obs": obs, "admissible": admissible, "label": label, "action": action,
-                      "next_obs": tr.text})
+                      "next_obs": tr.text} | ({"source": source} if source else {}))
         obs, admissible = tr.text, tr.admissible
         if tr.done:
             return {"task": task.key, "task_type": task.task_type, "goal": first.goal, "first": first.text,
                     "won": tr.won, "steps": steps}
+
+
+def help_report(episodes: list[dict], seconds: float) -> str:
+    """Which expert labelled the episodes, where the environment says (`expert_source`: real ALFWorld's
+    handcoded expert with the planner taking over when it fails), and the time per episode."""
+    n = len(episodes)
+    line = f"{n} expert episodes in {seconds:.0f} s ({seconds / max(n, 1):.2f} s each)"
+    sourced = [ep for ep in episodes if any("source" in s for s in ep["steps"])]
+    if not sourced:
+        return line
+    helped = sum(any(s.get("source") in ("walkthrough", "planner") for s in ep["steps"]) for ep in sourced)
+    steps = [s.get("source") for ep in sourced for s in ep["steps"]]
+    shares = ", ".join(f"{k} {steps.count(k) / len(steps):.1%}" for k in sorted(set(steps), key=str))
+    return (f"{line}; the walkthrough or planner labelled steps of {helped} of {len(sourced)} episodes "
+            f"({helped / len(sourced):.1%}); labels by source: {shares}")
 
 
 def main(argv=None):
@@ -73,6 +90,7 @@ def main(argv=None):
     size = env.split_size("train") if hasattr(env, "split_size") else None
     pool = env.tasks("train", a.episodes if size is None else min(a.episodes, size))
     foreign: list[str] = []
+    start, episodes = time.perf_counter(), []
     with tmp.open("w") as f:
         for i in tqdm(range(a.episodes), desc="expert episodes"):
             task = pool[i % len(pool)]
@@ -80,8 +98,10 @@ def main(argv=None):
             ep = episode(env, task, noise, rng, a.repeat, a.invalid, foreign)
             foreign = sorted({x for s in ep["steps"] for x in s["admissible"] if "<" not in x})
             won += ep["won"]
+            episodes.append({"steps": [{"source": s["source"]} for s in ep["steps"] if "source" in s]})
             f.write(json.dumps(ep) + "\n")
     tmp.rename(a.out)
+    print(help_report(episodes, time.perf_counter() - start))
     print(f"{won}/{a.episodes} expert episodes won -> {a.out}")
 
 

@@ -482,9 +482,10 @@ def test_fewshot_prefix_by_name():
         get("react", fewshot="alfworld", prefix="x")
 
 
-def test_thinking_expert_and_expert_data_cycle_over_a_small_split(tmp_path):
+def test_thinking_expert_and_expert_data_cycle_over_a_small_split(tmp_path, capsys):
     """The expert thinks first (the few-shot examples' plan line), then wins; expert data larger
-    than the split cycles over its games."""
+    than the split cycles over its games; every label names the expert that gave it, and the log
+    reports how often the walkthrough or planner had to help."""
     from dmr import expert
     from dmr.envs.alfworld import plan_thought
 
@@ -493,6 +494,10 @@ def test_thinking_expert_and_expert_data_cycle_over_a_small_split(tmp_path):
     expert.main(["--env", "alfworld", "--env-kwargs", json.dumps(kw), "--episodes", "4", "--noise", "0.3",
                  "--clean-fraction", "0.75", "--out", str(out)])
     eps = expert.read_episodes(out)
+    sources = [[s["source"] for s in ep["steps"]] for ep in eps]
+    assert all(src[0] == "plan" and set(src[1:]) <= {"handcoded", "walkthrough", "planner"} for src in sources)
+    helped = sum(bool({"walkthrough", "planner"} & set(src)) for src in sources)
+    assert f"labelled steps of {helped} of 4 episodes" in capsys.readouterr().out
     assert [e["task"] for e in eps] == ["alfworld/train/0", "alfworld/train/1", "alfworld/train/2", "alfworld/train/0"]
     e = make(**{k: v for k, v in kw.items() if k != "data"})
     for ep in eps[:3]:  # clean: think, then the expert's actions to the win

@@ -206,6 +206,21 @@ def test_expert_only_uses_observed_information():
                 break
 
 
+def test_expert_help_report():
+    """The expert data's log line: time per episode, and (where the environment names its labels'
+    expert) the share of episodes that needed the walkthrough or planner, and labels by source."""
+    from dmr.expert import help_report
+
+    assert help_report([{"steps": []}] * 4, 10.0) == "4 expert episodes in 10 s (2.50 s each)"
+    eps = [{"steps": [{"source": "plan"}, {"source": "handcoded"}, {"source": "handcoded"}]},
+           {"steps": [{"source": "plan"}, {"source": "handcoded"}, {"source": "planner"}]},
+           {"steps": [{"source": "plan"}, {"source": "walkthrough"}, {"source": "walkthrough"}]},
+           {"steps": [{"source": "plan"}, {"source": "handcoded"}, {"source": "handcoded"}]}]
+    assert help_report(eps, 8.0) == (
+        "4 expert episodes in 8 s (2.00 s each); the walkthrough or planner labelled steps of 2 of 4 episodes "
+        "(50.0%); labels by source: handcoded 41.7%, plan 33.3%, planner 8.3%, walkthrough 16.7%")
+
+
 def test_expert_needs_running_episode():
     env = HouseholdEnv()
     with pytest.raises(RuntimeError):
