@@ -2,8 +2,12 @@
 
 Schemes: `gptq_w4a16`, `awq_w4a16` (the current recipe: transform.awq.AWQModifier, then a
 QuantizationModifier) and `gptq_w3a16` (3-bit, symmetric, group 128, via config_groups), plus the
-general form METHOD_wBITSa16[_gGROUP]. All target Linear layers and ignore lm_head. The checkpoint
-is saved compressed (compressed-tensors), with the recipe and the library versions next to it.
+general form METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]]. They target the Linear layers and ignore
+lm_head. PART (`attn`: q/k/v/o_proj; `mlp`: gate/up/down_proj) mixes bits per layer kind: alone
+(`rtn_w2a16_mlp`) only that kind is quantized and the other stays at full precision; with its own
+bits (`rtn_w2a16_attnw3`, `..._attnw4g64`) that kind takes them (group 128 unless given) and the
+other kind the scheme's. The checkpoint is saved compressed
+(compressed-tensors), with the recipe and the library versions next to it.
 
 Calibration text: the paper uses 128 C4 documents of 2048 tokens. Nothing is downloaded here, so
 the source is a local file (`.txt`: one document per blank-line-separated block; `.jsonl`: a
@@ -28,27 +32,45 @@ from dmr.tokenizer import corpus
 SCHEMES = ("gptq_w4a16", "awq_w4a16", "gptq_w3a16")
 # Beyond the paper's three: METHOD_wBITSa16[_gGROUP], e.g. rtn_w3a16 or gptq_w2a16_g64, for small
 # models that the paper's schemes barely hurt (the paper itself moved to W3 where W4 barely hurt).
-SCHEME_RE = re.compile(r"^(gptq|awq|rtn)_w([2-8])a16(?:_g(\d+))?$")
+SCHEME_RE = re.compile(r"^(gptq|awq|rtn)_w([2-8])a16(?:_g(\d+))?(?:_(attn|mlp)(?:w([2-8])(?:g(\d+))?)?)?$")
+# Layer kinds a scheme can single out (Qwen3 module names; the same in Llama-style models).
+PARTS = {"attn": r"re:.*self_attn\.(q|k|v|o)_proj$", "mlp": r"re:.*mlp\.(gate|up|down)_proj$"}
 
 
 def parse_scheme(scheme: str) -> tuple[str, int, int]:
+    """(method, bits, group) of the scheme's main layers."""
     m = SCHEME_RE.match(scheme)
     if not m:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; known: {SCHEMES} or METHOD_wBITSa16[_gGROUP] "
-                         "with METHOD in gptq, awq, rtn")
+        raise ValueError(f"unknown quantization scheme {scheme!r}; known: {SCHEMES} or "
+                         "METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]] with METHOD in gptq, awq, rtn and PART "
+                         "in attn, mlp")
     return m.group(1), int(m.group(2)), int(m.group(3) or 128)
+
+
+def layer_groups(scheme: str) -> list[tuple[str, int, int]]:
+    """(targets, bits, group) of each disjoint layer group a scheme quantizes."""
+    _, bits, group = parse_scheme(scheme)
+    part, part_bits, part_group = SCHEME_RE.match(scheme).group(4, 5, 6)
+    if part is None:
+        return [("Linear", bits, group)]
+    if part_bits is None:
+        return [(PARTS[part], bits, group)]
+    other = next(k for k in PARTS if k != part)
+    return [(PARTS[other], bits, group), (PARTS[part], int(part_bits), int(part_group or 128))]
 
 
 def recipe(scheme: str):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     method, bits, group = parse_scheme(scheme)
-    if bits == 4 and group == 128:
+    groups = layer_groups(scheme)
+    if groups == [("Linear", 4, 128)]:
         quant = {"targets": "Linear", "scheme": "W4A16", "ignore": ["lm_head"]}
     else:
-        quant = {"ignore": ["lm_head"], "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group}}}}
+        quant = {"ignore": ["lm_head"], "config_groups": {f"group_{i}": {
+            "targets": [targets],
+            "weights": {"num_bits": b, "type": "int", "symmetric": True, "strategy": "group", "group_size": g}}
+            for i, (targets, b, g) in enumerate(groups)}}
     if method == "gptq":
         return [GPTQModifier(**quant)]
     if method == "awq":

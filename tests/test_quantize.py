@@ -83,6 +83,44 @@ def test_calibration_sources(tmp_path, tiny_world):
     assert quantize.parse_scheme("rtn_w2a16_g64") == ("rtn", 2, 64)
 
 
+def test_mixed_bit_schemes_name_disjoint_layer_groups():
+    """`_PART` quantizes one layer kind only; `_PARTwBITS[gGROUP]` gives that kind its own bits and the
+    other kind the scheme's; a bad part or a part's bad bits is refused by name."""
+    attn, mlp = quantize.PARTS["attn"], quantize.PARTS["mlp"]
+    assert quantize.layer_groups("gptq_w3a16") == [("Linear", 3, 128)]
+    assert quantize.layer_groups("rtn_w2a16_mlp") == [(mlp, 2, 128)]
+    assert quantize.layer_groups("rtn_w2a16_g32_attn") == [(attn, 2, 32)]
+    assert quantize.layer_groups("rtn_w2a16_attnw3") == [(mlp, 2, 128), (attn, 3, 128)]
+    assert quantize.layer_groups("gptq_w2a16_g64_mlpw4g32") == [(attn, 2, 64), (mlp, 4, 32)]
+    assert quantize.parse_scheme("rtn_w2a16_attnw3") == ("rtn", 2, 128)
+    for bad in ("rtn_w2a16_ffn", "rtn_w2a16_attnw9", "rtn_w2a16_attn_mlp", "rtn_w2a16_attnw3g"):
+        with pytest.raises(ValueError, match="unknown quantization scheme"):
+            quantize.parse_scheme(bad)
+
+
+def test_mixed_bit_scheme_quantizes_each_kind_at_its_bits(tmp_path, tiny_world):
+    """The real llmcompressor run: `rtn_w2a16_attnw3` leaves attention at 3 bits and the MLP at 2, and
+    `rtn_w2a16_mlp` leaves attention unquantized."""
+    eps, _, model = tiny_world
+    texts = quantize.calibration_texts(f"expert:{eps}", 4)
+    for scheme, expect in (("rtn_w2a16_attnw3", {"attn": 3, "mlp": 2}), ("rtn_w2a16_mlp", {"attn": None, "mlp": 2})):
+        quantize.quantize(model, scheme, texts, 128, tmp_path / scheme)
+        cfg = json.loads((tmp_path / scheme / "config.json").read_text())["quantization_config"]
+        bits = {}
+        for g in cfg["config_groups"].values():
+            for t in g["targets"]:
+                kind = next(k for k, v in quantize.PARTS.items() if v == t)
+                bits[kind] = g["weights"]["num_bits"]
+        assert {k: bits.get(k) for k in expect} == expect
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "rtn_w2a16_mlp" / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert any(k.endswith("self_attn.q_proj.weight") for k in keys)  # attention stays as it was
+    assert not any(k.endswith("self_attn.q_proj.weight_packed") for k in keys)
+    assert any(k.endswith("mlp.down_proj.weight_packed") for k in keys)
+
+
 def test_score_equals_full_forward(prompt_and_bf16):
     """score() of a continuation is exactly the log-probs a plain full forward pass gives."""
     prompt, obs, b = prompt_and_bf16
