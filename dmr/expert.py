@@ -90,19 +90,28 @@ def main(argv=None):
     size = env.split_size("train") if hasattr(env, "split_size") else None
     pool = env.tasks("train", a.episodes if size is None else min(a.episodes, size))
     foreign: list[str] = []
-    start, episodes = time.perf_counter(), []
+    start, episodes, skipped = time.perf_counter(), [], []
     with tmp.open("w") as f:
         for i in tqdm(range(a.episodes), desc="expert episodes"):
             task = pool[i % len(pool)]
             noise = 0.0 if i < a.clean_fraction * a.episodes else a.noise
-            ep = episode(env, task, noise, rng, a.repeat, a.invalid, foreign)
+            try:
+                ep = episode(env, task, noise, rng, a.repeat, a.invalid, foreign)
+            except envs.ExpertFailed as e:  # one unplannable state must not cost the whole run
+                skipped.append(task.key)
+                tqdm.write(f"skipped episode {i} ({task.key}): {e}")
+                continue
             foreign = sorted({x for s in ep["steps"] for x in s["admissible"] if "<" not in x})
             won += ep["won"]
             episodes.append({"steps": [{"source": s["source"]} for s in ep["steps"] if "source" in s]})
             f.write(json.dumps(ep) + "\n")
+    if not episodes:
+        raise SystemExit(f"the expert failed on all {a.episodes} episodes; nothing written to {a.out}")
     tmp.rename(a.out)
     print(help_report(episodes, time.perf_counter() - start))
-    print(f"{won}/{a.episodes} expert episodes won -> {a.out}")
+    if skipped:
+        print(f"skipped {len(skipped)} of {a.episodes} episodes where the expert failed: {', '.join(skipped)}")
+    print(f"{won}/{len(episodes)} expert episodes won -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -321,6 +321,26 @@ def test_expert_relabels_noisy_episodes(expert):
     e.close()
 
 
+def test_replan_runs_in_a_child_that_a_time_limit_kills():
+    """A replan in a forked child gives the in-process plan; past `replan_timeout` the child is
+    killed and the expert says it failed (expert data then skips the episode)."""
+    from dmr.envs import ExpertFailed
+
+    e = make(expert="planner")
+    e.reset(e.tasks("valid_seen", 1, 2)[0])
+    e.step(e.expert_action())  # off the start, so the plan is not the walkthrough's trivially
+    e.replan_timeout = 0
+    inline = e._replan()
+    e.replan_timeout = 60
+    assert inline and e._replan() == inline
+    e.replan_timeout = 1e-9
+    with pytest.raises(ExpertFailed, match="no plan within replan_timeout"):
+        e._replan()
+    e.replan_timeout = 60
+    assert e._replan() == inline  # the killed child left this process's planner as it was
+    e.close()
+
+
 def test_expert_survives_think_and_invalid_steps(env):
     e = make(expert="handcoded")
     task = e.tasks("valid_seen", 1, 5)[0]

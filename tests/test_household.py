@@ -221,6 +221,26 @@ def test_expert_help_report():
         "(50.0%); labels by source: handcoded 41.7%, plan 33.3%, planner 8.3%, walkthrough 16.7%")
 
 
+def test_expert_data_skips_an_episode_the_expert_cannot_label(tmp_path, monkeypatch, capsys):
+    """An expert failure (ExpertFailed) costs its episode, named in the log, not the run."""
+    from dmr import envs, expert
+
+    class Failing(HouseholdEnv):
+        def expert_action(self):
+            if self._task.key.endswith("/1"):
+                raise envs.ExpertFailed("no plan for this one")
+            return super().expert_action()
+
+    monkeypatch.setattr(envs, "make", lambda name, **kw: Failing(**kw))
+    out = tmp_path / "eps.jsonl"
+    expert.main(["--env", "household", "--episodes", "3", "--out", str(out)])
+    eps = expert.read_episodes(out)
+    assert [e["task"].rsplit("/", 1)[1] for e in eps] == ["0", "2"] and all(e["won"] for e in eps)
+    log = capsys.readouterr().out
+    assert "skipped 1 of 3 episodes where the expert failed: household/train/1" in log
+    assert "2/2 expert episodes won" in log
+
+
 def test_expert_needs_running_episode():
     env = HouseholdEnv()
     with pytest.raises(RuntimeError):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from dmr.envs.base import SPLITS, Env, Observation, Task, Transition, split_seed  # noqa: F401
+from dmr.envs.base import SPLITS, Env, ExpertFailed, Observation, Task, Transition, split_seed  # noqa: F401
 
 ENVS = {
     "household": "dmr.envs.household:HouseholdEnv",

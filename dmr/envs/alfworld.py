@@ -46,7 +46,9 @@ Expert (`expert_action`). Two experts, both of which label any reachable state (
   an executed action leaves the plan and changes the state (oracle: it knows hidden contents).
   Off-plan actions that only add `checked` facts (look, examine, inventory, help) keep the plan;
   an off-plan `go to` keeps it by going back first (or by dropping a `go to` it already did).
-  A replan takes 0.01 s to ~20 s depending on the game.
+  A replan takes 0.01 s to ~20 s depending on the game, and on a few states fast-downward searches
+  for many minutes: with `replan_timeout` > 0 (default 60 s) each replan runs in a forked child
+  that is killed at the limit, and the expert raises ExpertFailed (expert data skips the episode).
 Both are seeded per task (the handcoded expert breaks ties with `random`), so labels are
 reproducible. `expert_source` says which one produced the last label.
 
@@ -76,6 +78,8 @@ import json
 import os
 import random
 import re
+import select
+import signal
 import sys
 import types
 import warnings
@@ -83,7 +87,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
-from dmr.envs.base import Observation, Task, Transition
+from dmr.envs.base import ExpertFailed, Observation, Task, Transition
 
 ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen", "valid_train")
 DEFAULT_SPLITS = {"train": "train", "calib": "valid_seen", "test": "valid_unseen"}
@@ -494,7 +498,7 @@ class AlfWorldEnv:
 
     def __init__(self, data: str | None = None, max_steps: int = 50, splits: dict | None = None,
                  expert: str | None = "handcoded", handcoded_budget: int = 30, order: str = "hash",
-                 task_types=None, memo: bool = True, expert_thinks: bool = False):
+                 task_types=None, memo: bool = True, expert_thinks: bool = False, replan_timeout: float = 60.0):
         if max_steps < 1:
             raise ValueError("max_steps must be >= 1")
         if expert not in EXPERTS + (None,):
@@ -504,6 +508,7 @@ class AlfWorldEnv:
         self.max_steps = max_steps
         self.expert = expert
         self.handcoded_budget = handcoded_budget
+        self.replan_timeout = replan_timeout
         # The expert's first label is the plan `think:` step of the few-shot examples, so agents
         # cloned from it think too (and their KL pools hold think steps for the AO/AS ablation).
         self.expert_thinks = expert_thinks
@@ -764,7 +769,32 @@ class AlfWorldEnv:
 
     def _replan(self) -> list[str]:
         pddl = self._tw.unwrapped
-        return list(pddl._pddl_state.replan(pddl._entity_infos))
+        if self.replan_timeout <= 0:
+            return list(pddl._pddl_state.replan(pddl._entity_infos))
+        # fast-downward's search is one C call that Python cannot interrupt: run it in a forked
+        # copy of this process (its planner state included) and kill that at the limit.
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: plan, send it, leave without running any cleanup of the parent's
+            try:
+                os.close(read)
+                with os.fdopen(write, "w") as f:
+                    json.dump(list(pddl._pddl_state.replan(pddl._entity_infos)), f)
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            ready, _, _ = select.select([f], [], [], self.replan_timeout)
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise ExpertFailed(f"{self._game}: the planner found no plan within replan_timeout "
+                                   f"({self.replan_timeout:g} s)")
+            text = f.read()
+        os.waitpid(pid, 0)
+        if not text:
+            raise ExpertFailed(f"{self._game}: the planner's child process died without a plan")
+        return json.loads(text)
 
     def expert_action(self) -> str:
         if self._task is None or self._done:
@@ -783,7 +813,7 @@ class AlfWorldEnv:
         if not (self._plan and self._plan[0] in self._admissible):
             self._plan, self._plan_source = self._replan(), "planner"
             if not self._plan or self._plan[0] not in self._admissible:
-                raise RuntimeError(f"{self._game}: the planner found no plan from the current state")
+                raise ExpertFailed(f"{self._game}: the planner found no plan from the current state")
         self._label, self.expert_source = self._plan[0], self._plan_source
         return self._label
 

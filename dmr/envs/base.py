@@ -61,6 +61,11 @@ class Transition:
     info: dict = field(default_factory=dict)
 
 
+class ExpertFailed(RuntimeError):
+    """The expert cannot label the current state (e.g. ALFWorld's planner finds no plan in time):
+    expert data skips the episode and says so, instead of losing the run."""
+
+
 @runtime_checkable
 class Env(Protocol):
     name: str
@@ -76,4 +81,5 @@ class Env(Protocol):
         ...
 
     def expert_action(self) -> str:
-        """The expert's next action from the current state (used for BC data and tests)."""
+        """The expert's next action from the current state (used for BC data and tests); raises
+        ExpertFailed where it has none."""
