@@ -134,7 +134,7 @@ def test_precisions_overlay_adds_one_ladder_to_the_default(tmp_path):
     its plan adds the three-precision router, its cost calibration and the binary routers' cost runs."""
     base = yaml.safe_load((ROOT / "config/config.yaml").read_text())["cells"]
     over = yaml.safe_load((ROOT / "config/precisions.yaml").read_text())["cells"]
-    ladder = "gptq_w4a16+rtn_w2a16"
+    ladder = "gptq_w4a16+rtn_w2a16_attnw3"
     assert over[0]["route"] == [*base[0]["route"], ladder]
     assert [{k: v for k, v in c.items() if k != "route"} for c in over] == \
         [{k: v for k, v in c.items() if k != "route"} for c in base] and over[1:] == base[1:]
@@ -145,7 +145,7 @@ def test_precisions_overlay_adds_one_ladder_to_the_default(tmp_path):
     assert f"results/household/tiny/{ladder}/router/router.pt" in r.stdout
     for run in ("dmr-k0.8", "random-k0.8", "grpo-k0.8"):
         assert f"{ladder}/rollouts/{run}/seed0" in r.stdout, run
-    assert "gptq_w4a16/rollouts/dmr-c0.8/seed0" in r.stdout and "rtn_w2a16/rollouts/dmr-c0.8/seed0" in r.stdout
+    assert "gptq_w4a16/rollouts/dmr-c0.8/seed0" in r.stdout and "rtn_w2a16_attnw3/rollouts/dmr-c0.8/seed0" in r.stdout
 
 
 # Configs that stand alone (their headers say so); config/agents.yaml is an overlay of config/config.yaml.
@@ -536,13 +536,14 @@ def test_paper_grpo_routes_webshop_search_steps_and_klst_does_not(tmp_path):
             assert steps.group(1).split() == ["click"], c
 
 
-def test_regime_sweep_overlays_plan_the_sharp_agent_and_seed_zero(tmp_path):
-    """`make regime` with config/sharp-agent.yaml and config/regime-sweep.yaml: the household agent is
-    trained with its injected noise unlearned, and the ten schemes get a KL pool and a seed-0 Quant run
-    each, with no router."""
+def test_regime_sweep_overlay_plans_the_recipe_agent_and_seed_zero(tmp_path):
+    """`make regime` with config/agents.yaml and config/regime-sweep.yaml: the household agent is
+    trained from its recipe (12000 steps, its injected noise unlearned), and the twelve schemes get a
+    KL pool and a seed-0 Quant run each, with no router."""
     r = snakemake("-n", "-p", "regime", "--configfile", *(str(ROOT / f"config/{c}.yaml") for c in
-                  ("config", "sharp-agent", "regime-sweep")), cwd=tmp_path)
+                  ("config", "agents", "regime-sweep")), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "--noise-weight 0.0" in r.stdout and re.search(r"^kl\s+10$", r.stdout, re.M), r.stdout[-3000:]
+    assert "--steps 12000" in r.stdout and "--noise-weight 0.0" in r.stdout, r.stdout[-3000:]
+    assert re.search(r"^kl\s+12$", r.stdout, re.M), r.stdout[-3000:]
     assert re.search(r"^train_agent\s+1$", r.stdout, re.M) and not re.search(r"^klst\s", r.stdout, re.M)
     assert "rollouts/quant/seed0" in r.stdout and "rollouts/quant/seed1" not in r.stdout
