@@ -103,6 +103,7 @@ def main(argv=None):
                 continue
             foreign = sorted({x for s in ep["steps"] for x in s["admissible"] if "<" not in x})
             won += ep["won"]
+            # what help_report reads: each step's expert, not the episode's text
             episodes.append({"steps": [{"source": s["source"]} for s in ep["steps"] if "source" in s]})
             f.write(json.dumps(ep) + "\n")
     if not episodes:

@@ -6,8 +6,8 @@ general form METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]]. They target the Lin
 lm_head. PART (`attn`: q/k/v/o_proj; `mlp`: gate/up/down_proj) mixes bits per layer kind: alone
 (`rtn_w2a16_mlp`) only that kind is quantized and the other stays at full precision; with its own
 bits (`rtn_w2a16_attnw3`, `..._attnw4g64`) that kind takes them (group 128 unless given) and the
-other kind the scheme's. The checkpoint is saved compressed
-(compressed-tensors), with the recipe and the library versions next to it.
+other kind the scheme's. The checkpoint is saved compressed (compressed-tensors), with the recipe
+and the library versions next to it.
 
 Calibration text: the paper uses 128 C4 documents of 2048 tokens. Nothing is downloaded here, so
 the source is a local file (`.txt`: one document per blank-line-separated block; `.jsonl`: a
@@ -30,8 +30,9 @@ from dmr.llm.hf import HFBackend
 from dmr.tokenizer import corpus
 
 SCHEMES = ("gptq_w4a16", "awq_w4a16", "gptq_w3a16")
-# Beyond the paper's three: METHOD_wBITSa16[_gGROUP], e.g. rtn_w3a16 or gptq_w2a16_g64, for small
-# models that the paper's schemes barely hurt (the paper itself moved to W3 where W4 barely hurt).
+# Beyond the paper's three: METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]], e.g. rtn_w3a16,
+# gptq_w2a16_g64 or rtn_w2a16_attnw3, for small models that the paper's schemes barely hurt (the
+# paper itself moved to W3 where W4 barely hurt).
 SCHEME_RE = re.compile(r"^(gptq|awq|rtn)_w([2-8])a16(?:_g(\d+))?(?:_(attn|mlp)(?:w([2-8])(?:g(\d+))?)?)?$")
 # Layer kinds a scheme can single out (Qwen3 module names; the same in Llama-style models).
 PARTS = {"attn": r"re:.*self_attn\.(q|k|v|o)_proj$", "mlp": r"re:.*mlp\.(gate|up|down)_proj$"}
@@ -62,7 +63,7 @@ def layer_groups(scheme: str) -> list[tuple[str, int, int]]:
 def recipe(scheme: str):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
-    method, bits, group = parse_scheme(scheme)
+    method = parse_scheme(scheme)[0]
     groups = layer_groups(scheme)
     if groups == [("Linear", 4, 128)]:
         quant = {"targets": "Linear", "scheme": "W4A16", "ignore": ["lm_head"]}
