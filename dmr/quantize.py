@@ -3,11 +3,11 @@
 Schemes: `gptq_w4a16`, `awq_w4a16` (the current recipe: transform.awq.AWQModifier, then a
 QuantizationModifier) and `gptq_w3a16` (3-bit, symmetric, group 128, via config_groups), plus the
 general form METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]]. They target the Linear layers and ignore
-lm_head. PART (`attn`: q/k/v/o_proj; `mlp`: gate/up/down_proj) mixes bits per layer kind: alone
-(`rtn_w2a16_mlp`) only that kind is quantized and the other stays at full precision; with its own
-bits (`rtn_w2a16_attnw3`, `..._attnw4g64`) that kind takes them (group 128 unless given) and the
-other kind the scheme's. The checkpoint is saved compressed (compressed-tensors), with the recipe
-and the library versions next to it.
+lm_head. PART (`attn`: q/k/v/o_proj; `qkv`: q/k/v_proj; `o`: o_proj; `mlp`: gate/up/down_proj) mixes
+bits per part of each decoder layer: alone (`rtn_w2a16_mlp`) only that part is quantized and the rest
+stays at full precision; with its own bits (`rtn_w2a16_attnw3`, `..._attnw4g64`) that part takes them
+(group 128 unless given) and every other projection the scheme's. The checkpoint is saved compressed
+(compressed-tensors), with the recipe and the library versions next to it.
 
 Calibration text: the paper uses 128 C4 documents of 2048 tokens. Nothing is downloaded here, so
 the source is a local file (`.txt`: one document per blank-line-separated block; `.jsonl`: a
@@ -33,9 +33,17 @@ SCHEMES = ("gptq_w4a16", "awq_w4a16", "gptq_w3a16")
 # Beyond the paper's three: METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]], e.g. rtn_w3a16,
 # gptq_w2a16_g64 or rtn_w2a16_attnw3, for small models that the paper's schemes barely hurt (the
 # paper itself moved to W3 where W4 barely hurt).
-SCHEME_RE = re.compile(r"^(gptq|awq|rtn)_w([2-8])a16(?:_g(\d+))?(?:_(attn|mlp)(?:w([2-8])(?:g(\d+))?)?)?$")
-# Layer kinds a scheme can single out (Qwen3 module names; the same in Llama-style models).
-PARTS = {"attn": r"re:.*self_attn\.(q|k|v|o)_proj$", "mlp": r"re:.*mlp\.(gate|up|down)_proj$"}
+SCHEME_RE = re.compile(r"^(gptq|awq|rtn)_w([2-8])a16(?:_g(\d+))?(?:_(attn|qkv|o|mlp)(?:w([2-8])(?:g(\d+))?)?)?$")
+# The Linear projections of a decoder layer (Qwen3 module names; the same in Llama-style models) and the
+# parts a scheme can single out; the rest of a mixed scheme is every other projection.
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PARTS = {"attn": PROJECTIONS[:4], "qkv": PROJECTIONS[:3], "o": PROJECTIONS[3:4], "mlp": PROJECTIONS[4:]}
+
+
+def targets(projections) -> str:
+    """The llmcompressor target (a module-name regex) of some projections."""
+    return "re:.*(" + "|".join(re.escape(p) for p in projections) + ")$"
 
 
 def parse_scheme(scheme: str) -> tuple[str, int, int]:
@@ -44,7 +52,7 @@ def parse_scheme(scheme: str) -> tuple[str, int, int]:
     if not m:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {SCHEMES} or "
                          "METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]] with METHOD in gptq, awq, rtn and PART "
-                         "in attn, mlp")
+                         "in attn, qkv, o, mlp")
     return m.group(1), int(m.group(2)), int(m.group(3) or 128)
 
 
@@ -55,9 +63,9 @@ def layer_groups(scheme: str) -> list[tuple[str, int, int]]:
     if part is None:
         return [("Linear", bits, group)]
     if part_bits is None:
-        return [(PARTS[part], bits, group)]
-    other = next(k for k in PARTS if k != part)
-    return [(PARTS[other], bits, group), (PARTS[part], int(part_bits), int(part_group or 128))]
+        return [(targets(PARTS[part]), bits, group)]
+    rest = [p for p in PROJECTIONS if p not in PARTS[part]]
+    return [(targets(rest), bits, group), (targets(PARTS[part]), int(part_bits), int(part_group or 128))]
 
 
 def recipe(scheme: str):

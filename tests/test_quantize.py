@@ -3,13 +3,18 @@ checkpoint that the HF backend reloads and runs, and that differs from bf16."""
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dmr import envs, quantize
 from dmr.llm import Sampling, load
 from dmr.prompts import Episode, get
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +89,34 @@ def test_calibration_sources(tmp_path, tiny_world):
 
 
 def test_mixed_bit_schemes_name_disjoint_layer_groups():
-    """`_PART` quantizes one layer kind only; `_PARTwBITS[gGROUP]` gives that kind its own bits and the
-    other kind the scheme's; a bad part or a part's bad bits is refused by name."""
-    attn, mlp = quantize.PARTS["attn"], quantize.PARTS["mlp"]
+    """`_PART` quantizes one part only; `_PARTwBITS[gGROUP]` gives that part its own bits and every other
+    projection the scheme's; a bad part or a part's bad bits is refused by name."""
+    t = quantize.targets
+    attn, mlp = t(quantize.PARTS["attn"]), t(quantize.PARTS["mlp"])
     assert quantize.layer_groups("gptq_w3a16") == [("Linear", 3, 128)]
     assert quantize.layer_groups("rtn_w2a16_mlp") == [(mlp, 2, 128)]
     assert quantize.layer_groups("rtn_w2a16_g32_attn") == [(attn, 2, 32)]
     assert quantize.layer_groups("rtn_w2a16_attnw3") == [(mlp, 2, 128), (attn, 3, 128)]
     assert quantize.layer_groups("gptq_w2a16_g64_mlpw4g32") == [(attn, 2, 64), (mlp, 4, 32)]
+    # qkv at 3 bits: o_proj joins the MLP at the scheme's 2 bits
+    rest, qkv = quantize.layer_groups("rtn_w2a16_qkvw3")
+    assert qkv == (t(quantize.PARTS["qkv"]), 3, 128) and rest[1:] == (2, 128)
+    for name, regex in (("self_attn.o_proj", rest[0]), ("mlp.up_proj", rest[0]), ("self_attn.k_proj", qkv[0])):
+        assert re.match(regex[3:], f"model.layers.3.{name}")
+    assert not re.match(rest[0][3:], "model.layers.3.self_attn.q_proj")
     assert quantize.parse_scheme("rtn_w2a16_attnw3") == ("rtn", 2, 128)
-    for bad in ("rtn_w2a16_ffn", "rtn_w2a16_attnw9", "rtn_w2a16_attn_mlp", "rtn_w2a16_attnw3g"):
+    for bad in ("rtn_w2a16_ffn", "rtn_w2a16_attnw9", "rtn_w2a16_attn_mlp", "rtn_w2a16_attnw3g", "rtn_w2a16_qw3"):
         with pytest.raises(ValueError, match="unknown quantization scheme"):
             quantize.parse_scheme(bad)
+
+
+def test_config_schema_spells_schemes_as_quantize_parses_them():
+    """The schema's scheme pattern (which also constrains quantize.smk's wildcard) accepts exactly the
+    names dmr.quantize parses."""
+    pattern = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["$defs"]["scheme"]["pattern"]
+    for name in ("gptq_w4a16", "rtn_w2a16_g32", "rtn_w2a16_qkvw3", "awq_w3a16_g64_ow2g32", "rtn_w2a16_mlp",
+                 "rtn_w2a16_ffn", "rtn_w9a16", "rtn_w2a16_attnw3g", "int4", "rtn_w2a16_o_mlp"):
+        assert bool(re.match(pattern, name)) == bool(quantize.SCHEME_RE.match(name)), name
 
 
 def test_mixed_bit_scheme_quantizes_each_kind_at_its_bits(tmp_path, tiny_world):
@@ -109,7 +130,7 @@ def test_mixed_bit_scheme_quantizes_each_kind_at_its_bits(tmp_path, tiny_world):
         bits = {}
         for g in cfg["config_groups"].values():
             for t in g["targets"]:
-                kind = next(k for k, v in quantize.PARTS.items() if v == t)
+                kind = next(k for k, v in quantize.PARTS.items() if quantize.targets(v) == t)
                 bits[kind] = g["weights"]["num_bits"]
         assert {k: bits.get(k) for k in expect} == expect
     from safetensors import safe_open

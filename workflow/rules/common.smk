@@ -4,6 +4,8 @@ import shlex
 import subprocess
 import sys
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
@@ -31,6 +33,9 @@ from flags import (
 # Defaults live in the schema: validation fills them in. An agent card's recipe is the config as written.
 WRITTEN = copy.deepcopy(config)
 validate(config, schema="../schemas/config.schema.yaml")
+# A quantization scheme's name, as the schema spells it (quantize.smk's wildcard constraint).
+with open(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")) as f:
+    SCHEME = yaml.safe_load(f)["$defs"]["scheme"]["pattern"].strip("^$")
 # The rules' paths and flags (flags.METHOD); it checks what the schema cannot say.
 flags = Flags(config, workflow.basedir)
 

@@ -12,7 +12,7 @@ rule quantize:
     benchmark:
         cell("benchmarks/quantize/quantize_{quant}.tsv")
     wildcard_constraints:
-        quant="(gptq|awq|rtn)_w[2-8]a16(_g[0-9]+)?(_(attn|mlp)(w[2-8](g[0-9]+)?)?)?",
+        quant=SCHEME,
     conda:
         "../../envs/cpu.yaml"
     threads: config["threads"]
