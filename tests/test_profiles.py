@@ -134,7 +134,7 @@ def test_precisions_overlay_adds_one_ladder_to_the_default(tmp_path):
     its plan adds the three-precision router, its cost calibration and the binary routers' cost runs."""
     base = yaml.safe_load((ROOT / "config/config.yaml").read_text())["cells"]
     over = yaml.safe_load((ROOT / "config/precisions.yaml").read_text())["cells"]
-    ladder = "gptq_w4a16+rtn_w2a16_attnw3"
+    ladder = "gptq_w4a16+rtn_w2a16_qkvw4"
     assert over[0]["route"] == [*base[0]["route"], ladder]
     assert [{k: v for k, v in c.items() if k != "route"} for c in over] == \
         [{k: v for k, v in c.items() if k != "route"} for c in base] and over[1:] == base[1:]
@@ -145,7 +145,7 @@ def test_precisions_overlay_adds_one_ladder_to_the_default(tmp_path):
     assert f"results/household/tiny/{ladder}/router/router.pt" in r.stdout
     for run in ("dmr-k0.8", "random-k0.8", "grpo-k0.8"):
         assert f"{ladder}/rollouts/{run}/seed0" in r.stdout, run
-    assert "gptq_w4a16/rollouts/dmr-c0.8/seed0" in r.stdout and "rtn_w2a16_attnw3/rollouts/dmr-c0.8/seed0" in r.stdout
+    assert "gptq_w4a16/rollouts/dmr-c0.8/seed0" in r.stdout and "rtn_w2a16_qkvw4/rollouts/dmr-c0.8/seed0" in r.stdout
 
 
 # Configs that stand alone (their headers say so); config/agents.yaml is an overlay of config/config.yaml.
