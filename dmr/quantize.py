@@ -46,20 +46,26 @@ def targets(projections) -> str:
     return "re:.*(" + "|".join(re.escape(p) for p in projections) + ")$"
 
 
-def parse_scheme(scheme: str) -> tuple[str, int, int]:
-    """(method, bits, group) of the scheme's main layers."""
+def _match(scheme: str) -> re.Match:
     m = SCHEME_RE.match(scheme)
     if not m:
         raise ValueError(f"unknown quantization scheme {scheme!r}; known: {SCHEMES} or "
                          "METHOD_wBITSa16[_gGROUP][_PART[wBITS[gGROUP]]] with METHOD in gptq, awq, rtn and PART "
-                         "in attn, qkv, o, mlp")
+                         f"in {', '.join(PARTS)}")
+    return m
+
+
+def parse_scheme(scheme: str) -> tuple[str, int, int]:
+    """(method, bits, group) of the scheme's main layers."""
+    m = _match(scheme)
     return m.group(1), int(m.group(2)), int(m.group(3) or 128)
 
 
 def layer_groups(scheme: str) -> list[tuple[str, int, int]]:
     """(targets, bits, group) of each disjoint layer group a scheme quantizes."""
-    _, bits, group = parse_scheme(scheme)
-    part, part_bits, part_group = SCHEME_RE.match(scheme).group(4, 5, 6)
+    m = _match(scheme)
+    bits, group = int(m.group(2)), int(m.group(3) or 128)
+    part, part_bits, part_group = m.group(4, 5, 6)
     if part is None:
         return [("Linear", bits, group)]
     if part_bits is None:

@@ -32,9 +32,10 @@ from flags import (
 
 # Defaults live in the schema: validation fills them in. An agent card's recipe is the config as written.
 WRITTEN = copy.deepcopy(config)
-validate(config, schema="../schemas/config.schema.yaml")
+SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+validate(config, schema=SCHEMA)
 # A quantization scheme's name, as the schema spells it (quantize.smk's wildcard constraint).
-with open(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")) as f:
+with open(SCHEMA) as f:
     SCHEME = yaml.safe_load(f)["$defs"]["scheme"]["pattern"].strip("^$")
 # The rules' paths and flags (flags.METHOD); it checks what the schema cannot say.
 flags = Flags(config, workflow.basedir)
