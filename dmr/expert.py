@@ -9,6 +9,12 @@ an invalid step, so it never learns to leave one and loops on it until the step 
 
 A fixed benchmark split smaller than `--episodes` (ALFWorld's 200 valid_train games) is played
 in passes: episode i plays game i mod the split size, each pass with fresh noise.
+
+`--block B` cuts the episodes into blocks of B, each with its own noise stream (the first seeded
+as the single stream is, the others by the seed and the block's index), so `--workers` processes
+can play blocks side by side and the data do not depend on how many there are.
+Without a block the episodes are one stream (the shipped agents'
+data). Real ALFWorld needs it: its expert takes about 3 s a game.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import argparse
 import json
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
@@ -67,6 +74,33 @@ def help_report(episodes: list[dict], seconds: float) -> str:
             f"({helped / len(sourced):.1%}); labels by source: {shares}")
 
 
+_ENV = None  # one environment per worker process, built once by _init
+
+
+def _init(name: str, kwargs: dict):
+    global _ENV
+    _ENV = envs.make(name, **kwargs)
+
+
+def play(env, tasks: list, noises: list[float], rng: random.Random, repeat: float, invalid: float):
+    """One noise stream: the episodes of `tasks` in order (each one's `foreign` pool is the actions of
+    the episode before it), with the tasks the expert failed on. Yields (episode or None, task)."""
+    foreign: list[str] = []
+    for task, noise in zip(tasks, noises):
+        try:
+            ep = episode(env, task, noise, rng, repeat, invalid, foreign)
+        except envs.ExpertFailed as e:  # one unplannable state must not cost the whole run
+            yield None, f"{task.key}: {e}"
+            continue
+        foreign = sorted({x for s in ep["steps"] for x in s["admissible"] if "<" not in x})
+        yield ep, task.key
+
+
+def _block(job):
+    tasks, noises, seed, repeat, invalid = job
+    return list(play(_ENV, tasks, noises, random.Random(seed), repeat, invalid))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--env", required=True, help="environment name, e.g. household")
@@ -79,39 +113,57 @@ def main(argv=None):
                    help="share of the noisy actions that are admissible elsewhere but not here (invalid steps)")
     p.add_argument("--clean-fraction", type=float, default=0.5,
                    help="fraction of episodes run without noise (pure expert trajectories)")
+    p.add_argument("--block", type=int, default=None,
+                   help="episodes per noise stream (default: one stream); the data depend on it, not on --workers")
+    p.add_argument("--workers", type=int, default=1, help="processes playing blocks side by side (needs --block)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, type=Path, help="output JSONL, one episode per line")
     a = p.parse_args(argv)
-    env = envs.make(a.env, **json.loads(a.env_kwargs))
-    rng = random.Random(a.seed)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    won = 0
+    if a.block is not None and a.block < 1 or a.workers < 1:
+        p.error(f"--block and --workers must be at least 1 (got {a.block}, {a.workers})")
+    kwargs = json.loads(a.env_kwargs)
+    env = envs.make(a.env, **kwargs)
     size = env.split_size("train") if hasattr(env, "split_size") else None
     pool = env.tasks("train", a.episodes if size is None else min(a.episodes, size))
-    foreign: list[str] = []
-    start, episodes, skipped = time.perf_counter(), [], []
+    tasks = [pool[i % len(pool)] for i in range(a.episodes)]
+    noises = [0.0 if i < a.clean_fraction * a.episodes else a.noise for i in range(a.episodes)]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_suffix(".tmp")
+    start, won, episodes, skipped = time.perf_counter(), 0, [], []
+    bar, executor = tqdm(total=a.episodes, desc="expert episodes"), None
+    if a.block is None:
+        results = ([r] for r in play(env, tasks, noises, random.Random(a.seed), a.repeat, a.invalid))
+    else:
+        seeds = [a.seed] + [f"{a.seed}:{k}" for k in range(1, -(-a.episodes // a.block))]
+        jobs = [(tasks[i:i + a.block], noises[i:i + a.block], seed, a.repeat, a.invalid)
+                for seed, i in zip(seeds, range(0, a.episodes, a.block))]
+        if a.workers == 1:
+            _init(a.env, kwargs)
+            results = map(_block, jobs)
+        else:
+            executor = ProcessPoolExecutor(a.workers, initializer=_init, initargs=(a.env, kwargs))
+            results = executor.map(_block, jobs)  # in block order: the file does not depend on timing
     with tmp.open("w") as f:
-        for i in tqdm(range(a.episodes), desc="expert episodes"):
-            task = pool[i % len(pool)]
-            noise = 0.0 if i < a.clean_fraction * a.episodes else a.noise
-            try:
-                ep = episode(env, task, noise, rng, a.repeat, a.invalid, foreign)
-            except envs.ExpertFailed as e:  # one unplannable state must not cost the whole run
-                skipped.append(task.key)
-                tqdm.write(f"skipped episode {i} ({task.key}): {e}")
-                continue
-            foreign = sorted({x for s in ep["steps"] for x in s["admissible"] if "<" not in x})
-            won += ep["won"]
-            # what help_report reads: each step's expert, not the episode's text
-            episodes.append({"steps": [{"source": s["source"]} for s in ep["steps"] if "source" in s]})
-            f.write(json.dumps(ep) + "\n")
+        for block in results:
+            for ep, key in block:
+                bar.update()
+                if ep is None:
+                    skipped.append(key)
+                    tqdm.write(f"skipped {key}")
+                    continue
+                won += ep["won"]
+                # what help_report reads: each step's expert, not the episode's text
+                episodes.append({"steps": [{"source": s["source"]} for s in ep["steps"] if "source" in s]})
+                f.write(json.dumps(ep) + "\n")
+    bar.close()
+    if executor:
+        executor.shutdown()
     if not episodes:
         raise SystemExit(f"the expert failed on all {a.episodes} episodes; nothing written to {a.out}")
     tmp.rename(a.out)
     print(help_report(episodes, time.perf_counter() - start))
     if skipped:
-        print(f"skipped {len(skipped)} of {a.episodes} episodes where the expert failed: {', '.join(skipped)}")
+        print(f"skipped {len(skipped)} of {a.episodes} episodes where the expert failed: {'; '.join(skipped)}")
     print(f"{won}/{len(episodes)} expert episodes won -> {a.out}")
 
 

@@ -241,6 +241,24 @@ def test_expert_data_skips_an_episode_the_expert_cannot_label(tmp_path, monkeypa
     assert "2/2 expert episodes won" in log
 
 
+def test_expert_blocks_do_not_depend_on_workers(tmp_path):
+    """--block cuts the episodes into noise streams that --workers processes play side by side: the
+    file is the same for any number of workers, and a block as long as the run is the one stream."""
+    from dmr import expert
+
+    def data(*flags):
+        out = tmp_path / f"eps{'_'.join(flags)}.jsonl"
+        expert.main(["--env", "household", "--episodes", "12", "--noise", "0.5", "--repeat", "0.3",
+                     "--invalid", "0.3", *flags, "--out", str(out)])
+        return out.read_text()
+
+    one = data()
+    assert data("--block", "12") == one
+    blocks = data("--block", "4")
+    assert blocks != one and len(blocks.splitlines()) == 12
+    assert data("--block", "4", "--workers", "2") == blocks
+
+
 def test_expert_needs_running_episode():
     env = HouseholdEnv()
     with pytest.raises(RuntimeError):

@@ -12,15 +12,19 @@ rule expert_data:
         cell("benchmarks/expert_data/expert_data.tsv")
     conda:
         "../../envs/cpu.yaml"
+    threads: config["threads"]
     resources:
-        **flags.resources("expert_data"),
+        **flags.resources("expert_data", config["threads"]),
     params:
         env=flags.env_args,
         n=lambda w: flags.bench(w)["tasks"]["train"],
         # noise and clean_fraction first, then repeat and invalid where set, so commands stay as they were.
         expert=lambda w: cli_flags(dict.fromkeys(["noise", "clean_fraction"]) | flags.model_cfg(w)["expert"]),
+        # blocks are played on the rule's threads; one stream (no block) plays in one process
+        workers=lambda w, threads: f" --workers {threads}" if "block" in flags.model_cfg(w)["expert"] else "",
     shell:
-        "python -m dmr.expert {params.env} --episodes {params.n} " "{params.expert} --out {output} > {log} 2>&1"
+        "python -m dmr.expert {params.env} --episodes {params.n} "
+        "{params.expert}{params.workers} --out {output} > {log} 2>&1"
 
 
 rule tokenizer:
