@@ -3,7 +3,8 @@ has got (episodes done of its total), every `--every` seconds, until the Snakema
 watches ends.
 
 A rollout in flight is a run directory (dmr.rundir) with a spec.json and no episodes.parquet yet;
-its total is the spec's `n` and its progress the finished episodes in episodes.jsonl. Snakemake's
+its total is the spec's `n` (null for every game of a fixed split: shown as `all`) and its progress
+the finished episodes in episodes.jsonl. Snakemake's
 own lines say which rule started and finished; this adds the inside of the long jobs. Started by
 the workflow's onstart hook; `--once` prints one report and exits.
 """
@@ -19,19 +20,21 @@ from pathlib import Path
 from dmr.rundir import EPISODES
 
 
-def in_flight(results: Path) -> list[tuple[str, int, int]]:
-    """(run directory, episodes done, episodes planned) of every unfinished rollout under results."""
+def in_flight(results: Path) -> list[tuple[str, int, int | None]]:
+    """(run directory, episodes done, episodes planned or None for a whole split) of every unfinished
+    rollout under results."""
     out = []
     for spec in sorted(results.glob("**/spec.json")):
         run = spec.parent
         if (run / "episodes.parquet").exists() or "stale-" in str(run):
             continue
         try:
-            n = int(json.loads(spec.read_text())["n"])
-        except (OSError, ValueError, KeyError):
+            n = json.loads(spec.read_text())["n"]
+            n = None if n is None else int(n)
+        except (OSError, ValueError, TypeError, KeyError):
             continue
         done = sum(1 for _ in (run / EPISODES).open()) if (run / EPISODES).exists() else 0
-        out.append((str(run.relative_to(results)), min(done, n), n))
+        out.append((str(run.relative_to(results)), done if n is None else min(done, n), n))
     return out
 
 
@@ -40,7 +43,7 @@ def report(results: Path) -> str:
     if not runs:
         return ""
     stamp = time.strftime("%H:%M:%S")
-    return "\n".join(f"[{stamp}] rollout {name}: {done}/{n} episodes" for name, done, n in runs)
+    return "\n".join(f"[{stamp}] rollout {name}: {done}/{'all' if n is None else n} episodes" for name, done, n in runs)
 
 
 def alive(pid: int) -> bool:

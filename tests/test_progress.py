@@ -19,6 +19,19 @@ def test_in_flight_rollouts_and_their_counts(tmp_path, capsys):
     assert "rollout household/tiny/w2/rollouts/dmr-k0.4/seed0: 3/200 episodes" in capsys.readouterr().err
 
 
+def test_a_whole_split_run_has_no_total(tmp_path, capsys):
+    """A run of every game of a fixed split (`--n all`, ALFWorld's test split) records n as null: shown
+    as `all`, and a malformed n is skipped, never a crash that ends the reports."""
+    whole, bad = tmp_path / "alfworld/t/bf16/rollouts/full/seed0", tmp_path / "alfworld/t/bf16/rollouts/full/seed1"
+    for run, n in ((whole, None), (bad, "many")):
+        run.mkdir(parents=True)
+        (run / "spec.json").write_text(json.dumps({"n": n}))
+    (whole / "episodes.jsonl").write_text('{"task": "a"}\n')
+    assert progress.in_flight(tmp_path) == [("alfworld/t/bf16/rollouts/full/seed0", 1, None)]
+    progress.main(["--results", str(tmp_path), "--once"])
+    assert "rollout alfworld/t/bf16/rollouts/full/seed0: 1/all episodes" in capsys.readouterr().err
+
+
 def test_stops_with_the_process_it_watches(tmp_path):
     # A pid that cannot exist: the reporter returns at once instead of waiting `every` seconds.
     progress.main(["--results", str(tmp_path), "--every", "3600", "--pid", str(2 ** 22 + 12345)])
