@@ -5,6 +5,8 @@
 #   make regime     per cell and scheme, is it in the paper's regime (docs/regime.md)
 #   make precisions make run plus a router over bf16, W4 and W2 on the household cell (config/precisions.yaml)
 #   make agents rebuild the shipped tiny agents under agents/ from their recipes (about an hour)
+#   make alfworld   the embedded recipe on real ALFWorld games (config/alfworld.yaml; hours: docs/alfworld.md)
+#   make agent-alfworld  rebuild agents/tiny_alfworld from its recipe (expert data on 1000 train games, training)
 #   make test-long  opt-in: the end-to-end runs beyond CI's 10 minutes (the real-ALFWorld and three-precision micro DAGs)
 #   make test-vllm  opt-in: build a CPU vLLM in .venv-vllm (~3.5 GB download) and run the real-server tests
 PYTHON ?= python3
@@ -15,7 +17,7 @@ BIN := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: run test test-long lint dry-run agents ablations regime precisions test-vllm
+.PHONY: run test test-long lint dry-run agents alfworld agent-alfworld ablations regime precisions test-vllm
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +51,13 @@ precisions: $(VENV)/.installed
 
 agents: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH snakemake agents $(ARGS) --cores $(CORES) --configfile config/config.yaml config/agents.yaml
+
+alfworld: $(VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH snakemake $(ARGS) --cores $(CORES) --configfile config/alfworld.yaml
+
+agent-alfworld: $(VENV)/.installed
+	PATH=$(abspath $(BIN)):$$PATH snakemake agents $(ARGS) --cores $(CORES) \
+		--configfile config/alfworld.yaml config/alfworld-agent.yaml
 
 test: $(VENV)/.installed
 	PATH=$(abspath $(BIN)):$$PATH python -m pytest -q -n $(CORES) --maxschedchunk 1 --dist loadgroup $(ARGS)

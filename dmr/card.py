@@ -40,26 +40,37 @@ def versions() -> dict:
 
 
 def full_success(runs: list[Path]) -> list[dict]:
+    """Per Full run: its seed, test tasks, success and mean steps, and the split the environment
+    resolved `test` to where the run records it (ALFWorld: valid_unseen or half of valid_seen)."""
     out = []
     for path in runs:
         eps = pl.read_parquet(path)
+        run = path.parent / "run.json"
+        split = json.loads(run.read_text()).get("env_splits", {}).get("test") if run.exists() else None
         out.append({"seed": int(eps["seed"][0]) if "seed" in eps.columns and len(eps) else None,
-                    "tasks": len(eps), "success": 100.0 * float(eps["won"].mean()), "steps": float(eps["steps"].mean())})
+                    "tasks": len(eps), "success": 100.0 * float(eps["won"].mean()), "steps": float(eps["steps"].mean()),
+                    "split": split})
     return out
 
 
 def card_markdown(c: dict) -> str:
     t, sel = c["training"], c["selection"]
-    lines = [f"# {c['name']}: the {c['benchmark']} agent of the embedded default", "",
+    configs = " ".join(c.get("configs") or ["config/config.yaml"])
+    lines = [f"# {c['name']}: a tiny {c['benchmark']} agent", "",
              "A tiny Qwen3-architecture agent trained by behaviour cloning on expert episodes of the "
-             f"embedded `{c['benchmark']}` environment (`make agents`). Weights in bf16 with their tokenizer.", "",
+             f"`{c['benchmark']}` benchmark (`snakemake agents --configfile {configs}`). Weights in bf16 with "
+             "their tokenizer.", "",
              "## Result", "",
              "| seed | test tasks | Full success (%) | mean steps |", "|---|---|---|---|"]
     lines += [f"| {r['seed']} | {r['tasks']} | {r['success']:.1f} | {r['steps']:.1f} |" for r in c["full"]]
+    if splits := sorted({r["split"] for r in c["full"] if r.get("split")}):
+        lines += ["", f"Test split: {', '.join(splits)}."]
     if c["full"]:
         mean = sum(r["success"] for r in c["full"]) / len(c["full"])
-        lines += ["", f"Mean Full success over {len(c['full'])} seeds: **{mean:.1f}%** (greedy as configured, "
-                  "each seed its own test tasks)."]
+        same = c["recipe"].get("benchmark", {}).get("tasks_per_seed") == "same"
+        lines += ["", f"Mean Full success over {len(c['full'])} seed{'s' * (len(c['full']) > 1)}: **{mean:.1f}%** "
+                  "(greedy as configured, " + ("every seed the same test tasks)." if same else
+                                               "each seed its own test tasks).")]
     lines += ["", "## Training", "",
               f"- parameters: {t.get('params')}",
               f"- optimizer steps: {t.get('steps')} of {t.get('planned_steps', t.get('steps'))} planned"
@@ -74,12 +85,12 @@ def card_markdown(c: dict) -> str:
               "| candidate | calibration success (%) |", "|---|---|"]
     lines += [f"| {r['candidate']} | " + ("–" if r["success"] is None else f"{r['success']:.1f}") + " |"
               for r in sel["table"]]
-    lines += ["", "## Recipe", "", "The model and benchmark config that made it (`config/config.yaml`):", "",
+    lines += ["", "## Recipe", "", f"The model and benchmark config that made it (`{configs}`):", "",
               "```json", json.dumps(c["recipe"], indent=1), "```", "",
               "## Provenance", "",
               f"- built at commit `{c['commit']}`",
               "- " + ", ".join(f"{k} {v}" for k, v in c["versions"].items()),
-              "", "Retraining with `make agents` runs the same recipe and seed. The training loop is "
+              "", "Retraining runs the same recipe and seed. The training loop is "
               "seeded and stops by steps, not time, so the same machine and library versions give the same "
               "optimisation path; bitwise-equal weights across machines or thread counts are not promised "
               "(CPU matmul kernels may sum in another order), and greedy success can move by a few points "
@@ -99,7 +110,8 @@ def build(a) -> dict:
     c = {"name": a.name, "benchmark": a.benchmark, "recipe": json.loads(a.recipe), "training": train_metrics,
          "selection": {"chosen": next((r["candidate"] for r in rows if r["chosen"]), "p1.00"),
                        "table": [{"candidate": r["candidate"], "success": r["success"]} for r in rows]},
-         "full": full_success([Path(p) for p in a.full]), "commit": commit(), "versions": versions()}
+         "full": full_success([Path(p) for p in a.full]), "configs": a.configs, "commit": commit(),
+         "versions": versions()}
     (out / CARD).write_text(json.dumps(c, indent=1) + "\n")
     (out / "README.md").write_text(card_markdown(c))
     return c
@@ -127,6 +139,7 @@ def main(argv=None):
     b.add_argument("--select-table", default=None, help="select.parquet (dmr.select)")
     b.add_argument("--full", nargs="*", default=[], help="episodes.parquet of the Full runs, one per seed")
     b.add_argument("--recipe", required=True, help="JSON: the model and benchmark config")
+    b.add_argument("--configs", nargs="*", default=[], help="the config files of the run that built it")
     b.add_argument("--out", required=True)
     i = sub.add_parser("install", help="copy card directories into the agents folder")
     i.add_argument("cards", nargs="+", type=Path)

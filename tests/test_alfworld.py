@@ -568,11 +568,26 @@ def test_alfworld_config_dry_run(tmp_path):
     r = _snakemake("config/alfworld.yaml", tmp_path, "-n", "-p")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
-    for rule in ("data", "expert_data", "train_agent", "quantize", "rollout", "kl", "labels", "klst", "evaluate"):
+    # the shipped agent: no training, but the expert episodes still calibrate quantization
+    for rule in ("data", "expert_data", "quantize", "rollout", "kl", "labels", "klst", "evaluate"):
         assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
+    assert "\nrule train_agent:" not in out
+    assert f"--model bf16={ROOT / 'agents/tiny_alfworld'} --policy full" in out
+    assert "--block 50 --workers 2 --out results/alfworld/tiny_alfworld/bc/episodes.jsonl" in out
     assert "--need calib=70 test=all train=1000" in out
     assert "--split test --n all --offset 0" in out and '"test": ["valid_unseen", "valid_seen[1::2]"]' in out
     assert f'"data": "{ROOT / "data/alfworld"}"' in out  # the data root resolved against the repository
+
+
+def test_alfworld_agent_overlay_dry_run(tmp_path):
+    """`make agent-alfworld`: the overlay trains the agent from the recipe and installs its card."""
+    r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-agent.yaml"), "-n", "-p", "agents")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    for rule in ("expert_data", "train_agent", "select_rollout", "select_agent", "agent_card", "agents"):
+        assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
+    assert "--steps 3000 " in out and "--snapshot-at 0.5,0.75 " in out
+    assert "dmr.card install results/alfworld/tiny_alfworld/card --to agents" in out
 
 
 @pytest.mark.slow

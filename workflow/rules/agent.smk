@@ -147,10 +147,12 @@ rule agent_card:
         **flags.resources("agent_card"),
     params:
         recipe=lambda w: as_json({k: WRITTEN[f"{k}s"][w[k]] for k in ("model", "benchmark")}),
+        configs=" ".join(CONFIGFILES),
     shell:
         "python -m dmr.card build --name {wildcards.model} --benchmark {wildcards.benchmark} "
         "--model {input.model} --train-metrics {input.train}/p1.00/train_metrics.json "
-        "--select-table {input.select} --full {input.full} --recipe {params.recipe} --out {output} > {log} 2>&1"
+        "--select-table {input.select} --full {input.full} --recipe {params.recipe} --configs {params.configs} "
+        "--out {output} > {log} 2>&1"
 
 
 rule agents:
