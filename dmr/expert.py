@@ -12,9 +12,9 @@ in passes: episode i plays game i mod the split size, each pass with fresh noise
 
 `--block B` cuts the episodes into blocks of B, each with its own noise stream (the first seeded
 as the single stream is, the others by the seed and the block's index), so `--workers` processes
-can play blocks side by side and the data do not depend on how many there are.
-Without a block the episodes are one stream (the shipped agents'
-data). Real ALFWorld needs it: its expert takes about 3 s a game.
+can play blocks side by side and the data do not depend on how many there are. Without a block
+the episodes are one stream (the shipped agents' data). Real ALFWorld needs blocks: its expert
+takes about 3 s a game.
 """
 from __future__ import annotations
 
@@ -121,6 +121,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.block is not None and a.block < 1 or a.workers < 1:
         p.error(f"--block and --workers must be at least 1 (got {a.block}, {a.workers})")
+    if a.workers > 1 and a.block is None:
+        p.error("--workers needs --block: one noise stream plays in one process")
     kwargs = json.loads(a.env_kwargs)
     env = envs.make(a.env, **kwargs)
     size = env.split_size("train") if hasattr(env, "split_size") else None

@@ -257,6 +257,8 @@ def test_expert_blocks_do_not_depend_on_workers(tmp_path):
     blocks = data("--block", "4")
     assert blocks != one and len(blocks.splitlines()) == 12
     assert data("--block", "4", "--workers", "2") == blocks
+    with pytest.raises(SystemExit):  # workers without blocks would silently play one stream
+        data("--workers", "2")
 
 
 def test_expert_needs_running_episode():
