@@ -33,8 +33,10 @@ from flags import (
 # Defaults live in the schema: validation fills them in. An agent card's recipe is the config as written.
 WRITTEN = copy.deepcopy(config)
 # The config files of this run as given (the Snakefile's own default without --configfile), named on cards.
-CONFIGFILES = [os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f
-               for f in map(str, workflow.overwrite_configfiles or ["config/config.yaml"])]
+CONFIGFILES = [
+    os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f
+    for f in map(str, workflow.overwrite_configfiles or ["config/config.yaml"])
+]
 SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
 validate(config, schema=SCHEMA)
 # A quantization scheme's name, as the schema spells it (quantize.smk's wildcard constraint).
