@@ -17,6 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
+from dmr.evaluate import env_splits
+
 CARD = "card.json"
 
 
@@ -45,8 +47,7 @@ def full_success(runs: list[Path]) -> list[dict]:
     out = []
     for path in runs:
         eps = pl.read_parquet(path)
-        run = path.parent / "run.json"
-        split = json.loads(run.read_text()).get("env_splits", {}).get("test") if run.exists() else None
+        split = env_splits({"full": [path]}).get("test")
         out.append({"seed": int(eps["seed"][0]) if "seed" in eps.columns and len(eps) else None,
                     "tasks": len(eps), "success": 100.0 * float(eps["won"].mean()), "steps": float(eps["steps"].mean()),
                     "split": split})

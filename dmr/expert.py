@@ -96,7 +96,8 @@ def play(env, tasks: list, noises: list[float], rng: random.Random, repeat: floa
         yield ep, task.key
 
 
-def _block(job):
+def _worker_block(job):
+    """A block played in a worker process, whole (its episodes cross back to the parent)."""
     tasks, noises, seed, repeat, invalid = job
     return list(play(_ENV, tasks, noises, random.Random(seed), repeat, invalid))
 
@@ -133,18 +134,15 @@ def main(argv=None):
     tmp = a.out.with_suffix(".tmp")
     start, won, episodes, skipped = time.perf_counter(), 0, [], []
     bar, executor = tqdm(total=a.episodes, desc="expert episodes"), None
-    if a.block is None:
-        results = ([r] for r in play(env, tasks, noises, random.Random(a.seed), a.repeat, a.invalid))
+    block = a.block or a.episodes  # no block: one stream, the first block's seed
+    seeds = [a.seed] + [f"{a.seed}:{k}" for k in range(1, -(-a.episodes // block))]
+    jobs = [(tasks[i:i + block], noises[i:i + block], seed, a.repeat, a.invalid)
+            for seed, i in zip(seeds, range(0, a.episodes, block))]
+    if a.workers == 1:  # in this process, episode by episode on its environment
+        results = (play(env, t, n, random.Random(seed), rep, inv) for t, n, seed, rep, inv in jobs)
     else:
-        seeds = [a.seed] + [f"{a.seed}:{k}" for k in range(1, -(-a.episodes // a.block))]
-        jobs = [(tasks[i:i + a.block], noises[i:i + a.block], seed, a.repeat, a.invalid)
-                for seed, i in zip(seeds, range(0, a.episodes, a.block))]
-        if a.workers == 1:
-            _init(a.env, kwargs)
-            results = map(_block, jobs)
-        else:
-            executor = ProcessPoolExecutor(a.workers, initializer=_init, initargs=(a.env, kwargs))
-            results = executor.map(_block, jobs)  # in block order: the file does not depend on timing
+        executor = ProcessPoolExecutor(a.workers, initializer=_init, initargs=(a.env, kwargs))
+        results = executor.map(_worker_block, jobs)  # in block order: the file does not depend on timing
     with tmp.open("w") as f:
         for block in results:
             for ep, key in block:

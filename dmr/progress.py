@@ -4,9 +4,9 @@ watches ends.
 
 A rollout in flight is a run directory (dmr.rundir) with a spec.json and no episodes.parquet yet;
 its total is the spec's `n` (null for every game of a fixed split: shown as `all`) and its progress
-the finished episodes in episodes.jsonl. Snakemake's
-own lines say which rule started and finished; this adds the inside of the long jobs. Started by
-the workflow's onstart hook; `--once` prints one report and exits.
+the finished episodes in episodes.jsonl. Snakemake's own lines say which rule started and finished;
+this adds the inside of the long jobs. Started by the workflow's onstart hook; `--once` prints one
+report and exits.
 """
 from __future__ import annotations
 

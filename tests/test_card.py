@@ -22,7 +22,7 @@ def _card(tmp_path, full_seeds, tasks_per_seed):
         full.append(tmp_path / f"full{seed}.parquet")
         pl.DataFrame({"seed": [seed] * 4, "won": [True, False, True, True], "steps": [10, 50, 12, 14]}).write_parquet(full[-1])
     if tasks_per_seed == "same":  # a fixed split: the run records what `test` resolved to
-        (tmp_path / "run.json").write_text(json.dumps({"env_splits": {"test": "valid_seen[1::2]"}}))
+        (tmp_path / "run.json").write_text(json.dumps({"split": "test", "env_splits": {"test": "valid_seen[1::2]"}}))
     recipe = {"model": {"source": "train"}, "benchmark": {"env": "alfworld", "tasks_per_seed": tasks_per_seed}}
     out = tmp_path / "card"
     card.main(["build", "--name", "tiny_alfworld", "--benchmark", "alfworld", "--model", str(model),

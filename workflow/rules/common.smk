@@ -34,7 +34,7 @@ from flags import (
 WRITTEN = copy.deepcopy(config)
 # The config files of this run as given (the Snakefile's own default without --configfile), named on cards.
 CONFIGFILES = [
-    os.path.relpath(f) if not os.path.relpath(f).startswith("..") else f
+    f if (r := os.path.relpath(f)).startswith("..") else r
     for f in map(str, workflow.overwrite_configfiles or ["config/config.yaml"])
 ]
 SCHEMA = os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
