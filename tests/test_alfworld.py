@@ -564,17 +564,31 @@ def _snakemake(config: str, cwd: Path, *args):
                            "--configfile", str(ROOT / config), *args], capture_output=True, text=True, timeout=1800)
 
 
+def _alfworld_config():
+    import yaml
+
+    return yaml.safe_load((ROOT / "config/alfworld.yaml").read_text())
+
+
 def test_alfworld_config_dry_run(tmp_path):
     r = _snakemake("config/alfworld.yaml", tmp_path, "-n", "-p")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout + r.stderr
-    # the shipped agent: no training, but the expert episodes still calibrate quantization
+    # the shipped agent: no training, but expert episodes still calibrate quantization: as many as
+    # the calibration asks for, not the agent's training data
     for rule in ("data", "expert_data", "quantize", "rollout", "kl", "labels", "klst", "evaluate"):
         assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
     assert "\nrule train_agent:" not in out
     assert f"--model bf16={ROOT / 'agents/tiny_alfworld'} --policy full" in out
+    cfg = _alfworld_config()
+    calib, route = cfg["models"]["tiny_alfworld"]["quantize"]["calibration"], cfg["route"]
+    assert calib["samples"] <= calib["episodes"] < cfg["benchmarks"]["alfworld"]["tasks"]["train"]
+    assert f"--episodes {calib['episodes']} " in out
     assert "--block 50 --workers 2 --out results/alfworld/tiny_alfworld/bc/episodes.jsonl" in out
-    assert "--need calib=70 test=all train=1000" in out
+    # the KL pool follows the agent's expert games, and the data check asks for the train games to its end
+    assert route["kl_offset"] >= cfg["benchmarks"]["alfworld"]["tasks"]["train"]
+    assert f"--split train --n {route['kl_tasks']} --offset {route['kl_offset']} " in out
+    assert f"--need calib=70 test=all train={route['kl_offset'] + route['kl_tasks']}" in out
     assert "--split test --n all --offset 0" in out and '"test": ["valid_unseen", "valid_seen[1::2]"]' in out
     assert f'"data": "{ROOT / "data/alfworld"}"' in out  # the data root resolved against the repository
 
@@ -586,7 +600,9 @@ def test_alfworld_agent_overlay_dry_run(tmp_path):
     out = r.stdout + r.stderr
     for rule in ("expert_data", "train_agent", "select_rollout", "select_agent", "agent_card", "agents"):
         assert f"\nrule {rule}:" in out or f"\nlocalrule {rule}:" in out, rule
-    assert "--steps 3000 " in out and "--snapshot-at 0.5,0.75 " in out
+    cfg = _alfworld_config()
+    assert f"--episodes {cfg['benchmarks']['alfworld']['tasks']['train']} " in out
+    assert f"--steps {cfg['models']['tiny_alfworld']['train']['steps']} " in out and "--snapshot-at 0.5,0.75 " in out
     assert "dmr.card install results/alfworld/tiny_alfworld/card --to agents" in out
 
 

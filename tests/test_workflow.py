@@ -123,21 +123,45 @@ def test_dagger_and_pace_plan_the_rounds_they_name(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
     cell = "results/household/tiny/gptq_w4a16"
+    kl_tasks = yaml.safe_load((ROOT / "config/micro.yaml").read_text())["route"]["kl_tasks"]
+    check_dagger(cmds, cell, offset=kl_tasks)
+    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, lambda c: c["route"].__setitem__("pace", None))),
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--budget" in r.stdout and "--pace" not in r.stdout and "router0" not in r.stdout
+
+
+def test_kl_offset_moves_the_pool_and_what_follows_it(tmp_path):
+    """route.kl_offset: the KL pool plays training tasks from the offset on, and the DAgger probe and
+    GRPO the tasks after that pool (a pool past the agent's expert games)."""
+    def edit(c):
+        c["route"]["dagger"] = {"tasks": 5, "budget": 0.4}
+        c["route"]["pace"] = {"burst": 2}
+        c["route"]["kl_offset"] = 7
+    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, edit)), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
+    cell = "results/household/tiny/gptq_w4a16"
+    kl_tasks = yaml.safe_load((ROOT / "config/micro.yaml").read_text())["route"]["kl_tasks"]
+    (pool,) = [c for c in cmds if "--out results/household/tiny/bf16/rollouts/full/train " in c]
+    assert f"--split train --n {kl_tasks} --offset 7 " in pool, pool
+    check_dagger(cmds, cell, offset=7 + kl_tasks)
+    grpo = [c for c in cmds if "python -m dmr.grpo " in c]
+    assert grpo and all(f"--offset {7 + kl_tasks} " in c for c in grpo), grpo
+
+
+def check_dagger(cmds, cell, offset):
+    """The DAgger round's commands: round-0 router, its probe of training tasks from `offset`, the final router."""
     (base,) = [c for c in cmds if "dmr.klst " in c and f"--out {cell}/router0 " in c]
     (final,) = [c for c in cmds if "dmr.klst " in c and f"--out {cell}/router " in c]
     assert "--dagger" not in base and f"--dagger {cell}/rollouts/dmr0-k0.4/dagger " in final
     (dagger,) = [c for c in cmds if f"--out {cell}/rollouts/dmr0-k0.4/dagger " in c]
-    kl_tasks = yaml.safe_load((ROOT / "config/micro.yaml").read_text())["route"]["kl_tasks"]
-    for arg in ("--split train", "--n 5", f"--offset {kl_tasks}", f"--router {cell}/router0",
+    for arg in ("--split train", "--n 5", f"--offset {offset}", f"--router {cell}/router0",
                 f"--calibration {cell}/router0/calibration.json", "--budget 0.4 --pace 0.4 --burst 2", "--probe-kl"):
         assert arg in dagger, arg
     assert any(f"--router {cell}/router0 --threshold 0.5" in c and "--split calib" in c for c in cmds)
     routed = [c for c in cmds if f"--router {cell}/router --calibration" in c]
     assert routed and all(re.search(r"--budget ([0-9.]+) --pace \1 --burst 2 ", c) for c in routed)
-    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, lambda c: c["route"].__setitem__("pace", None))),
-                  cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "--budget" in r.stdout and "--pace" not in r.stdout and "router0" not in r.stdout
 
 
 def test_encoder_quant_reaches_router_training_and_latency(tmp_path):

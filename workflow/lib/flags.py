@@ -64,6 +64,8 @@ class Flags:
 
     def __init__(self, config, basedir):
         self.config, self.basedir, self.route = config, basedir, config["route"]
+        # The first training task after the KL pool's: the DAgger probe's and GRPO's.
+        self.kl_end = self.route["kl_offset"] + self.route["kl_tasks"]
         self.check()
         self.backend = f"--backend {config['backend']['name']} --backend-kwargs {as_json(config['backend']['kwargs'])}"
         self.budgets = " ".join(f"{k:g}" for k in self.route["budgets"])
@@ -198,7 +200,7 @@ class Flags:
         # Agent selection (models trained here) plays calibration tasks too.
         select = [m["select"]["tasks"] for m in models if m["source"] == "train" and "select" in m]
         need = {"calib": max([b["tasks"]["calib"], *select]), "test": test if test == "all" else test * seeds}
-        need |= {"train": self.route["kl_tasks"]} if any(self.cell_cfg(c)["route"] for c in cells) else {}
+        need |= {"train": self.kl_end} if any(self.cell_cfg(c)["route"] for c in cells) else {}
         return " ".join(f"{k}={v}" for k, v in need.items())
 
     def model_dir(self, w, quant="bf16"):
@@ -231,6 +233,13 @@ class Flags:
         """A trained agent's candidates for selection (dmr.select): its snapshots, then the final p1.00."""
         return [f"p{f:.2f}" for f in sorted(self.model_cfg(w).get("select", {}).get("at", []))] + ["p1.00"]
 
+    def expert_episodes(self, w):
+        """Episodes of the expert data: the benchmark's tasks.train, the data of an agent trained here; a
+        shipped agent's feed only quantization's calibration, which may ask for fewer."""
+        m = self.model_cfg(w)
+        fewer = m["quantize"]["calibration"].get("episodes") if m["source"] == "path" else None
+        return fewer or self.bench(w)["tasks"]["train"]
+
     def calibration(self, w):
         """Quantization's calibration text as (inputs, flag): the cell's expert episodes, or the config's
         local file, an input once it exists (a change reruns quantization)."""
@@ -239,12 +248,12 @@ class Flags:
 
     def run_tasks(self, w):
         """--split, --n, --offset of a run: seed s of a generated pool plays test tasks [s*n, (s+1)*n)."""
-        b, kl_tasks, seed = self.bench(w), self.route["kl_tasks"], run_seed(w["run"])
+        b, seed = self.bench(w), run_seed(w["run"])
         n = b["tasks"]["test"]  # `all` only with tasks_per_seed: same (checked at load)
         test = ("test", n, 0 if n == "all" else seed * n * (b["tasks_per_seed"] == "distinct"))
         split, n, offset = {
-            "train": ("train", kl_tasks, 0),
-            "dagger": ("train", self.route["dagger"]["tasks"], kl_tasks),  # the training tasks after the KL pool's
+            "train": ("train", self.route["kl_tasks"], self.route["kl_offset"]),
+            "dagger": ("train", self.route["dagger"]["tasks"], self.kl_end),  # the training tasks after the KL pool's
             "calib": ("calib", b["tasks"]["calib"], 0),
         }.get(w["run"], test)
         return f"--split {split} --n {n} --offset {offset}"

@@ -17,7 +17,7 @@ rule expert_data:
         **flags.resources("expert_data", config["threads"]),
     params:
         env=flags.env_args,
-        n=lambda w: flags.bench(w)["tasks"]["train"],
+        n=flags.expert_episodes,
         # noise and clean_fraction first, then repeat and invalid where set, so commands stay as they were.
         expert=lambda w: cli_flags(dict.fromkeys(["noise", "clean_fraction"]) | flags.model_cfg(w)["expert"]),
         # blocks are played on the rule's threads; one stream (no block) plays in one process

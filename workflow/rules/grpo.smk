@@ -50,7 +50,7 @@ rule grpo:
         start=lambda w, input: os.path.dirname(input.router),
         env=flags.env_args,
         # Training tasks after the KL pool's, so GRPO sees episodes KL-ST did not.
-        offset=config["route"]["kl_tasks"],
+        offset=flags.kl_end,
         pool=lambda w: flags.bench(w)["tasks"]["train"],
         models=lambda w: flags.model_flags(w, "bf16", *lows(w.quant)),
         engine=flags.engine_args,
