@@ -6,7 +6,7 @@
 #   make precisions make run plus a router over bf16, W4 and W2 on the household cell (config/precisions.yaml)
 #   make agents rebuild the shipped tiny agents under agents/ from their recipes (about an hour)
 #   make alfworld   the embedded recipe on real ALFWorld games (config/alfworld.yaml; hours: docs/alfworld.md)
-#   make agent-alfworld  rebuild agents/tiny_alfworld from its recipe (expert data on 1000 train games, training)
+#   make agent-alfworld  rebuild agents/tiny_alfworld from its recipe (expert data on 2500 train games, training)
 #   make test-long  opt-in: the end-to-end runs beyond CI's 10 minutes (the real-ALFWorld and three-precision micro DAGs)
 #   make test-vllm  opt-in: build a CPU vLLM in .venv-vllm (~3.5 GB download) and run the real-server tests
 PYTHON ?= python3
