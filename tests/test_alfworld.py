@@ -606,6 +606,21 @@ def test_alfworld_agent_overlay_dry_run(tmp_path):
     assert "dmr.card install results/alfworld/tiny_alfworld/card --to agents" in out
 
 
+def test_alfworld_regime_overlay_dry_run(tmp_path):
+    """The screen's overlay: its pool of train games past the agent's expert games, then per scheme
+    quantization, KL and a Quant run of the test split, and the regime table."""
+    import yaml
+
+    r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-regime.yaml"), "-n", "-p", "regime")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out, cfg = r.stdout + r.stderr, _alfworld_config()
+    kl_tasks = yaml.safe_load((ROOT / "config/alfworld-regime.yaml").read_text())["route"]["kl_tasks"]
+    assert f"--split train --n {kl_tasks} --offset {cfg['route']['kl_offset']} " in out
+    for scheme in ("rtn_w2a16", "rtn_w2a16_qkvw4", "rtn_w2a16_attnw3"):
+        assert f"--out results/alfworld/tiny_alfworld/{scheme}/rollouts/quant/seed0 " in out, scheme
+    assert "results/alfworld/tiny_alfworld/tables/regime.md" in out
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_micro_alfworld_end_to_end(tmp_path):
