@@ -116,15 +116,8 @@ def test_dagger_and_pace_plan_the_rounds_they_name(tmp_path):
     """route.dagger.tasks > 0: a round-0 router, its calibration run, its routed probe run of training
     tasks after the KL pool's, and the cell's router trained on both; route.pace adds the pace of each
     budget to the routed DMR runs, and `pace: null` (the paper's rule) leaves the command as it was."""
-    def edit(c):
-        c["route"]["dagger"] = {"tasks": 5, "budget": 0.4}
-        c["route"]["pace"] = {"burst": 2}
-    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, edit)), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
-    cell = "results/household/tiny/gptq_w4a16"
-    kl_tasks = yaml.safe_load((ROOT / "config/micro.yaml").read_text())["route"]["kl_tasks"]
-    check_dagger(cmds, cell, offset=kl_tasks)
+    cmds = dagger_plan(tmp_path)
+    check_dagger(cmds, CELL, offset=MICRO_KL_TASKS)
     r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, lambda c: c["route"].__setitem__("pace", None))),
                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -134,20 +127,24 @@ def test_dagger_and_pace_plan_the_rounds_they_name(tmp_path):
 def test_kl_offset_moves_the_pool_and_what_follows_it(tmp_path):
     """route.kl_offset: the KL pool plays training tasks from the offset on, and the DAgger probe and
     GRPO the tasks after that pool (a pool past the agent's expert games)."""
-    def edit(c):
-        c["route"]["dagger"] = {"tasks": 5, "budget": 0.4}
-        c["route"]["pace"] = {"burst": 2}
-        c["route"]["kl_offset"] = 7
-    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, edit)), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cmds = [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
-    cell = "results/household/tiny/gptq_w4a16"
-    kl_tasks = yaml.safe_load((ROOT / "config/micro.yaml").read_text())["route"]["kl_tasks"]
+    cmds = dagger_plan(tmp_path, kl_offset=7)
     (pool,) = [c for c in cmds if "--out results/household/tiny/bf16/rollouts/full/train " in c]
-    assert f"--split train --n {kl_tasks} --offset 7 " in pool, pool
-    check_dagger(cmds, cell, offset=7 + kl_tasks)
+    assert f"--split train --n {MICRO_KL_TASKS} --offset 7 " in pool, pool
+    check_dagger(cmds, CELL, offset=7 + MICRO_KL_TASKS)
     grpo = [c for c in cmds if "python -m dmr.grpo " in c]
-    assert grpo and all(f"--offset {7 + kl_tasks} " in c for c in grpo), grpo
+    assert grpo and all(f"--offset {7 + MICRO_KL_TASKS} " in c for c in grpo), grpo
+
+
+CELL = "results/household/tiny/gptq_w4a16"
+MICRO_KL_TASKS = yaml.safe_load((ROOT / "config/micro.yaml").read_text())["route"]["kl_tasks"]
+
+
+def dagger_plan(tmp_path, **route):
+    """The dry run's dmr commands of the micro config with a DAgger round at 0.4, paced, and `route` over it."""
+    r = snakemake("-n", "-p", "--configfile", str(write_config(tmp_path, lambda c: c["route"].update(
+        dagger={"tasks": 5, "budget": 0.4}, pace={"burst": 2}, **route))), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [c for c in r.stdout.splitlines() if c.startswith("Shell command: python -m dmr.")]
 
 
 def check_dagger(cmds, cell, offset):
