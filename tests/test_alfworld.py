@@ -210,8 +210,10 @@ def _drive(env, task, noise=0.0, rng=None):
 
 
 def _sweep(expert, split, per_type=None, data=None):
-    """The expert on every game of `split`, or on a seeded pick of `per_type` games of each task type."""
-    e = make(expert=expert, **({"data": str(data)} if data else {}))
+    """The expert on every game of `split`, or on a seeded pick of `per_type` games of each task type.
+    The planner's replan limit is five times the default: it is wall time, and a replan that takes
+    20 s alone passed 60 s beside a two-process workflow run; the sweep asserts wins, not speed."""
+    e = make(expert=expert, replan_timeout=300.0, **({"data": str(data)} if data else {}))
     tasks = e.tasks(split)
     if per_type:
         rng, by_type = random.Random(f"{expert}/{split}"), {}
@@ -619,6 +621,24 @@ def test_alfworld_regime_overlay_dry_run(tmp_path):
     for scheme in ("rtn_w2a16", "rtn_w2a16_qkvw4", "rtn_w2a16_attnw3"):
         assert f"--out results/alfworld/tiny_alfworld/{scheme}/rollouts/quant/seed0 " in out, scheme
     assert "results/alfworld/tiny_alfworld/tables/regime.md" in out
+
+
+def test_alfworld_table5_overlay_dry_run(tmp_path):
+    """Table 5's overlay: one all-step router (labels from the all-step tau, trained on every step) with
+    its calibration and routed runs, paired with the cell's own action-only router and DMR runs."""
+    import yaml
+
+    r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-table5.yaml"), "-n", "-p", "ablations")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out, cfg = r.stdout + r.stderr, _alfworld_config()
+    (scheme,) = cfg["cells"][0]["route"]
+    cell = f"results/alfworld/tiny_alfworld/{scheme}"
+    (k,) = yaml.safe_load((ROOT / "config/alfworld-table5.yaml").read_text())["route"]["ablation"]["online"]["budgets"]
+    assert out.count("\nrule klst_variant:") == 1 and "--step-types all --labels-summary " in out and "--label-set as" in out
+    assert f"--out {cell}/ablation/steps-as/rollouts/dmr-k{k:g}/seed0 " in out
+    assert f"--out {cell}/ablation/steps-as/rollouts/dmr-t0.5/calib " in out
+    assert "ablation/steps-ao" not in out and "ablation/depth" not in out and "ablation/tau-" not in out
+    assert f"--reference {k:g} {cell}/rollouts/dmr-k{k:g}/seed0 --online steps-ao {k:g} {cell}/rollouts/dmr-k{k:g}/seed0 " in out
 
 
 @pytest.mark.slow
