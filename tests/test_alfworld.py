@@ -566,10 +566,11 @@ def _snakemake(config: str, cwd: Path, *args):
                            "--configfile", str(ROOT / config), *args], capture_output=True, text=True, timeout=1800)
 
 
-def _alfworld_config():
+def _alfworld_config(name="alfworld"):
+    """config/<name>.yaml as a mapping: the cell's config, or one of its overlays."""
     import yaml
 
-    return yaml.safe_load((ROOT / "config/alfworld.yaml").read_text())
+    return yaml.safe_load((ROOT / f"config/{name}.yaml").read_text())
 
 
 def test_alfworld_config_dry_run(tmp_path):
@@ -611,12 +612,10 @@ def test_alfworld_agent_overlay_dry_run(tmp_path):
 def test_alfworld_regime_overlay_dry_run(tmp_path):
     """The screen's overlay: its pool of train games past the agent's expert games, then per scheme
     quantization, KL and a Quant run of the test split, and the regime table."""
-    import yaml
-
     r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-regime.yaml"), "-n", "-p", "regime")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out, cfg = r.stdout + r.stderr, _alfworld_config()
-    kl_tasks = yaml.safe_load((ROOT / "config/alfworld-regime.yaml").read_text())["route"]["kl_tasks"]
+    kl_tasks = _alfworld_config("alfworld-regime")["route"]["kl_tasks"]
     assert f"--split train --n {kl_tasks} --offset {cfg['route']['kl_offset']} " in out
     for scheme in ("rtn_w2a16", "rtn_w2a16_qkvw4", "rtn_w2a16_attnw3"):
         assert f"--out results/alfworld/tiny_alfworld/{scheme}/rollouts/quant/seed0 " in out, scheme
@@ -626,14 +625,12 @@ def test_alfworld_regime_overlay_dry_run(tmp_path):
 def test_alfworld_table5_overlay_dry_run(tmp_path):
     """Table 5's overlay: one all-step router (labels from the all-step tau, trained on every step) with
     its calibration and routed runs, paired with the cell's own action-only router and DMR runs."""
-    import yaml
-
     r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-table5.yaml"), "-n", "-p", "ablations")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out, cfg = r.stdout + r.stderr, _alfworld_config()
     (scheme,) = cfg["cells"][0]["route"]
     cell = f"results/alfworld/tiny_alfworld/{scheme}"
-    (k,) = yaml.safe_load((ROOT / "config/alfworld-table5.yaml").read_text())["route"]["ablation"]["online"]["budgets"]
+    (k,) = _alfworld_config("alfworld-table5")["route"]["ablation"]["online"]["budgets"]
     assert out.count("\nrule klst_variant:") == 1 and "--step-types all --labels-summary " in out and "--label-set as" in out
     assert f"--out {cell}/ablation/steps-as/rollouts/dmr-k{k:g}/seed0 " in out
     assert f"--out {cell}/ablation/steps-as/rollouts/dmr-t0.5/calib " in out
