@@ -210,10 +210,9 @@ def _drive(env, task, noise=0.0, rng=None):
 
 
 def _sweep(expert, split, per_type=None, data=None):
-    """The expert on every game of `split`, or on a seeded pick of `per_type` games of each task type.
-    The planner's replan limit is five times the default: it is wall time, and a replan that takes
-    20 s alone passed 60 s beside a two-process workflow run; the sweep asserts wins, not speed."""
-    e = make(expert=expert, replan_timeout=300.0, **({"data": str(data)} if data else {}))
+    """The expert on every game of `split`, or on a seeded pick of `per_type` games of each task type,
+    with the default replan limit (CPU time: a busy machine does not change the outcome)."""
+    e = make(expert=expert, **({"data": str(data)} if data else {}))
     tasks = e.tasks(split)
     if per_type:
         rng, by_type = random.Random(f"{expert}/{split}"), {}
@@ -321,6 +320,26 @@ def test_expert_relabels_noisy_episodes(expert):
     assert all(s["label"] in s["admissible"] for s in noisy["steps"])
     assert episode(e, task, 0.4, random.Random(1)) == noisy
     e.close()
+
+
+def test_child_limit_is_cpu_time_not_wall_time():
+    """`in_child` kills a child for the CPU time it used, not the time it waited: a child that
+    sleeps past its limit returns its result, one that computes past it is killed (None), and one
+    that dies another way raises."""
+    import time
+
+    from dmr.envs.alfworld import in_child
+
+    def busy():
+        while True:
+            pass
+
+    start = time.perf_counter()
+    assert in_child(lambda: time.sleep(0.6) or [1, "a"], cpu_seconds=0.2) == [1, "a"]
+    assert time.perf_counter() - start >= 0.6
+    assert in_child(busy, cpu_seconds=0.2) is None
+    with pytest.raises(ChildProcessError, match="died without a result"):
+        in_child(lambda: os._exit(3), cpu_seconds=5)
 
 
 def test_replan_runs_in_a_child_that_a_time_limit_kills():

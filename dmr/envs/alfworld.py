@@ -47,8 +47,9 @@ Expert (`expert_action`). Two experts, both of which label any reachable state (
   Off-plan actions that only add `checked` facts (look, examine, inventory, help) keep the plan;
   an off-plan `go to` keeps it by going back first (or by dropping a `go to` it already did).
   A replan takes 0.01 s to ~20 s depending on the game, and on a few states fast-downward searches
-  for many minutes: with `replan_timeout` > 0 (default 60 s) each replan runs in a forked child
-  that is killed at the limit, and the expert raises ExpertFailed (expert data skips the episode).
+  for many minutes: with `replan_timeout` > 0 (default 60 s of CPU time, so a busy machine does
+  not change the data) each replan runs in a forked child that is killed at the limit, and the
+  expert raises ExpertFailed (expert data skips the episode).
 Both are seeded per task (the handcoded expert breaks ties with `random`), so labels are
 reproducible. `expert_source` says which one produced the last label.
 
@@ -491,6 +492,46 @@ def _track_move(self, game_state, last_action):
             self.object_blacklist.append(obj)
 
 
+def in_child(fn, cpu_seconds: float, wall_factor: float = 20.0):
+    """Run `fn()` in a forked copy of this process and return its JSON-able result, or None when
+    the child used more than `cpu_seconds` of CPU time (it is killed then).
+
+    The limit is CPU time (the child's ITIMER_PROF, whose default action ends it), not wall time,
+    so a busy machine cannot change which replans succeed and hence the expert's data. A wall-time
+    net (`wall_factor` times the limit, at least a minute) only catches a child that waits without
+    computing; it warns when it fires. A child that dies otherwise raises ChildProcessError."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, send, leave without running any cleanup of the parent's
+        try:
+            os.close(read)
+            signal.signal(signal.SIGPROF, signal.SIG_DFL)
+            signal.setitimer(signal.ITIMER_PROF, max(cpu_seconds, 1e-6))
+            result = fn()
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            with os.fdopen(write, "w") as f:
+                json.dump(result, f)
+        finally:
+            os._exit(0)
+    os.close(write)
+    wall = max(60.0, wall_factor * cpu_seconds)
+    with os.fdopen(read) as f:
+        ready, _, _ = select.select([f], [], [], wall)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            warnings.warn(f"a forked child used under {cpu_seconds:g} s of CPU time but ran past its "
+                          f"wall-time net ({wall:g} s) and was killed", RuntimeWarning, stacklevel=2)
+            return None
+        text = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGPROF:
+        return None
+    if not text:
+        raise ChildProcessError(f"the forked child died without a result (wait status {status})")
+    return json.loads(text)
+
+
 class AlfWorldEnv:
     """Real ALFWorld (TextWorld) games, one episode at a time (see module doc)."""
 
@@ -772,29 +813,15 @@ class AlfWorldEnv:
         if self.replan_timeout <= 0:
             return list(pddl._pddl_state.replan(pddl._entity_infos))
         # fast-downward's search is one C call that Python cannot interrupt: run it in a forked
-        # copy of this process (its planner state included) and kill that at the limit.
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: plan, send it, leave without running any cleanup of the parent's
-            try:
-                os.close(read)
-                with os.fdopen(write, "w") as f:
-                    json.dump(list(pddl._pddl_state.replan(pddl._entity_infos)), f)
-            finally:
-                os._exit(0)
-        os.close(write)
-        with os.fdopen(read) as f:
-            ready, _, _ = select.select([f], [], [], self.replan_timeout)
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise ExpertFailed(f"{self._game}: the planner found no plan within replan_timeout "
-                                   f"({self.replan_timeout:g} s)")
-            text = f.read()
-        os.waitpid(pid, 0)
-        if not text:
-            raise ExpertFailed(f"{self._game}: the planner's child process died without a plan")
-        return json.loads(text)
+        # copy of this process (its planner state included) with a CPU-time limit.
+        try:
+            plan = in_child(lambda: list(pddl._pddl_state.replan(pddl._entity_infos)), self.replan_timeout)
+        except ChildProcessError as e:
+            raise ExpertFailed(f"{self._game}: the planner's {e}") from None
+        if plan is None:
+            raise ExpertFailed(f"{self._game}: the planner found no plan within replan_timeout "
+                               f"({self.replan_timeout:g} s of CPU time)")
+        return plan
 
     def expert_action(self) -> str:
         if self._task is None or self._done:
