@@ -657,6 +657,26 @@ def test_alfworld_table5_overlay_dry_run(tmp_path):
     assert f"--reference {k:g} {cell}/rollouts/dmr-k{k:g}/seed0 --online steps-ao {k:g} {cell}/rollouts/dmr-k{k:g}/seed0 " in out
 
 
+def test_alfworld_encoders_overlay_dry_run(tmp_path):
+    """The step-encoder overlay: a proposal router (the low model's proposal, window 1) and Table 5's
+    all-step router, each calibrated and routed at every budget, paired with the cell's own text router
+    and DMR runs (encoder-text and steps-ao are the cell's router, not retrained)."""
+    r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-encoders.yaml"), "-n", "-p", "ablations")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    (scheme,) = _alfworld_config()["cells"][0]["route"]
+    cell = f"results/alfworld/tiny_alfworld/{scheme}"
+    budgets = _alfworld_config("alfworld-encoders")["route"]["ablation"]["online"]["budgets"]
+    assert budgets == _alfworld_config()["route"]["budgets"]
+    assert out.count("\nrule klst_variant:") == 2
+    assert '"encoder": "proposal"' in out and '"window": 1' in out and f"--low {cell}/model " in out
+    assert "ablation/encoder-text" not in out and "ablation/steps-ao" not in out and "ablation/depth" not in out
+    for k in budgets:
+        for variant in ("encoder-proposal", "steps-as"):
+            assert f"--out {cell}/ablation/{variant}/rollouts/dmr-k{k:g}/seed0 " in out
+        assert f"--online encoder-text {k:g} {cell}/rollouts/dmr-k{k:g}/seed0 " in out
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_micro_alfworld_end_to_end(tmp_path):
