@@ -641,14 +641,19 @@ def test_alfworld_regime_overlay_dry_run(tmp_path):
     assert "results/alfworld/tiny_alfworld/tables/regime.md" in out
 
 
+def _ablations_dry_run(tmp_path, overlay):
+    """`snakemake -n -p ablations` of the cell with config/<overlay>.yaml: its printed plan and the
+    routed scheme's results folder."""
+    r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / f"config/{overlay}.yaml"), "-n", "-p", "ablations")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (scheme,) = _alfworld_config()["cells"][0]["route"]
+    return r.stdout + r.stderr, f"results/alfworld/tiny_alfworld/{scheme}"
+
+
 def test_alfworld_table5_overlay_dry_run(tmp_path):
     """Table 5's overlay: one all-step router (labels from the all-step tau, trained on every step) with
     its calibration and routed runs, paired with the cell's own action-only router and DMR runs."""
-    r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-table5.yaml"), "-n", "-p", "ablations")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out, cfg = r.stdout + r.stderr, _alfworld_config()
-    (scheme,) = cfg["cells"][0]["route"]
-    cell = f"results/alfworld/tiny_alfworld/{scheme}"
+    out, cell = _ablations_dry_run(tmp_path, "alfworld-table5")
     (k,) = _alfworld_config("alfworld-table5")["route"]["ablation"]["online"]["budgets"]
     assert out.count("\nrule klst_variant:") == 1 and "--step-types all --labels-summary " in out and "--label-set as" in out
     assert f"--out {cell}/ablation/steps-as/rollouts/dmr-k{k:g}/seed0 " in out
@@ -661,11 +666,7 @@ def test_alfworld_encoders_overlay_dry_run(tmp_path):
     """The step-encoder overlay: a proposal router (the low model's proposal, window 1) and Table 5's
     all-step router, each calibrated and routed at every budget, paired with the cell's own text router
     and DMR runs (encoder-text and steps-ao are the cell's router, not retrained)."""
-    r = _snakemake("config/alfworld.yaml", tmp_path, str(ROOT / "config/alfworld-encoders.yaml"), "-n", "-p", "ablations")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = r.stdout + r.stderr
-    (scheme,) = _alfworld_config()["cells"][0]["route"]
-    cell = f"results/alfworld/tiny_alfworld/{scheme}"
+    out, cell = _ablations_dry_run(tmp_path, "alfworld-encoders")
     budgets = _alfworld_config("alfworld-encoders")["route"]["ablation"]["online"]["budgets"]
     assert budgets == _alfworld_config()["route"]["budgets"]
     assert out.count("\nrule klst_variant:") == 2
